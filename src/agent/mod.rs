@@ -1,0 +1,1 @@
+//! The agent actors. IMPLEMENTATION PENDING.

@@ -1,0 +1,1 @@
+//! Raspberry Pi GPIO backend (rppal). IMPLEMENTATION PENDING (helper).

@@ -1,0 +1,1 @@
+//! Simulated GPIO backend. IMPLEMENTATION PENDING (helper).

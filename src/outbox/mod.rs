@@ -1,0 +1,1 @@
+//! IMPLEMENTATION PENDING (helper): the durable outbox. See the helper brief.

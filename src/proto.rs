@@ -1,0 +1,498 @@
+//! Topics and payloads of the wire contract (DESIGN: Topics and payloads).
+//! The one place that builds or parses them. Sans-IO: it never touches the
+//! network, the disk or a clock; callers pass `now` in.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::timefmt;
+
+/// MQTT QoS levels fieldlink allows for its own messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Qos {
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+impl Qos {
+    pub fn from_level(level: u8) -> Option<Qos> {
+        match level {
+            1 => Some(Qos::AtLeastOnce),
+            2 => Some(Qos::ExactlyOnce),
+            _ => None,
+        }
+    }
+
+    pub fn level(self) -> u8 {
+        self as u8
+    }
+}
+
+/// A relay's logical state (after `active_low` is applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayState {
+    On,
+    Off,
+}
+
+impl RelayState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayState::On => "on",
+            RelayState::Off => "off",
+        }
+    }
+
+    pub fn toggled(self) -> RelayState {
+        match self {
+            RelayState::On => RelayState::Off,
+            RelayState::Off => RelayState::On,
+        }
+    }
+}
+
+/// A button's logical state (after `active_low` is applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ButtonState {
+    Pressed,
+    Released,
+}
+
+/// Why a relay state message was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cause {
+    Startup,
+    Command,
+    Failsafe,
+    Reconnect,
+}
+
+/// Topic builder for one device.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+    device: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str, device: &str) -> Topics {
+        Topics { prefix: prefix.to_string(), device: device.to_string() }
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    fn base(&self) -> String {
+        format!("{}/{}", self.prefix, self.device)
+    }
+
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base())
+    }
+
+    pub fn button(&self, name: &str) -> String {
+        format!("{}/button/{name}", self.base())
+    }
+
+    pub fn relay_state(&self, name: &str) -> String {
+        format!("{}/relay/{name}/state", self.base())
+    }
+
+    /// The filter the agent subscribes to: every relay, known or not, so that
+    /// a command for an unknown relay gets its `unknown_relay` error.
+    pub fn relay_set_filter(&self) -> String {
+        format!("{}/relay/+/set", self.base())
+    }
+
+    pub fn heartbeat(&self) -> String {
+        format!("{}/heartbeat", self.base())
+    }
+
+    pub fn error(&self) -> String {
+        format!("{}/error", self.base())
+    }
+
+    /// The relay name in a `P/D/relay/<name>/set` topic, or `None` for any
+    /// other topic.
+    pub fn relay_of_set_topic<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let rest = rest.strip_prefix(&self.device)?.strip_prefix("/relay/")?;
+        let name = rest.strip_suffix("/set")?;
+        (!name.is_empty() && !name.contains('/')).then_some(name)
+    }
+}
+
+/// `status` payloads (plain text, retained).
+pub const ONLINE: &[u8] = b"online";
+pub const OFFLINE: &[u8] = b"offline";
+
+/// The device-to-cloud message bodies that go through the outbox. The
+/// envelope (`device`, `seq`, `ts`) is added by [`render`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Body {
+    Button(ButtonBody),
+    RelayState(RelayStateBody),
+    Heartbeat(HeartbeatBody),
+    Error(ErrorBody),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ButtonBody {
+    pub button: String,
+    pub state: ButtonState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RelayStateBody {
+    pub relay: String,
+    pub state: RelayState,
+    pub cause: Cause,
+    pub command_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct HeartbeatBody {
+    pub uptime_s: u64,
+    pub cpu_percent: f32,
+    pub load_1m: f64,
+    pub mem_used_bytes: u64,
+    pub mem_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub temp_c: Option<f32>,
+    pub outbox: OutboxCounters,
+    pub link: LinkCounters,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct OutboxCounters {
+    pub depth: u64,
+    pub bytes: u64,
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct LinkCounters {
+    pub connects: u64,
+    pub disconnects: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    pub topic: String,
+    pub command_id: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    device: &'a str,
+    seq: u64,
+    ts: String,
+    #[serde(flatten)]
+    body: &'a Body,
+}
+
+/// The JSON payload of an outbox record: `{"device","seq","ts",...body}`.
+pub fn render(device: &str, seq: u64, ts: SystemTime, body: &Body) -> Vec<u8> {
+    let env = Envelope { device, seq, ts: timefmt::rfc3339_millis(ts), body };
+    // Serializing plain structs of strings and numbers into a Vec cannot fail;
+    // an empty object would still be a well-formed, recognisable payload.
+    serde_json::to_vec(&env).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// Why a relay command was refused; the `code` of an error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadPayload,
+    UnknownRelay,
+    Expired,
+    TooLarge,
+}
+
+/// The largest command payload accepted; larger ones are `too_large`.
+pub const MAX_COMMAND_BYTES: usize = 1024;
+
+/// The largest `id` a JSON command may carry.
+pub const MAX_COMMAND_ID_CHARS: usize = 64;
+
+/// What a command asks the relay to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Set(RelayState),
+    Toggle,
+}
+
+impl Action {
+    /// The state the relay ends up in, from the state it is in.
+    pub fn apply(self, current: RelayState) -> RelayState {
+        match self {
+            Action::Set(s) => s,
+            Action::Toggle => current.toggled(),
+        }
+    }
+}
+
+/// A command that passed every check and may be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub relay: String,
+    pub action: Action,
+    pub id: Option<String>,
+}
+
+/// A refused command: what the `error` message says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The command's `id` when it could be read, so the hub can match it.
+    pub command_id: Option<String>,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: String, command_id: Option<String>) -> Refusal {
+        Refusal { code, message, command_id }
+    }
+
+    pub fn into_body(self, topic: &str) -> ErrorBody {
+        ErrorBody { code: self.code, message: self.message, topic: topic.to_string(), command_id: self.command_id }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonCommand {
+    state: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+fn parse_action(word: &str) -> Option<Action> {
+    match word.trim().to_ascii_lowercase().as_str() {
+        "on" => Some(Action::Set(RelayState::On)),
+        "off" => Some(Action::Set(RelayState::Off)),
+        "toggle" => Some(Action::Toggle),
+        _ => None,
+    }
+}
+
+/// Shortens untrusted text for an error message.
+fn quote(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let mut out: String = s.chars().take(40).collect();
+    if s.chars().count() > 40 {
+        out.push('…');
+    }
+    out
+}
+
+/// Parses and checks a command received on `relay/<relay>/set`.
+///
+/// `known` says whether the relay exists. Checks run in this order: size,
+/// payload, relay, expiry, so that the error names the first thing wrong and
+/// carries the command id whenever the payload could be read.
+pub fn parse_command(relay: &str, known: bool, payload: &[u8], now: SystemTime) -> Result<Command, Refusal> {
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!("command is {} bytes; the limit is {MAX_COMMAND_BYTES}", payload.len()),
+            None,
+        ));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| {
+        Refusal::new(ErrorCode::BadPayload, "command is not utf-8 text".to_string(), None)
+    })?;
+    let trimmed = text.trim();
+    let (action, id, expires_at) = if trimmed.starts_with('{') {
+        let cmd: JsonCommand = serde_json::from_str(trimmed).map_err(|e| {
+            Refusal::new(
+                ErrorCode::BadPayload,
+                format!("command '{}' is not valid: {e}; expected {{\"state\":\"on\"|\"off\"|\"toggle\",\"id\",\"expires_at\"}}", quote(payload)),
+                command_id_hint(trimmed),
+            )
+        })?;
+        if let Some(id) = &cmd.id {
+            if id.is_empty() || id.chars().count() > MAX_COMMAND_ID_CHARS {
+                return Err(Refusal::new(
+                    ErrorCode::BadPayload,
+                    format!("command id '{}' must be 1 to {MAX_COMMAND_ID_CHARS} characters", quote(id.as_bytes())),
+                    None,
+                ));
+            }
+        }
+        let action = parse_action(&cmd.state).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::BadPayload,
+                format!("state '{}' is not one of on, off, toggle", quote(cmd.state.as_bytes())),
+                cmd.id.clone(),
+            )
+        })?;
+        let expires_at = match &cmd.expires_at {
+            None => None,
+            Some(s) => Some(timefmt::parse_rfc3339(s).ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::BadPayload,
+                    format!("expires_at '{}' is not an RFC 3339 timestamp", quote(s.as_bytes())),
+                    cmd.id.clone(),
+                )
+            })?),
+        };
+        (action, cmd.id, expires_at)
+    } else {
+        let action = parse_action(trimmed).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::BadPayload,
+                format!("command '{}' is not one of on, off, toggle or a JSON object", quote(payload)),
+                None,
+            )
+        })?;
+        (action, None, None)
+    };
+    if !known {
+        return Err(Refusal::new(ErrorCode::UnknownRelay, format!("relay '{}' is not configured", quote(relay.as_bytes())), id));
+    }
+    if let Some(deadline) = expires_at {
+        if deadline <= now {
+            return Err(Refusal::new(
+                ErrorCode::Expired,
+                format!("command expired at {}; it is now {}", timefmt::rfc3339_millis(deadline), timefmt::rfc3339_millis(now)),
+                id,
+            ));
+        }
+    }
+    Ok(Command { relay: relay.to_string(), action, id })
+}
+
+/// Best effort: the `id` of a JSON command that failed to parse as a whole
+/// (say `state` had the wrong type), so the refusal can still name it.
+fn command_id_hint(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let id = v.get("id")?.as_str()?;
+    (!id.is_empty() && id.chars().count() <= MAX_COMMAND_ID_CHARS).then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn now() -> SystemTime {
+        timefmt::from_millis(1_763_719_200_000)
+    }
+
+    fn refused(payload: &[u8]) -> Refusal {
+        parse_command("pump", true, payload, now()).expect_err("should be refused")
+    }
+
+    #[test]
+    fn plain_commands_are_accepted_in_any_case() {
+        for (p, a) in [
+            (&b"on"[..], Action::Set(RelayState::On)),
+            (b"OFF", Action::Set(RelayState::Off)),
+            (b" Toggle\n", Action::Toggle),
+        ] {
+            let c = parse_command("pump", true, p, now()).expect("valid");
+            assert_eq!(c.action, a);
+            assert_eq!(c.id, None);
+        }
+    }
+
+    #[test]
+    fn json_commands_carry_their_id() {
+        let c = parse_command("pump", true, br#"{"state":"on","id":"abc","expires_at":"2025-11-21T10:00:30Z"}"#, now())
+            .expect("valid");
+        assert_eq!(c, Command { relay: "pump".into(), action: Action::Set(RelayState::On), id: Some("abc".into()) });
+    }
+
+    #[test]
+    fn a_command_past_its_expiry_is_refused_as_expired() {
+        let r = refused(br#"{"state":"on","id":"old","expires_at":"2025-11-21T09:59:59Z"}"#);
+        assert_eq!(r.code, ErrorCode::Expired);
+        assert_eq!(r.command_id.as_deref(), Some("old"));
+    }
+
+    #[test]
+    fn wrong_types_and_unknown_words_are_bad_payloads() {
+        assert_eq!(refused(br#"{"state":1,"id":"x"}"#).code, ErrorCode::BadPayload);
+        assert_eq!(refused(br#"{"state":1,"id":"x"}"#).command_id.as_deref(), Some("x"));
+        assert_eq!(refused(b"maybe").code, ErrorCode::BadPayload);
+        assert_eq!(refused(br#"{"state":"up"}"#).code, ErrorCode::BadPayload);
+        assert_eq!(refused(br#"{"state":"on","expires_at":"soon"}"#).code, ErrorCode::BadPayload);
+        assert_eq!(refused(br#"{"state":"on","colour":"red"}"#).code, ErrorCode::BadPayload);
+        assert_eq!(refused(&[0xff, 0xfe]).code, ErrorCode::BadPayload);
+        assert_eq!(refused(b"{not json").code, ErrorCode::BadPayload);
+    }
+
+    #[test]
+    fn ids_longer_than_64_characters_are_refused() {
+        let long = "x".repeat(65);
+        let r = refused(format!(r#"{{"state":"on","id":"{long}"}}"#).as_bytes());
+        assert_eq!(r.code, ErrorCode::BadPayload);
+    }
+
+    #[test]
+    fn oversized_commands_are_refused_before_parsing() {
+        let big = vec![b' '; MAX_COMMAND_BYTES + 1];
+        assert_eq!(refused(&big).code, ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn an_unknown_relay_is_refused_with_the_command_id() {
+        let r = parse_command("nope", false, br#"{"state":"on","id":"q"}"#, now()).expect_err("unknown");
+        assert_eq!(r.code, ErrorCode::UnknownRelay);
+        assert_eq!(r.command_id.as_deref(), Some("q"));
+    }
+
+    #[test]
+    fn toggle_flips_the_current_state() {
+        assert_eq!(Action::Toggle.apply(RelayState::On), RelayState::Off);
+        assert_eq!(Action::Set(RelayState::On).apply(RelayState::On), RelayState::On);
+    }
+
+    #[test]
+    fn set_topics_name_their_relay_and_nothing_else_matches() {
+        let t = Topics::new("fieldlink", "pi-1");
+        assert_eq!(t.relay_of_set_topic("fieldlink/pi-1/relay/pump/set"), Some("pump"));
+        assert_eq!(t.relay_of_set_topic("fieldlink/pi-1/relay/pump/state"), None);
+        assert_eq!(t.relay_of_set_topic("fieldlink/pi-2/relay/pump/set"), None);
+        assert_eq!(t.relay_of_set_topic("fieldlink/pi-1/relay//set"), None);
+        assert_eq!(t.relay_set_filter(), "fieldlink/pi-1/relay/+/set");
+    }
+
+    #[test]
+    fn rendered_payloads_carry_the_envelope_and_the_body() {
+        let body = Body::Button(ButtonBody { button: "door".into(), state: ButtonState::Pressed });
+        let bytes = render("pi-1", 7, now() + Duration::from_millis(5), &body);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(v["device"], "pi-1");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["ts"], "2025-11-21T10:00:00.005Z");
+        assert_eq!(v["button"], "door");
+        assert_eq!(v["state"], "pressed");
+    }
+
+    #[test]
+    fn relay_state_payloads_have_a_null_command_id_when_none() {
+        let body = Body::RelayState(RelayStateBody {
+            relay: "pump".into(),
+            state: RelayState::On,
+            cause: Cause::Startup,
+            command_id: None,
+        });
+        let v: serde_json::Value = serde_json::from_slice(&render("d", 1, now(), &body)).expect("json");
+        assert!(v["command_id"].is_null());
+        assert_eq!(v["cause"], "startup");
+    }
+}
