@@ -1,1 +1,112 @@
-//! Client commands. IMPLEMENTATION PENDING.
+//! The small client commands of the `fieldlink` binary: `status` (ask the
+//! running agent for a status dump and print it), `sim` (drive the simulated
+//! GPIO of a running agent) and `check-config`. They talk to a running agent
+//! only through its pid file, a signal, its status file and its sim socket;
+//! they never open the outbox or the broker.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::agent::{pid_file, status_file};
+use crate::config::AgentConfig;
+use crate::gpio::{GpioError, sim};
+
+/// How long `fieldlink status` waits for the dump.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("the agent is not running: no pid file at '{0}'")]
+    NoPidFile(PathBuf),
+    #[error("pid file '{path}' holds '{content}', not a process id")]
+    BadPidFile { path: PathBuf, content: String },
+    #[error("the agent is not running: pid {pid} from '{path}' does not exist (stale pid file)")]
+    StalePid { pid: i32, path: PathBuf },
+    #[error("cannot signal the agent (pid {pid}): {error}")]
+    Signal { pid: i32, error: nix::Error },
+    #[error("the agent (pid {pid}) wrote no status dump to '{path}' within {secs} s")]
+    NoDump { pid: i32, path: PathBuf, secs: u64 },
+    #[error("cannot read '{path}': {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("{0}")]
+    Sim(#[from] GpioError),
+    /// The simulated board answered `err ...`: bad usage.
+    #[error("{0}")]
+    SimRefused(String),
+}
+
+impl CliError {
+    /// 2 for bad usage, 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::SimRefused(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn dumped_at(path: &std::path::Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("dumped_at")?.as_str().map(str::to_string)
+}
+
+/// Signals the agent (SIGUSR1) and returns the fresh `status.json`.
+pub fn status(cfg: &AgentConfig) -> Result<String, CliError> {
+    let pid_path = pid_file(&cfg.state_dir);
+    let content = match std::fs::read_to_string(&pid_path) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(CliError::NoPidFile(pid_path)),
+        Err(error) => return Err(CliError::Read { path: pid_path, error }),
+    };
+    let pid: i32 = content
+        .trim()
+        .parse()
+        .map_err(|_| CliError::BadPidFile { path: pid_path.clone(), content: content.trim().to_string() })?;
+    match kill(Pid::from_raw(pid), None) {
+        Ok(()) => {}
+        Err(nix::Error::ESRCH) => return Err(CliError::StalePid { pid, path: pid_path }),
+        Err(error) => return Err(CliError::Signal { pid, error }),
+    }
+    let path = status_file(&cfg.state_dir);
+    let before = dumped_at(&path);
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).map_err(|error| CliError::Signal { pid, error })?;
+    let deadline = Instant::now() + STATUS_TIMEOUT;
+    while Instant::now() < deadline {
+        let now = dumped_at(&path);
+        if now.is_some() && now != before {
+            return std::fs::read_to_string(&path).map_err(|error| CliError::Read { path, error });
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err(CliError::NoDump { pid, path, secs: STATUS_TIMEOUT.as_secs() })
+}
+
+/// Sends one request (`set 17 0`, `get 27`, ...) to the agent's simulated
+/// GPIO and returns its answer.
+pub fn sim(cfg: &AgentConfig, request: &[String]) -> Result<String, CliError> {
+    let answer = sim::request(&sim::socket_path(&cfg.state_dir), &request.join(" "))?;
+    match answer.strip_prefix("err ") {
+        Some(reason) => Err(CliError::SimRefused(reason.to_string())),
+        None => Ok(answer),
+    }
+}
+
+/// The one-line summary `check-config` prints for a valid file.
+pub fn describe(cfg: &AgentConfig) -> String {
+    format!(
+        "ok: device '{}', broker {}://{}:{}, {} button(s), {} relay(s), gpio {:?}, outbox {:?}",
+        cfg.device_id,
+        if cfg.mqtt.url.tls { "mqtts" } else { "mqtt" },
+        cfg.mqtt.url.host,
+        cfg.mqtt.url.port,
+        cfg.buttons.len(),
+        cfg.relays.len(),
+        cfg.gpio.backend,
+        cfg.outbox.durability,
+    )
+    .to_lowercase()
+}

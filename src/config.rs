@@ -3,12 +3,43 @@
 //! every problem found, each naming the key and quoting the bad value. It must
 //! not start anything, open sockets, or touch `state_dir`.
 //!
-//! IMPLEMENTATION PENDING (helper): `AgentConfig::load`, `AgentConfig::parse`.
+//! How it works: the text is parsed into a plain [`toml::Table`], then walked
+//! section by section with a small key `Reader` that remembers which keys it
+//! consumed (the rest are `unknown key` problems). Every getter records its
+//! problem and carries on, so one run reports every problem in the file. The
+//! only files it reads besides the config are `mqtt.password_file` (the
+//! secret, never echoed) and the TLS files (opened to check they are
+//! readable). Relative paths are relative to the working directory, not to
+//! the config file.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::io;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use toml::{Table, Value};
+
 use crate::proto::{Qos, RelayState};
+
+/// The environment variable holding the MQTT password when `mqtt.password_file`
+/// is not set.
+pub const PASSWORD_ENV: &str = "FIELDLINK_MQTT_PASSWORD";
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file does not exist.
+    #[error("config file '{}' does not exist", path.display())]
+    Missing { path: PathBuf },
+    /// The config file exists but cannot be read (permissions, not UTF-8, ...).
+    #[error("cannot read config file '{}': {}", path.display(), describe_io(error))]
+    Unreadable { path: PathBuf, error: io::Error },
+    /// Every problem found in the file, one lowercase line each, grouped by
+    /// section; the cross-checks (duplicate names, shared pins) come last.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
 
 /// A validated agent config.
 #[derive(Debug, Clone)]
@@ -140,4 +171,2095 @@ pub struct SupervisorConfig {
     pub window: Duration,
     /// Back-off doubles from 100 ms up to this.
     pub backoff_max: Duration,
+}
+
+// ---------------------------------------------------------------------------
+// Defaults and limits (DESIGN: Agent config).
+
+const DEFAULT_STATE_DIR: &str = "state";
+const DEFAULT_URL: &str = "mqtt://127.0.0.1:1883";
+const DEFAULT_TOPIC_PREFIX: &str = "fieldlink";
+const MQTT_PORT: u16 = 1883;
+const MQTTS_PORT: u16 = 8883;
+const CLIENT_ID_MAX_CHARS: usize = 128;
+const MAX_PIN: i64 = 27;
+const MIN_OUTBOX_BYTES: i64 = 65_536;
+const DEFAULT_OUTBOX_BYTES: u64 = 64 * 1024 * 1024;
+/// The lower bound of durations that only have to be more than zero.
+const NONZERO: Duration = Duration::from_nanos(1);
+const DURATION_HINT: &str = "(e.g. 30s, 5m)";
+const NAME_HINT: &str = "[A-Za-z0-9_-]{1,64}";
+
+const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+const fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+impl AgentConfig {
+    /// Reads and validates the config file at `path`. Relative paths inside it
+    /// are relative to the working directory, not to the file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            if error.kind() == io::ErrorKind::NotFound {
+                ConfigError::Missing {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                ConfigError::Unreadable {
+                    path: path.to_path_buf(),
+                    error,
+                }
+            }
+        })?;
+        AgentConfig::parse(&text)
+    }
+
+    /// Validates config text. Reads `mqtt.password_file` (or the
+    /// `FIELDLINK_MQTT_PASSWORD` environment variable when no file is given)
+    /// and checks that the TLS files are readable; starts nothing.
+    pub fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        let env_password = std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty());
+        parse_with_env(text, env_password)
+    }
+}
+
+/// [`AgentConfig::parse`] with the environment's password passed in, so tests
+/// need not mutate the process environment.
+fn parse_with_env(text: &str, env_password: Option<String>) -> Result<AgentConfig, ConfigError> {
+    let table = match text.parse::<Table>() {
+        Ok(table) => table,
+        Err(error) => return Err(ConfigError::Invalid(vec![syntax_problem(text, &error)])),
+    };
+    let mut problems = Problems::default();
+    let built = agent_config(&table, env_password, &mut problems);
+    match built {
+        Ok(config) if problems.0.is_empty() => Ok(config),
+        _ => {
+            debug_assert!(
+                !problems.0.is_empty(),
+                "a Reported error always records a problem"
+            );
+            Err(ConfigError::Invalid(problems.0))
+        }
+    }
+}
+
+fn syntax_problem(text: &str, error: &toml::de::Error) -> String {
+    let message = error
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let message = lowercase_first(&message);
+    match error.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line = text.as_bytes()[..start]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
+            format!("line {line}: invalid toml: {message}")
+        }
+        None => format!("invalid toml: {message}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sections.
+
+fn agent_config(
+    root: &Table,
+    env_password: Option<String>,
+    p: &mut Problems,
+) -> Checked<AgentConfig> {
+    let mut r = Reader::new(root, Place::Root);
+
+    let device_id = match r.str_opt("device_id", p) {
+        Ok(Some(id)) if is_name(id) => Ok(id.to_string()),
+        Ok(Some(id)) => Err(r.problem(
+            "device_id",
+            p,
+            format!(
+                "{} is not a valid device id (expected {NAME_HINT})",
+                quote(id)
+            ),
+        )),
+        Ok(None) => Err(r.missing("device_id", &format!("{NAME_HINT}, e.g. 'pi-garage'"), p)),
+        Err(e) => Err(e),
+    };
+    let state_dir = match r.str_opt("state_dir", p) {
+        Ok(Some("")) => Err(r.problem(
+            "state_dir",
+            p,
+            "'' is empty (expected a directory path)".to_string(),
+        )),
+        Ok(dir) => Ok(PathBuf::from(dir.unwrap_or(DEFAULT_STATE_DIR))),
+        Err(e) => Err(e),
+    };
+
+    let mqtt = r
+        .section("mqtt", p)
+        .and_then(|t| mqtt_config(&t, device_id.as_deref().ok(), env_password, p));
+    let outbox = r.section("outbox", p).and_then(|t| outbox_config(&t, p));
+    let gpio = r.section("gpio", p).and_then(|t| gpio_config(&t, p));
+    let buttons = r.entries("button", p).map(|ts| {
+        ts.iter()
+            .enumerate()
+            .map(|(i, t)| button_config(t, i, p))
+            .collect::<Vec<_>>()
+    });
+    let relays = r.entries("relay", p).map(|ts| {
+        ts.iter()
+            .enumerate()
+            .map(|(i, t)| relay_config(t, i, p))
+            .collect::<Vec<_>>()
+    });
+    let heartbeat = r
+        .section("heartbeat", p)
+        .and_then(|t| heartbeat_config(&t, p));
+    let supervisor = r
+        .section("supervisor", p)
+        .and_then(|t| supervisor_config(&t, p));
+    r.finish(p);
+
+    let buttons = buttons?;
+    let relays = relays?;
+    check_names(&buttons, p);
+    check_names(&relays, p);
+    check_pins(&relays, &buttons, p);
+
+    Ok(AgentConfig {
+        device_id: device_id?,
+        state_dir: state_dir?,
+        mqtt: mqtt?,
+        outbox: outbox?,
+        gpio: gpio?,
+        buttons: buttons
+            .into_iter()
+            .map(|e| e.config)
+            .collect::<Checked<_>>()?,
+        relays: relays
+            .into_iter()
+            .map(|e| e.config)
+            .collect::<Checked<_>>()?,
+        heartbeat: heartbeat?,
+        supervisor: supervisor?,
+    })
+}
+
+fn mqtt_config(
+    t: &Table,
+    device_id: Option<&str>,
+    env_password: Option<String>,
+    p: &mut Problems,
+) -> Checked<MqttConfig> {
+    let mut r = Reader::new(t, Place::Section("mqtt"));
+
+    let url = match r.str_opt("url", p) {
+        Ok(url) => parse_url(url.unwrap_or(DEFAULT_URL)).map_err(|why| r.problem("url", p, why)),
+        Err(e) => Err(e),
+    };
+
+    let client_id = match r.str_opt("client_id", p) {
+        Ok(Some(id)) => {
+            let chars = id.chars().count();
+            if (1..=CLIENT_ID_MAX_CHARS).contains(&chars) {
+                Ok(id.to_string())
+            } else {
+                Err(r.problem(
+                    "client_id",
+                    p,
+                    format!(
+                        "{} has {chars} characters (expected 1..={CLIENT_ID_MAX_CHARS})",
+                        quote(id)
+                    ),
+                ))
+            }
+        }
+        // An invalid device_id has been reported already; the default is
+        // only needed when the whole config is valid.
+        Ok(None) => Ok(format!("fieldlink-{}", device_id.unwrap_or_default())),
+        Err(e) => Err(e),
+    };
+
+    let topic_prefix = match r.str_opt("topic_prefix", p) {
+        Ok(prefix) => {
+            let prefix = prefix.unwrap_or(DEFAULT_TOPIC_PREFIX);
+            topic_prefix_problem(prefix).map_or(Ok(prefix.to_string()), |why| {
+                Err(r.problem("topic_prefix", p, why))
+            })
+        }
+        Err(e) => Err(e),
+    };
+
+    let keep_alive = r.duration_in("keep_alive", secs(30), secs(1)..=secs(65_535), p);
+    let clean_session = r.bool_or("clean_session", false, p);
+
+    let username = match r.str_opt("username", p) {
+        Ok(Some("")) => Err(r.problem(
+            "username",
+            p,
+            "'' is empty (remove the key for no user name)".to_string(),
+        )),
+        Ok(name) => Ok(name.map(str::to_string)),
+        Err(e) => Err(e),
+    };
+
+    let password_file = r.path_opt("password_file", p);
+    let from_file = matches!(password_file, Ok(Some(_)));
+    let password = match password_file {
+        Ok(Some(path)) => read_password(&path)
+            .map(Some)
+            .map_err(|why| r.problem("password_file", p, why)),
+        Ok(None) => Ok(env_password.map(Secret)),
+        Err(e) => Err(e),
+    };
+    if let (Ok(None), Ok(Some(_))) = (&username, &password) {
+        if from_file {
+            r.problem(
+                "password_file",
+                p,
+                "is set but mqtt.username is not (mqtt sends no password without a user name)"
+                    .to_string(),
+            );
+        } else {
+            p.report(format!("env {PASSWORD_ENV} is set but mqtt.username is not (mqtt sends no password without a user name)"));
+        }
+    }
+
+    let ca_file = r
+        .path_opt("ca_file", p)
+        .and_then(|f| check_readable(&mut r, "ca_file", f, p));
+    let cert_file = r
+        .path_opt("cert_file", p)
+        .and_then(|f| check_readable(&mut r, "cert_file", f, p));
+    let key_file = r
+        .path_opt("key_file", p)
+        .and_then(|f| check_readable(&mut r, "key_file", f, p));
+    if let Ok(url) = &url {
+        if url.tls {
+            if matches!(ca_file, Ok(None)) {
+                r.problem(
+                    "ca_file",
+                    p,
+                    "mqtts:// needs a CA certificate to check the broker; set mqtt.ca_file"
+                        .to_string(),
+                );
+            }
+        } else {
+            for (key, file) in [
+                ("ca_file", &ca_file),
+                ("cert_file", &cert_file),
+                ("key_file", &key_file),
+            ] {
+                if let Ok(Some(_)) = file {
+                    r.problem(
+                        key,
+                        p,
+                        "is set but mqtt.url is mqtt:// (no tls); use mqtts:// or remove it"
+                            .to_string(),
+                    );
+                }
+            }
+        }
+    }
+    match (&cert_file, &key_file) {
+        (Ok(Some(_)), Ok(None)) => {
+            r.problem(
+                "cert_file",
+                p,
+                "is set without mqtt.key_file (a client certificate needs both)".to_string(),
+            );
+        }
+        (Ok(None), Ok(Some(_))) => {
+            r.problem(
+                "key_file",
+                p,
+                "is set without mqtt.cert_file (a client certificate needs both)".to_string(),
+            );
+        }
+        _ => {}
+    }
+
+    let reconnect_min = r.duration_in("reconnect_min", secs(1), NONZERO..=Duration::MAX, p);
+    let reconnect_max = r.duration_in("reconnect_max", secs(60), NONZERO..=Duration::MAX, p);
+    if let (Ok(min), Ok(max)) = (reconnect_min, reconnect_max)
+        && min > max
+    {
+        r.problem(
+            "reconnect_min",
+            p,
+            format!(
+                "'{}' is more than mqtt.reconnect_max '{}'",
+                show_duration(min),
+                show_duration(max)
+            ),
+        );
+    }
+    let max_inflight = r.int_in("max_inflight", 32, 1..=1000, p);
+    r.finish(p);
+
+    Ok(MqttConfig {
+        url: url?,
+        client_id: client_id?,
+        topic_prefix: topic_prefix?,
+        keep_alive: keep_alive?,
+        clean_session: clean_session?,
+        username: username?,
+        password: password?,
+        ca_file: ca_file?,
+        cert_file: cert_file?,
+        key_file: key_file?,
+        reconnect_min: reconnect_min?,
+        reconnect_max: reconnect_max?,
+        max_inflight: max_inflight?,
+    })
+}
+
+fn outbox_config(t: &Table, p: &mut Problems) -> Checked<OutboxConfig> {
+    let mut r = Reader::new(t, Place::Section("outbox"));
+    let max_bytes = match r.int_opt("max_bytes", p) {
+        Ok(Some(n)) if n >= MIN_OUTBOX_BYTES => Ok(n.unsigned_abs()),
+        Ok(Some(n)) => Err(r.problem(
+            "max_bytes",
+            p,
+            format!("{n} is too small (expected at least {MIN_OUTBOX_BYTES})"),
+        )),
+        Ok(None) => Ok(DEFAULT_OUTBOX_BYTES),
+        Err(e) => Err(e),
+    };
+    let durability = r.choice(
+        "durability",
+        Durability::Batch,
+        &[("always", Durability::Always), ("batch", Durability::Batch)],
+        p,
+    );
+    let flush_interval = r.duration_in("flush_interval", millis(100), NONZERO..=secs(10), p);
+    r.finish(p);
+    Ok(OutboxConfig {
+        max_bytes: max_bytes?,
+        durability: durability?,
+        flush_interval: flush_interval?,
+    })
+}
+
+fn gpio_config(t: &Table, p: &mut Problems) -> Checked<GpioConfig> {
+    let mut r = Reader::new(t, Place::Section("gpio"));
+    let backend = r.choice(
+        "backend",
+        GpioBackend::Rppal,
+        &[("rppal", GpioBackend::Rppal), ("sim", GpioBackend::Sim)],
+        p,
+    );
+    r.finish(p);
+    Ok(GpioConfig { backend: backend? })
+}
+
+fn heartbeat_config(t: &Table, p: &mut Problems) -> Checked<HeartbeatConfig> {
+    let mut r = Reader::new(t, Place::Section("heartbeat"));
+    let interval = r.duration_in("interval", secs(30), secs(1)..=Duration::MAX, p);
+    let qos = r.qos(p);
+    r.finish(p);
+    Ok(HeartbeatConfig {
+        interval: interval?,
+        qos: qos?,
+    })
+}
+
+fn supervisor_config(t: &Table, p: &mut Problems) -> Checked<SupervisorConfig> {
+    let mut r = Reader::new(t, Place::Section("supervisor"));
+    let max_restarts = r.int_in("max_restarts", 5, 1..=i64::from(u32::MAX), p);
+    let window = r.duration_in("window", secs(60), NONZERO..=Duration::MAX, p);
+    let backoff_max = r.duration_in("backoff_max", secs(30), millis(100)..=Duration::MAX, p);
+    r.finish(p);
+    Ok(SupervisorConfig {
+        max_restarts: max_restarts?,
+        window: window?,
+        backoff_max: backoff_max?,
+    })
+}
+
+/// A `[[button]]` or `[[relay]]` entry as read, with what the cross-checks
+/// (names, pins) need even when other keys of the entry are bad.
+struct Entry<T> {
+    /// `button` or `relay`.
+    kind: &'static str,
+    /// `button 'door'`, or `button #2` when the name is missing or bad.
+    label: String,
+    /// 1-based position among entries of its kind.
+    index: usize,
+    name: Option<String>,
+    pin: Option<u8>,
+    config: Checked<T>,
+}
+
+/// Reads `name` and `pin`, the keys every entry has, and relabels the reader
+/// with the name once it is known to be good.
+fn entry_head<'t>(
+    r: &mut Reader<'t>,
+    kind: &'static str,
+    p: &mut Problems,
+) -> (Checked<String>, Checked<u8>) {
+    let name = match r.str_opt("name", p) {
+        Ok(Some(name)) if is_name(name) => Ok(name.to_string()),
+        Ok(Some(name)) => Err(r.problem(
+            "name",
+            p,
+            format!("{} is not a valid name (expected {NAME_HINT})", quote(name)),
+        )),
+        Ok(None) => Err(r.missing("name", &format!("{NAME_HINT}, e.g. 'door'"), p)),
+        Err(e) => Err(e),
+    };
+    if let Ok(name) = &name {
+        r.place = Place::Entry {
+            kind,
+            label: quote(name),
+        };
+    }
+    let pin = match r.int_opt("pin", p) {
+        Ok(Some(pin)) => u8::try_from(pin)
+            .ok()
+            .filter(|&pin| i64::from(pin) <= MAX_PIN)
+            .ok_or_else(|| r.problem("pin", p, format!("{pin} is not a GPIO pin (0..={MAX_PIN})"))),
+        Ok(None) => Err(r.missing("pin", &format!("a GPIO pin number, 0..={MAX_PIN}"), p)),
+        Err(e) => Err(e),
+    };
+    (name, pin)
+}
+
+fn button_config(t: &Table, i: usize, p: &mut Problems) -> Entry<ButtonConfig> {
+    let mut r = Reader::new(
+        t,
+        Place::Entry {
+            kind: "button",
+            label: format!("#{}", i + 1),
+        },
+    );
+    let (name, pin) = entry_head(&mut r, "button", p);
+    let pull = r.choice(
+        "pull",
+        Pull::Up,
+        &[("up", Pull::Up), ("down", Pull::Down), ("none", Pull::None)],
+        p,
+    );
+    let active_low = r.bool_or("active_low", true, p);
+    let debounce = r.duration_in("debounce", millis(50), Duration::ZERO..=secs(5), p);
+    let qos = r.qos(p);
+    let label = r.place.label();
+    r.finish(p);
+    let config = (|| {
+        Ok(ButtonConfig {
+            name: name.clone()?,
+            pin: pin?,
+            pull: pull?,
+            active_low: active_low?,
+            debounce: debounce?,
+            qos: qos?,
+        })
+    })();
+    Entry {
+        kind: "button",
+        label,
+        index: i + 1,
+        name: name.ok(),
+        pin: pin.ok(),
+        config,
+    }
+}
+
+fn relay_config(t: &Table, i: usize, p: &mut Problems) -> Entry<RelayConfig> {
+    let mut r = Reader::new(
+        t,
+        Place::Entry {
+            kind: "relay",
+            label: format!("#{}", i + 1),
+        },
+    );
+    let (name, pin) = entry_head(&mut r, "relay", p);
+    let active_low = r.bool_or("active_low", false, p);
+    let power_on_state = r.choice(
+        "power_on_state",
+        PowerOnState::Off,
+        &[
+            ("off", PowerOnState::Off),
+            ("on", PowerOnState::On),
+            ("last", PowerOnState::Last),
+        ],
+        p,
+    );
+    let failsafe_after = if r.has("failsafe_after") {
+        r.duration_in("failsafe_after", Duration::ZERO, NONZERO..=Duration::MAX, p)
+            .map(Some)
+    } else {
+        Ok(None)
+    };
+    let failsafe_state = r.choice(
+        "failsafe_state",
+        RelayState::Off,
+        &[("on", RelayState::On), ("off", RelayState::Off)],
+        p,
+    );
+    let qos = r.qos(p);
+    let label = r.place.label();
+    r.finish(p);
+    let config = (|| {
+        Ok(RelayConfig {
+            name: name.clone()?,
+            pin: pin?,
+            active_low: active_low?,
+            power_on_state: power_on_state?,
+            failsafe_after: failsafe_after?,
+            failsafe_state: failsafe_state?,
+            qos: qos?,
+        })
+    })();
+    Entry {
+        kind: "relay",
+        label,
+        index: i + 1,
+        name: name.ok(),
+        pin: pin.ok(),
+        config,
+    }
+}
+
+/// Two entries of one kind with the same name.
+fn check_names<T>(entries: &[Entry<T>], p: &mut Problems) {
+    for (i, entry) in entries.iter().enumerate() {
+        let Some(name) = &entry.name else { continue };
+        if let Some(first) = entries[..i].iter().find(|e| e.name.as_ref() == Some(name)) {
+            let kind = entry.kind;
+            p.report(format!(
+                "{kind} #{}: name {} is also used by {kind} #{}",
+                entry.index,
+                quote(name),
+                first.index
+            ));
+        }
+    }
+}
+
+/// A pin used twice, across relays and buttons. Relays are checked first, so
+/// a clash between a button and a relay is reported on the button.
+fn check_pins(relays: &[Entry<RelayConfig>], buttons: &[Entry<ButtonConfig>], p: &mut Problems) {
+    let users: Vec<(&str, u8)> = relays
+        .iter()
+        .map(|e| (e.label.as_str(), e.pin))
+        .chain(buttons.iter().map(|e| (e.label.as_str(), e.pin)))
+        .filter_map(|(label, pin)| Some((label, pin?)))
+        .collect();
+    for (i, &(label, pin)) in users.iter().enumerate() {
+        if let Some((first, _)) = users[..i].iter().find(|&&(_, other)| other == pin) {
+            p.report(format!("{label}: pin {pin} is also used by {first}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Single values.
+
+/// `[A-Za-z0-9_-]{1,64}`: device ids and button and relay names, which all
+/// end up in topics.
+fn is_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn topic_prefix_problem(prefix: &str) -> Option<String> {
+    let why = if prefix.is_empty() {
+        "is empty"
+    } else if prefix.contains(['+', '#']) {
+        "contains an mqtt wildcard ('+' or '#')"
+    } else if prefix.starts_with('/') || prefix.ends_with('/') {
+        "starts or ends with '/'"
+    } else if prefix.starts_with('$') {
+        "starts with '$' (reserved for broker topics)"
+    } else if prefix.contains('\0') {
+        "contains a nul character"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{} {why} (expected e.g. 'fieldlink' or 'acme/site1')",
+        quote(prefix)
+    ))
+}
+
+/// `mqtt[s]://host[:port]`. Returns the message tail on failure. The url is
+/// never quoted when it holds credentials.
+fn parse_url(url: &str) -> Result<BrokerUrl, String> {
+    const EXPECTED: &str = "expected mqtt://host[:port] or mqtts://host[:port]";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        if url.contains('@') {
+            return Err(format!(
+                "has credentials in it or is not a broker url ({EXPECTED})"
+            ));
+        }
+        return Err(format!("{} is not a broker url ({EXPECTED})", quote(url)));
+    };
+    if rest.contains('@') {
+        return Err(
+            "has credentials in it; use mqtt.username and mqtt.password_file instead".to_string(),
+        );
+    }
+    let (tls, default_port) = match scheme {
+        "mqtt" => (false, MQTT_PORT),
+        "mqtts" => (true, MQTTS_PORT),
+        _ => {
+            return Err(format!(
+                "{} has scheme '{}' ({EXPECTED})",
+                quote(url),
+                scheme.escape_debug()
+            ));
+        }
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#']) {
+        return Err(format!("{} has a path or query ({EXPECTED})", quote(url)));
+    }
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let Some((host, after)) = bracketed.split_once(']') else {
+            return Err(format!("{} has an unclosed '[' ({EXPECTED})", quote(url)));
+        };
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(format!("{} has junk after ']' ({EXPECTED})", quote(url))),
+            },
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((_, port)) if port.contains(':') => {
+                return Err(format!(
+                    "{} has an ipv6 address without brackets (expected e.g. mqtt://[::1]:1883)",
+                    quote(url)
+                ));
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{} has no host ({EXPECTED})", quote(url)));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{} has a space or control character in its host ({EXPECTED})",
+            quote(url)
+        ));
+    }
+    let port = match port {
+        None => default_port,
+        Some(port) => match port.parse::<u16>() {
+            Ok(port) if port != 0 => port,
+            _ => {
+                return Err(format!(
+                    "{} has port '{}' (expected 1..=65535)",
+                    quote(url),
+                    port.escape_debug()
+                ));
+            }
+        },
+    };
+    Ok(BrokerUrl {
+        tls,
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// Reads the password file. The message on failure names the file, never
+/// its content.
+fn read_password(path: &Path) -> Result<Secret, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("cannot read '{}': {}", path.display(), describe_io(&e)))?;
+    let Ok(text) = String::from_utf8(bytes) else {
+        return Err(format!("'{}' is not utf-8 text", path.display()));
+    };
+    let password = text.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(format!(
+            "'{}' is empty (expected the password on its first line)",
+            path.display()
+        ));
+    }
+    Ok(Secret(password.to_string()))
+}
+
+fn check_readable(
+    r: &mut Reader<'_>,
+    key: &str,
+    file: Option<PathBuf>,
+    p: &mut Problems,
+) -> Checked<Option<PathBuf>> {
+    let Some(path) = file else { return Ok(None) };
+    let problem = match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_dir() => Some("is a directory".to_string()),
+        Ok(_) => std::fs::File::open(&path).err().map(|e| describe_io(&e)),
+        Err(e) => Some(describe_io(&e)),
+    };
+    match problem {
+        Some(why) => Err(r.problem(key, p, format!("cannot read '{}': {why}", path.display()))),
+        None => Ok(Some(path)),
+    }
+}
+
+/// An io error as a lowercase phrase without the os error number.
+fn describe_io(error: &io::Error) -> String {
+    match error.kind() {
+        io::ErrorKind::NotFound => "no such file".to_string(),
+        io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        io::ErrorKind::IsADirectory => "is a directory".to_string(),
+        io::ErrorKind::InvalidData => "not utf-8 text".to_string(),
+        _ => {
+            let text = error.to_string();
+            let text = text.split(" (os error").next().unwrap_or(&text);
+            lowercase_first(text)
+        }
+    }
+}
+
+fn lowercase_first(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// A string value quoted for a message: single quotes, escapes, and cut short
+/// when long.
+fn quote(s: &str) -> String {
+    const MAX: usize = 80;
+    let escaped: String = s.escape_debug().collect();
+    match escaped.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("'{}...'", &escaped[..cut]),
+        None => format!("'{escaped}'"),
+    }
+}
+
+/// `30s`, `100ms`, or humantime's form for anything else.
+fn show_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.subsec_nanos().is_multiple_of(1_000_000) {
+        format!("{}ms", d.as_millis())
+    } else {
+        humantime::format_duration(d).to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The key reader.
+
+/// Marks a value that could not be read; its problem has been recorded in
+/// [`Problems`] already.
+#[derive(Debug, Clone, Copy)]
+struct Reported;
+
+type Checked<T> = Result<T, Reported>;
+
+/// Every problem found so far, in the order found.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn report(&mut self, message: String) -> Reported {
+        self.0.push(message);
+        Reported
+    }
+}
+
+/// Where a table sits in the file, for messages.
+enum Place {
+    Root,
+    /// `[mqtt]`: messages read `mqtt.keep_alive: ...`.
+    Section(&'static str),
+    /// `[[button]]`: messages read `button 'door': debounce ...`; `label` is
+    /// the quoted name, or `#2` until the name is known to be good.
+    Entry {
+        kind: &'static str,
+        label: String,
+    },
+}
+
+impl Place {
+    fn label(&self) -> String {
+        match self {
+            Place::Root => String::new(),
+            Place::Section(name) => (*name).to_string(),
+            Place::Entry { kind, label } => format!("{kind} {label}"),
+        }
+    }
+
+    /// The dotted name of a key, as written in the file.
+    fn path(&self, key: &str) -> String {
+        match self {
+            Place::Root => key.to_string(),
+            Place::Section(name) => format!("{name}.{key}"),
+            Place::Entry { kind, .. } => format!("{kind}.{key}"),
+        }
+    }
+
+    /// What a message about a key's value starts with.
+    fn subject(&self, key: &str) -> String {
+        match self {
+            Place::Root | Place::Section(_) => format!("{}: ", self.path(key)),
+            Place::Entry { .. } => format!("{}: {key} ", self.label()),
+        }
+    }
+}
+
+/// Reads keys of one table and remembers which it consumed; [`Reader::finish`]
+/// reports the rest as unknown.
+struct Reader<'t> {
+    table: &'t Table,
+    place: Place,
+    used: BTreeSet<&'t str>,
+}
+
+impl<'t> Reader<'t> {
+    fn new(table: &'t Table, place: Place) -> Reader<'t> {
+        Reader {
+            table,
+            place,
+            used: BTreeSet::new(),
+        }
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
+    fn value(&mut self, key: &str) -> Option<&'t Value> {
+        let (key, value) = self.table.get_key_value(key)?;
+        self.used.insert(key.as_str());
+        Some(value)
+    }
+
+    fn problem(&self, key: &str, p: &mut Problems, message: String) -> Reported {
+        p.report(format!("{}{message}", self.place.subject(key)))
+    }
+
+    fn missing(&self, key: &str, expected: &str, p: &mut Problems) -> Reported {
+        p.report(match &self.place {
+            Place::Entry { .. } => format!(
+                "{}: missing key '{key}' (expected {expected})",
+                self.place.label()
+            ),
+            _ => format!(
+                "missing key '{}' (expected {expected})",
+                self.place.path(key)
+            ),
+        })
+    }
+
+    fn wrong_type(&self, key: &str, value: &Value, expected: &str, p: &mut Problems) -> Reported {
+        let (shown, kind) = match value {
+            Value::String(s) => (Some(quote(s)), "a string"),
+            Value::Integer(i) => (Some(i.to_string()), "an integer"),
+            Value::Float(f) => (Some(f.to_string()), "a float"),
+            Value::Boolean(b) => (Some(b.to_string()), "a boolean"),
+            Value::Datetime(d) => (Some(d.to_string()), "a date-time"),
+            Value::Array(_) => (None, "an array"),
+            Value::Table(_) => (None, "a table"),
+        };
+        let message = match (&self.place, shown) {
+            (Place::Entry { .. }, Some(shown)) => format!(
+                "{}: {key} {shown} is {kind}, expected {expected}",
+                self.place.label()
+            ),
+            (Place::Entry { .. }, None) => format!(
+                "{}: {key} is {kind}, expected {expected}",
+                self.place.label()
+            ),
+            (_, Some(shown)) => format!(
+                "{}: {shown} is {kind}, expected {expected}",
+                self.place.path(key)
+            ),
+            (_, None) => format!(
+                "{}: the value is {kind}, expected {expected}",
+                self.place.path(key)
+            ),
+        };
+        p.report(message)
+    }
+
+    fn str_opt(&mut self, key: &str, p: &mut Problems) -> Checked<Option<&'t str>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(other) => Err(self.wrong_type(key, other, "a string", p)),
+        }
+    }
+
+    /// A file path; the empty string means unset.
+    fn path_opt(&mut self, key: &str, p: &mut Problems) -> Checked<Option<PathBuf>> {
+        Ok(self
+            .str_opt(key, p)?
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from))
+    }
+
+    fn bool_or(&mut self, key: &str, default: bool, p: &mut Problems) -> Checked<bool> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(Value::Boolean(b)) => Ok(*b),
+            Some(other) => Err(self.wrong_type(key, other, "true or false", p)),
+        }
+    }
+
+    fn int_opt(&mut self, key: &str, p: &mut Problems) -> Checked<Option<i64>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::Integer(i)) => Ok(Some(*i)),
+            Some(other) => Err(self.wrong_type(key, other, "an integer", p)),
+        }
+    }
+
+    fn int_in<T: TryFrom<i64>>(
+        &mut self,
+        key: &str,
+        default: T,
+        range: RangeInclusive<i64>,
+        p: &mut Problems,
+    ) -> Checked<T> {
+        let Some(n) = self.int_opt(key, p)? else {
+            return Ok(default);
+        };
+        match T::try_from(n) {
+            Ok(value) if range.contains(&n) => Ok(value),
+            _ => Err(self.problem(
+                key,
+                p,
+                format!(
+                    "{n} is out of range (expected {}..={})",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+        }
+    }
+
+    /// `qos`: 1 or 2, default 1.
+    fn qos(&mut self, p: &mut Problems) -> Checked<Qos> {
+        let Some(level) = self.int_opt("qos", p)? else {
+            return Ok(Qos::AtLeastOnce);
+        };
+        u8::try_from(level)
+            .ok()
+            .and_then(Qos::from_level)
+            .ok_or_else(|| self.problem("qos", p, format!("{level} is not 1 or 2")))
+    }
+
+    fn duration_in(
+        &mut self,
+        key: &str,
+        default: Duration,
+        range: RangeInclusive<Duration>,
+        p: &mut Problems,
+    ) -> Checked<Duration> {
+        let text = match self.value(key) {
+            None => return Ok(default),
+            Some(Value::String(s)) => s.as_str(),
+            Some(other) => {
+                return Err(self.wrong_type(
+                    key,
+                    other,
+                    &format!("a duration string {DURATION_HINT}"),
+                    p,
+                ));
+            }
+        };
+        let Ok(d) = humantime::parse_duration(text) else {
+            return Err(self.problem(
+                key,
+                p,
+                format!("{} is not a duration {DURATION_HINT}", quote(text)),
+            ));
+        };
+        if d < *range.start() {
+            let why = if *range.start() == NONZERO {
+                "must be more than 0".to_string()
+            } else {
+                format!("is less than {}", show_duration(*range.start()))
+            };
+            return Err(self.problem(key, p, format!("{} {why}", quote(text))));
+        }
+        if d > *range.end() {
+            let max = show_duration(*range.end());
+            return Err(self.problem(key, p, format!("{} is more than {max}", quote(text))));
+        }
+        Ok(d)
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        key: &str,
+        default: T,
+        options: &[(&str, T)],
+        p: &mut Problems,
+    ) -> Checked<T> {
+        let Some(text) = self.str_opt(key, p)? else {
+            return Ok(default);
+        };
+        if let Some((_, value)) = options.iter().find(|(name, _)| *name == text) {
+            return Ok(*value);
+        }
+        let names: Vec<String> = options
+            .iter()
+            .map(|(name, _)| format!("'{name}'"))
+            .collect();
+        let expected = match names.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        Err(self.problem(key, p, format!("{} is not {expected}", quote(text))))
+    }
+
+    /// A `[section]`: an absent one is an empty table, so every key takes its
+    /// default.
+    fn section(&mut self, key: &str, p: &mut Problems) -> Checked<Table> {
+        match self.value(key) {
+            None => Ok(Table::new()),
+            Some(Value::Table(t)) => Ok(t.clone()),
+            Some(other) => Err(self.wrong_type(key, other, &format!("a [{key}] table"), p)),
+        }
+    }
+
+    /// `[[button]]` entries.
+    fn entries(&mut self, key: &str, p: &mut Problems) -> Checked<Vec<&'t Table>> {
+        let expected = format!("[[{key}]] entries");
+        match self.value(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => {
+                let tables: Option<Vec<&'t Table>> = items.iter().map(Value::as_table).collect();
+                match tables {
+                    Some(tables) => Ok(tables),
+                    None => Err(p.report(format!(
+                        "{key}: the value is an array of non-tables, expected {expected}"
+                    ))),
+                }
+            }
+            Some(other) => Err(self.wrong_type(key, other, &expected, p)),
+        }
+    }
+
+    fn finish(self, p: &mut Problems) {
+        for key in self
+            .table
+            .keys()
+            .filter(|k| !self.used.contains(k.as_str()))
+        {
+            let shown: String = key.escape_debug().collect();
+            p.report(match &self.place {
+                Place::Entry { .. } => format!("{}: unknown key '{shown}'", self.place.label()),
+                _ => format!("unknown key '{}'", self.place.path(&shown)),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config/agent.toml");
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        parse_with_env(text, None)
+    }
+
+    /// The problems of an invalid config; panics if it parsed.
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text) {
+            Err(ConfigError::Invalid(problems)) => problems,
+            Err(other) => panic!("expected problems, got {other:?}"),
+            Ok(config) => panic!("expected problems, got {config:?}"),
+        }
+    }
+
+    /// The one problem of an invalid config.
+    fn problem(text: &str) -> String {
+        let mut found = problems(text);
+        assert_eq!(found.len(), 1, "expected one problem, got {found:#?}");
+        found.remove(0)
+    }
+
+    fn with_device(rest: &str) -> String {
+        format!("device_id = \"pi-garage\"\n{rest}")
+    }
+
+    fn secret_file(content: &[u8]) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(content).expect("write temp file");
+        file
+    }
+
+    fn toml_path(path: &Path) -> String {
+        format!("'{}'", path.display())
+    }
+
+    #[test]
+    fn the_example_file_parses_cleanly() {
+        let c = parse(EXAMPLE).expect("config/agent.toml is valid");
+        assert_eq!(c.device_id, "pi-garage");
+        assert_eq!(c.state_dir, PathBuf::from("state"));
+        assert_eq!(
+            c.mqtt.url,
+            BrokerUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 1883
+            }
+        );
+        assert_eq!(c.mqtt.client_id, "fieldlink-pi-garage");
+        assert_eq!(c.gpio.backend, GpioBackend::Sim);
+        assert_eq!(c.buttons.len(), 1);
+        assert_eq!((c.buttons[0].name.as_str(), c.buttons[0].pin), ("door", 17));
+        assert_eq!(c.relays.len(), 1);
+        assert_eq!((c.relays[0].name.as_str(), c.relays[0].pin), ("pump", 27));
+        assert_eq!(c.relays[0].power_on_state, PowerOnState::Last);
+        assert_eq!(c.relays[0].failsafe_after, None);
+        assert_eq!(c.heartbeat.interval, secs(30));
+        assert!(c.mqtt.password.is_none());
+    }
+
+    #[test]
+    fn the_example_file_shows_every_key() {
+        let keys = [
+            "device_id",
+            "state_dir",
+            "url",
+            "client_id",
+            "topic_prefix",
+            "keep_alive",
+            "clean_session",
+            "username",
+            "password_file",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "reconnect_min",
+            "reconnect_max",
+            "max_inflight",
+            "max_bytes",
+            "durability",
+            "flush_interval",
+            "backend",
+            "name",
+            "pin",
+            "pull",
+            "active_low",
+            "debounce",
+            "qos",
+            "power_on_state",
+            "failsafe_after",
+            "failsafe_state",
+            "interval",
+            "max_restarts",
+            "window",
+            "backoff_max",
+        ];
+        for key in keys {
+            assert!(
+                EXAMPLE.lines().any(|l| l
+                    .trim_start()
+                    .trim_start_matches("# ")
+                    .starts_with(&format!("{key} ="))),
+                "config/agent.toml does not show '{key}'"
+            );
+        }
+    }
+
+    #[test]
+    fn a_minimal_config_gets_every_default() {
+        let c = parse("device_id = \"d1\"").expect("minimal config is valid");
+        assert_eq!(c.state_dir, PathBuf::from("state"));
+        let m = &c.mqtt;
+        assert_eq!(
+            m.url,
+            BrokerUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 1883
+            }
+        );
+        assert_eq!(m.client_id, "fieldlink-d1");
+        assert_eq!(m.topic_prefix, "fieldlink");
+        assert_eq!(m.keep_alive, secs(30));
+        assert!(!m.clean_session);
+        assert_eq!(m.username, None);
+        assert_eq!(m.password, None);
+        assert_eq!(
+            (&m.ca_file, &m.cert_file, &m.key_file),
+            (&None, &None, &None)
+        );
+        assert_eq!((m.reconnect_min, m.reconnect_max), (secs(1), secs(60)));
+        assert_eq!(m.max_inflight, 32);
+        assert_eq!(c.outbox.max_bytes, 67_108_864);
+        assert_eq!(c.outbox.durability, Durability::Batch);
+        assert_eq!(c.outbox.flush_interval, millis(100));
+        assert_eq!(c.gpio.backend, GpioBackend::Rppal);
+        assert!(c.buttons.is_empty() && c.relays.is_empty());
+        assert_eq!(c.heartbeat.interval, secs(30));
+        assert_eq!(c.heartbeat.qos, Qos::AtLeastOnce);
+        assert_eq!(c.supervisor.max_restarts, 5);
+        assert_eq!(c.supervisor.window, secs(60));
+        assert_eq!(c.supervisor.backoff_max, secs(30));
+    }
+
+    #[test]
+    fn buttons_and_relays_get_their_defaults() {
+        let c = parse(&with_device(
+            "[[button]]\nname = \"b\"\npin = 4\n[[relay]]\nname = \"r\"\npin = 5\n",
+        ))
+        .expect("valid");
+        let b = &c.buttons[0];
+        assert_eq!(
+            (b.pull, b.active_low, b.debounce, b.qos),
+            (Pull::Up, true, millis(50), Qos::AtLeastOnce)
+        );
+        let r = &c.relays[0];
+        assert!(!r.active_low);
+        assert_eq!(r.power_on_state, PowerOnState::Off);
+        assert_eq!(r.failsafe_after, None);
+        assert_eq!(r.failsafe_state, RelayState::Off);
+        assert_eq!(r.qos, Qos::AtLeastOnce);
+    }
+
+    #[test]
+    fn every_key_can_be_set() {
+        let c = parse(
+            r#"
+device_id = "x"
+state_dir = "/var/lib/fieldlink"
+[mqtt]
+url = "mqtt://broker.example"
+client_id = "me"
+topic_prefix = "acme/site1"
+keep_alive = "1m"
+clean_session = true
+username = "pi"
+reconnect_min = "500ms"
+reconnect_max = "2m"
+max_inflight = 1000
+[outbox]
+max_bytes = 65536
+durability = "always"
+flush_interval = "10s"
+[gpio]
+backend = "sim"
+[[button]]
+name = "a"
+pin = 0
+pull = "none"
+active_low = false
+debounce = "0s"
+qos = 2
+[[relay]]
+name = "b"
+pin = 27
+active_low = true
+power_on_state = "on"
+failsafe_after = "10m"
+failsafe_state = "on"
+qos = 2
+[heartbeat]
+interval = "1s"
+qos = 2
+[supervisor]
+max_restarts = 1
+window = "5m"
+backoff_max = "100ms"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/fieldlink"));
+        assert_eq!(
+            c.mqtt.url,
+            BrokerUrl {
+                tls: false,
+                host: "broker.example".into(),
+                port: 1883
+            }
+        );
+        assert_eq!(c.mqtt.client_id, "me");
+        assert_eq!(c.mqtt.topic_prefix, "acme/site1");
+        assert_eq!(c.mqtt.keep_alive, secs(60));
+        assert!(c.mqtt.clean_session);
+        assert_eq!(c.mqtt.username.as_deref(), Some("pi"));
+        assert_eq!(
+            (c.mqtt.reconnect_min, c.mqtt.reconnect_max),
+            (millis(500), secs(120))
+        );
+        assert_eq!(c.mqtt.max_inflight, 1000);
+        assert_eq!(c.outbox.max_bytes, 65_536);
+        assert_eq!(c.outbox.durability, Durability::Always);
+        assert_eq!(c.outbox.flush_interval, secs(10));
+        let b = &c.buttons[0];
+        assert_eq!(
+            (b.pin, b.pull, b.active_low, b.debounce, b.qos),
+            (0, Pull::None, false, Duration::ZERO, Qos::ExactlyOnce)
+        );
+        let r = &c.relays[0];
+        assert_eq!(
+            (r.pin, r.active_low, r.power_on_state),
+            (27, true, PowerOnState::On)
+        );
+        assert_eq!(
+            (r.failsafe_after, r.failsafe_state, r.qos),
+            (Some(secs(600)), RelayState::On, Qos::ExactlyOnce)
+        );
+        assert_eq!(
+            (c.heartbeat.interval, c.heartbeat.qos),
+            (secs(1), Qos::ExactlyOnce)
+        );
+        assert_eq!(
+            (
+                c.supervisor.max_restarts,
+                c.supervisor.window,
+                c.supervisor.backoff_max
+            ),
+            (1, secs(300), millis(100))
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let found = problems(
+            r#"
+device_id = "pi garage"
+colour = "red"
+[mqtt]
+keep_alive = "3 parsecs"
+max_inflight = 0
+[outbox]
+durability = "sometimes"
+[[relay]]
+name = "pump"
+pin = 99
+[heartbeat]
+qos = 0
+"#,
+        );
+        assert_eq!(
+            found,
+            [
+                "device_id: 'pi garage' is not a valid device id (expected [A-Za-z0-9_-]{1,64})",
+                "mqtt.keep_alive: '3 parsecs' is not a duration (e.g. 30s, 5m)",
+                "mqtt.max_inflight: 0 is out of range (expected 1..=1000)",
+                "outbox.durability: 'sometimes' is not 'always' or 'batch'",
+                "relay 'pump': pin 99 is not a GPIO pin (0..=27)",
+                "heartbeat.qos: 0 is not 1 or 2",
+                "unknown key 'colour'",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_multi_problem_error_prints_one_problem_per_line() {
+        let err = parse("colour = 1\nsize = 2").expect_err("invalid");
+        assert_eq!(
+            err.to_string(),
+            "missing key 'device_id' (expected [A-Za-z0-9_-]{1,64}, e.g. 'pi-garage')\nunknown key 'colour'\nunknown key 'size'"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let found = problems(&with_device(
+            "[mqtt]\ncolour = 1\n[gpio]\nchip = 0\n[[button]]\nname = \"door\"\npin = 17\nlevel = 1\n[[relay]]\npin = 5\nsize = 2\n[colours]\n",
+        ));
+        assert_eq!(
+            found,
+            [
+                "unknown key 'mqtt.colour'",
+                "unknown key 'gpio.chip'",
+                "button 'door': unknown key 'level'",
+                "relay #1: missing key 'name' (expected [A-Za-z0-9_-]{1,64}, e.g. 'door')",
+                "relay #1: unknown key 'size'",
+                "unknown key 'colours'",
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_the_value_and_what_was_expected() {
+        let found = problems(
+            r#"
+device_id = 7
+[mqtt]
+keep_alive = 30
+clean_session = "no"
+url = ["a"]
+[[button]]
+name = "door"
+pin = "17"
+debounce = 1.5
+[heartbeat]
+interval = { s = 1 }
+"#,
+        );
+        assert_eq!(
+            found,
+            [
+                "device_id: 7 is an integer, expected a string",
+                "mqtt.url: the value is an array, expected a string",
+                "mqtt.keep_alive: 30 is an integer, expected a duration string (e.g. 30s, 5m)",
+                "mqtt.clean_session: 'no' is a string, expected true or false",
+                "button 'door': pin '17' is a string, expected an integer",
+                "button 'door': debounce 1.5 is a float, expected a duration string (e.g. 30s, 5m)",
+                "heartbeat.interval: the value is a table, expected a duration string (e.g. 30s, 5m)",
+            ]
+        );
+    }
+
+    #[test]
+    fn sections_and_entries_must_have_the_right_shape() {
+        assert_eq!(
+            problem(&with_device("mqtt = 5")),
+            "mqtt: 5 is an integer, expected a [mqtt] table"
+        );
+        assert_eq!(
+            problem(&with_device("[button]\nname = \"door\"\npin = 17")),
+            "button: the value is a table, expected [[button]] entries"
+        );
+        assert_eq!(
+            problem(&with_device("relay = [1, 2]")),
+            "relay: the value is an array of non-tables, expected [[relay]] entries"
+        );
+    }
+
+    #[test]
+    fn toml_syntax_errors_are_one_problem_with_the_line() {
+        let p = problem("device_id = \"x\"\n\n[mqtt\nurl = 1\n");
+        assert!(p.starts_with("line 3: invalid toml: "), "{p}");
+        assert!(!p.contains('\n'), "{p}");
+        let p = problem("device_id = \"x\"\ndevice_id = \"y\"\n");
+        assert!(p.starts_with("line 2: invalid toml: duplicate key"), "{p}");
+    }
+
+    #[test]
+    fn device_id_is_required_and_checked() {
+        assert_eq!(
+            problem(""),
+            "missing key 'device_id' (expected [A-Za-z0-9_-]{1,64}, e.g. 'pi-garage')"
+        );
+        assert_eq!(
+            problem(&format!("device_id = \"{}\"", "a".repeat(65))),
+            format!(
+                "device_id: '{}' is not a valid device id (expected [A-Za-z0-9_-]{{1,64}})",
+                "a".repeat(65)
+            )
+        );
+        assert_eq!(
+            problem("device_id = \"a/b\""),
+            "device_id: 'a/b' is not a valid device id (expected [A-Za-z0-9_-]{1,64})"
+        );
+        assert!(parse(&format!("device_id = \"{}\"", "A_z-9".repeat(12))).is_ok());
+    }
+
+    #[test]
+    fn broker_urls_default_their_port_by_scheme() {
+        let url = |u: &str| parse_url(u);
+        assert_eq!(
+            url("mqtt://h"),
+            Ok(BrokerUrl {
+                tls: false,
+                host: "h".into(),
+                port: 1883
+            })
+        );
+        assert_eq!(
+            url("mqtts://h/"),
+            Ok(BrokerUrl {
+                tls: true,
+                host: "h".into(),
+                port: 8883
+            })
+        );
+        assert_eq!(
+            url("mqtt://h:1999"),
+            Ok(BrokerUrl {
+                tls: false,
+                host: "h".into(),
+                port: 1999
+            })
+        );
+        assert_eq!(
+            url("mqtt://[::1]:1884"),
+            Ok(BrokerUrl {
+                tls: false,
+                host: "::1".into(),
+                port: 1884
+            })
+        );
+        assert_eq!(
+            url("mqtts://[fe80::1]"),
+            Ok(BrokerUrl {
+                tls: true,
+                host: "fe80::1".into(),
+                port: 8883
+            })
+        );
+    }
+
+    #[test]
+    fn bad_broker_urls_are_errors() {
+        let p = |u: &str| problem(&with_device(&format!("[mqtt]\nurl = \"{u}\"")));
+        assert_eq!(
+            p("tcp://h:1883"),
+            "mqtt.url: 'tcp://h:1883' has scheme 'tcp' (expected mqtt://host[:port] or mqtts://host[:port])"
+        );
+        assert_eq!(
+            p("broker.example"),
+            "mqtt.url: 'broker.example' is not a broker url (expected mqtt://host[:port] or mqtts://host[:port])"
+        );
+        assert_eq!(
+            p("mqtt://"),
+            "mqtt.url: 'mqtt://' has no host (expected mqtt://host[:port] or mqtts://host[:port])"
+        );
+        assert_eq!(
+            p("mqtt://:1883"),
+            "mqtt.url: 'mqtt://:1883' has no host (expected mqtt://host[:port] or mqtts://host[:port])"
+        );
+        assert_eq!(
+            p("mqtt://h:0"),
+            "mqtt.url: 'mqtt://h:0' has port '0' (expected 1..=65535)"
+        );
+        assert_eq!(
+            p("mqtt://h:99999"),
+            "mqtt.url: 'mqtt://h:99999' has port '99999' (expected 1..=65535)"
+        );
+        assert_eq!(
+            p("mqtt://h/topic"),
+            "mqtt.url: 'mqtt://h/topic' has a path or query (expected mqtt://host[:port] or mqtts://host[:port])"
+        );
+        assert!(p("mqtt://::1").contains("ipv6 address without brackets"));
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_refused_without_echoing_them() {
+        for url in ["mqtt://pi:hunter2@h", "tcp://pi:hunter2@h", "pi:hunter2@h"] {
+            let p = problem(&with_device(&format!("[mqtt]\nurl = \"{url}\"")));
+            assert!(p.starts_with("mqtt.url: has credentials"), "{p}");
+            assert!(!p.contains("hunter2"), "{p}");
+        }
+    }
+
+    #[test]
+    fn mqtts_needs_a_ca_file_and_says_so() {
+        assert_eq!(
+            problem(&with_device("[mqtt]\nurl = \"mqtts://h\"\nca_file = \"\"")),
+            "mqtt.ca_file: mqtts:// needs a CA certificate to check the broker; set mqtt.ca_file"
+        );
+        let ca = secret_file(b"-----BEGIN CERTIFICATE-----\n");
+        let c = parse(&with_device(&format!(
+            "[mqtt]\nurl = \"mqtts://h\"\nca_file = {}",
+            toml_path(ca.path())
+        )))
+        .expect("valid");
+        assert_eq!(c.mqtt.ca_file.as_deref(), Some(ca.path()));
+    }
+
+    #[test]
+    fn empty_tls_paths_mean_unset() {
+        let c = parse(&with_device(
+            "[mqtt]\nca_file = \"\"\ncert_file = \"\"\nkey_file = \"\"",
+        ))
+        .expect("valid");
+        assert_eq!(
+            (c.mqtt.ca_file, c.mqtt.cert_file, c.mqtt.key_file),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn cert_and_key_go_together() {
+        let ca = secret_file(b"ca");
+        let cert = secret_file(b"cert");
+        let base = format!(
+            "[mqtt]\nurl = \"mqtts://h\"\nca_file = {}\n",
+            toml_path(ca.path())
+        );
+        assert_eq!(
+            problem(&with_device(&format!(
+                "{base}cert_file = {}",
+                toml_path(cert.path())
+            ))),
+            "mqtt.cert_file: is set without mqtt.key_file (a client certificate needs both)"
+        );
+        assert_eq!(
+            problem(&with_device(&format!(
+                "{base}key_file = {}",
+                toml_path(cert.path())
+            ))),
+            "mqtt.key_file: is set without mqtt.cert_file (a client certificate needs both)"
+        );
+        let key = secret_file(b"key");
+        let c = parse(&with_device(&format!(
+            "{base}cert_file = {}\nkey_file = {}",
+            toml_path(cert.path()),
+            toml_path(key.path())
+        )))
+        .expect("valid");
+        assert_eq!(c.mqtt.key_file.as_deref(), Some(key.path()));
+    }
+
+    #[test]
+    fn tls_files_with_plain_mqtt_are_errors() {
+        let ca = secret_file(b"ca");
+        assert_eq!(
+            problem(&with_device(&format!(
+                "[mqtt]\nca_file = {}",
+                toml_path(ca.path())
+            ))),
+            "mqtt.ca_file: is set but mqtt.url is mqtt:// (no tls); use mqtts:// or remove it"
+        );
+    }
+
+    #[test]
+    fn unreadable_tls_files_are_errors_quoting_the_path() {
+        assert_eq!(
+            problem(&with_device(
+                "[mqtt]\nurl = \"mqtts://h\"\nca_file = \"/nonexistent/ca.pem\""
+            )),
+            "mqtt.ca_file: cannot read '/nonexistent/ca.pem': no such file"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert_eq!(
+            problem(&with_device(&format!(
+                "[mqtt]\nurl = \"mqtts://h\"\nca_file = {}",
+                toml_path(dir.path())
+            ))),
+            format!(
+                "mqtt.ca_file: cannot read '{}': is a directory",
+                dir.path().display()
+            )
+        );
+    }
+
+    #[test]
+    fn topic_prefix_must_be_usable_in_a_topic() {
+        let p = |prefix: &str| {
+            problem(&with_device(&format!(
+                "[mqtt]\ntopic_prefix = \"{prefix}\""
+            )))
+        };
+        assert_eq!(
+            p(""),
+            "mqtt.topic_prefix: '' is empty (expected e.g. 'fieldlink' or 'acme/site1')"
+        );
+        assert!(p("a/+").contains("wildcard"));
+        assert!(p("a/#").contains("wildcard"));
+        assert!(p("/a").contains("starts or ends with '/'"));
+        assert!(p("a/").contains("starts or ends with '/'"));
+        assert!(p("$SYS").contains("reserved"));
+    }
+
+    #[test]
+    fn client_id_defaults_from_device_id_and_is_bounded() {
+        let c = parse("device_id = \"pi-7\"").expect("valid");
+        assert_eq!(c.mqtt.client_id, "fieldlink-pi-7");
+        assert_eq!(
+            problem(&with_device("[mqtt]\nclient_id = \"\"")),
+            "mqtt.client_id: '' has 0 characters (expected 1..=128)"
+        );
+        assert!(
+            problem(&with_device(&format!(
+                "[mqtt]\nclient_id = \"{}\"",
+                "x".repeat(129)
+            )))
+            .contains("has 129 characters")
+        );
+        assert!(
+            parse(&with_device(&format!(
+                "[mqtt]\nclient_id = \"{}\"",
+                "é".repeat(128)
+            )))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn bad_durations_quote_the_value_and_say_what_was_expected() {
+        assert_eq!(
+            problem(&with_device("[mqtt]\nkeep_alive = \"3 parsecs\"")),
+            "mqtt.keep_alive: '3 parsecs' is not a duration (e.g. 30s, 5m)"
+        );
+        assert_eq!(
+            problem(&with_device(
+                "[[button]]\nname = \"door\"\npin = 17\ndebounce = \"30\""
+            )),
+            "button 'door': debounce '30' is not a duration (e.g. 30s, 5m)"
+        );
+    }
+
+    #[test]
+    fn duration_bounds_are_enforced() {
+        let p = |section: &str, key: &str, value: &str| {
+            problem(&with_device(&format!("[{section}]\n{key} = \"{value}\"")))
+        };
+        assert_eq!(
+            p("mqtt", "keep_alive", "500ms"),
+            "mqtt.keep_alive: '500ms' is less than 1s"
+        );
+        assert_eq!(
+            p("mqtt", "keep_alive", "65536s"),
+            "mqtt.keep_alive: '65536s' is more than 65535s"
+        );
+        assert_eq!(
+            p("mqtt", "reconnect_min", "0s"),
+            "mqtt.reconnect_min: '0s' must be more than 0"
+        );
+        assert_eq!(
+            p("outbox", "flush_interval", "0ms"),
+            "outbox.flush_interval: '0ms' must be more than 0"
+        );
+        assert_eq!(
+            p("outbox", "flush_interval", "11s"),
+            "outbox.flush_interval: '11s' is more than 10s"
+        );
+        assert_eq!(
+            p("heartbeat", "interval", "999ms"),
+            "heartbeat.interval: '999ms' is less than 1s"
+        );
+        assert_eq!(
+            p("supervisor", "window", "0s"),
+            "supervisor.window: '0s' must be more than 0"
+        );
+        assert_eq!(
+            p("supervisor", "backoff_max", "99ms"),
+            "supervisor.backoff_max: '99ms' is less than 100ms"
+        );
+        assert_eq!(
+            problem(&with_device(
+                "[[button]]\nname = \"door\"\npin = 17\ndebounce = \"6s\""
+            )),
+            "button 'door': debounce '6s' is more than 5s"
+        );
+        assert_eq!(
+            problem(&with_device(
+                "[[relay]]\nname = \"pump\"\npin = 27\nfailsafe_after = \"0s\""
+            )),
+            "relay 'pump': failsafe_after '0s' must be more than 0"
+        );
+    }
+
+    #[test]
+    fn reconnect_min_must_not_exceed_reconnect_max() {
+        assert_eq!(
+            problem(&with_device("[mqtt]\nreconnect_min = \"2m\"")),
+            "mqtt.reconnect_min: '120s' is more than mqtt.reconnect_max '60s'"
+        );
+        assert!(
+            parse(&with_device(
+                "[mqtt]\nreconnect_min = \"5s\"\nreconnect_max = \"5s\""
+            ))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn integer_bounds_are_enforced() {
+        assert_eq!(
+            problem(&with_device("[outbox]\nmax_bytes = 65535")),
+            "outbox.max_bytes: 65535 is too small (expected at least 65536)"
+        );
+        assert_eq!(
+            problem(&with_device("[outbox]\nmax_bytes = -1")),
+            "outbox.max_bytes: -1 is too small (expected at least 65536)"
+        );
+        assert_eq!(
+            problem(&with_device("[mqtt]\nmax_inflight = 1001")),
+            "mqtt.max_inflight: 1001 is out of range (expected 1..=1000)"
+        );
+        assert_eq!(
+            problem(&with_device("[supervisor]\nmax_restarts = 0")),
+            "supervisor.max_restarts: 0 is out of range (expected 1..=4294967295)"
+        );
+    }
+
+    #[test]
+    fn choices_list_what_is_allowed() {
+        assert_eq!(
+            problem(&with_device("[gpio]\nbackend = \"wiringpi\"")),
+            "gpio.backend: 'wiringpi' is not 'rppal' or 'sim'"
+        );
+        assert_eq!(
+            problem(&with_device(
+                "[[button]]\nname = \"door\"\npin = 17\npull = \"sideways\""
+            )),
+            "button 'door': pull 'sideways' is not 'up', 'down' or 'none'"
+        );
+        assert_eq!(
+            problem(&with_device(
+                "[[relay]]\nname = \"pump\"\npin = 27\npower_on_state = \"Last\""
+            )),
+            "relay 'pump': power_on_state 'Last' is not 'off', 'on' or 'last'"
+        );
+        assert_eq!(
+            problem(&with_device(
+                "[[relay]]\nname = \"pump\"\npin = 27\nfailsafe_state = \"toggle\""
+            )),
+            "relay 'pump': failsafe_state 'toggle' is not 'on' or 'off'"
+        );
+    }
+
+    #[test]
+    fn qos_must_be_1_or_2() {
+        assert_eq!(
+            problem(&with_device(
+                "[[button]]\nname = \"door\"\npin = 17\nqos = 0"
+            )),
+            "button 'door': qos 0 is not 1 or 2"
+        );
+        assert_eq!(
+            problem(&with_device(
+                "[[relay]]\nname = \"pump\"\npin = 27\nqos = 3"
+            )),
+            "relay 'pump': qos 3 is not 1 or 2"
+        );
+        assert_eq!(
+            problem(&with_device("[heartbeat]\nqos = 300")),
+            "heartbeat.qos: 300 is not 1 or 2"
+        );
+    }
+
+    #[test]
+    fn pins_must_be_gpio_pins() {
+        assert_eq!(
+            problem(&with_device("[[relay]]\nname = \"pump\"\npin = 99")),
+            "relay 'pump': pin 99 is not a GPIO pin (0..=27)"
+        );
+        assert_eq!(
+            problem(&with_device("[[button]]\nname = \"door\"\npin = -1")),
+            "button 'door': pin -1 is not a GPIO pin (0..=27)"
+        );
+        assert_eq!(
+            problem(&with_device("[[button]]\nname = \"door\"")),
+            "button 'door': missing key 'pin' (expected a GPIO pin number, 0..=27)"
+        );
+    }
+
+    #[test]
+    fn a_pin_used_twice_names_both_users() {
+        let text = with_device(
+            "[[button]]\nname = \"door\"\npin = 17\n[[relay]]\nname = \"pump\"\npin = 17\n\
+             [[button]]\nname = \"gate\"\npin = 4\n[[button]]\nname = \"bell\"\npin = 4\n",
+        );
+        assert_eq!(
+            problems(&text),
+            [
+                "button 'door': pin 17 is also used by relay 'pump'",
+                "button 'bell': pin 4 is also used by button 'gate'"
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_names_are_errors() {
+        let text = with_device(
+            "[[button]]\nname = \"door\"\npin = 1\n[[button]]\nname = \"door\"\npin = 2\n\
+             [[relay]]\nname = \"pump\"\npin = 3\n[[relay]]\nname = \"pump\"\npin = 4\n",
+        );
+        assert_eq!(
+            problems(&text),
+            [
+                "button #2: name 'door' is also used by button #1",
+                "relay #2: name 'pump' is also used by relay #1"
+            ]
+        );
+        // A button and a relay may share a name: their topics differ.
+        assert!(
+            parse(&with_device(
+                "[[button]]\nname = \"x\"\npin = 1\n[[relay]]\nname = \"x\"\npin = 2\n"
+            ))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn bad_names_are_errors() {
+        assert_eq!(
+            problem(&with_device("[[button]]\nname = \"front door\"\npin = 1")),
+            "button #1: name 'front door' is not a valid name (expected [A-Za-z0-9_-]{1,64})"
+        );
+        assert_eq!(
+            problem(&with_device("[[relay]]\nname = \"a/b\"\npin = 1")),
+            "relay #1: name 'a/b' is not a valid name (expected [A-Za-z0-9_-]{1,64})"
+        );
+    }
+
+    #[test]
+    fn password_file_is_read_and_its_trailing_newline_trimmed() {
+        let file = secret_file(b"s3cret pass\r\n");
+        let c = parse(&with_device(&format!(
+            "[mqtt]\nusername = \"pi\"\npassword_file = {}",
+            toml_path(file.path())
+        )))
+        .expect("valid");
+        assert_eq!(c.mqtt.password, Some(Secret("s3cret pass".into())));
+    }
+
+    #[test]
+    fn the_environment_password_is_used_when_no_password_file_is_given() {
+        let text = with_device("[mqtt]\nusername = \"pi\"");
+        let c = parse_with_env(&text, Some("from-env".into())).expect("valid");
+        assert_eq!(c.mqtt.password, Some(Secret("from-env".into())));
+
+        let file = secret_file(b"from-file\n");
+        let text = with_device(&format!(
+            "[mqtt]\nusername = \"pi\"\npassword_file = {}",
+            toml_path(file.path())
+        ));
+        let c = parse_with_env(&text, Some("from-env".into())).expect("valid");
+        assert_eq!(
+            c.mqtt.password,
+            Some(Secret("from-file".into())),
+            "the file wins over the environment"
+        );
+    }
+
+    #[test]
+    fn a_password_needs_a_username() {
+        let file = secret_file(b"pw");
+        assert_eq!(
+            problem(&with_device(&format!(
+                "[mqtt]\npassword_file = {}",
+                toml_path(file.path())
+            ))),
+            "mqtt.password_file: is set but mqtt.username is not (mqtt sends no password without a user name)"
+        );
+        let err = parse_with_env(&with_device(""), Some("pw".into())).expect_err("invalid");
+        assert_eq!(
+            err.to_string(),
+            "env FIELDLINK_MQTT_PASSWORD is set but mqtt.username is not (mqtt sends no password without a user name)"
+        );
+    }
+
+    #[test]
+    fn bad_password_files_are_errors_quoting_the_path() {
+        assert_eq!(
+            problem(&with_device(
+                "[mqtt]\nusername = \"pi\"\npassword_file = \"/nonexistent/mqtt.pass\""
+            )),
+            "mqtt.password_file: cannot read '/nonexistent/mqtt.pass': no such file"
+        );
+        let empty = secret_file(b"\n");
+        assert_eq!(
+            problem(&with_device(&format!(
+                "[mqtt]\nusername = \"pi\"\npassword_file = {}",
+                toml_path(empty.path())
+            ))),
+            format!(
+                "mqtt.password_file: '{}' is empty (expected the password on its first line)",
+                empty.path().display()
+            )
+        );
+        let binary = secret_file(&[0xff, 0xfe, b'x']);
+        assert_eq!(
+            problem(&with_device(&format!(
+                "[mqtt]\nusername = \"pi\"\npassword_file = {}",
+                toml_path(binary.path())
+            ))),
+            format!(
+                "mqtt.password_file: '{}' is not utf-8 text",
+                binary.path().display()
+            )
+        );
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_or_error_output() {
+        const SECRET: &str = "hunter2-very-secret";
+        let file = secret_file(format!("{SECRET}\n").as_bytes());
+        let c = parse(&with_device(&format!(
+            "[mqtt]\nusername = \"pi\"\npassword_file = {}",
+            toml_path(file.path())
+        )))
+        .expect("valid");
+        assert_eq!(c.mqtt.password.as_ref().map(|s| s.0.as_str()), Some(SECRET));
+        let debug = format!("{c:?} {c:#?}");
+        assert!(!debug.contains(SECRET), "{debug}");
+        assert!(debug.contains("Secret(<redacted>)"));
+
+        // A config that reads the secret and then fails elsewhere.
+        let text = with_device(&format!(
+            "[mqtt]\nusername = \"pi\"\npassword_file = {}\nkeep_alive = \"x\"\nurl = \"mqtt://pi:{SECRET}@h\"",
+            toml_path(file.path())
+        ));
+        let err = parse(&text).expect_err("invalid");
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(!shown.contains(SECRET), "{shown}");
+        }
+        let err = parse_with_env(
+            &with_device("[mqtt]\nkeep_alive = \"x\""),
+            Some(SECRET.into()),
+        )
+        .expect_err("invalid");
+        assert!(!err.to_string().contains(SECRET));
+    }
+
+    #[test]
+    fn load_quotes_the_path_of_a_missing_file() {
+        let err = AgentConfig::load(Path::new("/nonexistent/agent.toml")).expect_err("missing");
+        assert!(matches!(err, ConfigError::Missing { .. }));
+        assert_eq!(
+            err.to_string(),
+            "config file '/nonexistent/agent.toml' does not exist"
+        );
+    }
+
+    #[test]
+    fn load_quotes_the_path_of_an_unreadable_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = AgentConfig::load(dir.path()).expect_err("a directory is not a config file");
+        assert!(matches!(err, ConfigError::Unreadable { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cannot read config file '{}': is a directory",
+                dir.path().display()
+            )
+        );
+        let binary = secret_file(&[0xff, 0xfe]);
+        let err = AgentConfig::load(binary.path()).expect_err("not utf-8");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cannot read config file '{}': not utf-8 text",
+                binary.path().display()
+            )
+        );
+    }
+
+    #[test]
+    fn load_reads_the_example_file() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent.toml");
+        let c = AgentConfig::load(&path).expect("config/agent.toml loads");
+        assert_eq!(c.device_id, "pi-garage");
+    }
+
+    #[test]
+    fn long_values_are_cut_short_in_messages() {
+        let p = problem(&with_device(&format!(
+            "[gpio]\nbackend = \"{}\"",
+            "x".repeat(500)
+        )));
+        assert!(p.len() < 200, "{p}");
+        assert!(p.contains("...'"), "{p}");
+    }
 }

@@ -22,6 +22,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod fsutil;
 pub mod gpio;
 pub mod outbox;
 pub mod proto;

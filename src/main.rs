@@ -1,1 +1,121 @@
-fn main() {}
+//! The `fieldlink` binary: parses the command line, sets up logging, loads
+//! the config and maps results to exit codes (0 ok, 1 runtime failure, 2 bad
+//! usage or config). All logic lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fieldlink::config::AgentConfig;
+
+#[derive(Parser)]
+#[command(name = "fieldlink", version, about = "Reliable Raspberry Pi field agent over MQTT")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the field agent.
+    Agent {
+        #[arg(short, long, default_value = "config/agent.toml")]
+        config: PathBuf,
+    },
+    /// Ask the running agent for a status dump and print it.
+    Status {
+        #[arg(short, long, default_value = "config/agent.toml")]
+        config: PathBuf,
+    },
+    /// Drive the simulated GPIO of a running agent: `set <pin> <0|1>`, `get <pin>`,
+    /// `fault <pin> <on|off>`, `changes <pin>`.
+    Sim {
+        #[arg(short, long, default_value = "config/agent.toml")]
+        config: PathBuf,
+        #[arg(required = true, num_args = 1.., trailing_var_arg = true)]
+        request: Vec<String>,
+    },
+    /// Validate a config file: exit 0, or print every problem and exit 2.
+    CheckConfig {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn load(path: &std::path::Path) -> Result<AgentConfig, ExitCode> {
+    AgentConfig::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent { config } => {
+            init_logging("info");
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            // rumqttc is built without a default crypto provider (no aws-lc);
+            // rustls needs one chosen before any TLS config is built. It fails
+            // only if one is installed already, which is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            match fieldlink::agent::run(cfg) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("{:#}", anyhow::Error::from(e));
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Status { config } => {
+            init_logging("warn");
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match fieldlink::cli::status(&cfg) {
+                Ok(json) => {
+                    println!("{}", json.trim_end());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+                }
+            }
+        }
+        Command::Sim { config, request } => {
+            init_logging("warn");
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match fieldlink::cli::sim(&cfg, &request) {
+                Ok(answer) => {
+                    println!("{answer}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+                }
+            }
+        }
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(cfg) => {
+                println!("{}", fieldlink::cli::describe(&cfg));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+    }
+}

@@ -323,14 +323,14 @@ pub fn parse_command(relay: &str, known: bool, payload: &[u8], now: SystemTime) 
                 command_id_hint(trimmed),
             )
         })?;
-        if let Some(id) = &cmd.id {
-            if id.is_empty() || id.chars().count() > MAX_COMMAND_ID_CHARS {
-                return Err(Refusal::new(
-                    ErrorCode::BadPayload,
-                    format!("command id '{}' must be 1 to {MAX_COMMAND_ID_CHARS} characters", quote(id.as_bytes())),
-                    None,
-                ));
-            }
+        if let Some(id) = &cmd.id
+            && (id.is_empty() || id.chars().count() > MAX_COMMAND_ID_CHARS)
+        {
+            return Err(Refusal::new(
+                ErrorCode::BadPayload,
+                format!("command id '{}' must be 1 to {MAX_COMMAND_ID_CHARS} characters", quote(id.as_bytes())),
+                None,
+            ));
         }
         let action = parse_action(&cmd.state).ok_or_else(|| {
             Refusal::new(
@@ -363,14 +363,14 @@ pub fn parse_command(relay: &str, known: bool, payload: &[u8], now: SystemTime) 
     if !known {
         return Err(Refusal::new(ErrorCode::UnknownRelay, format!("relay '{}' is not configured", quote(relay.as_bytes())), id));
     }
-    if let Some(deadline) = expires_at {
-        if deadline <= now {
-            return Err(Refusal::new(
-                ErrorCode::Expired,
-                format!("command expired at {}; it is now {}", timefmt::rfc3339_millis(deadline), timefmt::rfc3339_millis(now)),
-                id,
-            ));
-        }
+    if let Some(deadline) = expires_at
+        && deadline <= now
+    {
+        return Err(Refusal::new(
+            ErrorCode::Expired,
+            format!("command expired at {}; it is now {}", timefmt::rfc3339_millis(deadline), timefmt::rfc3339_millis(now)),
+            id,
+        ));
     }
     Ok(Command { relay: relay.to_string(), action, id })
 }

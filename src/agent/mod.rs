@@ -1,1 +1,178 @@
-//! The agent actors. IMPLEMENTATION PENDING.
+//! The field agent: its actors and how they are wired (DESIGN: The system,
+//! Supervision). Owns the process lifecycle of `fieldlink agent`: state
+//! directory, pid file, panic policy, actor start-up order and the exit code.
+//! Protocol decisions live in the sans-IO modules (`proto`, `inflight`,
+//! `restart_policy`, `backoff`), not here.
+//!
+//! # Actors and threads
+//!
+//! ```text
+//!  main arbiter      Button (edges from the gpio thread), Lifecycle (signals)
+//!  relay arbiter     Relay      (fsyncs relays.json)
+//!  link arbiter      Link       (polls the rumqttc event loop without pause)
+//!  heartbeat arbiter Heartbeat  (sysinfo reads /proc and /sys)
+//!  outbox thread     the outbox writer (sled inserts, group-commit fsync)
+//! ```
+//!
+//! Button, Relay, Heartbeat --record--> outbox --Durable(seq)--> Link --> broker
+//! broker --command--> Link --RelayCommand--> Relay --AckCommand--> Link
+//!
+//! Messages between actors are typed (`relay::RelayCommand`, `link::Durable`,
+//! ...); each actor's messages live in its own file. Every actor but
+//! Lifecycle runs under a supervisor (see `supervisor`).
+
+mod backoff;
+mod button;
+mod heartbeat;
+mod inflight;
+mod lifecycle;
+mod link;
+mod recorder;
+mod relay;
+mod restart_policy;
+mod saved_relays;
+mod status;
+mod supervisor;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+pub use backoff::Backoff;
+pub use inflight::{Desync, Inflight, Slot};
+pub use restart_policy::{Decision, RestartPolicy};
+pub use status::{Dump, StatusBoard};
+
+use crate::config::{AgentConfig, GpioBackend};
+use crate::gpio::Gpio;
+use crate::outbox;
+use crate::proto::Topics;
+use recorder::Recorder;
+use supervisor::Supervision;
+
+/// `<state_dir>/agent.pid`: how `fieldlink status` finds the agent.
+pub fn pid_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent.pid")
+}
+
+/// `<state_dir>/status.json`: the status dump.
+pub fn status_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("status.json")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("state_dir '{path}': {source}")]
+    StateDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Outbox(#[from] outbox::OutboxError),
+    #[error(transparent)]
+    Gpio(#[from] crate::gpio::GpioError),
+    #[error("signals: {0}")]
+    Signals(std::io::Error),
+    #[error("actor system: {0}")]
+    System(std::io::Error),
+}
+
+/// A panic anywhere ends the process with exit code 1 (DESIGN: Supervision):
+/// actix would otherwise drop the panicked actor silently and keep running
+/// without it. systemd restarts the process; the outbox makes that safe.
+fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        tracing::error!("panic: {info}; exiting with code 1");
+        std::process::exit(1);
+    }));
+}
+
+/// Runs the agent until SIGTERM/SIGINT (exit code 0) or a supervisor
+/// escalation (exit code 1).
+pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
+    let state_dir = cfg.state_dir.clone();
+    std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::StateDir { path: state_dir.clone(), source })?;
+    exit_on_panic();
+
+    let (outbox, reader, report) = outbox::open(&state_dir, &cfg.outbox)?;
+    if let Some(aside) = &report.moved_aside {
+        tracing::error!("THE OUTBOX WAS CORRUPT and was moved to '{}'; started a fresh one", aside.display());
+    }
+    tracing::info!(depth = report.depth, next_seq = report.next_seq, "outbox open at {}", state_dir.join("outbox").display());
+
+    // Keeps the sim socket served until the agent ends.
+    let gpio: Arc<dyn Gpio> = match cfg.gpio.backend {
+        GpioBackend::Sim => Arc::new(crate::gpio::sim::SimGpio::start(&state_dir)?),
+        GpioBackend::Rppal => Arc::new(crate::gpio::rppal::RppalGpio::new()?),
+    };
+
+    let pid_path = pid_file(&state_dir);
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .map_err(|source| AgentError::StateDir { path: pid_path.clone(), source })?;
+
+    let system = System::new();
+    let started = system.block_on(async { start(&cfg, gpio, outbox.clone(), reader) });
+    let code = match started {
+        Ok(()) => system.run_with_code().map_err(AgentError::System)?,
+        Err(e) => {
+            outbox.shutdown();
+            let _ = std::fs::remove_file(&pid_path);
+            return Err(e);
+        }
+    };
+    // Escalation and SIGTERM alike: whatever was appended becomes durable.
+    outbox.shutdown();
+    // A stale pid file only makes `fieldlink status` say the agent is not
+    // running; failing to remove it is not worth an error.
+    let _ = std::fs::remove_file(&pid_path);
+    tracing::info!(code, "agent stopped");
+    Ok(code)
+}
+
+/// Starts every actor inside the running system.
+fn start(cfg: &AgentConfig, gpio: Arc<dyn Gpio>, outbox: outbox::OutboxHandle, reader: outbox::OutboxReader) -> Result<(), AgentError> {
+    let signals = lifecycle::register_signals().map_err(AgentError::Signals)?;
+    let board = Arc::new(StatusBoard::new(&cfg.device_id));
+    let topics = Topics::new(&cfg.mqtt.topic_prefix, &cfg.device_id);
+    let recorder = Recorder::new(&cfg.device_id, outbox.clone());
+    let sup = |name| Supervision::new(name, board.clone(), &cfg.supervisor);
+
+    let relay_arbiter = Arbiter::new();
+    let relay = {
+        let (relays, state_dir, gpio, recorder, topics, sup) =
+            (cfg.relays.clone(), cfg.state_dir.clone(), gpio.clone(), recorder.clone(), topics.clone(), sup("relay"));
+        Supervisor::start_in_arbiter(&relay_arbiter.handle(), move |_| {
+            relay::Relay::new(relays, &state_dir, gpio, recorder, topics, sup)
+        })
+    };
+
+    let link_arbiter = Arbiter::new();
+    let link = {
+        let (mqtt, topics, outbox, reader, relay, sup) =
+            (cfg.mqtt.clone(), topics.clone(), outbox.clone(), reader.clone(), relay.clone(), sup("link"));
+        Supervisor::start_in_arbiter(&link_arbiter.handle(), move |_| link::Link::new(mqtt, topics, outbox, reader, relay, sup))
+    };
+    relay.do_send(relay::SetLink(link.clone()));
+    {
+        let link = link.clone();
+        outbox.set_on_durable(Box::new(move |seq| link.do_send(link::Durable(seq))));
+    }
+
+    let button = {
+        let (buttons, recorder, topics, sup) = (cfg.buttons.clone(), recorder.clone(), topics.clone(), sup("button"));
+        Supervisor::start(move |_| button::Button::new(buttons, gpio, recorder, topics, sup))
+    };
+
+    let heartbeat_arbiter = Arbiter::new();
+    let heartbeat = {
+        let (hb, state_dir, recorder, topics, sup) = (cfg.heartbeat.clone(), cfg.state_dir.clone(), recorder, topics, sup("heartbeat"));
+        Supervisor::start_in_arbiter(&heartbeat_arbiter.handle(), move |_| {
+            heartbeat::Heartbeat::new(hb, state_dir, recorder, topics, sup)
+        })
+    };
+
+    let supervised: Vec<Box<dyn std::any::Any>> = vec![Box::new(button), Box::new(relay), Box::new(heartbeat)];
+    lifecycle::Lifecycle::new(signals, cfg.state_dir.clone(), board, outbox, reader, link, supervised).start();
+    tracing::info!(device = %cfg.device_id, "agent started");
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! The Heartbeat actor: every `heartbeat.interval` it samples the board's
+//! health (sysinfo) and records a `heartbeat` message with the outbox and
+//! link counters. It runs on its own arbiter because a sysinfo refresh reads
+//! /proc and /sys and must not stall the MQTT keep-alive or the relays. It
+//! never publishes directly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use actix::prelude::*;
+use sysinfo::{Components, Disks, System};
+
+use super::recorder::Recorder;
+use super::status::StatusBoard;
+use super::supervisor::{self, SupervisedActor, Supervision};
+use crate::config::HeartbeatConfig;
+use crate::proto::{Body, HeartbeatBody, OutboxCounters, Topics};
+
+/// The sysinfo handles, kept between samples: CPU usage is the difference
+/// between two refreshes, so the first value after creating `System` is
+/// meaningless (crates.md §6).
+struct Sampler {
+    sys: System,
+    disks: Disks,
+    components: Components,
+    state_dir: PathBuf,
+}
+
+/// One reading of the board's health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub uptime_s: u64,
+    pub cpu_percent: f32,
+    pub load_1m: f64,
+    pub mem_used_bytes: u64,
+    pub mem_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub temp_c: Option<f32>,
+}
+
+impl Sampler {
+    fn new(state_dir: &Path) -> Result<Sampler, String> {
+        let mut sys = System::new().map_err(|e| format!("system info: {e}"))?;
+        sys.refresh_cpu_usage();
+        let disks = Disks::new_with_refreshed_list().map_err(|e| format!("disk info: {e}"))?;
+        let components = Components::new_with_refreshed_list().map_err(|e| format!("sensor info: {e}"))?;
+        let state_dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+        Ok(Sampler { sys, disks, components, state_dir })
+    }
+
+    fn sample(&mut self) -> Health {
+        self.sys.refresh_cpu_usage();
+        self.sys.refresh_memory();
+        self.disks.refresh(true);
+        self.components.refresh(true);
+        // The disk that holds state_dir: the outbox lives there.
+        let disk = self
+            .disks
+            .iter()
+            .filter(|d| self.state_dir.starts_with(d.mount_point()))
+            .max_by_key(|d| d.mount_point().as_os_str().len());
+        let (disk_free_bytes, disk_total_bytes) = disk.map(|d| (d.available_space(), d.total_space())).unwrap_or((0, 0));
+        Health {
+            uptime_s: System::uptime().unwrap_or(0),
+            cpu_percent: self.sys.global_cpu_usage(),
+            load_1m: System::load_average().map(|l| l.one).unwrap_or(0.0),
+            mem_used_bytes: self.sys.used_memory(),
+            mem_total_bytes: self.sys.total_memory(),
+            disk_free_bytes,
+            disk_total_bytes,
+            temp_c: board_temperature(self.components.iter().map(|c| (c.label(), c.temperature()))),
+        }
+    }
+}
+
+/// The SoC temperature: a sensor labelled like the CPU (`cpu_thermal` on a
+/// Pi), else the first that reads anything; `None` where there is none.
+pub fn board_temperature<'a>(sensors: impl Iterator<Item = (&'a str, Option<f32>)> + Clone) -> Option<f32> {
+    let is_cpu = |label: &str| {
+        let l = label.to_ascii_lowercase();
+        l.contains("cpu") || l.contains("soc") || l.contains("package")
+    };
+    let valid = |t: Option<f32>| t.filter(|t| t.is_finite());
+    sensors
+        .clone()
+        .filter(|(l, _)| is_cpu(l))
+        .find_map(|(_, t)| valid(t))
+        .or_else(|| sensors.into_iter().find_map(|(_, t)| valid(t)))
+}
+
+pub struct Heartbeat {
+    cfg: HeartbeatConfig,
+    state_dir: PathBuf,
+    recorder: Recorder,
+    topics: Topics,
+    board: Arc<StatusBoard>,
+    sup: Supervision,
+    sampler: Option<Sampler>,
+}
+
+impl Heartbeat {
+    pub fn new(cfg: HeartbeatConfig, state_dir: PathBuf, recorder: Recorder, topics: Topics, sup: Supervision) -> Heartbeat {
+        let board = sup.board().clone();
+        Heartbeat { cfg, state_dir, recorder, topics, board, sup, sampler: None }
+    }
+
+    fn beat(&mut self, ctx: &mut Context<Self>) {
+        let Some(sampler) = self.sampler.as_mut() else {
+            return;
+        };
+        let h = sampler.sample();
+        let stats = self.recorder.outbox().stats();
+        let body = HeartbeatBody {
+            uptime_s: h.uptime_s,
+            cpu_percent: h.cpu_percent,
+            load_1m: h.load_1m,
+            mem_used_bytes: h.mem_used_bytes,
+            mem_total_bytes: h.mem_total_bytes,
+            disk_free_bytes: h.disk_free_bytes,
+            disk_total_bytes: h.disk_total_bytes,
+            temp_c: h.temp_c,
+            outbox: OutboxCounters { depth: stats.depth, bytes: stats.bytes, dropped: stats.dropped },
+            link: self.board.link_counters(),
+            version: crate::VERSION.to_string(),
+        };
+        let fut = self.recorder.record(self.topics.heartbeat(), self.cfg.qos, false, SystemTime::now(), Body::Heartbeat(body));
+        ctx.spawn(fut.into_actor(self).map(|res, _, _| {
+            if let Err(e) = res {
+                tracing::warn!("heartbeat not recorded: {e}");
+            }
+        }));
+    }
+}
+
+impl Actor for Heartbeat {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        supervisor::start_after_backoff(self, ctx);
+    }
+}
+
+impl Supervised for Heartbeat {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.sup.restarting();
+    }
+}
+
+impl SupervisedActor for Heartbeat {
+    fn supervision(&mut self) -> &mut Supervision {
+        &mut self.sup
+    }
+
+    fn init(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
+        self.sampler = Some(Sampler::new(&self.state_dir)?);
+        // The first CPU figure needs two samples at least 200 ms apart; the
+        // first beat comes one interval (>= 1 s) after this one.
+        ctx.run_interval(self.cfg.interval.max(Duration::from_secs(1)), |act, ctx| act.beat(ctx));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_sensor_is_preferred_over_others() {
+        let s = [("nvme Composite", Some(40.0)), ("cpu_thermal temp1", Some(52.5))];
+        assert_eq!(board_temperature(s.iter().map(|(l, t)| (*l, *t))), Some(52.5));
+    }
+
+    #[test]
+    fn any_reading_sensor_is_used_when_none_looks_like_the_cpu() {
+        let s = [("acpitz", None), ("nvme Composite", Some(40.0))];
+        assert_eq!(board_temperature(s.iter().map(|(l, t)| (*l, *t))), Some(40.0));
+    }
+
+    #[test]
+    fn no_sensor_means_no_temperature() {
+        let s: [(&str, Option<f32>); 1] = [("cpu", Some(f32::NAN))];
+        assert_eq!(board_temperature(s.iter().map(|(l, t)| (*l, *t))), None);
+    }
+
+    #[test]
+    fn a_real_sample_reports_memory_and_the_disk_holding_state_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Sampler::new(dir.path()).expect("sysinfo works on linux");
+        let h = s.sample();
+        assert!(h.mem_total_bytes > 0);
+        assert!(h.mem_used_bytes <= h.mem_total_bytes);
+        assert!(h.disk_total_bytes > 0, "no disk found for {:?}", dir.path());
+        assert!(h.uptime_s > 0);
+    }
+}

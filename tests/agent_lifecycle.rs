@@ -1,0 +1,267 @@
+//! The agent's life, black-box: supervision of a failing actor and its
+//! escalation (DESIGN: Supervision), the status dump and its secrets (Status
+//! dump), a clean SIGTERM, `check-config` and bad configs (Command line, Agent
+//! config), and the heartbeat's fields (Topics and payloads).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::{
+    Agent, DEADLINE, DOOR_PIN, Rig, VERSION, assert_press_release_pairs, assert_strictly_increasing, button_events,
+    check_envelope, first_occurrences, has_status, records, seq,
+};
+use serde_json::Value;
+
+#[test]
+fn a_failing_button_actor_is_restarted_and_publishes_again_once_the_fault_clears() {
+    let Some(mut rig) = Rig::new("life-fault", false, |b| b) else { return };
+    rig.start_online();
+    assert_eq!(rig.agent.sim(&["fault", DOOR_PIN, "on"]), "ok");
+    rig.agent.wait_status(
+        |s| s["actors"]["button"]["restarts"].as_u64().is_some_and(|n| n >= 1),
+        "the button actor restarted after the fault",
+    );
+    assert_eq!(rig.agent.sim(&["fault", DOOR_PIN, "off"]), "ok");
+    let status = rig.agent.wait_status(
+        |s| s["actors"]["button"]["running"] == true,
+        "the button actor running again once the fault cleared",
+    );
+    assert!(status["actors"]["button"]["restarts"].as_u64().is_some_and(|n| n >= 1), "restarts are counted: {status}");
+
+    let newest = records(&rig.watcher.messages()).iter().map(|(_, v)| seq(v)).max().unwrap_or(0);
+    let mark = rig.watcher.len();
+    rig.agent.click(1);
+    let device = rig.device().to_string();
+    let msgs = rig.watcher.wait_for_since(
+        mark,
+        |m| button_events(m, &device, "door").iter().filter(|v| seq(v) > newest).count() >= 2,
+        DEADLINE,
+        "a press and a release after the actor recovered",
+    );
+    let events: Vec<Value> = button_events(&msgs, &device, "door").into_iter().filter(|v| seq(v) > newest).collect();
+    assert_press_release_pairs(&events, &device, "door", 1);
+}
+
+#[test]
+fn a_fault_that_keeps_coming_back_makes_the_agent_exit_with_code_1() {
+    let Some(mut rig) = Rig::new("life-storm", false, |b| b.supervisor(3, "60s", "200ms")) else { return };
+    rig.start_online();
+    assert_eq!(rig.agent.sim(&["fault", DOOR_PIN, "on"]), "ok");
+    // The broken pin reports its failure again on every change, so keep
+    // moving it until the supervisor gives up.
+    let mut level = "0";
+    let mut code = None;
+    for _ in 0..120 {
+        code = rig.agent.exit_code_within(Duration::from_millis(500));
+        if code.is_some() {
+            break;
+        }
+        // The agent may be on its way out: a refused or failed `set` is fine.
+        let _ = rig.agent.try_sim(&["set", DOOR_PIN, level]);
+        level = if level == "0" { "1" } else { "0" };
+    }
+    assert_eq!(code, Some(1), "more than max_restarts restarts within the window ends the process with code 1");
+}
+
+#[test]
+fn the_status_dump_reports_link_outbox_relays_buttons_and_actors_and_never_the_password() {
+    let secrets = tempfile::tempdir().expect("create a temp dir");
+    let secret = "s3cret-fieldlink-Pa55word-4711";
+    let pass_file = secrets.path().join("mqtt.pass");
+    std::fs::write(&pass_file, format!("{secret}\n")).expect("write the password file");
+    std::fs::set_permissions(&pass_file, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    let Some(mut rig) = Rig::new("life-status", false, |b| {
+        b.mqtt_line(r#"username = "pi""#).mqtt_line(&format!(r#"password_file = "{}""#, pass_file.display()))
+    }) else {
+        return;
+    };
+    rig.start_online();
+
+    // SIGUSR1 itself makes the agent write the dump.
+    rig.agent.sigusr1();
+    let status_json = rig.agent.state_dir().join("status.json");
+    let pid = rig.agent.pid().expect("running");
+    common::wait_until(DEADLINE, "status.json after SIGUSR1", || {
+        let v: Value = serde_json::from_slice(&std::fs::read(&status_json).ok()?).ok()?;
+        (v["pid"] == pid).then_some(())
+    });
+
+    rig.agent.click(2);
+    let s = rig.agent.wait_status(
+        |s| s["buttons"]["door"]["presses"] == 2 && s["buttons"]["door"]["state"] == "released",
+        "two presses of the door button",
+    );
+    assert_eq!(s["device"], rig.device());
+    assert_eq!(s["version"], VERSION);
+    assert_eq!(s["pid"], pid, "pid is the agent's own");
+    assert!(s["uptime_s"].is_u64(), "uptime_s: {s}");
+    assert_eq!(s["link"]["connected"], true, "link: {s}");
+    assert!(s["link"]["connects"].as_u64().is_some_and(|n| n >= 1), "link.connects: {s}");
+    for key in ["depth", "bytes", "dropped"] {
+        assert!(s["outbox"][key].is_u64(), "outbox.{key}: {s}");
+    }
+    assert!(s["outbox"].get("oldest_ts").is_some(), "outbox.oldest_ts (null when empty): {s}");
+    assert_eq!(s["relays"]["pump"]["state"], "off", "relays.pump: {s}");
+    for actor in ["button", "relay", "heartbeat", "link"] {
+        let a = &s["actors"][actor];
+        assert_eq!(a["running"], true, "actors.{actor}.running: {s}");
+        assert!(a["restarts"].is_u64(), "actors.{actor}.restarts: {s}");
+        assert!(a.get("last_error").is_some(), "actors.{actor}.last_error: {s}");
+    }
+
+    let dumped = std::fs::read_to_string(&status_json).expect("status.json exists after a dump");
+    serde_json::from_str::<Value>(&dumped).expect("status.json is JSON");
+    assert!(!dumped.contains(secret), "the password appears in status.json");
+    let log = rig.agent.log();
+    assert!(!log.contains(secret), "the password appears in the agent's log");
+}
+
+#[test]
+fn sigterm_publishes_a_retained_offline_status_and_exits_zero() {
+    let Some(mut rig) = Rig::new("life-term", false, |b| b) else { return };
+    rig.start_online();
+    let mark = rig.watcher.len();
+    rig.agent.sigterm();
+    assert_eq!(rig.agent.wait().code(), Some(0), "SIGTERM is a clean exit");
+
+    let device = rig.device().to_string();
+    rig.watcher.wait_for_since(mark, |m| has_status(m, &device, b"offline"), DEADLINE, "'offline' after SIGTERM");
+    let status_topic = rig.topic("status");
+    assert_eq!(rig.broker.retained(&status_topic).as_deref(), Some(&b"offline"[..]), "offline is retained");
+    // Published by the agent itself, not only by the broker as its will:
+    // mosquitto logs every PUBLISH it receives, with the payload's size.
+    let from_agent = format!("Received PUBLISH from {} ", rig.agent.client_id());
+    let log = rig.broker.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&from_agent) && l.contains(&format!("'{status_topic}'")) && l.contains("(7 bytes)")),
+        "the agent did not publish 'offline' itself; broker log:\n{log}"
+    );
+}
+
+#[test]
+fn records_made_just_before_sigterm_in_batch_mode_are_delivered_after_a_restart() {
+    // A long flush interval: the records are surely not yet flushed by the
+    // timer when SIGTERM arrives, so only the shutdown flush can save them.
+    let Some(mut rig) = Rig::new("life-flush", false, |b| b.durability("batch").flush_interval("5s")) else { return };
+    rig.start_online();
+    rig.cut();
+    let mark = rig.watcher.len();
+    let n = 5;
+    rig.agent.click(n);
+    rig.agent.sigterm();
+    assert_eq!(rig.agent.wait().code(), Some(0), "SIGTERM is a clean exit");
+    rig.agent.start();
+    rig.proxy.heal();
+
+    let device = rig.device().to_string();
+    let msgs = rig.watcher.wait_for_since(
+        mark,
+        |m| button_events(m, &device, "door").len() >= 2 * n,
+        DEADLINE,
+        "every press made before SIGTERM",
+    );
+    assert_press_release_pairs(&button_events(&msgs, &device, "door"), &device, "door", n);
+    assert_strictly_increasing(&first_occurrences(&records(&msgs)), "first occurrences after the restart");
+}
+
+#[test]
+fn heartbeats_carry_every_field_the_design_names() {
+    let Some(mut rig) = Rig::new("life-heartbeat", false, |b| b.heartbeat_interval("1s")) else { return };
+    rig.start_online();
+    let device = rig.device().to_string();
+    let heartbeat = rig.topic("heartbeat");
+    let msgs = rig.watcher.wait_for(
+        |m| first_occurrences(&records(m)).iter().filter(|(t, _)| *t == heartbeat).count() >= 2,
+        DEADLINE,
+        "two heartbeats",
+    );
+    let beats: Vec<_> = first_occurrences(&records(&msgs)).into_iter().filter(|(t, _)| *t == heartbeat).collect();
+    assert_strictly_increasing(&beats, "heartbeats");
+    let hb = &beats[beats.len() - 1].1;
+    check_envelope(hb, &device);
+    for key in ["uptime_s", "mem_used_bytes", "disk_free_bytes"] {
+        assert!(hb[key].is_u64(), "{key} is a count: {hb}");
+    }
+    for key in ["mem_total_bytes", "disk_total_bytes"] {
+        assert!(hb[key].as_u64().is_some_and(|n| n > 0), "{key} is positive: {hb}");
+    }
+    for key in ["cpu_percent", "load_1m"] {
+        assert!(hb[key].is_number(), "{key} is a number: {hb}");
+    }
+    assert!(hb["temp_c"].is_number() || hb["temp_c"].is_null(), "temp_c is a number or null: {hb}");
+    for key in ["depth", "bytes", "dropped"] {
+        assert!(hb["outbox"][key].is_u64(), "outbox.{key}: {hb}");
+    }
+    assert!(hb["link"]["connects"].as_u64().is_some_and(|n| n >= 1), "link.connects: {hb}");
+    assert!(hb["link"]["disconnects"].is_u64(), "link.disconnects: {hb}");
+    assert_eq!(hb["version"], VERSION);
+}
+
+/// The harness config with four problems: an unknown key, a bad duration, a
+/// pin that is not a GPIO pin, and a pin used twice.
+fn broken(config: &str) -> String {
+    let mut text = config
+        .replacen("\n[mqtt]\n", "\ncolour = \"red\"\n\n[mqtt]\n", 1)
+        .replacen("reconnect_min = \"100ms\"", "reconnect_min = \"soon\"", 1)
+        .replacen("pin = 27", "pin = 99", 1);
+    text.push_str("\n[[relay]]\nname = \"fan\"\npin = 17\nactive_low = false\npower_on_state = \"off\"\nqos = 1\n");
+    text
+}
+
+#[test]
+fn check_config_names_every_problem_of_a_bad_config_on_its_own_line_and_exits_2() {
+    let agent = Agent::builder("cc-bad", 1).build();
+    agent.rewrite_config(broken);
+    let out = common::fieldlink(&["check-config", "-c", &agent.config_path().to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "exit code; stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let line_of = |what: &str, pred: &dyn Fn(&str) -> bool| {
+        lines
+            .iter()
+            .position(|l| pred(l))
+            .unwrap_or_else(|| panic!("no line of stderr names {what}; stderr:\n{stderr}"))
+    };
+    let found = [
+        line_of("the unknown key 'colour', quoted", &|l| l.contains("'colour'")),
+        line_of("the bad duration 'soon', quoted", &|l| l.contains("'soon'")),
+        line_of("pin 99", &|l| l.contains("pin 99")),
+        line_of("pin 17 used twice", &|l| l.contains("17") && (l.contains("fan") || l.contains("door"))),
+    ];
+    let mut distinct = found.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), found.len(), "each problem gets its own line; stderr:\n{stderr}");
+}
+
+#[test]
+fn check_config_exits_2_for_a_missing_file() {
+    let dir = tempfile::tempdir().expect("create a temp dir");
+    let missing = dir.path().join("no-such-agent.toml");
+    let out = common::fieldlink(&["check-config", "-c", &missing.to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "exit code; stderr:\n{stderr}");
+    assert!(stderr.contains("no-such-agent.toml"), "the error names the file; stderr:\n{stderr}");
+}
+
+#[test]
+fn check_config_accepts_the_harness_config_and_exits_0() {
+    let agent = Agent::builder("cc-good", 1).build();
+    let out = common::fieldlink(&["check-config", "-c", &agent.config_path().to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!agent.state_dir().exists(), "check-config starts nothing and creates no state_dir");
+}
+
+#[test]
+fn the_agent_refuses_a_bad_config_with_exit_2_and_creates_nothing_in_its_state_dir() {
+    let mut agent = Agent::builder("cc-agent", 1).build();
+    agent.rewrite_config(broken);
+    agent.spawn();
+    assert_eq!(agent.exit_code_within(DEADLINE), Some(2), "a bad config is exit 2; log:\n{}", agent.log());
+    let created: Vec<_> =
+        std::fs::read_dir(agent.state_dir()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(created.is_empty(), "nothing may be started with a bad config, yet state_dir holds {created:?}");
+}
