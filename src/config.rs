@@ -204,14 +204,9 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| {
             if error.kind() == io::ErrorKind::NotFound {
-                ConfigError::Missing {
-                    path: path.to_path_buf(),
-                }
+                ConfigError::Missing { path: path.to_path_buf() }
             } else {
-                ConfigError::Unreadable {
-                    path: path.to_path_buf(),
-                    error,
-                }
+                ConfigError::Unreadable { path: path.to_path_buf(), error }
             }
         })?;
         AgentConfig::parse(&text)
@@ -238,32 +233,19 @@ fn parse_with_env(text: &str, env_password: Option<String>) -> Result<AgentConfi
     match built {
         Ok(config) if problems.0.is_empty() => Ok(config),
         _ => {
-            debug_assert!(
-                !problems.0.is_empty(),
-                "a Reported error always records a problem"
-            );
+            debug_assert!(!problems.0.is_empty(), "a Reported error always records a problem");
             Err(ConfigError::Invalid(problems.0))
         }
     }
 }
 
 fn syntax_problem(text: &str, error: &toml::de::Error) -> String {
-    let message = error
-        .message()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
+    let message = error.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
     let message = lowercase_first(&message);
     match error.span() {
         Some(span) => {
             let start = span.start.min(text.len());
-            let line = text.as_bytes()[..start]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-                + 1;
+            let line = text.as_bytes()[..start].iter().filter(|&&b| b == b'\n').count() + 1;
             format!("line {line}: invalid toml: {message}")
         }
         None => format!("invalid toml: {message}"),
@@ -273,59 +255,32 @@ fn syntax_problem(text: &str, error: &toml::de::Error) -> String {
 // ---------------------------------------------------------------------------
 // Sections.
 
-fn agent_config(
-    root: &Table,
-    env_password: Option<String>,
-    p: &mut Problems,
-) -> Checked<AgentConfig> {
+fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) -> Checked<AgentConfig> {
     let mut r = Reader::new(root, Place::Root);
 
     let device_id = match r.str_opt("device_id", p) {
         Ok(Some(id)) if is_name(id) => Ok(id.to_string()),
-        Ok(Some(id)) => Err(r.problem(
-            "device_id",
-            p,
-            format!(
-                "{} is not a valid device id (expected {NAME_HINT})",
-                quote(id)
-            ),
-        )),
+        Ok(Some(id)) => {
+            Err(r.problem("device_id", p, format!("{} is not a valid device id (expected {NAME_HINT})", quote(id))))
+        }
         Ok(None) => Err(r.missing("device_id", &format!("{NAME_HINT}, e.g. 'pi-garage'"), p)),
         Err(e) => Err(e),
     };
     let state_dir = match r.str_opt("state_dir", p) {
-        Ok(Some("")) => Err(r.problem(
-            "state_dir",
-            p,
-            "'' is empty (expected a directory path)".to_string(),
-        )),
+        Ok(Some("")) => Err(r.problem("state_dir", p, "'' is empty (expected a directory path)".to_string())),
         Ok(dir) => Ok(PathBuf::from(dir.unwrap_or(DEFAULT_STATE_DIR))),
         Err(e) => Err(e),
     };
 
-    let mqtt = r
-        .section("mqtt", p)
-        .and_then(|t| mqtt_config(&t, device_id.as_deref().ok(), env_password, p));
+    let mqtt = r.section("mqtt", p).and_then(|t| mqtt_config(&t, device_id.as_deref().ok(), env_password, p));
     let outbox = r.section("outbox", p).and_then(|t| outbox_config(&t, p));
     let gpio = r.section("gpio", p).and_then(|t| gpio_config(&t, p));
-    let buttons = r.entries("button", p).map(|ts| {
-        ts.iter()
-            .enumerate()
-            .map(|(i, t)| button_config(t, i, p))
-            .collect::<Vec<_>>()
-    });
-    let relays = r.entries("relay", p).map(|ts| {
-        ts.iter()
-            .enumerate()
-            .map(|(i, t)| relay_config(t, i, p))
-            .collect::<Vec<_>>()
-    });
-    let heartbeat = r
-        .section("heartbeat", p)
-        .and_then(|t| heartbeat_config(&t, p));
-    let supervisor = r
-        .section("supervisor", p)
-        .and_then(|t| supervisor_config(&t, p));
+    let buttons =
+        r.entries("button", p).map(|ts| ts.iter().enumerate().map(|(i, t)| button_config(t, i, p)).collect::<Vec<_>>());
+    let relays =
+        r.entries("relay", p).map(|ts| ts.iter().enumerate().map(|(i, t)| relay_config(t, i, p)).collect::<Vec<_>>());
+    let heartbeat = r.section("heartbeat", p).and_then(|t| heartbeat_config(&t, p));
+    let supervisor = r.section("supervisor", p).and_then(|t| supervisor_config(&t, p));
     r.finish(p);
 
     let buttons = buttons?;
@@ -340,14 +295,8 @@ fn agent_config(
         mqtt: mqtt?,
         outbox: outbox?,
         gpio: gpio?,
-        buttons: buttons
-            .into_iter()
-            .map(|e| e.config)
-            .collect::<Checked<_>>()?,
-        relays: relays
-            .into_iter()
-            .map(|e| e.config)
-            .collect::<Checked<_>>()?,
+        buttons: buttons.into_iter().map(|e| e.config).collect::<Checked<_>>()?,
+        relays: relays.into_iter().map(|e| e.config).collect::<Checked<_>>()?,
         heartbeat: heartbeat?,
         supervisor: supervisor?,
     })
@@ -375,10 +324,7 @@ fn mqtt_config(
                 Err(r.problem(
                     "client_id",
                     p,
-                    format!(
-                        "{} has {chars} characters (expected 1..={CLIENT_ID_MAX_CHARS})",
-                        quote(id)
-                    ),
+                    format!("{} has {chars} characters (expected 1..={CLIENT_ID_MAX_CHARS})", quote(id)),
                 ))
             }
         }
@@ -391,9 +337,7 @@ fn mqtt_config(
     let topic_prefix = match r.str_opt("topic_prefix", p) {
         Ok(prefix) => {
             let prefix = prefix.unwrap_or(DEFAULT_TOPIC_PREFIX);
-            topic_prefix_problem(prefix).map_or(Ok(prefix.to_string()), |why| {
-                Err(r.problem("topic_prefix", p, why))
-            })
+            topic_prefix_problem(prefix).map_or(Ok(prefix.to_string()), |why| Err(r.problem("topic_prefix", p, why)))
         }
         Err(e) => Err(e),
     };
@@ -402,11 +346,7 @@ fn mqtt_config(
     let clean_session = r.bool_or("clean_session", false, p);
 
     let username = match r.str_opt("username", p) {
-        Ok(Some("")) => Err(r.problem(
-            "username",
-            p,
-            "'' is empty (remove the key for no user name)".to_string(),
-        )),
+        Ok(Some("")) => Err(r.problem("username", p, "'' is empty (remove the key for no user name)".to_string())),
         Ok(name) => Ok(name.map(str::to_string)),
         Err(e) => Err(e),
     };
@@ -414,9 +354,7 @@ fn mqtt_config(
     let password_file = r.path_opt("password_file", p);
     let from_file = matches!(password_file, Ok(Some(_)));
     let password = match password_file {
-        Ok(Some(path)) => read_password(&path)
-            .map(Some)
-            .map_err(|why| r.problem("password_file", p, why)),
+        Ok(Some(path)) => read_password(&path).map(Some).map_err(|why| r.problem("password_file", p, why)),
         Ok(None) => Ok(env_password.map(Secret)),
         Err(e) => Err(e),
     };
@@ -425,64 +363,41 @@ fn mqtt_config(
             r.problem(
                 "password_file",
                 p,
-                "is set but mqtt.username is not (mqtt sends no password without a user name)"
-                    .to_string(),
+                "is set but mqtt.username is not (mqtt sends no password without a user name)".to_string(),
             );
         } else {
-            p.report(format!("env {PASSWORD_ENV} is set but mqtt.username is not (mqtt sends no password without a user name)"));
+            p.report(format!(
+                "env {PASSWORD_ENV} is set but mqtt.username is not (mqtt sends no password without a user name)"
+            ));
         }
     }
 
-    let ca_file = r
-        .path_opt("ca_file", p)
-        .and_then(|f| check_readable(&mut r, "ca_file", f, p));
-    let cert_file = r
-        .path_opt("cert_file", p)
-        .and_then(|f| check_readable(&mut r, "cert_file", f, p));
-    let key_file = r
-        .path_opt("key_file", p)
-        .and_then(|f| check_readable(&mut r, "key_file", f, p));
+    let ca_file = r.path_opt("ca_file", p).and_then(|f| check_readable(&mut r, "ca_file", f, p));
+    let cert_file = r.path_opt("cert_file", p).and_then(|f| check_readable(&mut r, "cert_file", f, p));
+    let key_file = r.path_opt("key_file", p).and_then(|f| check_readable(&mut r, "key_file", f, p));
     if let Ok(url) = &url {
         if url.tls {
             if matches!(ca_file, Ok(None)) {
                 r.problem(
                     "ca_file",
                     p,
-                    "mqtts:// needs a CA certificate to check the broker; set mqtt.ca_file"
-                        .to_string(),
+                    "mqtts:// needs a CA certificate to check the broker; set mqtt.ca_file".to_string(),
                 );
             }
         } else {
-            for (key, file) in [
-                ("ca_file", &ca_file),
-                ("cert_file", &cert_file),
-                ("key_file", &key_file),
-            ] {
+            for (key, file) in [("ca_file", &ca_file), ("cert_file", &cert_file), ("key_file", &key_file)] {
                 if let Ok(Some(_)) = file {
-                    r.problem(
-                        key,
-                        p,
-                        "is set but mqtt.url is mqtt:// (no tls); use mqtts:// or remove it"
-                            .to_string(),
-                    );
+                    r.problem(key, p, "is set but mqtt.url is mqtt:// (no tls); use mqtts:// or remove it".to_string());
                 }
             }
         }
     }
     match (&cert_file, &key_file) {
         (Ok(Some(_)), Ok(None)) => {
-            r.problem(
-                "cert_file",
-                p,
-                "is set without mqtt.key_file (a client certificate needs both)".to_string(),
-            );
+            r.problem("cert_file", p, "is set without mqtt.key_file (a client certificate needs both)".to_string());
         }
         (Ok(None), Ok(Some(_))) => {
-            r.problem(
-                "key_file",
-                p,
-                "is set without mqtt.cert_file (a client certificate needs both)".to_string(),
-            );
+            r.problem("key_file", p, "is set without mqtt.cert_file (a client certificate needs both)".to_string());
         }
         _ => {}
     }
@@ -495,11 +410,7 @@ fn mqtt_config(
         r.problem(
             "reconnect_min",
             p,
-            format!(
-                "'{}' is more than mqtt.reconnect_max '{}'",
-                show_duration(min),
-                show_duration(max)
-            ),
+            format!("'{}' is more than mqtt.reconnect_max '{}'", show_duration(min), show_duration(max)),
         );
     }
     let max_inflight = r.int_in("max_inflight", 32, 1..=1000, p);
@@ -526,37 +437,23 @@ fn outbox_config(t: &Table, p: &mut Problems) -> Checked<OutboxConfig> {
     let mut r = Reader::new(t, Place::Section("outbox"));
     let max_bytes = match r.int_opt("max_bytes", p) {
         Ok(Some(n)) if n >= MIN_OUTBOX_BYTES => Ok(n.unsigned_abs()),
-        Ok(Some(n)) => Err(r.problem(
-            "max_bytes",
-            p,
-            format!("{n} is too small (expected at least {MIN_OUTBOX_BYTES})"),
-        )),
+        Ok(Some(n)) => {
+            Err(r.problem("max_bytes", p, format!("{n} is too small (expected at least {MIN_OUTBOX_BYTES})")))
+        }
         Ok(None) => Ok(DEFAULT_OUTBOX_BYTES),
         Err(e) => Err(e),
     };
-    let durability = r.choice(
-        "durability",
-        Durability::Batch,
-        &[("always", Durability::Always), ("batch", Durability::Batch)],
-        p,
-    );
+    let durability =
+        r.choice("durability", Durability::Batch, &[("always", Durability::Always), ("batch", Durability::Batch)], p);
     let flush_interval = r.duration_in("flush_interval", millis(100), NONZERO..=secs(10), p);
     r.finish(p);
-    Ok(OutboxConfig {
-        max_bytes: max_bytes?,
-        durability: durability?,
-        flush_interval: flush_interval?,
-    })
+    Ok(OutboxConfig { max_bytes: max_bytes?, durability: durability?, flush_interval: flush_interval? })
 }
 
 fn gpio_config(t: &Table, p: &mut Problems) -> Checked<GpioConfig> {
     let mut r = Reader::new(t, Place::Section("gpio"));
-    let backend = r.choice(
-        "backend",
-        GpioBackend::Rppal,
-        &[("rppal", GpioBackend::Rppal), ("sim", GpioBackend::Sim)],
-        p,
-    );
+    let backend =
+        r.choice("backend", GpioBackend::Rppal, &[("rppal", GpioBackend::Rppal), ("sim", GpioBackend::Sim)], p);
     r.finish(p);
     Ok(GpioConfig { backend: backend? })
 }
@@ -566,10 +463,7 @@ fn heartbeat_config(t: &Table, p: &mut Problems) -> Checked<HeartbeatConfig> {
     let interval = r.duration_in("interval", secs(30), secs(1)..=Duration::MAX, p);
     let qos = r.qos(p);
     r.finish(p);
-    Ok(HeartbeatConfig {
-        interval: interval?,
-        qos: qos?,
-    })
+    Ok(HeartbeatConfig { interval: interval?, qos: qos? })
 }
 
 fn supervisor_config(t: &Table, p: &mut Problems) -> Checked<SupervisorConfig> {
@@ -578,11 +472,7 @@ fn supervisor_config(t: &Table, p: &mut Problems) -> Checked<SupervisorConfig> {
     let window = r.duration_in("window", secs(60), NONZERO..=Duration::MAX, p);
     let backoff_max = r.duration_in("backoff_max", secs(30), millis(100)..=Duration::MAX, p);
     r.finish(p);
-    Ok(SupervisorConfig {
-        max_restarts: max_restarts?,
-        window: window?,
-        backoff_max: backoff_max?,
-    })
+    Ok(SupervisorConfig { max_restarts: max_restarts?, window: window?, backoff_max: backoff_max? })
 }
 
 /// A `[[button]]` or `[[relay]]` entry as read, with what the cross-checks
@@ -601,26 +491,17 @@ struct Entry<T> {
 
 /// Reads `name` and `pin`, the keys every entry has, and relabels the reader
 /// with the name once it is known to be good.
-fn entry_head<'t>(
-    r: &mut Reader<'t>,
-    kind: &'static str,
-    p: &mut Problems,
-) -> (Checked<String>, Checked<u8>) {
+fn entry_head<'t>(r: &mut Reader<'t>, kind: &'static str, p: &mut Problems) -> (Checked<String>, Checked<u8>) {
     let name = match r.str_opt("name", p) {
         Ok(Some(name)) if is_name(name) => Ok(name.to_string()),
-        Ok(Some(name)) => Err(r.problem(
-            "name",
-            p,
-            format!("{} is not a valid name (expected {NAME_HINT})", quote(name)),
-        )),
+        Ok(Some(name)) => {
+            Err(r.problem("name", p, format!("{} is not a valid name (expected {NAME_HINT})", quote(name))))
+        }
         Ok(None) => Err(r.missing("name", &format!("{NAME_HINT}, e.g. 'door'"), p)),
         Err(e) => Err(e),
     };
     if let Ok(name) = &name {
-        r.place = Place::Entry {
-            kind,
-            label: quote(name),
-        };
+        r.place = Place::Entry { kind, label: quote(name) };
     }
     let pin = match r.int_opt("pin", p) {
         Ok(Some(pin)) => u8::try_from(pin)
@@ -634,20 +515,9 @@ fn entry_head<'t>(
 }
 
 fn button_config(t: &Table, i: usize, p: &mut Problems) -> Entry<ButtonConfig> {
-    let mut r = Reader::new(
-        t,
-        Place::Entry {
-            kind: "button",
-            label: format!("#{}", i + 1),
-        },
-    );
+    let mut r = Reader::new(t, Place::Entry { kind: "button", label: format!("#{}", i + 1) });
     let (name, pin) = entry_head(&mut r, "button", p);
-    let pull = r.choice(
-        "pull",
-        Pull::Up,
-        &[("up", Pull::Up), ("down", Pull::Down), ("none", Pull::None)],
-        p,
-    );
+    let pull = r.choice("pull", Pull::Up, &[("up", Pull::Up), ("down", Pull::Down), ("none", Pull::None)], p);
     let active_low = r.bool_or("active_low", true, p);
     let debounce = r.duration_in("debounce", millis(50), Duration::ZERO..=secs(5), p);
     let qos = r.qos(p);
@@ -663,48 +533,26 @@ fn button_config(t: &Table, i: usize, p: &mut Problems) -> Entry<ButtonConfig> {
             qos: qos?,
         })
     })();
-    Entry {
-        kind: "button",
-        label,
-        index: i + 1,
-        name: name.ok(),
-        pin: pin.ok(),
-        config,
-    }
+    Entry { kind: "button", label, index: i + 1, name: name.ok(), pin: pin.ok(), config }
 }
 
 fn relay_config(t: &Table, i: usize, p: &mut Problems) -> Entry<RelayConfig> {
-    let mut r = Reader::new(
-        t,
-        Place::Entry {
-            kind: "relay",
-            label: format!("#{}", i + 1),
-        },
-    );
+    let mut r = Reader::new(t, Place::Entry { kind: "relay", label: format!("#{}", i + 1) });
     let (name, pin) = entry_head(&mut r, "relay", p);
     let active_low = r.bool_or("active_low", false, p);
     let power_on_state = r.choice(
         "power_on_state",
         PowerOnState::Off,
-        &[
-            ("off", PowerOnState::Off),
-            ("on", PowerOnState::On),
-            ("last", PowerOnState::Last),
-        ],
+        &[("off", PowerOnState::Off), ("on", PowerOnState::On), ("last", PowerOnState::Last)],
         p,
     );
     let failsafe_after = if r.has("failsafe_after") {
-        r.duration_in("failsafe_after", Duration::ZERO, NONZERO..=Duration::MAX, p)
-            .map(Some)
+        r.duration_in("failsafe_after", Duration::ZERO, NONZERO..=Duration::MAX, p).map(Some)
     } else {
         Ok(None)
     };
-    let failsafe_state = r.choice(
-        "failsafe_state",
-        RelayState::Off,
-        &[("on", RelayState::On), ("off", RelayState::Off)],
-        p,
-    );
+    let failsafe_state =
+        r.choice("failsafe_state", RelayState::Off, &[("on", RelayState::On), ("off", RelayState::Off)], p);
     let qos = r.qos(p);
     let label = r.place.label();
     r.finish(p);
@@ -719,14 +567,7 @@ fn relay_config(t: &Table, i: usize, p: &mut Problems) -> Entry<RelayConfig> {
             qos: qos?,
         })
     })();
-    Entry {
-        kind: "relay",
-        label,
-        index: i + 1,
-        name: name.ok(),
-        pin: pin.ok(),
-        config,
-    }
+    Entry { kind: "relay", label, index: i + 1, name: name.ok(), pin: pin.ok(), config }
 }
 
 /// Two entries of one kind with the same name.
@@ -735,12 +576,7 @@ fn check_names<T>(entries: &[Entry<T>], p: &mut Problems) {
         let Some(name) = &entry.name else { continue };
         if let Some(first) = entries[..i].iter().find(|e| e.name.as_ref() == Some(name)) {
             let kind = entry.kind;
-            p.report(format!(
-                "{kind} #{}: name {} is also used by {kind} #{}",
-                entry.index,
-                quote(name),
-                first.index
-            ));
+            p.report(format!("{kind} #{}: name {} is also used by {kind} #{}", entry.index, quote(name), first.index));
         }
     }
 }
@@ -767,9 +603,7 @@ fn check_pins(relays: &[Entry<RelayConfig>], buttons: &[Entry<ButtonConfig>], p:
 /// `[A-Za-z0-9_-]{1,64}`: device ids and button and relay names, which all
 /// end up in topics.
 fn is_name(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn topic_prefix_problem(prefix: &str) -> Option<String> {
@@ -786,10 +620,7 @@ fn topic_prefix_problem(prefix: &str) -> Option<String> {
     } else {
         return None;
     };
-    Some(format!(
-        "{} {why} (expected e.g. 'fieldlink' or 'acme/site1')",
-        quote(prefix)
-    ))
+    Some(format!("{} {why} (expected e.g. 'fieldlink' or 'acme/site1')", quote(prefix)))
 }
 
 /// `mqtt[s]://host[:port]`. Returns the message tail on failure. The url is
@@ -798,26 +629,18 @@ fn parse_url(url: &str) -> Result<BrokerUrl, String> {
     const EXPECTED: &str = "expected mqtt://host[:port] or mqtts://host[:port]";
     let Some((scheme, rest)) = url.split_once("://") else {
         if url.contains('@') {
-            return Err(format!(
-                "has credentials in it or is not a broker url ({EXPECTED})"
-            ));
+            return Err(format!("has credentials in it or is not a broker url ({EXPECTED})"));
         }
         return Err(format!("{} is not a broker url ({EXPECTED})", quote(url)));
     };
     if rest.contains('@') {
-        return Err(
-            "has credentials in it; use mqtt.username and mqtt.password_file instead".to_string(),
-        );
+        return Err("has credentials in it; use mqtt.username and mqtt.password_file instead".to_string());
     }
     let (tls, default_port) = match scheme {
         "mqtt" => (false, MQTT_PORT),
         "mqtts" => (true, MQTTS_PORT),
         _ => {
-            return Err(format!(
-                "{} has scheme '{}' ({EXPECTED})",
-                quote(url),
-                scheme.escape_debug()
-            ));
+            return Err(format!("{} has scheme '{}' ({EXPECTED})", quote(url), scheme.escape_debug()));
         }
     };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
@@ -851,55 +674,35 @@ fn parse_url(url: &str) -> Result<BrokerUrl, String> {
         return Err(format!("{} has no host ({EXPECTED})", quote(url)));
     }
     if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "{} has a space or control character in its host ({EXPECTED})",
-            quote(url)
-        ));
+        return Err(format!("{} has a space or control character in its host ({EXPECTED})", quote(url)));
     }
     let port = match port {
         None => default_port,
         Some(port) => match port.parse::<u16>() {
             Ok(port) if port != 0 => port,
             _ => {
-                return Err(format!(
-                    "{} has port '{}' (expected 1..=65535)",
-                    quote(url),
-                    port.escape_debug()
-                ));
+                return Err(format!("{} has port '{}' (expected 1..=65535)", quote(url), port.escape_debug()));
             }
         },
     };
-    Ok(BrokerUrl {
-        tls,
-        host: host.to_string(),
-        port,
-    })
+    Ok(BrokerUrl { tls, host: host.to_string(), port })
 }
 
 /// Reads the password file. The message on failure names the file, never
 /// its content.
 fn read_password(path: &Path) -> Result<Secret, String> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| format!("cannot read '{}': {}", path.display(), describe_io(&e)))?;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read '{}': {}", path.display(), describe_io(&e)))?;
     let Ok(text) = String::from_utf8(bytes) else {
         return Err(format!("'{}' is not utf-8 text", path.display()));
     };
     let password = text.trim_end_matches(['\n', '\r']);
     if password.is_empty() {
-        return Err(format!(
-            "'{}' is empty (expected the password on its first line)",
-            path.display()
-        ));
+        return Err(format!("'{}' is empty (expected the password on its first line)", path.display()));
     }
     Ok(Secret(password.to_string()))
 }
 
-fn check_readable(
-    r: &mut Reader<'_>,
-    key: &str,
-    file: Option<PathBuf>,
-    p: &mut Problems,
-) -> Checked<Option<PathBuf>> {
+fn check_readable(r: &mut Reader<'_>, key: &str, file: Option<PathBuf>, p: &mut Problems) -> Checked<Option<PathBuf>> {
     let Some(path) = file else { return Ok(None) };
     let problem = match std::fs::metadata(&path) {
         Ok(meta) if meta.is_dir() => Some("is a directory".to_string()),
@@ -1028,11 +831,7 @@ struct Reader<'t> {
 
 impl<'t> Reader<'t> {
     fn new(table: &'t Table, place: Place) -> Reader<'t> {
-        Reader {
-            table,
-            place,
-            used: BTreeSet::new(),
-        }
+        Reader { table, place, used: BTreeSet::new() }
     }
 
     fn has(&self, key: &str) -> bool {
@@ -1051,14 +850,8 @@ impl<'t> Reader<'t> {
 
     fn missing(&self, key: &str, expected: &str, p: &mut Problems) -> Reported {
         p.report(match &self.place {
-            Place::Entry { .. } => format!(
-                "{}: missing key '{key}' (expected {expected})",
-                self.place.label()
-            ),
-            _ => format!(
-                "missing key '{}' (expected {expected})",
-                self.place.path(key)
-            ),
+            Place::Entry { .. } => format!("{}: missing key '{key}' (expected {expected})", self.place.label()),
+            _ => format!("missing key '{}' (expected {expected})", self.place.path(key)),
         })
     }
 
@@ -1073,22 +866,12 @@ impl<'t> Reader<'t> {
             Value::Table(_) => (None, "a table"),
         };
         let message = match (&self.place, shown) {
-            (Place::Entry { .. }, Some(shown)) => format!(
-                "{}: {key} {shown} is {kind}, expected {expected}",
-                self.place.label()
-            ),
-            (Place::Entry { .. }, None) => format!(
-                "{}: {key} is {kind}, expected {expected}",
-                self.place.label()
-            ),
-            (_, Some(shown)) => format!(
-                "{}: {shown} is {kind}, expected {expected}",
-                self.place.path(key)
-            ),
-            (_, None) => format!(
-                "{}: the value is {kind}, expected {expected}",
-                self.place.path(key)
-            ),
+            (Place::Entry { .. }, Some(shown)) => {
+                format!("{}: {key} {shown} is {kind}, expected {expected}", self.place.label())
+            }
+            (Place::Entry { .. }, None) => format!("{}: {key} is {kind}, expected {expected}", self.place.label()),
+            (_, Some(shown)) => format!("{}: {shown} is {kind}, expected {expected}", self.place.path(key)),
+            (_, None) => format!("{}: the value is {kind}, expected {expected}", self.place.path(key)),
         };
         p.report(message)
     }
@@ -1103,10 +886,7 @@ impl<'t> Reader<'t> {
 
     /// A file path; the empty string means unset.
     fn path_opt(&mut self, key: &str, p: &mut Problems) -> Checked<Option<PathBuf>> {
-        Ok(self
-            .str_opt(key, p)?
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from))
+        Ok(self.str_opt(key, p)?.filter(|s| !s.is_empty()).map(PathBuf::from))
     }
 
     fn bool_or(&mut self, key: &str, default: bool, p: &mut Problems) -> Checked<bool> {
@@ -1137,15 +917,9 @@ impl<'t> Reader<'t> {
         };
         match T::try_from(n) {
             Ok(value) if range.contains(&n) => Ok(value),
-            _ => Err(self.problem(
-                key,
-                p,
-                format!(
-                    "{n} is out of range (expected {}..={})",
-                    range.start(),
-                    range.end()
-                ),
-            )),
+            _ => {
+                Err(self.problem(key, p, format!("{n} is out of range (expected {}..={})", range.start(), range.end())))
+            }
         }
     }
 
@@ -1171,20 +945,11 @@ impl<'t> Reader<'t> {
             None => return Ok(default),
             Some(Value::String(s)) => s.as_str(),
             Some(other) => {
-                return Err(self.wrong_type(
-                    key,
-                    other,
-                    &format!("a duration string {DURATION_HINT}"),
-                    p,
-                ));
+                return Err(self.wrong_type(key, other, &format!("a duration string {DURATION_HINT}"), p));
             }
         };
         let Ok(d) = humantime::parse_duration(text) else {
-            return Err(self.problem(
-                key,
-                p,
-                format!("{} is not a duration {DURATION_HINT}", quote(text)),
-            ));
+            return Err(self.problem(key, p, format!("{} is not a duration {DURATION_HINT}", quote(text))));
         };
         if d < *range.start() {
             let why = if *range.start() == NONZERO {
@@ -1201,23 +966,14 @@ impl<'t> Reader<'t> {
         Ok(d)
     }
 
-    fn choice<T: Copy>(
-        &mut self,
-        key: &str,
-        default: T,
-        options: &[(&str, T)],
-        p: &mut Problems,
-    ) -> Checked<T> {
+    fn choice<T: Copy>(&mut self, key: &str, default: T, options: &[(&str, T)], p: &mut Problems) -> Checked<T> {
         let Some(text) = self.str_opt(key, p)? else {
             return Ok(default);
         };
         if let Some((_, value)) = options.iter().find(|(name, _)| *name == text) {
             return Ok(*value);
         }
-        let names: Vec<String> = options
-            .iter()
-            .map(|(name, _)| format!("'{name}'"))
-            .collect();
+        let names: Vec<String> = options.iter().map(|(name, _)| format!("'{name}'")).collect();
         let expected = match names.split_last() {
             Some((last, [])) => last.clone(),
             Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
@@ -1245,9 +1001,7 @@ impl<'t> Reader<'t> {
                 let tables: Option<Vec<&'t Table>> = items.iter().map(Value::as_table).collect();
                 match tables {
                     Some(tables) => Ok(tables),
-                    None => Err(p.report(format!(
-                        "{key}: the value is an array of non-tables, expected {expected}"
-                    ))),
+                    None => Err(p.report(format!("{key}: the value is an array of non-tables, expected {expected}"))),
                 }
             }
             Some(other) => Err(self.wrong_type(key, other, &expected, p)),
@@ -1255,11 +1009,7 @@ impl<'t> Reader<'t> {
     }
 
     fn finish(self, p: &mut Problems) {
-        for key in self
-            .table
-            .keys()
-            .filter(|k| !self.used.contains(k.as_str()))
-        {
+        for key in self.table.keys().filter(|k| !self.used.contains(k.as_str())) {
             let shown: String = key.escape_debug().collect();
             p.report(match &self.place {
                 Place::Entry { .. } => format!("{}: unknown key '{shown}'", self.place.label()),
@@ -1316,14 +1066,7 @@ mod tests {
         let c = parse(EXAMPLE).expect("config/agent.toml is valid");
         assert_eq!(c.device_id, "pi-garage");
         assert_eq!(c.state_dir, PathBuf::from("state"));
-        assert_eq!(
-            c.mqtt.url,
-            BrokerUrl {
-                tls: false,
-                host: "127.0.0.1".into(),
-                port: 1883
-            }
-        );
+        assert_eq!(c.mqtt.url, BrokerUrl { tls: false, host: "127.0.0.1".into(), port: 1883 });
         assert_eq!(c.mqtt.client_id, "fieldlink-pi-garage");
         assert_eq!(c.gpio.backend, GpioBackend::Sim);
         assert_eq!(c.buttons.len(), 1);
@@ -1374,10 +1117,7 @@ mod tests {
         ];
         for key in keys {
             assert!(
-                EXAMPLE.lines().any(|l| l
-                    .trim_start()
-                    .trim_start_matches("# ")
-                    .starts_with(&format!("{key} ="))),
+                EXAMPLE.lines().any(|l| l.trim_start().trim_start_matches("# ").starts_with(&format!("{key} ="))),
                 "config/agent.toml does not show '{key}'"
             );
         }
@@ -1388,24 +1128,14 @@ mod tests {
         let c = parse("device_id = \"d1\"").expect("minimal config is valid");
         assert_eq!(c.state_dir, PathBuf::from("state"));
         let m = &c.mqtt;
-        assert_eq!(
-            m.url,
-            BrokerUrl {
-                tls: false,
-                host: "127.0.0.1".into(),
-                port: 1883
-            }
-        );
+        assert_eq!(m.url, BrokerUrl { tls: false, host: "127.0.0.1".into(), port: 1883 });
         assert_eq!(m.client_id, "fieldlink-d1");
         assert_eq!(m.topic_prefix, "fieldlink");
         assert_eq!(m.keep_alive, secs(30));
         assert!(!m.clean_session);
         assert_eq!(m.username, None);
         assert_eq!(m.password, None);
-        assert_eq!(
-            (&m.ca_file, &m.cert_file, &m.key_file),
-            (&None, &None, &None)
-        );
+        assert_eq!((&m.ca_file, &m.cert_file, &m.key_file), (&None, &None, &None));
         assert_eq!((m.reconnect_min, m.reconnect_max), (secs(1), secs(60)));
         assert_eq!(m.max_inflight, 32);
         assert_eq!(c.outbox.max_bytes, 67_108_864);
@@ -1422,15 +1152,10 @@ mod tests {
 
     #[test]
     fn buttons_and_relays_get_their_defaults() {
-        let c = parse(&with_device(
-            "[[button]]\nname = \"b\"\npin = 4\n[[relay]]\nname = \"r\"\npin = 5\n",
-        ))
-        .expect("valid");
+        let c = parse(&with_device("[[button]]\nname = \"b\"\npin = 4\n[[relay]]\nname = \"r\"\npin = 5\n"))
+            .expect("valid");
         let b = &c.buttons[0];
-        assert_eq!(
-            (b.pull, b.active_low, b.debounce, b.qos),
-            (Pull::Up, true, millis(50), Qos::AtLeastOnce)
-        );
+        assert_eq!((b.pull, b.active_low, b.debounce, b.qos), (Pull::Up, true, millis(50), Qos::AtLeastOnce));
         let r = &c.relays[0];
         assert!(!r.active_low);
         assert_eq!(r.power_on_state, PowerOnState::Off);
@@ -1487,23 +1212,13 @@ backoff_max = "100ms"
         )
         .expect("valid");
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/fieldlink"));
-        assert_eq!(
-            c.mqtt.url,
-            BrokerUrl {
-                tls: false,
-                host: "broker.example".into(),
-                port: 1883
-            }
-        );
+        assert_eq!(c.mqtt.url, BrokerUrl { tls: false, host: "broker.example".into(), port: 1883 });
         assert_eq!(c.mqtt.client_id, "me");
         assert_eq!(c.mqtt.topic_prefix, "acme/site1");
         assert_eq!(c.mqtt.keep_alive, secs(60));
         assert!(c.mqtt.clean_session);
         assert_eq!(c.mqtt.username.as_deref(), Some("pi"));
-        assert_eq!(
-            (c.mqtt.reconnect_min, c.mqtt.reconnect_max),
-            (millis(500), secs(120))
-        );
+        assert_eq!((c.mqtt.reconnect_min, c.mqtt.reconnect_max), (millis(500), secs(120)));
         assert_eq!(c.mqtt.max_inflight, 1000);
         assert_eq!(c.outbox.max_bytes, 65_536);
         assert_eq!(c.outbox.durability, Durability::Always);
@@ -1514,24 +1229,11 @@ backoff_max = "100ms"
             (0, Pull::None, false, Duration::ZERO, Qos::ExactlyOnce)
         );
         let r = &c.relays[0];
+        assert_eq!((r.pin, r.active_low, r.power_on_state), (27, true, PowerOnState::On));
+        assert_eq!((r.failsafe_after, r.failsafe_state, r.qos), (Some(secs(600)), RelayState::On, Qos::ExactlyOnce));
+        assert_eq!((c.heartbeat.interval, c.heartbeat.qos), (secs(1), Qos::ExactlyOnce));
         assert_eq!(
-            (r.pin, r.active_low, r.power_on_state),
-            (27, true, PowerOnState::On)
-        );
-        assert_eq!(
-            (r.failsafe_after, r.failsafe_state, r.qos),
-            (Some(secs(600)), RelayState::On, Qos::ExactlyOnce)
-        );
-        assert_eq!(
-            (c.heartbeat.interval, c.heartbeat.qos),
-            (secs(1), Qos::ExactlyOnce)
-        );
-        assert_eq!(
-            (
-                c.supervisor.max_restarts,
-                c.supervisor.window,
-                c.supervisor.backoff_max
-            ),
+            (c.supervisor.max_restarts, c.supervisor.window, c.supervisor.backoff_max),
             (1, secs(300), millis(100))
         );
     }
@@ -1628,10 +1330,7 @@ interval = { s = 1 }
 
     #[test]
     fn sections_and_entries_must_have_the_right_shape() {
-        assert_eq!(
-            problem(&with_device("mqtt = 5")),
-            "mqtt: 5 is an integer, expected a [mqtt] table"
-        );
+        assert_eq!(problem(&with_device("mqtt = 5")), "mqtt: 5 is an integer, expected a [mqtt] table");
         assert_eq!(
             problem(&with_device("[button]\nname = \"door\"\npin = 17")),
             "button: the value is a table, expected [[button]] entries"
@@ -1653,16 +1352,10 @@ interval = { s = 1 }
 
     #[test]
     fn device_id_is_required_and_checked() {
-        assert_eq!(
-            problem(""),
-            "missing key 'device_id' (expected [A-Za-z0-9_-]{1,64}, e.g. 'pi-garage')"
-        );
+        assert_eq!(problem(""), "missing key 'device_id' (expected [A-Za-z0-9_-]{1,64}, e.g. 'pi-garage')");
         assert_eq!(
             problem(&format!("device_id = \"{}\"", "a".repeat(65))),
-            format!(
-                "device_id: '{}' is not a valid device id (expected [A-Za-z0-9_-]{{1,64}})",
-                "a".repeat(65)
-            )
+            format!("device_id: '{}' is not a valid device id (expected [A-Za-z0-9_-]{{1,64}})", "a".repeat(65))
         );
         assert_eq!(
             problem("device_id = \"a/b\""),
@@ -1674,46 +1367,11 @@ interval = { s = 1 }
     #[test]
     fn broker_urls_default_their_port_by_scheme() {
         let url = |u: &str| parse_url(u);
-        assert_eq!(
-            url("mqtt://h"),
-            Ok(BrokerUrl {
-                tls: false,
-                host: "h".into(),
-                port: 1883
-            })
-        );
-        assert_eq!(
-            url("mqtts://h/"),
-            Ok(BrokerUrl {
-                tls: true,
-                host: "h".into(),
-                port: 8883
-            })
-        );
-        assert_eq!(
-            url("mqtt://h:1999"),
-            Ok(BrokerUrl {
-                tls: false,
-                host: "h".into(),
-                port: 1999
-            })
-        );
-        assert_eq!(
-            url("mqtt://[::1]:1884"),
-            Ok(BrokerUrl {
-                tls: false,
-                host: "::1".into(),
-                port: 1884
-            })
-        );
-        assert_eq!(
-            url("mqtts://[fe80::1]"),
-            Ok(BrokerUrl {
-                tls: true,
-                host: "fe80::1".into(),
-                port: 8883
-            })
-        );
+        assert_eq!(url("mqtt://h"), Ok(BrokerUrl { tls: false, host: "h".into(), port: 1883 }));
+        assert_eq!(url("mqtts://h/"), Ok(BrokerUrl { tls: true, host: "h".into(), port: 8883 }));
+        assert_eq!(url("mqtt://h:1999"), Ok(BrokerUrl { tls: false, host: "h".into(), port: 1999 }));
+        assert_eq!(url("mqtt://[::1]:1884"), Ok(BrokerUrl { tls: false, host: "::1".into(), port: 1884 }));
+        assert_eq!(url("mqtts://[fe80::1]"), Ok(BrokerUrl { tls: true, host: "fe80::1".into(), port: 8883 }));
     }
 
     #[test]
@@ -1735,14 +1393,8 @@ interval = { s = 1 }
             p("mqtt://:1883"),
             "mqtt.url: 'mqtt://:1883' has no host (expected mqtt://host[:port] or mqtts://host[:port])"
         );
-        assert_eq!(
-            p("mqtt://h:0"),
-            "mqtt.url: 'mqtt://h:0' has port '0' (expected 1..=65535)"
-        );
-        assert_eq!(
-            p("mqtt://h:99999"),
-            "mqtt.url: 'mqtt://h:99999' has port '99999' (expected 1..=65535)"
-        );
+        assert_eq!(p("mqtt://h:0"), "mqtt.url: 'mqtt://h:0' has port '0' (expected 1..=65535)");
+        assert_eq!(p("mqtt://h:99999"), "mqtt.url: 'mqtt://h:99999' has port '99999' (expected 1..=65535)");
         assert_eq!(
             p("mqtt://h/topic"),
             "mqtt.url: 'mqtt://h/topic' has a path or query (expected mqtt://host[:port] or mqtts://host[:port])"
@@ -1766,46 +1418,28 @@ interval = { s = 1 }
             "mqtt.ca_file: mqtts:// needs a CA certificate to check the broker; set mqtt.ca_file"
         );
         let ca = secret_file(b"-----BEGIN CERTIFICATE-----\n");
-        let c = parse(&with_device(&format!(
-            "[mqtt]\nurl = \"mqtts://h\"\nca_file = {}",
-            toml_path(ca.path())
-        )))
-        .expect("valid");
+        let c = parse(&with_device(&format!("[mqtt]\nurl = \"mqtts://h\"\nca_file = {}", toml_path(ca.path()))))
+            .expect("valid");
         assert_eq!(c.mqtt.ca_file.as_deref(), Some(ca.path()));
     }
 
     #[test]
     fn empty_tls_paths_mean_unset() {
-        let c = parse(&with_device(
-            "[mqtt]\nca_file = \"\"\ncert_file = \"\"\nkey_file = \"\"",
-        ))
-        .expect("valid");
-        assert_eq!(
-            (c.mqtt.ca_file, c.mqtt.cert_file, c.mqtt.key_file),
-            (None, None, None)
-        );
+        let c = parse(&with_device("[mqtt]\nca_file = \"\"\ncert_file = \"\"\nkey_file = \"\"")).expect("valid");
+        assert_eq!((c.mqtt.ca_file, c.mqtt.cert_file, c.mqtt.key_file), (None, None, None));
     }
 
     #[test]
     fn cert_and_key_go_together() {
         let ca = secret_file(b"ca");
         let cert = secret_file(b"cert");
-        let base = format!(
-            "[mqtt]\nurl = \"mqtts://h\"\nca_file = {}\n",
-            toml_path(ca.path())
-        );
+        let base = format!("[mqtt]\nurl = \"mqtts://h\"\nca_file = {}\n", toml_path(ca.path()));
         assert_eq!(
-            problem(&with_device(&format!(
-                "{base}cert_file = {}",
-                toml_path(cert.path())
-            ))),
+            problem(&with_device(&format!("{base}cert_file = {}", toml_path(cert.path())))),
             "mqtt.cert_file: is set without mqtt.key_file (a client certificate needs both)"
         );
         assert_eq!(
-            problem(&with_device(&format!(
-                "{base}key_file = {}",
-                toml_path(cert.path())
-            ))),
+            problem(&with_device(&format!("{base}key_file = {}", toml_path(cert.path())))),
             "mqtt.key_file: is set without mqtt.cert_file (a client certificate needs both)"
         );
         let key = secret_file(b"key");
@@ -1822,10 +1456,7 @@ interval = { s = 1 }
     fn tls_files_with_plain_mqtt_are_errors() {
         let ca = secret_file(b"ca");
         assert_eq!(
-            problem(&with_device(&format!(
-                "[mqtt]\nca_file = {}",
-                toml_path(ca.path())
-            ))),
+            problem(&with_device(&format!("[mqtt]\nca_file = {}", toml_path(ca.path())))),
             "mqtt.ca_file: is set but mqtt.url is mqtt:// (no tls); use mqtts:// or remove it"
         );
     }
@@ -1833,35 +1464,20 @@ interval = { s = 1 }
     #[test]
     fn unreadable_tls_files_are_errors_quoting_the_path() {
         assert_eq!(
-            problem(&with_device(
-                "[mqtt]\nurl = \"mqtts://h\"\nca_file = \"/nonexistent/ca.pem\""
-            )),
+            problem(&with_device("[mqtt]\nurl = \"mqtts://h\"\nca_file = \"/nonexistent/ca.pem\"")),
             "mqtt.ca_file: cannot read '/nonexistent/ca.pem': no such file"
         );
         let dir = tempfile::tempdir().expect("temp dir");
         assert_eq!(
-            problem(&with_device(&format!(
-                "[mqtt]\nurl = \"mqtts://h\"\nca_file = {}",
-                toml_path(dir.path())
-            ))),
-            format!(
-                "mqtt.ca_file: cannot read '{}': is a directory",
-                dir.path().display()
-            )
+            problem(&with_device(&format!("[mqtt]\nurl = \"mqtts://h\"\nca_file = {}", toml_path(dir.path())))),
+            format!("mqtt.ca_file: cannot read '{}': is a directory", dir.path().display())
         );
     }
 
     #[test]
     fn topic_prefix_must_be_usable_in_a_topic() {
-        let p = |prefix: &str| {
-            problem(&with_device(&format!(
-                "[mqtt]\ntopic_prefix = \"{prefix}\""
-            )))
-        };
-        assert_eq!(
-            p(""),
-            "mqtt.topic_prefix: '' is empty (expected e.g. 'fieldlink' or 'acme/site1')"
-        );
+        let p = |prefix: &str| problem(&with_device(&format!("[mqtt]\ntopic_prefix = \"{prefix}\"")));
+        assert_eq!(p(""), "mqtt.topic_prefix: '' is empty (expected e.g. 'fieldlink' or 'acme/site1')");
         assert!(p("a/+").contains("wildcard"));
         assert!(p("a/#").contains("wildcard"));
         assert!(p("/a").contains("starts or ends with '/'"));
@@ -1878,19 +1494,10 @@ interval = { s = 1 }
             "mqtt.client_id: '' has 0 characters (expected 1..=128)"
         );
         assert!(
-            problem(&with_device(&format!(
-                "[mqtt]\nclient_id = \"{}\"",
-                "x".repeat(129)
-            )))
-            .contains("has 129 characters")
+            problem(&with_device(&format!("[mqtt]\nclient_id = \"{}\"", "x".repeat(129))))
+                .contains("has 129 characters")
         );
-        assert!(
-            parse(&with_device(&format!(
-                "[mqtt]\nclient_id = \"{}\"",
-                "é".repeat(128)
-            )))
-            .is_ok()
-        );
+        assert!(parse(&with_device(&format!("[mqtt]\nclient_id = \"{}\"", "é".repeat(128)))).is_ok());
     }
 
     #[test]
@@ -1900,60 +1507,29 @@ interval = { s = 1 }
             "mqtt.keep_alive: '3 parsecs' is not a duration (e.g. 30s, 5m)"
         );
         assert_eq!(
-            problem(&with_device(
-                "[[button]]\nname = \"door\"\npin = 17\ndebounce = \"30\""
-            )),
+            problem(&with_device("[[button]]\nname = \"door\"\npin = 17\ndebounce = \"30\"")),
             "button 'door': debounce '30' is not a duration (e.g. 30s, 5m)"
         );
     }
 
     #[test]
     fn duration_bounds_are_enforced() {
-        let p = |section: &str, key: &str, value: &str| {
-            problem(&with_device(&format!("[{section}]\n{key} = \"{value}\"")))
-        };
+        let p =
+            |section: &str, key: &str, value: &str| problem(&with_device(&format!("[{section}]\n{key} = \"{value}\"")));
+        assert_eq!(p("mqtt", "keep_alive", "500ms"), "mqtt.keep_alive: '500ms' is less than 1s");
+        assert_eq!(p("mqtt", "keep_alive", "65536s"), "mqtt.keep_alive: '65536s' is more than 65535s");
+        assert_eq!(p("mqtt", "reconnect_min", "0s"), "mqtt.reconnect_min: '0s' must be more than 0");
+        assert_eq!(p("outbox", "flush_interval", "0ms"), "outbox.flush_interval: '0ms' must be more than 0");
+        assert_eq!(p("outbox", "flush_interval", "11s"), "outbox.flush_interval: '11s' is more than 10s");
+        assert_eq!(p("heartbeat", "interval", "999ms"), "heartbeat.interval: '999ms' is less than 1s");
+        assert_eq!(p("supervisor", "window", "0s"), "supervisor.window: '0s' must be more than 0");
+        assert_eq!(p("supervisor", "backoff_max", "99ms"), "supervisor.backoff_max: '99ms' is less than 100ms");
         assert_eq!(
-            p("mqtt", "keep_alive", "500ms"),
-            "mqtt.keep_alive: '500ms' is less than 1s"
-        );
-        assert_eq!(
-            p("mqtt", "keep_alive", "65536s"),
-            "mqtt.keep_alive: '65536s' is more than 65535s"
-        );
-        assert_eq!(
-            p("mqtt", "reconnect_min", "0s"),
-            "mqtt.reconnect_min: '0s' must be more than 0"
-        );
-        assert_eq!(
-            p("outbox", "flush_interval", "0ms"),
-            "outbox.flush_interval: '0ms' must be more than 0"
-        );
-        assert_eq!(
-            p("outbox", "flush_interval", "11s"),
-            "outbox.flush_interval: '11s' is more than 10s"
-        );
-        assert_eq!(
-            p("heartbeat", "interval", "999ms"),
-            "heartbeat.interval: '999ms' is less than 1s"
-        );
-        assert_eq!(
-            p("supervisor", "window", "0s"),
-            "supervisor.window: '0s' must be more than 0"
-        );
-        assert_eq!(
-            p("supervisor", "backoff_max", "99ms"),
-            "supervisor.backoff_max: '99ms' is less than 100ms"
-        );
-        assert_eq!(
-            problem(&with_device(
-                "[[button]]\nname = \"door\"\npin = 17\ndebounce = \"6s\""
-            )),
+            problem(&with_device("[[button]]\nname = \"door\"\npin = 17\ndebounce = \"6s\"")),
             "button 'door': debounce '6s' is more than 5s"
         );
         assert_eq!(
-            problem(&with_device(
-                "[[relay]]\nname = \"pump\"\npin = 27\nfailsafe_after = \"0s\""
-            )),
+            problem(&with_device("[[relay]]\nname = \"pump\"\npin = 27\nfailsafe_after = \"0s\"")),
             "relay 'pump': failsafe_after '0s' must be more than 0"
         );
     }
@@ -1964,12 +1540,7 @@ interval = { s = 1 }
             problem(&with_device("[mqtt]\nreconnect_min = \"2m\"")),
             "mqtt.reconnect_min: '120s' is more than mqtt.reconnect_max '60s'"
         );
-        assert!(
-            parse(&with_device(
-                "[mqtt]\nreconnect_min = \"5s\"\nreconnect_max = \"5s\""
-            ))
-            .is_ok()
-        );
+        assert!(parse(&with_device("[mqtt]\nreconnect_min = \"5s\"\nreconnect_max = \"5s\"")).is_ok());
     }
 
     #[test]
@@ -1999,21 +1570,15 @@ interval = { s = 1 }
             "gpio.backend: 'wiringpi' is not 'rppal' or 'sim'"
         );
         assert_eq!(
-            problem(&with_device(
-                "[[button]]\nname = \"door\"\npin = 17\npull = \"sideways\""
-            )),
+            problem(&with_device("[[button]]\nname = \"door\"\npin = 17\npull = \"sideways\"")),
             "button 'door': pull 'sideways' is not 'up', 'down' or 'none'"
         );
         assert_eq!(
-            problem(&with_device(
-                "[[relay]]\nname = \"pump\"\npin = 27\npower_on_state = \"Last\""
-            )),
+            problem(&with_device("[[relay]]\nname = \"pump\"\npin = 27\npower_on_state = \"Last\"")),
             "relay 'pump': power_on_state 'Last' is not 'off', 'on' or 'last'"
         );
         assert_eq!(
-            problem(&with_device(
-                "[[relay]]\nname = \"pump\"\npin = 27\nfailsafe_state = \"toggle\""
-            )),
+            problem(&with_device("[[relay]]\nname = \"pump\"\npin = 27\nfailsafe_state = \"toggle\"")),
             "relay 'pump': failsafe_state 'toggle' is not 'on' or 'off'"
         );
     }
@@ -2021,21 +1586,14 @@ interval = { s = 1 }
     #[test]
     fn qos_must_be_1_or_2() {
         assert_eq!(
-            problem(&with_device(
-                "[[button]]\nname = \"door\"\npin = 17\nqos = 0"
-            )),
+            problem(&with_device("[[button]]\nname = \"door\"\npin = 17\nqos = 0")),
             "button 'door': qos 0 is not 1 or 2"
         );
         assert_eq!(
-            problem(&with_device(
-                "[[relay]]\nname = \"pump\"\npin = 27\nqos = 3"
-            )),
+            problem(&with_device("[[relay]]\nname = \"pump\"\npin = 27\nqos = 3")),
             "relay 'pump': qos 3 is not 1 or 2"
         );
-        assert_eq!(
-            problem(&with_device("[heartbeat]\nqos = 300")),
-            "heartbeat.qos: 300 is not 1 or 2"
-        );
+        assert_eq!(problem(&with_device("[heartbeat]\nqos = 300")), "heartbeat.qos: 300 is not 1 or 2");
     }
 
     #[test]
@@ -2077,18 +1635,10 @@ interval = { s = 1 }
         );
         assert_eq!(
             problems(&text),
-            [
-                "button #2: name 'door' is also used by button #1",
-                "relay #2: name 'pump' is also used by relay #1"
-            ]
+            ["button #2: name 'door' is also used by button #1", "relay #2: name 'pump' is also used by relay #1"]
         );
         // A button and a relay may share a name: their topics differ.
-        assert!(
-            parse(&with_device(
-                "[[button]]\nname = \"x\"\npin = 1\n[[relay]]\nname = \"x\"\npin = 2\n"
-            ))
-            .is_ok()
-        );
+        assert!(parse(&with_device("[[button]]\nname = \"x\"\npin = 1\n[[relay]]\nname = \"x\"\npin = 2\n")).is_ok());
     }
 
     #[test]
@@ -2106,11 +1656,8 @@ interval = { s = 1 }
     #[test]
     fn password_file_is_read_and_its_trailing_newline_trimmed() {
         let file = secret_file(b"s3cret pass\r\n");
-        let c = parse(&with_device(&format!(
-            "[mqtt]\nusername = \"pi\"\npassword_file = {}",
-            toml_path(file.path())
-        )))
-        .expect("valid");
+        let c = parse(&with_device(&format!("[mqtt]\nusername = \"pi\"\npassword_file = {}", toml_path(file.path()))))
+            .expect("valid");
         assert_eq!(c.mqtt.password, Some(Secret("s3cret pass".into())));
     }
 
@@ -2121,26 +1668,16 @@ interval = { s = 1 }
         assert_eq!(c.mqtt.password, Some(Secret("from-env".into())));
 
         let file = secret_file(b"from-file\n");
-        let text = with_device(&format!(
-            "[mqtt]\nusername = \"pi\"\npassword_file = {}",
-            toml_path(file.path())
-        ));
+        let text = with_device(&format!("[mqtt]\nusername = \"pi\"\npassword_file = {}", toml_path(file.path())));
         let c = parse_with_env(&text, Some("from-env".into())).expect("valid");
-        assert_eq!(
-            c.mqtt.password,
-            Some(Secret("from-file".into())),
-            "the file wins over the environment"
-        );
+        assert_eq!(c.mqtt.password, Some(Secret("from-file".into())), "the file wins over the environment");
     }
 
     #[test]
     fn a_password_needs_a_username() {
         let file = secret_file(b"pw");
         assert_eq!(
-            problem(&with_device(&format!(
-                "[mqtt]\npassword_file = {}",
-                toml_path(file.path())
-            ))),
+            problem(&with_device(&format!("[mqtt]\npassword_file = {}", toml_path(file.path())))),
             "mqtt.password_file: is set but mqtt.username is not (mqtt sends no password without a user name)"
         );
         let err = parse_with_env(&with_device(""), Some("pw".into())).expect_err("invalid");
@@ -2153,17 +1690,12 @@ interval = { s = 1 }
     #[test]
     fn bad_password_files_are_errors_quoting_the_path() {
         assert_eq!(
-            problem(&with_device(
-                "[mqtt]\nusername = \"pi\"\npassword_file = \"/nonexistent/mqtt.pass\""
-            )),
+            problem(&with_device("[mqtt]\nusername = \"pi\"\npassword_file = \"/nonexistent/mqtt.pass\"")),
             "mqtt.password_file: cannot read '/nonexistent/mqtt.pass': no such file"
         );
         let empty = secret_file(b"\n");
         assert_eq!(
-            problem(&with_device(&format!(
-                "[mqtt]\nusername = \"pi\"\npassword_file = {}",
-                toml_path(empty.path())
-            ))),
+            problem(&with_device(&format!("[mqtt]\nusername = \"pi\"\npassword_file = {}", toml_path(empty.path())))),
             format!(
                 "mqtt.password_file: '{}' is empty (expected the password on its first line)",
                 empty.path().display()
@@ -2171,14 +1703,8 @@ interval = { s = 1 }
         );
         let binary = secret_file(&[0xff, 0xfe, b'x']);
         assert_eq!(
-            problem(&with_device(&format!(
-                "[mqtt]\nusername = \"pi\"\npassword_file = {}",
-                toml_path(binary.path())
-            ))),
-            format!(
-                "mqtt.password_file: '{}' is not utf-8 text",
-                binary.path().display()
-            )
+            problem(&with_device(&format!("[mqtt]\nusername = \"pi\"\npassword_file = {}", toml_path(binary.path())))),
+            format!("mqtt.password_file: '{}' is not utf-8 text", binary.path().display())
         );
     }
 
@@ -2186,11 +1712,8 @@ interval = { s = 1 }
     fn secrets_never_appear_in_debug_or_error_output() {
         const SECRET: &str = "hunter2-very-secret";
         let file = secret_file(format!("{SECRET}\n").as_bytes());
-        let c = parse(&with_device(&format!(
-            "[mqtt]\nusername = \"pi\"\npassword_file = {}",
-            toml_path(file.path())
-        )))
-        .expect("valid");
+        let c = parse(&with_device(&format!("[mqtt]\nusername = \"pi\"\npassword_file = {}", toml_path(file.path()))))
+            .expect("valid");
         assert_eq!(c.mqtt.password.as_ref().map(|s| s.0.as_str()), Some(SECRET));
         let debug = format!("{c:?} {c:#?}");
         assert!(!debug.contains(SECRET), "{debug}");
@@ -2205,11 +1728,7 @@ interval = { s = 1 }
         for shown in [err.to_string(), format!("{err:?}")] {
             assert!(!shown.contains(SECRET), "{shown}");
         }
-        let err = parse_with_env(
-            &with_device("[mqtt]\nkeep_alive = \"x\""),
-            Some(SECRET.into()),
-        )
-        .expect_err("invalid");
+        let err = parse_with_env(&with_device("[mqtt]\nkeep_alive = \"x\""), Some(SECRET.into())).expect_err("invalid");
         assert!(!err.to_string().contains(SECRET));
     }
 
@@ -2217,10 +1736,7 @@ interval = { s = 1 }
     fn load_quotes_the_path_of_a_missing_file() {
         let err = AgentConfig::load(Path::new("/nonexistent/agent.toml")).expect_err("missing");
         assert!(matches!(err, ConfigError::Missing { .. }));
-        assert_eq!(
-            err.to_string(),
-            "config file '/nonexistent/agent.toml' does not exist"
-        );
+        assert_eq!(err.to_string(), "config file '/nonexistent/agent.toml' does not exist");
     }
 
     #[test]
@@ -2228,22 +1744,10 @@ interval = { s = 1 }
         let dir = tempfile::tempdir().expect("temp dir");
         let err = AgentConfig::load(dir.path()).expect_err("a directory is not a config file");
         assert!(matches!(err, ConfigError::Unreadable { .. }), "{err:?}");
-        assert_eq!(
-            err.to_string(),
-            format!(
-                "cannot read config file '{}': is a directory",
-                dir.path().display()
-            )
-        );
+        assert_eq!(err.to_string(), format!("cannot read config file '{}': is a directory", dir.path().display()));
         let binary = secret_file(&[0xff, 0xfe]);
         let err = AgentConfig::load(binary.path()).expect_err("not utf-8");
-        assert_eq!(
-            err.to_string(),
-            format!(
-                "cannot read config file '{}': not utf-8 text",
-                binary.path().display()
-            )
-        );
+        assert_eq!(err.to_string(), format!("cannot read config file '{}': not utf-8 text", binary.path().display()));
     }
 
     #[test]
@@ -2255,10 +1759,7 @@ interval = { s = 1 }
 
     #[test]
     fn long_values_are_cut_short_in_messages() {
-        let p = problem(&with_device(&format!(
-            "[gpio]\nbackend = \"{}\"",
-            "x".repeat(500)
-        )));
+        let p = problem(&with_device(&format!("[gpio]\nbackend = \"{}\"", "x".repeat(500))));
         assert!(p.len() < 200, "{p}");
         assert!(p.contains("...'"), "{p}");
     }

@@ -311,9 +311,8 @@ pub fn parse_command(relay: &str, known: bool, payload: &[u8], now: SystemTime) 
             None,
         ));
     }
-    let text = std::str::from_utf8(payload).map_err(|_| {
-        Refusal::new(ErrorCode::BadPayload, "command is not utf-8 text".to_string(), None)
-    })?;
+    let text = std::str::from_utf8(payload)
+        .map_err(|_| Refusal::new(ErrorCode::BadPayload, "command is not utf-8 text".to_string(), None))?;
     let trimmed = text.trim();
     let (action, id, expires_at) = if trimmed.starts_with('{') {
         let cmd: JsonCommand = serde_json::from_str(trimmed).map_err(|e| {
@@ -361,14 +360,22 @@ pub fn parse_command(relay: &str, known: bool, payload: &[u8], now: SystemTime) 
         (action, None, None)
     };
     if !known {
-        return Err(Refusal::new(ErrorCode::UnknownRelay, format!("relay '{}' is not configured", quote(relay.as_bytes())), id));
+        return Err(Refusal::new(
+            ErrorCode::UnknownRelay,
+            format!("relay '{}' is not configured", quote(relay.as_bytes())),
+            id,
+        ));
     }
     if let Some(deadline) = expires_at
         && deadline <= now
     {
         return Err(Refusal::new(
             ErrorCode::Expired,
-            format!("command expired at {}; it is now {}", timefmt::rfc3339_millis(deadline), timefmt::rfc3339_millis(now)),
+            format!(
+                "command expired at {}; it is now {}",
+                timefmt::rfc3339_millis(deadline),
+                timefmt::rfc3339_millis(now)
+            ),
             id,
         ));
     }

@@ -45,7 +45,13 @@ pub struct Button {
 }
 
 impl Button {
-    pub fn new(buttons: Vec<ButtonConfig>, gpio: Arc<dyn Gpio>, recorder: Recorder, topics: Topics, sup: Supervision) -> Button {
+    pub fn new(
+        buttons: Vec<ButtonConfig>,
+        gpio: Arc<dyn Gpio>,
+        recorder: Recorder,
+        topics: Topics,
+        sup: Supervision,
+    ) -> Button {
         Button { buttons, gpio, recorder, topics, sup, pins: Vec::new(), states: HashMap::new(), generation: 0 }
     }
 

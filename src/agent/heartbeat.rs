@@ -61,7 +61,8 @@ impl Sampler {
             .iter()
             .filter(|d| self.state_dir.starts_with(d.mount_point()))
             .max_by_key(|d| d.mount_point().as_os_str().len());
-        let (disk_free_bytes, disk_total_bytes) = disk.map(|d| (d.available_space(), d.total_space())).unwrap_or((0, 0));
+        let (disk_free_bytes, disk_total_bytes) =
+            disk.map(|d| (d.available_space(), d.total_space())).unwrap_or((0, 0));
         Health {
             uptime_s: System::uptime().unwrap_or(0),
             cpu_percent: self.sys.global_cpu_usage(),
@@ -101,7 +102,13 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    pub fn new(cfg: HeartbeatConfig, state_dir: PathBuf, recorder: Recorder, topics: Topics, sup: Supervision) -> Heartbeat {
+    pub fn new(
+        cfg: HeartbeatConfig,
+        state_dir: PathBuf,
+        recorder: Recorder,
+        topics: Topics,
+        sup: Supervision,
+    ) -> Heartbeat {
         let board = sup.board().clone();
         Heartbeat { cfg, state_dir, recorder, topics, board, sup, sampler: None }
     }
@@ -125,7 +132,13 @@ impl Heartbeat {
             link: self.board.link_counters(),
             version: crate::VERSION.to_string(),
         };
-        let fut = self.recorder.record(self.topics.heartbeat(), self.cfg.qos, false, SystemTime::now(), Body::Heartbeat(body));
+        let fut = self.recorder.record(
+            self.topics.heartbeat(),
+            self.cfg.qos,
+            false,
+            SystemTime::now(),
+            Body::Heartbeat(body),
+        );
         ctx.spawn(fut.into_actor(self).map(|res, _, _| {
             if let Err(e) = res {
                 tracing::warn!("heartbeat not recorded: {e}");

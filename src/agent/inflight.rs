@@ -111,7 +111,9 @@ impl Inflight {
     /// Whether a record is submitted or in flight.
     pub fn holds_record(&self, seq: u64) -> bool {
         let slot = Slot::Record(seq);
-        self.queued.contains(&slot) || self.publishing.values().any(|s| *s == slot) || self.releasing.values().any(|s| *s == slot)
+        self.queued.contains(&slot)
+            || self.publishing.values().any(|s| *s == slot)
+            || self.releasing.values().any(|s| *s == slot)
     }
 }
 

@@ -67,7 +67,16 @@ impl<S: Stream<Item = Sig> + Unpin + 'static> Lifecycle<S> {
         link: Addr<Link>,
         supervised: Vec<Box<dyn std::any::Any>>,
     ) -> Lifecycle<S> {
-        Lifecycle { signals: Some(signals), state_dir, board, outbox, reader, link, _supervised: supervised, terminating: false }
+        Lifecycle {
+            signals: Some(signals),
+            state_dir,
+            board,
+            outbox,
+            reader,
+            link,
+            _supervised: supervised,
+            terminating: false,
+        }
     }
 
     fn dump(&self) {

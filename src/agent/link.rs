@@ -90,7 +90,8 @@ pub fn mqtt_options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, St
         o.set_credentials(user.clone(), password);
     }
     if cfg.url.tls {
-        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("mqtt: cannot read '{}': {e}", p.display()));
+        let read =
+            |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("mqtt: cannot read '{}': {e}", p.display()));
         let ca = match &cfg.ca_file {
             Some(p) => read(p)?,
             None => return Err("mqtt: mqtts:// needs ca_file".to_string()),
@@ -143,7 +144,14 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn new(cfg: MqttConfig, topics: Topics, outbox: OutboxHandle, reader: OutboxReader, relay: Addr<Relay>, sup: Supervision) -> Link {
+    pub fn new(
+        cfg: MqttConfig,
+        topics: Topics,
+        outbox: OutboxHandle,
+        reader: OutboxReader,
+        relay: Addr<Relay>,
+        sup: Supervision,
+    ) -> Link {
         Link {
             cfg,
             topics,
@@ -190,16 +198,18 @@ impl Link {
         } else {
             let forgotten = self.tracker.session_lost();
             if forgotten > 0 {
-                tracing::warn!("broker has no session for us: replaying {forgotten} unacknowledged publishes from the outbox");
+                tracing::warn!(
+                    "broker has no session for us: replaying {forgotten} unacknowledged publishes from the outbox"
+                );
             }
             self.cursor = 0;
         }
         tracing::info!(session_present, "connected to {}:{}", self.cfg.url.host, self.cfg.url.port);
         self.publish_status(proto::ONLINE);
-        if let Some(client) = &self.client {
-            if let Err(e) = client.try_subscribe(self.topics.relay_set_filter(), QoS::AtLeastOnce) {
-                tracing::error!("subscribe not sent: {e}");
-            }
+        if let Some(client) = &self.client
+            && let Err(e) = client.try_subscribe(self.topics.relay_set_filter(), QoS::AtLeastOnce)
+        {
+            tracing::error!("subscribe not sent: {e}");
         }
         self.relay.do_send(LinkUp);
         self.pump();
@@ -228,10 +238,10 @@ impl Link {
             }
             None => {
                 tracing::warn!(topic = %publish.topic, "message on a topic the agent does not handle; acknowledged and ignored");
-                if let Some(client) = &self.client {
-                    if let Err(e) = client.try_ack(&publish) {
-                        tracing::warn!("ack not sent: {e}");
-                    }
+                if let Some(client) = &self.client
+                    && let Err(e) = client.try_ack(&publish)
+                {
+                    tracing::warn!("ack not sent: {e}");
                 }
             }
         }
@@ -357,7 +367,10 @@ impl StreamHandler<Result<Event, ConnectionError>> for Link {
             }
             Ok(Event::Incoming(Packet::SubAck(s))) => {
                 if s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
-                    tracing::error!("the broker refused the subscription to {}: commands will not arrive", self.topics.relay_set_filter());
+                    tracing::error!(
+                        "the broker refused the subscription to {}: commands will not arrive",
+                        self.topics.relay_set_filter()
+                    );
                 }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {

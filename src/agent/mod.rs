@@ -98,7 +98,12 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
     if let Some(aside) = &report.moved_aside {
         tracing::error!("THE OUTBOX WAS CORRUPT and was moved to '{}'; started a fresh one", aside.display());
     }
-    tracing::info!(depth = report.depth, next_seq = report.next_seq, "outbox open at {}", state_dir.join("outbox").display());
+    tracing::info!(
+        depth = report.depth,
+        next_seq = report.next_seq,
+        "outbox open at {}",
+        state_dir.join("outbox").display()
+    );
 
     // Keeps the sim socket served until the agent ends.
     let gpio: Arc<dyn Gpio> = match cfg.gpio.backend {
@@ -130,7 +135,12 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
 }
 
 /// Starts every actor inside the running system.
-fn start(cfg: &AgentConfig, gpio: Arc<dyn Gpio>, outbox: outbox::OutboxHandle, reader: outbox::OutboxReader) -> Result<(), AgentError> {
+fn start(
+    cfg: &AgentConfig,
+    gpio: Arc<dyn Gpio>,
+    outbox: outbox::OutboxHandle,
+    reader: outbox::OutboxReader,
+) -> Result<(), AgentError> {
     let signals = lifecycle::register_signals().map_err(AgentError::Signals)?;
     let board = Arc::new(StatusBoard::new(&cfg.device_id));
     let topics = Topics::new(&cfg.mqtt.topic_prefix, &cfg.device_id);
@@ -150,7 +160,9 @@ fn start(cfg: &AgentConfig, gpio: Arc<dyn Gpio>, outbox: outbox::OutboxHandle, r
     let link = {
         let (mqtt, topics, outbox, reader, relay, sup) =
             (cfg.mqtt.clone(), topics.clone(), outbox.clone(), reader.clone(), relay.clone(), sup("link"));
-        Supervisor::start_in_arbiter(&link_arbiter.handle(), move |_| link::Link::new(mqtt, topics, outbox, reader, relay, sup))
+        Supervisor::start_in_arbiter(&link_arbiter.handle(), move |_| {
+            link::Link::new(mqtt, topics, outbox, reader, relay, sup)
+        })
     };
     relay.do_send(relay::SetLink(link.clone()));
     {
@@ -165,7 +177,8 @@ fn start(cfg: &AgentConfig, gpio: Arc<dyn Gpio>, outbox: outbox::OutboxHandle, r
 
     let heartbeat_arbiter = Arbiter::new();
     let heartbeat = {
-        let (hb, state_dir, recorder, topics, sup) = (cfg.heartbeat.clone(), cfg.state_dir.clone(), recorder, topics, sup("heartbeat"));
+        let (hb, state_dir, recorder, topics, sup) =
+            (cfg.heartbeat.clone(), cfg.state_dir.clone(), recorder, topics, sup("heartbeat"));
         Supervisor::start_in_arbiter(&heartbeat_arbiter.handle(), move |_| {
             heartbeat::Heartbeat::new(hb, state_dir, recorder, topics, sup)
         })

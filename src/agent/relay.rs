@@ -109,7 +109,14 @@ impl Relay {
     ) -> Relay {
         let units = relays
             .into_iter()
-            .map(|cfg| Unit { cfg, pin: None, state: RelayState::Off, cause: Cause::Startup, command_id: None, failsafe: None })
+            .map(|cfg| Unit {
+                cfg,
+                pin: None,
+                state: RelayState::Off,
+                cause: Cause::Startup,
+                command_id: None,
+                failsafe: None,
+            })
             .collect();
         Relay {
             units,
@@ -235,7 +242,8 @@ impl SupervisedActor for Relay {
                 u.pin = Some(self.gpio.output(u.cfg.pin).map_err(|e| format!("relay '{}': {e}", u.cfg.name))?);
             }
             let pin = u.pin.as_ref().ok_or_else(|| format!("relay '{}': pin not acquired", u.cfg.name))?;
-            let current = relay_state(pin.level().map_err(|e| format!("relay '{}': {e}", u.cfg.name))?, u.cfg.active_low);
+            let current =
+                relay_state(pin.level().map_err(|e| format!("relay '{}': {e}", u.cfg.name))?, u.cfg.active_low);
             if self.powered_on {
                 // A restart of this actor: the pin is the truth.
                 u.state = current;
@@ -281,7 +289,9 @@ impl Handler<LinkUp> for Relay {
             }
             let u = &mut self.units[i];
             u.cause = Cause::Reconnect;
-            self.sup.board().relay(&u.cfg.name, RelayStatus { state: u.state, cause: u.cause, command_id: u.command_id.clone() });
+            self.sup
+                .board()
+                .relay(&u.cfg.name, RelayStatus { state: u.state, cause: u.cause, command_id: u.command_id.clone() });
             self.record_in_background(i, ctx);
         }
     }

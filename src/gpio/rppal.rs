@@ -15,9 +15,7 @@ use std::time::SystemTime;
 
 use rppal::gpio as hw;
 
-use super::{
-    Edge, EdgeSink, Gpio, GpioError, InputPin, InputSpec, Level, MAX_PIN, OutputPin, Pull,
-};
+use super::{Edge, EdgeSink, Gpio, GpioError, InputPin, InputSpec, Level, MAX_PIN, OutputPin, Pull};
 
 /// GPIO on a Raspberry Pi.
 #[derive(Debug)]
@@ -38,12 +36,10 @@ impl RppalGpio {
                  set gpio.backend = \"sim\" to run without hardware"
                     .to_string(),
             )),
-            Err(hw::Error::PermissionDenied(path)) => Err(GpioError::Backend(format!(
-                "permission denied opening '{path}': is the user in the 'gpio' group?"
-            ))),
-            Err(e) => Err(GpioError::Backend(format!(
-                "cannot open the gpio peripheral: {e}"
-            ))),
+            Err(hw::Error::PermissionDenied(path)) => {
+                Err(GpioError::Backend(format!("permission denied opening '{path}': is the user in the 'gpio' group?")))
+            }
+            Err(e) => Err(GpioError::Backend(format!("cannot open the gpio peripheral: {e}"))),
         }
     }
 
@@ -61,10 +57,7 @@ fn pin_error(pin: u8, e: hw::Error) -> GpioError {
     match e {
         hw::Error::PinUsed(_) => GpioError::PinInUse(pin),
         hw::Error::PinNotAvailable(_) => GpioError::NoSuchPin(pin),
-        other => GpioError::Failed {
-            pin,
-            reason: other.to_string().to_lowercase(),
-        },
+        other => GpioError::Failed { pin, reason: other.to_string().to_lowercase() },
     }
 }
 
@@ -108,15 +101,9 @@ impl Gpio for RppalGpio {
                 tracing::warn!(pin, trigger = %event.trigger, "gpio: unexpected interrupt trigger");
                 return;
             };
-            sink(Ok(Edge {
-                pin,
-                level,
-                at: SystemTime::now(),
-            }));
+            sink(Ok(Edge { pin, level, at: SystemTime::now() }));
         };
-        input
-            .set_async_interrupt(hw::Trigger::Both, debounce, on_event)
-            .map_err(|e| pin_error(pin, e))?;
+        input.set_async_interrupt(hw::Trigger::Both, debounce, on_event).map_err(|e| pin_error(pin, e))?;
 
         // Dropping the rppal pin clears the interrupt, so it lives in the box.
         Ok(Box::new(RppalInput { input }))

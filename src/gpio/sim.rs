@@ -84,9 +84,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Edge, EdgeSink, Gpio, GpioError, InputPin, InputSpec, Level, MAX_PIN, OutputPin, Pull,
-};
+use super::{Edge, EdgeSink, Gpio, GpioError, InputPin, InputSpec, Level, MAX_PIN, OutputPin, Pull};
 
 /// The socket's file name inside `state_dir`.
 pub const SOCKET_FILE: &str = "sim.sock";
@@ -117,9 +115,7 @@ pub struct SimGpio {
 
 impl std::fmt::Debug for SimGpio {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimGpio")
-            .field("socket", &self.socket)
-            .finish_non_exhaustive()
+        f.debug_struct("SimGpio").field("socket", &self.socket).finish_non_exhaustive()
     }
 }
 
@@ -147,12 +143,7 @@ impl SimGpio {
         });
         // From here on, dropping `sim` on an error stops what was started and
         // removes the socket.
-        let mut sim = SimGpio {
-            shared: Arc::clone(&shared),
-            socket,
-            accept: None,
-            timer: None,
-        };
+        let mut sim = SimGpio { shared: Arc::clone(&shared), socket, accept: None, timer: None };
         let timer_shared = Arc::clone(&shared);
         sim.timer = Some(spawn("sim-gpio-timer", move || run_timer(&timer_shared))?);
         sim.accept = Some(spawn("sim-gpio-accept", move || serve(listener, shared))?);
@@ -200,20 +191,12 @@ impl Drop for SimGpio {
 impl Gpio for SimGpio {
     fn input(&self, spec: &InputSpec, sink: EdgeSink) -> Result<Box<dyn InputPin>, GpioError> {
         let token = self.shared.board().claim_input(spec, sink)?;
-        Ok(Box::new(SimPin {
-            shared: Arc::clone(&self.shared),
-            pin: spec.pin,
-            token,
-        }))
+        Ok(Box::new(SimPin { shared: Arc::clone(&self.shared), pin: spec.pin, token }))
     }
 
     fn output(&self, pin: u8) -> Result<Box<dyn OutputPin>, GpioError> {
         let token = self.shared.board().claim_output(pin)?;
-        Ok(Box::new(SimPin {
-            shared: Arc::clone(&self.shared),
-            pin,
-            token,
-        }))
+        Ok(Box::new(SimPin { shared: Arc::clone(&self.shared), pin, token }))
     }
 }
 
@@ -281,14 +264,7 @@ struct PinState {
 
 impl PinState {
     fn fresh() -> PinState {
-        PinState {
-            level: Level::Low,
-            mode: Mode::Input,
-            driven: false,
-            changes: 0,
-            fault: false,
-            claim: None,
-        }
+        PinState { level: Level::Low, mode: Mode::Input, driven: false, changes: 0, fault: false, claim: None }
     }
 }
 
@@ -328,12 +304,7 @@ struct Delivery {
 
 impl Delivery {
     fn new(pin: u8, claim: &InputClaim, event: Result<Edge, GpioError>) -> Delivery {
-        Delivery {
-            pin,
-            token: claim.token,
-            sink: Arc::clone(&claim.sink),
-            event,
-        }
+        Delivery { pin, token: claim.token, sink: Arc::clone(&claim.sink), event }
     }
 }
 
@@ -359,19 +330,11 @@ impl Board {
                 p.changes = out.changes;
             }
         }
-        Board {
-            pins,
-            state_file,
-            next_token: 0,
-            queue: VecDeque::new(),
-            stopping: false,
-        }
+        Board { pins, state_file, next_token: 0, queue: VecDeque::new(), stopping: false }
     }
 
     fn pin_mut(&mut self, pin: u8) -> Result<&mut PinState, GpioError> {
-        self.pins
-            .get_mut(usize::from(pin))
-            .ok_or(GpioError::NoSuchPin(pin))
+        self.pins.get_mut(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin))
     }
 
     fn token(&mut self) -> u64 {
@@ -441,10 +404,7 @@ impl Board {
 
     /// The agent reads a pin it holds.
     fn read(&self, pin: u8) -> Result<Level, GpioError> {
-        let p = self
-            .pins
-            .get(usize::from(pin))
-            .ok_or(GpioError::NoSuchPin(pin))?;
+        let p = self.pins.get(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin))?;
         if p.fault {
             return Err(fault_error(pin));
         }
@@ -457,10 +417,7 @@ impl Board {
         match &p.claim {
             Some(Claim::Output { token: t }) if *t == token => {}
             _ => {
-                return Err(GpioError::Failed {
-                    pin,
-                    reason: "this output is no longer claimed".to_string(),
-                });
+                return Err(GpioError::Failed { pin, reason: "this output is no longer claimed".to_string() });
             }
         }
         if p.fault {
@@ -482,15 +439,9 @@ impl Board {
 
     /// `set <pin> <level>` from the socket.
     fn external_set(&mut self, pin: u8, level: Level, now: Instant) -> Result<(), GpioError> {
-        let p = self
-            .pins
-            .get_mut(usize::from(pin))
-            .ok_or(GpioError::NoSuchPin(pin))?;
+        let p = self.pins.get_mut(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin))?;
         if p.mode == Mode::Output {
-            return Err(GpioError::Failed {
-                pin,
-                reason: "is an output driven by the agent".to_string(),
-            });
+            return Err(GpioError::Failed { pin, reason: "is an output driven by the agent".to_string() });
         }
         p.driven = true;
         let changed = p.level != level;
@@ -506,18 +457,13 @@ impl Board {
         }
         if p.fault {
             claim.deadline = None;
-            self.queue
-                .push_back(Delivery::new(pin, claim, Err(fault_error(pin))));
+            self.queue.push_back(Delivery::new(pin, claim, Err(fault_error(pin))));
         } else if changed {
             if claim.debounce.is_zero() {
                 claim.deadline = None;
                 if level != claim.reported {
                     claim.reported = level;
-                    let edge = Edge {
-                        pin,
-                        level,
-                        at: claim.changed_at,
-                    };
+                    let edge = Edge { pin, level, at: claim.changed_at };
                     self.queue.push_back(Delivery::new(pin, claim, Ok(edge)));
                 }
             } else {
@@ -529,10 +475,7 @@ impl Board {
 
     /// `fault <pin> <on|off>` from the socket.
     fn set_fault(&mut self, pin: u8, on: bool, now: Instant) -> Result<(), GpioError> {
-        let p = self
-            .pins
-            .get_mut(usize::from(pin))
-            .ok_or(GpioError::NoSuchPin(pin))?;
+        let p = self.pins.get_mut(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin))?;
         if p.fault == on {
             return Ok(());
         }
@@ -542,8 +485,7 @@ impl Board {
         };
         if on {
             claim.deadline = None;
-            self.queue
-                .push_back(Delivery::new(pin, claim, Err(fault_error(pin))));
+            self.queue.push_back(Delivery::new(pin, claim, Err(fault_error(pin))));
         } else if p.level != claim.reported {
             // The timer reports it, debounced like any other change.
             claim.deadline = Some(now + claim.debounce);
@@ -563,11 +505,7 @@ impl Board {
             claim.deadline = None;
             if !p.fault && p.level != claim.reported {
                 claim.reported = p.level;
-                let edge = Edge {
-                    pin,
-                    level: p.level,
-                    at: claim.changed_at,
-                };
+                let edge = Edge { pin, level: p.level, at: claim.changed_at };
                 self.queue.push_back(Delivery::new(pin, claim, Ok(edge)));
             }
         }
@@ -638,17 +576,11 @@ impl Board {
             .zip(&self.pins)
             .filter(|(_, p)| p.mode == Mode::Output)
             .map(|(pin, p)| {
-                let saved = SavedOutput {
-                    level: u8::from(p.level.is_high()),
-                    changes: p.changes,
-                };
+                let saved = SavedOutput { level: u8::from(p.level.is_high()), changes: p.changes };
                 (pin, saved)
             })
             .collect();
-        let file = StateFile {
-            version: STATE_VERSION,
-            outputs,
-        };
+        let file = StateFile { version: STATE_VERSION, outputs };
         let bytes = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         write_atomically(&self.state_file, &bytes)
     }
@@ -662,17 +594,11 @@ fn rest_level(pull: Pull) -> Level {
 }
 
 fn fault_error(pin: u8) -> GpioError {
-    GpioError::Failed {
-        pin,
-        reason: format!("simulated fault (switched on with 'fault {pin} on')"),
-    }
+    GpioError::Failed { pin, reason: format!("simulated fault (switched on with 'fault {pin} on')") }
 }
 
 fn save_failed(pin: u8, e: &io::Error) -> GpioError {
-    GpioError::Failed {
-        pin,
-        reason: format!("cannot save the simulated board's state: {e}"),
-    }
+    GpioError::Failed { pin, reason: format!("cannot save the simulated board's state: {e}") }
 }
 
 fn usage(line: &str, form: &str) -> String {
@@ -680,9 +606,7 @@ fn usage(line: &str, form: &str) -> String {
 }
 
 fn parse_pin(word: &str) -> Result<u8, String> {
-    let n: u64 = word
-        .parse()
-        .map_err(|_| format!("pin '{word}' is not a number (0..={MAX_PIN})"))?;
+    let n: u64 = word.parse().map_err(|_| format!("pin '{word}' is not a number (0..={MAX_PIN})"))?;
     match u8::try_from(n) {
         Ok(pin) if pin <= MAX_PIN => Ok(pin),
         _ => Err(format!("pin {n} is not a GPIO pin (0..={MAX_PIN})")),
@@ -727,22 +651,14 @@ fn load_state(path: &Path) -> Result<BTreeMap<u8, SavedOutput>, GpioError> {
     };
     let file: StateFile = serde_json::from_str(&text).map_err(|e| unreadable(e.to_string()))?;
     if file.version != STATE_VERSION {
-        return Err(unreadable(format!(
-            "version {} where {STATE_VERSION} was expected",
-            file.version
-        )));
+        return Err(unreadable(format!("version {} where {STATE_VERSION} was expected", file.version)));
     }
     for (pin, out) in &file.outputs {
         if *pin > MAX_PIN {
-            return Err(unreadable(format!(
-                "pin {pin} is not a GPIO pin (0..={MAX_PIN})"
-            )));
+            return Err(unreadable(format!("pin {pin} is not a GPIO pin (0..={MAX_PIN})")));
         }
         if out.level > 1 {
-            return Err(unreadable(format!(
-                "pin {pin} has level {} where 0 or 1 was expected",
-                out.level
-            )));
+            return Err(unreadable(format!("pin {pin} has level {} where 0 or 1 was expected", out.level)));
         }
     }
     Ok(file.outputs)
@@ -778,10 +694,7 @@ fn clear_stale_socket(socket: &Path) -> Result<(), GpioError> {
         Err(_) => match fs::remove_file(socket) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(GpioError::Backend(format!(
-                "cannot remove the stale socket '{}': {e}",
-                socket.display()
-            ))),
+            Err(e) => Err(GpioError::Backend(format!("cannot remove the stale socket '{}': {e}", socket.display()))),
         },
     }
 }
@@ -814,16 +727,9 @@ fn run_timer(shared: &Shared) {
         board = match board.next_deadline() {
             Some(deadline) => {
                 let timeout = deadline.saturating_duration_since(now);
-                shared
-                    .wake
-                    .wait_timeout(board, timeout)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0
+                shared.wake.wait_timeout(board, timeout).unwrap_or_else(PoisonError::into_inner).0
             }
-            None => shared
-                .wake
-                .wait(board)
-                .unwrap_or_else(PoisonError::into_inner),
+            None => shared.wake.wait(board).unwrap_or_else(PoisonError::into_inner),
         };
     }
 }
@@ -882,17 +788,14 @@ fn converse(stream: UnixStream, shared: &Shared) -> io::Result<()> {
                 line.clear();
             }
             Ok(_) if line.len() > MAX_LINE => {
-                writer
-                    .write_all(format!("err request longer than {MAX_LINE} bytes\n").as_bytes())?;
+                writer.write_all(format!("err request longer than {MAX_LINE} bytes\n").as_bytes())?;
                 return Ok(());
             }
             Ok(_) => {}
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => return Err(e),
         }
@@ -901,9 +804,7 @@ fn converse(stream: UnixStream, shared: &Shared) -> io::Result<()> {
 
 fn reply(writer: &mut UnixStream, shared: &Shared, line: &[u8]) -> io::Result<()> {
     let text = String::from_utf8_lossy(line);
-    let answer = shared
-        .board()
-        .answer(text.trim_end_matches(['\r', '\n']), Instant::now());
+    let answer = shared.board().answer(text.trim_end_matches(['\r', '\n']), Instant::now());
     shared.wake.notify_all();
     writer.write_all(format!("{answer}\n").as_bytes())
 }
@@ -916,17 +817,13 @@ pub fn request(socket: &Path, line: &str) -> Result<String, GpioError> {
     let shown = socket.display();
     let line = line.trim_end_matches(['\r', '\n']);
     if line.contains('\n') {
-        return Err(GpioError::Backend(format!(
-            "a request is one line, got {line:?}"
-        )));
+        return Err(GpioError::Backend(format!("a request is one line, got {line:?}")));
     }
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => GpioError::Backend(format!(
             "no simulated gpio at '{shown}': is the agent running with gpio.backend = \"sim\"?"
         )),
-        _ => GpioError::Backend(format!(
-            "cannot connect to the simulated gpio at '{shown}': {e}"
-        )),
+        _ => GpioError::Backend(format!("cannot connect to the simulated gpio at '{shown}': {e}")),
     })?;
     let failed = |e: io::Error| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => GpioError::Backend(format!(
@@ -935,23 +832,13 @@ pub fn request(socket: &Path, line: &str) -> Result<String, GpioError> {
         )),
         _ => GpioError::Backend(format!("talking to the simulated gpio at '{shown}': {e}")),
     };
-    stream
-        .set_read_timeout(Some(CLIENT_TIMEOUT))
-        .map_err(failed)?;
-    stream
-        .set_write_timeout(Some(CLIENT_TIMEOUT))
-        .map_err(failed)?;
-    stream
-        .write_all(format!("{line}\n").as_bytes())
-        .map_err(failed)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(failed)?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(failed)?;
+    stream.write_all(format!("{line}\n").as_bytes()).map_err(failed)?;
     let mut answer = String::new();
-    let n = BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(failed)?;
+    let n = BufReader::new(&stream).read_line(&mut answer).map_err(failed)?;
     if n == 0 {
-        return Err(GpioError::Backend(format!(
-            "the simulated gpio at '{shown}' hung up without answering"
-        )));
+        return Err(GpioError::Backend(format!("the simulated gpio at '{shown}' hung up without answering")));
     }
     Ok(answer.trim_end_matches(['\r', '\n']).to_string())
 }
@@ -978,11 +865,7 @@ mod tests {
             // The test may have stopped listening; that is fine.
             let _ = tx.send(event);
         });
-        let spec = InputSpec {
-            pin,
-            pull,
-            debounce: Duration::from_millis(debounce_ms),
-        };
+        let spec = InputSpec { pin, pull, debounce: Duration::from_millis(debounce_ms) };
         let pin = sim.input(&spec, sink).expect("claim the input");
         (pin, rx)
     }
@@ -992,10 +875,7 @@ mod tests {
     }
 
     fn edge(events: &Events) -> Edge {
-        events
-            .recv_timeout(WAIT)
-            .expect("an event arrives")
-            .expect("the event is an edge")
+        events.recv_timeout(WAIT).expect("an event arrives").expect("the event is an edge")
     }
 
     #[test]
@@ -1017,16 +897,10 @@ mod tests {
         let asked = Instant::now();
         assert_eq!(ask(&sim, "set 17 0"), "ok");
         let got = edge(&events);
-        assert!(
-            asked.elapsed() >= Duration::from_millis(50),
-            "reported before the debounce"
-        );
+        assert!(asked.elapsed() >= Duration::from_millis(50), "reported before the debounce");
         assert_eq!((got.pin, got.level), (17, Level::Low));
         assert_eq!(pin.level().expect("read"), Level::Low);
-        assert!(
-            events.recv_timeout(Duration::from_millis(150)).is_err(),
-            "one edge only"
-        );
+        assert!(events.recv_timeout(Duration::from_millis(150)).is_err(), "one edge only");
     }
 
     #[test]
@@ -1036,10 +910,7 @@ mod tests {
         for level in ["0", "1", "0", "1"] {
             assert_eq!(ask(&sim, &format!("set 17 {level}")), "ok");
         }
-        assert!(
-            events.recv_timeout(Duration::from_millis(600)).is_err(),
-            "a bounce was reported"
-        );
+        assert!(events.recv_timeout(Duration::from_millis(600)).is_err(), "a bounce was reported");
         assert_eq!(ask(&sim, "changes 17"), "4");
         // A real press after the bounce is reported, once.
         assert_eq!(ask(&sim, "set 17 0"), "ok");
@@ -1076,22 +947,14 @@ mod tests {
         assert_eq!(ask(&sim, "get 27"), "1", "the latch survives the restart");
         let relay = sim.output(27).expect("claim the output again");
         assert_eq!(relay.level().expect("read"), Level::High);
-        assert_eq!(
-            ask(&sim, "changes 27"),
-            "1",
-            "the restart glitched the relay"
-        );
+        assert_eq!(ask(&sim, "changes 27"), "1", "the restart glitched the relay");
     }
 
     #[test]
     fn acquiring_an_output_does_not_change_its_level() {
         let (_dir, sim) = board();
         let fresh = sim.output(27).expect("claim");
-        assert_eq!(
-            fresh.level().expect("read"),
-            Level::Low,
-            "a fresh pin starts low"
-        );
+        assert_eq!(fresh.level().expect("read"), Level::Low, "a fresh pin starts low");
         drop(fresh);
 
         let mut relay = sim.output(27).expect("claim");
@@ -1112,17 +975,11 @@ mod tests {
     fn set_on_an_output_is_refused() {
         let (_dir, sim) = board();
         let relay = sim.output(27).expect("claim");
-        assert_eq!(
-            ask(&sim, "set 27 1"),
-            "err pin 27 is an output driven by the agent"
-        );
+        assert_eq!(ask(&sim, "set 27 1"), "err pin 27 is an output driven by the agent");
         assert_eq!(relay.level().expect("read"), Level::Low);
         drop(relay);
         // Like a Pi pin that is never reset on drop, it stays an output.
-        assert_eq!(
-            ask(&sim, "set 27 1"),
-            "err pin 27 is an output driven by the agent"
-        );
+        assert_eq!(ask(&sim, "set 27 1"), "err pin 27 is an output driven by the agent");
     }
 
     #[test]
@@ -1131,26 +988,14 @@ mod tests {
         let (pin, events) = button(&sim, 17, Pull::Up, 0);
         assert_eq!(ask(&sim, "fault 17 on"), "ok");
         let first = events.recv_timeout(WAIT).expect("an event arrives");
-        assert!(
-            matches!(first, Err(GpioError::Failed { pin: 17, .. })),
-            "{first:?}"
-        );
-        assert!(matches!(
-            pin.level(),
-            Err(GpioError::Failed { pin: 17, .. })
-        ));
+        assert!(matches!(first, Err(GpioError::Failed { pin: 17, .. })), "{first:?}");
+        assert!(matches!(pin.level(), Err(GpioError::Failed { pin: 17, .. })));
         assert_eq!(ask(&sim, "fault 17 on"), "ok");
-        assert!(
-            events.recv_timeout(Duration::from_millis(100)).is_err(),
-            "the error comes once"
-        );
+        assert!(events.recv_timeout(Duration::from_millis(100)).is_err(), "the error comes once");
 
         assert_eq!(ask(&sim, "set 17 0"), "ok");
         let again = events.recv_timeout(WAIT).expect("an event arrives");
-        assert!(
-            matches!(again, Err(GpioError::Failed { pin: 17, .. })),
-            "{again:?}"
-        );
+        assert!(matches!(again, Err(GpioError::Failed { pin: 17, .. })), "{again:?}");
 
         // Mended: the change made during the fault is reported.
         assert_eq!(ask(&sim, "fault 17 off"), "ok");
@@ -1169,23 +1014,14 @@ mod tests {
         let (_dir, sim) = board();
         let cases = [
             ("", "err empty request; expected set, get, fault, changes"),
-            (
-                "blah",
-                "err unknown request 'blah'; expected set, get, fault, changes",
-            ),
+            ("blah", "err unknown request 'blah'; expected set, get, fault, changes"),
             ("set 99 1", "err pin 99 is not a GPIO pin (0..=27)"),
             ("get 300", "err pin 300 is not a GPIO pin (0..=27)"),
             ("get x", "err pin 'x' is not a number (0..=27)"),
             ("set 17 2", "err level '2' is not 0 or 1"),
-            (
-                "set 17",
-                "err bad request 'set 17'; expected set <pin> <0|1>",
-            ),
+            ("set 17", "err bad request 'set 17'; expected set <pin> <0|1>"),
             ("fault 17 maybe", "err fault state 'maybe' is not on or off"),
-            (
-                "changes",
-                "err bad request 'changes'; expected changes <pin>",
-            ),
+            ("changes", "err bad request 'changes'; expected changes <pin>"),
         ];
         for (line, expected) in cases {
             assert_eq!(ask(&sim, line), expected, "request {line:?}");
@@ -1204,14 +1040,7 @@ mod tests {
             reader.read_line(&mut line).expect("read");
             answers.push(line);
         }
-        assert_eq!(
-            answers,
-            [
-                "ok\n",
-                "1\n",
-                "err unknown request 'bogus'; expected set, get, fault, changes\n"
-            ]
-        );
+        assert_eq!(answers, ["ok\n", "1\n", "err unknown request 'bogus'; expected set, get, fault, changes\n"]);
     }
 
     #[test]
@@ -1220,10 +1049,7 @@ mod tests {
         let socket = socket_path(dir.path());
         let e = request(&socket, "get 17").expect_err("nobody listens");
         let message = e.to_string();
-        assert!(
-            message.contains(&format!("no simulated gpio at '{}'", socket.display())),
-            "{message}"
-        );
+        assert!(message.contains(&format!("no simulated gpio at '{}'", socket.display())), "{message}");
         assert!(message.contains("gpio.backend = \"sim\""), "{message}");
     }
 
@@ -1231,11 +1057,7 @@ mod tests {
     fn a_second_board_on_the_same_state_dir_is_refused() {
         let (dir, _sim) = board();
         let e = SimGpio::start(dir.path()).expect_err("the socket is taken");
-        assert!(
-            e.to_string()
-                .contains("is another agent running with this state_dir?"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("is another agent running with this state_dir?"), "{e}");
     }
 
     #[test]
@@ -1266,10 +1088,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         fs::write(dir.path().join(STATE_FILE), "{not json").expect("write");
         let e = SimGpio::start(dir.path()).expect_err("corrupt state");
-        assert!(
-            e.to_string().contains("sim-gpio.json' is unreadable"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("sim-gpio.json' is unreadable"), "{e}");
         assert!(!socket_path(dir.path()).exists(), "nothing left listening");
     }
 }

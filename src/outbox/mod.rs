@@ -90,11 +90,13 @@
 //!
 //! [`OutboxHandle::flush`] and [`OutboxHandle::shutdown`] force an fsync.
 //! After each successful fsync that moves `durable_seq`, the `on_durable`
-//! callback runs on the writer thread, before the waiters are resolved. A failed insert (disk full) drops that
-//! record (counted) and fails its waiter; a failed fsync fails the group's
-//! waiters and is retried one `flush_interval` later (their records stay
-//! stored and become durable with a later fsync). The writer never stops on
-//! a storage error.
+//! callback runs on the writer thread, before the waiters are resolved.
+//!
+//! Failures: a failed insert (disk full) drops that record (counted) and
+//! fails its waiter; a failed fsync fails the group's waiters and is retried
+//! after max(`flush_interval`, 100 ms), doubling per consecutive failure up
+//! to 30 s (their records stay stored and become durable with a later
+//! fsync). The writer never stops on a storage error.
 //!
 //! # Read path
 //!

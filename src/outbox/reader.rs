@@ -91,8 +91,9 @@ impl OutboxReader {
             None => Err(OutboxError::Closed),
         };
         if sent.is_err() {
-            // Skipped again by later reads; the open after next checks heads.
-            tracing::debug!(seq, "outbox: writer stopped; the corrupt record stays until the next open");
+            // No writer to remove it: later reads skip it again, and the
+            // next outbox opened on this state_dir removes it when read.
+            tracing::debug!(seq, "outbox: writer stopped; the corrupt record stays for now");
         }
     }
 }

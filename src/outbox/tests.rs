@@ -250,6 +250,25 @@ fn the_bound_drops_oldest_heartbeats_first_then_events_and_counts_drops() {
 }
 
 #[test]
+fn a_max_bytes_lowered_since_the_last_run_is_applied_at_open() {
+    let store = MemStore::new();
+    let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    append(&h, Class::Heartbeat);
+    append(&h, Class::Event);
+    let before = h.stats().bytes;
+    append(&h, Class::Event);
+    let size = h.stats().bytes - before;
+    h.shutdown();
+
+    let smaller = OutboxConfig { max_bytes: size, ..cfg(Durability::Always) };
+    let (h, r, _) = open_in_memory(&store, &smaller).expect("reopen");
+    wait(h.flush()).expect("flush");
+    assert_eq!(seqs(&all(&r)), vec![3]);
+    assert_eq!(h.stats().dropped, 2);
+    h.shutdown();
+}
+
+#[test]
 fn a_record_larger_than_max_bytes_is_refused_and_counted() {
     let store = MemStore::new();
     let small = OutboxConfig { max_bytes: 100, ..cfg(Durability::Always) };

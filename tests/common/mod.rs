@@ -811,6 +811,10 @@ pub struct AgentBuilder {
     window: String,
     backoff_max: String,
     mqtt_extra: Vec<String>,
+    outbox_extra: Vec<String>,
+    door_debounce: String,
+    door_qos: u8,
+    pump_extra: Vec<String>,
     extra: String,
 }
 
@@ -853,6 +857,31 @@ impl AgentBuilder {
         self
     }
 
+    /// A line added to `[outbox]`, e.g. `max_bytes = 65536`.
+    pub fn outbox_line(mut self, line: &str) -> Self {
+        self.outbox_extra.push(line.to_string());
+        self
+    }
+
+    /// The door button's `debounce` (default "10ms"; "0ms": every `sim set`
+    /// that changes the level is an edge at once, however fast they come).
+    pub fn door_debounce(mut self, d: &str) -> Self {
+        self.door_debounce = d.to_string();
+        self
+    }
+
+    /// The door button's `qos` (default 1).
+    pub fn door_qos(mut self, qos: u8) -> Self {
+        self.door_qos = qos;
+        self
+    }
+
+    /// A line added to the pump's `[[relay]]`, e.g. `failsafe_after = "1s"`.
+    pub fn pump_line(mut self, line: &str) -> Self {
+        self.pump_extra.push(line.to_string());
+        self
+    }
+
     /// TOML appended at the end of the file; start it with a table header.
     pub fn extra_toml(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
@@ -877,6 +906,7 @@ reconnect_max = "1s"
 [outbox]
 durability = "{durability}"
 flush_interval = "{flush}"
+{outbox_extra}
 
 [gpio]
 backend = "sim"
@@ -886,8 +916,8 @@ name = "door"
 pin = 17
 pull = "up"
 active_low = true
-debounce = "10ms"
-qos = 1
+debounce = "{door_debounce}"
+qos = {door_qos}
 
 [[relay]]
 name = "pump"
@@ -895,6 +925,7 @@ pin = 27
 active_low = false
 power_on_state = "{pos}"
 qos = 1
+{pump_extra}
 
 [heartbeat]
 interval = "{hb}"
@@ -910,6 +941,10 @@ backoff_max = "{backoff_max}"
             state_dir = state_dir.display(),
             port = self.broker_port,
             mqtt_extra = self.mqtt_extra.join("\n"),
+            outbox_extra = self.outbox_extra.join("\n"),
+            door_debounce = self.door_debounce,
+            door_qos = self.door_qos,
+            pump_extra = self.pump_extra.join("\n"),
             durability = self.durability,
             flush = self.flush_interval,
             pos = self.power_on_state,
@@ -966,6 +1001,10 @@ impl Agent {
             window: "60s".into(),
             backoff_max: "500ms".into(),
             mqtt_extra: Vec::new(),
+            outbox_extra: Vec::new(),
+            door_debounce: "10ms".into(),
+            door_qos: 1,
+            pump_extra: Vec::new(),
             extra: String::new(),
         }
     }
