@@ -15,7 +15,7 @@ use super::recorder::Recorder;
 use super::status::StatusBoard;
 use super::supervisor::{self, SupervisedActor, Supervision};
 use crate::config::HeartbeatConfig;
-use crate::proto::{Body, HeartbeatBody, OutboxCounters, Topics};
+use crate::proto::{Body, HeartbeatBody, LinkCounters, OutboxCounters, Topics};
 
 /// The sysinfo handles, kept between samples: CPU usage is the difference
 /// between two refreshes, so the first value after creating `System` is
@@ -25,19 +25,6 @@ struct Sampler {
     disks: Disks,
     components: Components,
     state_dir: PathBuf,
-}
-
-/// One reading of the board's health.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Health {
-    pub uptime_s: u64,
-    pub cpu_percent: f32,
-    pub load_1m: f64,
-    pub mem_used_bytes: u64,
-    pub mem_total_bytes: u64,
-    pub disk_free_bytes: u64,
-    pub disk_total_bytes: u64,
-    pub temp_c: Option<f32>,
 }
 
 impl Sampler {
@@ -50,7 +37,8 @@ impl Sampler {
         Ok(Sampler { sys, disks, components, state_dir })
     }
 
-    fn sample(&mut self) -> Health {
+    /// The board's health; the caller fills in the outbox and link counters.
+    fn sample(&mut self) -> HeartbeatBody {
         self.sys.refresh_cpu_usage();
         self.sys.refresh_memory();
         self.disks.refresh(true);
@@ -63,7 +51,7 @@ impl Sampler {
             .max_by_key(|d| d.mount_point().as_os_str().len());
         let (disk_free_bytes, disk_total_bytes) =
             disk.map(|d| (d.available_space(), d.total_space())).unwrap_or((0, 0));
-        Health {
+        HeartbeatBody {
             uptime_s: System::uptime().unwrap_or(0),
             cpu_percent: self.sys.global_cpu_usage(),
             load_1m: System::load_average().map(|l| l.one).unwrap_or(0.0),
@@ -72,6 +60,9 @@ impl Sampler {
             disk_free_bytes,
             disk_total_bytes,
             temp_c: board_temperature(self.components.iter().map(|c| (c.label(), c.temperature()))),
+            outbox: OutboxCounters::default(),
+            link: LinkCounters::default(),
+            version: crate::VERSION.to_string(),
         }
     }
 }
@@ -117,20 +108,11 @@ impl Heartbeat {
         let Some(sampler) = self.sampler.as_mut() else {
             return;
         };
-        let h = sampler.sample();
         let stats = self.recorder.outbox().stats();
         let body = HeartbeatBody {
-            uptime_s: h.uptime_s,
-            cpu_percent: h.cpu_percent,
-            load_1m: h.load_1m,
-            mem_used_bytes: h.mem_used_bytes,
-            mem_total_bytes: h.mem_total_bytes,
-            disk_free_bytes: h.disk_free_bytes,
-            disk_total_bytes: h.disk_total_bytes,
-            temp_c: h.temp_c,
             outbox: OutboxCounters { depth: stats.depth, bytes: stats.bytes, dropped: stats.dropped },
             link: self.board.link_counters(),
-            version: crate::VERSION.to_string(),
+            ..sampler.sample()
         };
         let fut = self.recorder.record(
             self.topics.heartbeat(),

@@ -1221,6 +1221,17 @@ impl Agent {
         }
     }
 
+    /// `n` edges of the door as fast as `fieldlink sim` runs: alternately
+    /// `set 17 0` (press) and `set 17 1` (release), starting with a press.
+    /// Only for a door configured with `door_debounce("0ms")`, where every
+    /// level change is an edge at once and none can be merged.
+    pub fn edges(&self, n: usize) {
+        for i in 0..n {
+            let level = if i % 2 == 0 { "0" } else { "1" };
+            assert_eq!(self.sim(&["set", DOOR_PIN, level]), "ok", "sim set 17 {level} (edge #{i})");
+        }
+    }
+
     /// Prints the last lines of the agent's log to stderr.
     pub fn print_log(&self) {
         eprintln!("---- agent {} log (last 300 lines) ----\n{}", self.device, tail(&self.log_path, 300));
