@@ -1,8 +1,10 @@
 //! Delivery promises (DESIGN: Delivery promises), black-box: events recorded
-//! while the link is down, across a `kill -9` of the agent, and across a
-//! broker restart that lost every session all arrive, in `seq` order, each
-//! `seq` naming one record. The wire may repeat a record; the checks dedupe
-//! by `seq` and look at first occurrences.
+//! while the link is down (at QoS 1 and 2, and more of them than fit in the
+//! inflight window), across a `kill -9` of the agent, and across a broker
+//! restart that lost every session all arrive, in `seq` order, each `seq`
+//! naming one record, and the outbox empties once they are acknowledged. The
+//! wire may repeat a record; the checks dedupe by `seq` and look at first
+//! occurrences.
 
 mod common;
 
@@ -114,4 +116,59 @@ fn events_recorded_while_the_broker_restarts_without_persistence_arrive_in_order
     let state = rig.command_confirmed("pump", "on", "after-broker-restart");
     assert_eq!(state["state"], "on");
     assert_eq!(state["cause"], "command");
+}
+
+#[test]
+fn qos_2_events_recorded_while_the_link_is_down_arrive_once_each_in_order_and_the_outbox_drains() {
+    let Some(mut rig) = Rig::new("dl-qos2", false, |b| b.door_qos(2)) else { return };
+    rig.start_online();
+    rig.cut();
+    let mark = rig.watcher.len();
+    rig.agent.click(N);
+    rig.proxy.heal();
+    let msgs = wait_for_pairs(&rig, mark, N);
+    assert_delivered_in_order(&rig, &msgs, N);
+    // Removed from the outbox only on PUBCOMP.
+    rig.agent.wait_outbox_drained();
+
+    // The agent really published them at QoS 2: mosquitto logs every
+    // PUBLISH it receives with its QoS (`q2`).
+    let from_agent = format!("Received PUBLISH from {} ", rig.agent.client_id());
+    let door = format!("'{}'", rig.topic("button/door"));
+    let log = rig.broker.log();
+    let at_qos: Vec<&str> = log.lines().filter(|l| l.contains(&from_agent) && l.contains(&door)).collect();
+    assert!(at_qos.len() >= 2 * N, "the broker logged {} door publishes from the agent:\n{log}", at_qos.len());
+    for line in &at_qos {
+        assert!(line.contains(" q2,"), "a door event was not published at QoS 2: {line}");
+    }
+}
+
+/// `[mqtt] max_inflight` of the window test, and the door edges it records
+/// while the link is down: many times the window.
+const WINDOW: usize = 4;
+const WINDOW_EDGES: usize = 100;
+
+#[test]
+fn a_replay_many_times_larger_than_the_inflight_window_arrives_in_order_and_the_outbox_drains() {
+    let Some(mut rig) =
+        Rig::new("dl-window", false, |b| b.mqtt_line(&format!("max_inflight = {WINDOW}")).door_debounce("0ms"))
+    else {
+        return;
+    };
+    rig.start_online();
+    rig.cut();
+    let mark = rig.watcher.len();
+    rig.agent.edges(WINDOW_EDGES);
+    let pairs = WINDOW_EDGES / 2;
+    rig.agent.wait_status(
+        |s| {
+            s["buttons"]["door"]["presses"] == pairs as u64
+                && s["outbox"]["depth"].as_u64().is_some_and(|d| d >= WINDOW_EDGES as u64)
+        },
+        "every door edge recorded in the outbox while the link is down",
+    );
+    rig.proxy.heal();
+    let msgs = wait_for_pairs(&rig, mark, pairs);
+    assert_delivered_in_order(&rig, &msgs, pairs);
+    rig.agent.wait_outbox_drained();
 }

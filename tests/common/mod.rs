@@ -1181,6 +1181,13 @@ impl Agent {
         }
     }
 
+    /// Waits until the status dump shows an empty outbox (depth 0): every
+    /// record, retained relay states included, was acknowledged. Returns
+    /// that dump.
+    pub fn wait_outbox_drained(&self) -> Value {
+        self.wait_status(|s| s["outbox"]["depth"] == 0, "an empty outbox (outbox.depth 0)")
+    }
+
     /// `fieldlink sim -c <cfg> <args>`, raw.
     pub fn try_sim(&self, args: &[&str]) -> Output {
         let cfg = self.cfg_path.to_string_lossy().into_owned();
