@@ -213,3 +213,24 @@ fn plain_text_commands_in_any_case_switch_the_relay() {
     assert_eq!(off["state"], "off", "Off: {off}");
     assert_eq!(rig.agent.sim(&["get", PUMP_PIN]), "0");
 }
+
+#[test]
+fn a_command_delivered_twice_with_the_same_id_is_applied_once() {
+    let Some(mut rig) = Rig::new("cmd-twice", false, |b| b) else { return };
+    rig.start_online();
+    rig.command_confirmed("pump", "off", "warm-up");
+
+    let body = json!({"state": "toggle", "id": "t-1", "expires_at": rfc3339_from_now(300)}).to_string();
+    let first = command_and_wait(&rig, body.as_bytes(), "the relay to confirm the first toggle");
+    assert_eq!(first["state"], "on", "the first delivery toggles: {first}");
+
+    // The broker redelivers a command whose ack was lost; the same id again.
+    let again = command_and_wait(&rig, body.as_bytes(), "the relay to answer the redelivered toggle");
+    assert_eq!(again["state"], "on", "a redelivery must not toggle back: {again}");
+    assert_eq!(again["command_id"], "t-1", "the answer names the command: {again}");
+    assert_eq!(rig.agent.sim(&["get", PUMP_PIN]), "1");
+
+    let next = json!({"state": "toggle", "id": "t-2", "expires_at": rfc3339_from_now(300)}).to_string();
+    let toggled = command_and_wait(&rig, next.as_bytes(), "the relay to confirm a new toggle");
+    assert_eq!(toggled["state"], "off", "a new id toggles again: {toggled}");
+}
