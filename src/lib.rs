@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod fsutil;
 pub mod gpio;
+pub mod hub;
 pub mod outbox;
 pub mod proto;
 pub mod timefmt;

@@ -1,0 +1,5 @@
+//! The cloud side (`fieldlink hub`). IMPLEMENTATION PENDING.
+
+pub mod commands;
+pub mod model;
+pub mod store;

@@ -1,0 +1,151 @@
+//! The hub's data model: what the collector hands to the store, and what the
+//! store hands to the API. Plain types shared by `collector`, `store`,
+//! `commands` and `web`; no I/O here, and no SQL.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The kind of a device-to-cloud message, from its topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Button,
+    Relay,
+    Heartbeat,
+    Error,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Button => "button",
+            Kind::Relay => "relay",
+            Kind::Heartbeat => "heartbeat",
+            Kind::Error => "error",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "button" => Some(Kind::Button),
+            "relay" => Some(Kind::Relay),
+            "heartbeat" => Some(Kind::Heartbeat),
+            "error" => Some(Kind::Error),
+            _ => None,
+        }
+    }
+}
+
+/// One message from a device, parsed from the wire (`(device, seq)` is its
+/// identity; the wire may repeat it).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Message {
+    pub device: String,
+    pub seq: u64,
+    /// RFC 3339 UTC with milliseconds, from the payload: when it happened.
+    pub ts: String,
+    pub kind: Kind,
+    /// Button or relay name; `None` for heartbeats and errors.
+    pub name: Option<String>,
+    /// The whole JSON payload as received.
+    pub payload: Value,
+}
+
+/// What the collector stores, in arrival order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    Message(Message),
+    /// `P/D/status`: `online` / `offline`. `at` is when the hub received it
+    /// (RFC 3339 UTC, milliseconds).
+    Status { device: String, online: bool, at: String },
+}
+
+/// `GET /api/devices` entries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceView {
+    pub device: String,
+    pub online: bool,
+    /// When the hub last heard from it (any message or status).
+    pub last_seen: Option<String>,
+    /// The payload of its newest heartbeat (highest seq).
+    pub heartbeat: Option<Value>,
+    /// Relay name -> "on" | "off", from the newest state message per relay.
+    pub relays: BTreeMap<String, String>,
+}
+
+/// `GET /api/devices/{d}/events` entries (newest first).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventView {
+    pub seq: u64,
+    pub ts: String,
+    pub kind: Kind,
+    pub name: Option<String>,
+    pub payload: Value,
+}
+
+/// Where a command stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandStatus {
+    /// Published; no answer yet.
+    Requested,
+    /// The agent's `state` message with this `command_id` was stored.
+    Confirmed,
+    /// The agent's `error` message with this `command_id` was stored.
+    Rejected,
+    /// No answer before `expires_at`; the agent will refuse it if it comes.
+    Expired,
+}
+
+impl CommandStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandStatus::Requested => "requested",
+            CommandStatus::Confirmed => "confirmed",
+            CommandStatus::Rejected => "rejected",
+            CommandStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CommandStatus> {
+        match s {
+            "requested" => Some(CommandStatus::Requested),
+            "confirmed" => Some(CommandStatus::Confirmed),
+            "rejected" => Some(CommandStatus::Rejected),
+            "expired" => Some(CommandStatus::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// A relay command the hub published, as tracked in the database.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandRow {
+    pub command_id: String,
+    pub device: String,
+    pub relay: String,
+    /// "on" | "off" | "toggle"
+    pub requested: String,
+    pub status: CommandStatus,
+    pub requested_at: String,
+    pub expires_at: String,
+    pub confirmed_at: Option<String>,
+    /// The relay state the agent confirmed.
+    pub state: Option<String>,
+    /// The agent's refusal (`code: message`) when rejected.
+    pub error: Option<String>,
+}
+
+/// What `GET /api/stream` sends (one SSE `data:` line of JSON each): every
+/// stored message, and device online/offline changes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum LiveEvent {
+    /// A newly stored message (never a duplicate).
+    Message(Message),
+    Status { device: String, online: bool, at: String },
+    /// A command changed status (confirmed, rejected, expired).
+    Command(CommandRow),
+}
