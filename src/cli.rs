@@ -110,3 +110,36 @@ pub fn describe(cfg: &AgentConfig) -> String {
     )
     .to_lowercase()
 }
+
+/// Which config a file is: the hub's has `[broker]`, `[database]` or `[web]`
+/// and no `device_id`; anything else is checked as an agent config (whose
+/// errors then say what is missing).
+pub fn is_hub_config(text: &str) -> bool {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return false;
+    };
+    !table.contains_key("device_id") && ["broker", "database", "web"].iter().any(|k| table.contains_key(*k))
+}
+
+/// `fieldlink check-config`: the one-line summary of a valid agent or hub
+/// config, or every problem.
+pub fn check_config(path: &std::path::Path) -> Result<String, crate::config::ConfigError> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    if is_hub_config(&text) {
+        let cfg = crate::config::HubConfig::load(path)?;
+        return Ok(format!(
+            "ok: hub, broker {}, database {:?}, web {}",
+            match cfg.broker.embedded() {
+                Some(listen) => format!("embedded on {listen}"),
+                None => {
+                    let u = cfg.broker.client_url();
+                    format!("{}://{}:{}", if u.tls { "mqtts" } else { "mqtt" }, u.host, u.port)
+                }
+            },
+            cfg.database.url.kind(),
+            cfg.web.listen,
+        )
+        .to_lowercase());
+    }
+    crate::config::AgentConfig::load(path).map(|cfg| describe(&cfg))
+}

@@ -20,8 +20,10 @@
 //! * [`cli`]: the small client commands (`status`, `sim`, `check-config`).
 
 pub mod agent;
+pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod fsutil;
 pub mod gpio;
 pub mod hub;

@@ -17,6 +17,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole system on one machine: embedded broker, hub on SQLite and a
+    /// simulated agent whose button is pressed every few seconds.
+    Demo {
+        /// Where the demo keeps its files.
+        #[arg(long, default_value = "state/demo")]
+        dir: PathBuf,
+    },
+    /// Run the cloud side: broker, collector, database, API and dashboard.
+    Hub {
+        #[arg(short, long, default_value = "config/hub.toml")]
+        config: PathBuf,
+    },
     /// Run the field agent.
     Agent {
         #[arg(short, long, default_value = "config/agent.toml")]
@@ -35,7 +47,7 @@ enum Command {
         #[arg(required = true, num_args = 1.., trailing_var_arg = true)]
         request: Vec<String>,
     },
-    /// Validate a config file: exit 0, or print every problem and exit 2.
+    /// Validate a config file (agent or hub): exit 0, or print every problem and exit 2.
     CheckConfig {
         #[arg(short, long)]
         config: PathBuf,
@@ -55,26 +67,52 @@ fn load(path: &std::path::Path) -> Result<AgentConfig, ExitCode> {
     })
 }
 
+/// Exit code from a run result: the code, or 1 with the error printed.
+fn finish<E: std::error::Error + Send + Sync + 'static>(result: Result<i32, E>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("{:#}", anyhow::Error::from(e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// rumqttc is built without a default crypto provider (no aws-lc); rustls
+/// needs one chosen before any TLS config is built. Installing fails only if
+/// one is installed already, which is fine.
+fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo { dir } => {
+            init_logging("warn,fieldlink=info");
+            install_crypto();
+            finish(fieldlink::demo::run(&dir))
+        }
+        Command::Hub { config } => {
+            init_logging("info");
+            let cfg = match fieldlink::config::HubConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            install_crypto();
+            finish(fieldlink::hub::run(cfg))
+        }
         Command::Agent { config } => {
             init_logging("info");
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            // rumqttc is built without a default crypto provider (no aws-lc);
-            // rustls needs one chosen before any TLS config is built. It fails
-            // only if one is installed already, which is fine.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            match fieldlink::agent::run(cfg) {
-                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-                Err(e) => {
-                    eprintln!("{:#}", anyhow::Error::from(e));
-                    ExitCode::from(1)
-                }
-            }
+            install_crypto();
+            finish(fieldlink::agent::run(cfg))
         }
         Command::Status { config } => {
             init_logging("warn");
@@ -110,12 +148,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match load(&config) {
-            Ok(cfg) => {
-                println!("{}", fieldlink::cli::describe(&cfg));
+        Command::CheckConfig { config } => match fieldlink::cli::check_config(&config) {
+            Ok(summary) => {
+                println!("{summary}");
                 ExitCode::SUCCESS
             }
-            Err(code) => code,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
         },
     }
 }

@@ -1,5 +1,250 @@
-//! The cloud side (`fieldlink hub`). IMPLEMENTATION PENDING.
+//! The cloud side (`fieldlink hub`): the seeds' server program, MySQL and web
+//! page, made reliable (DESIGN: Hub, HTTP API). Owns the hub's wiring and
+//! lifecycle: the broker (embedded or external), the database, the
+//! collector, the command tracker, the web server, housekeeping timers and a
+//! clean shutdown on SIGTERM/SIGINT.
+//!
+//! # Layout
+//!
+//! * [`ingest`]: topics and payloads the hub subscribes to, parsed (sans-IO).
+//! * [`collector`]: the hub's MQTT client; batched commits, acks after commit.
+//! * [`store`]: the database (SQLite, MySQL/MariaDB, PostgreSQL) via sqlx.
+//! * [`commands`]: relay commands, tracked requested -> confirmed / rejected
+//!   / expired.
+//! * [`web`]: the REST API, the live stream and the dashboard.
+//! * [`token`]: the API token file.
+//! * [`model`]: the types they share.
 
+pub mod collector;
 pub mod commands;
+pub mod ingest;
 pub mod model;
 pub mod store;
+pub mod token;
+pub mod web;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rumqttc::{AsyncClient, MqttOptions, Transport};
+use tokio::sync::{broadcast, watch};
+
+use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::config::BrokerUrl;
+use crate::config::hub::HubConfig;
+
+/// How often expired commands are marked and old heartbeats pruned.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Token(#[from] token::TokenError),
+    #[error("web listen address {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("mqtt: {0}")]
+    Mqtt(String),
+    #[error("signals: {0}")]
+    Signals(std::io::Error),
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// What a started hub tells its caller (`fieldlink demo` prints it).
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub broker: BrokerUrl,
+    pub web: SocketAddr,
+    pub token: String,
+    pub token_created: bool,
+}
+
+/// A running hub: stop it with [`Hub::shutdown`].
+pub struct Hub {
+    started: Started,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    // Lives as long as the hub (rumqttd has no shutdown; see broker.rs).
+    _broker: Option<EmbeddedBroker>,
+}
+
+fn mqtt_options(cfg: &HubConfig, url: &BrokerUrl) -> Result<MqttOptions, HubError> {
+    let b = &cfg.broker;
+    let mut o = MqttOptions::new(b.client_id.clone(), url.host.clone(), url.port);
+    o.set_keep_alive(b.keep_alive)
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    if let Some(user) = &b.username {
+        o.set_credentials(user.clone(), b.password.as_ref().map(|p| p.0.clone()).unwrap_or_default());
+    }
+    if url.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| HubError::Mqtt(format!("cannot read '{}': {e}", p.display())))
+        };
+        let ca = read(b.ca_file.as_deref().ok_or_else(|| HubError::Mqtt("mqtts:// needs ca_file".into()))?)?;
+        let client_auth = match (&b.cert_file, &b.key_file) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        o.set_transport(Transport::tls(ca, client_auth, None));
+    }
+    Ok(o)
+}
+
+impl Hub {
+    /// Starts everything inside the current tokio runtime.
+    pub async fn start(cfg: &HubConfig) -> Result<Hub, HubError> {
+        let broker = match cfg.broker.embedded() {
+            Some(listen) => Some(EmbeddedBroker::start(listen)?),
+            None => None,
+        };
+        let mut url = cfg.broker.client_url();
+        if let Some(b) = &broker {
+            url.port = b.addr().port();
+        }
+
+        let store = store::Store::connect(cfg.database.url.expose()).await?;
+        let (token, token_created) = token::load_or_create(&cfg.web.token_file)?;
+        let (live, _) = broadcast::channel(4096);
+        let (stop, stopped) = watch::channel(false);
+
+        let (client, eventloop) = AsyncClient::new(mqtt_options(cfg, &url)?, 1024);
+        let commander = commands::Commander::new(
+            store.clone(),
+            client.clone(),
+            &cfg.topic_prefix,
+            cfg.web.command_ttl,
+            live.clone(),
+        );
+        let settings = collector::Settings {
+            prefix: cfg.topic_prefix.clone(),
+            shared_group: cfg.broker.shared_group.clone(),
+            batch_max: cfg.database.batch_max,
+            batch_wait: cfg.database.batch_wait,
+            reconnect_min: cfg.broker.reconnect_min,
+            reconnect_max: cfg.broker.reconnect_max,
+        };
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(collector::run(
+            client,
+            eventloop,
+            store.clone(),
+            commander.clone(),
+            live.clone(),
+            settings,
+            Arc::new(collector::Counters::default()),
+            stopped.clone(),
+        )));
+        tasks.push(tokio::spawn(housekeeping(
+            store.clone(),
+            commander.clone(),
+            cfg.database.heartbeat_retention,
+            stopped.clone(),
+        )));
+
+        let listener = tokio::net::TcpListener::bind(cfg.web.listen)
+            .await
+            .map_err(|source| HubError::Listen { addr: cfg.web.listen, source })?;
+        let web_addr = listener.local_addr().map_err(|source| HubError::Listen { addr: cfg.web.listen, source })?;
+        let state = web::AppState {
+            store,
+            commander,
+            live,
+            token: Arc::from(token.as_str()),
+            command_wait: cfg.web.command_wait,
+        };
+        let mut web_stopped = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            let shutdown = async move {
+                // An error means the hub is gone: stop serving as well.
+                let _ = web_stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = web::serve(listener, state, shutdown).await {
+                tracing::error!("web server: {e}");
+            }
+        }));
+        tracing::info!(broker = %format!("{}:{}", url.host, url.port), web = %web_addr, "hub started");
+        Ok(Hub { started: Started { broker: url, web: web_addr, token, token_created }, stop, tasks, _broker: broker })
+    }
+
+    pub fn started(&self) -> &Started {
+        &self.started
+    }
+
+    /// Stops serving, commits and acknowledges what the collector holds, and
+    /// disconnects.
+    pub async fn shutdown(self) {
+        // Receivers may be gone already; then there is nothing to stop.
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            if let Err(e) = t.await {
+                tracing::warn!("hub task ended badly: {e}");
+            }
+        }
+    }
+}
+
+/// Marks expired commands every second and prunes old heartbeats hourly.
+async fn housekeeping(
+    store: store::Store,
+    commander: commands::Commander,
+    retention: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut expire = tokio::time::interval(EXPIRE_EVERY);
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
+            _ = expire.tick() => {
+                if let Err(e) = commander.expire().await {
+                    tracing::warn!("expiring commands: {e}");
+                }
+            }
+            _ = prune.tick() => {
+                let before = SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
+                match store.prune_heartbeats(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("pruned {n} heartbeats older than {}", humantime::format_duration(retention)),
+                    Err(e) => tracing::warn!("pruning heartbeats: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Prints the token the first time (DESIGN: generated on first start and
+/// printed once).
+pub fn announce(started: &Started) {
+    if started.token_created {
+        println!("api token (shown once; it is kept in the token file): {}", started.token);
+    }
+    println!("dashboard: http://{}/", started.web);
+    println!("broker: mqtt://{}:{}", started.broker.host, started.broker.port);
+}
+
+/// `fieldlink hub`: runs until SIGTERM or SIGINT; exit code 0.
+pub fn run(cfg: HubConfig) -> Result<i32, HubError> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(HubError::Runtime)?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(HubError::Signals)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(HubError::Signals)?;
+        let hub = Hub::start(&cfg).await?;
+        announce(hub.started());
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping: committing what is in hand, then disconnecting");
+        hub.shutdown().await;
+        Ok(0)
+    })
+}

@@ -59,7 +59,11 @@ pub enum Update {
     Message(Message),
     /// `P/D/status`: `online` / `offline`. `at` is when the hub received it
     /// (RFC 3339 UTC, milliseconds).
-    Status { device: String, online: bool, at: String },
+    Status {
+        device: String,
+        online: bool,
+        at: String,
+    },
 }
 
 /// `GET /api/devices` entries.
@@ -145,7 +149,11 @@ pub struct CommandRow {
 pub enum LiveEvent {
     /// A newly stored message (never a duplicate).
     Message(Message),
-    Status { device: String, online: bool, at: String },
+    Status {
+        device: String,
+        online: bool,
+        at: String,
+    },
     /// A command changed status (confirmed, rejected, expired).
     Command(CommandRow),
 }

@@ -1,25 +1,37 @@
-//! The agent's config file (`config/agent.toml`): typed structs, loading and
-//! validation. Owns turning TOML text into an [`AgentConfig`] or a list of
-//! every problem found, each naming the key and quoting the bad value. It must
-//! not start anything, open sockets, or touch `state_dir`.
+//! The config files: the agent's (`config/agent.toml`, [`AgentConfig`], in
+//! this file) and the hub's (`config/hub.toml`, [`HubConfig`], in [`hub`]).
+//! Owns turning TOML text into a typed config or a list of every problem
+//! found, each naming the key and quoting the bad value. It must not start
+//! anything, open sockets, or touch `state_dir`.
 //!
 //! How it works: the text is parsed into a plain [`toml::Table`], then walked
-//! section by section with a small key `Reader` that remembers which keys it
-//! consumed (the rest are `unknown key` problems). Every getter records its
-//! problem and carries on, so one run reports every problem in the file. The
-//! only files it reads besides the config are `mqtt.password_file` (the
-//! secret, never echoed) and the TLS files (opened to check they are
-//! readable). Relative paths are relative to the working directory, not to
-//! the config file.
+//! section by section with the key reader of `reader.rs`, which remembers
+//! which keys it consumed (the rest are `unknown key` problems) and records
+//! every problem and carries on, so one run reports every problem in the
+//! file. The MQTT client keys both configs share (`[mqtt]` here, `[broker]`
+//! in the hub's) are read by `mqtt.rs`. The only files read besides the
+//! config are the password file (the secret, never echoed) and the TLS files
+//! (opened to check they are readable). Relative paths are relative to the
+//! working directory, not to the config file.
 
-use std::collections::BTreeSet;
+pub mod hub;
+mod mqtt;
+mod reader;
+
 use std::io;
-use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use toml::{Table, Value};
+use toml::Table;
 
+pub use self::hub::HubConfig;
+use self::mqtt::MQTT_PORT;
+pub use self::mqtt::{BrokerUrl, Secret};
+/// Also used for the hub's token file.
+pub(crate) use self::reader::describe_io;
+use self::reader::{
+    Checked, NAME_HINT, NONZERO, Place, Problems, Reader, is_name, millis, parse_with, quote, read_file, secs,
+};
 use crate::proto::{Qos, RelayState};
 
 /// The environment variable holding the MQTT password when `mqtt.password_file`
@@ -56,25 +68,6 @@ pub struct AgentConfig {
     pub relays: Vec<RelayConfig>,
     pub heartbeat: HeartbeatConfig,
     pub supervisor: SupervisorConfig,
-}
-
-/// Where the broker is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    /// `mqtts://`
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-}
-
-/// A secret that never prints.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -177,39 +170,15 @@ pub struct SupervisorConfig {
 // Defaults and limits (DESIGN: Agent config).
 
 const DEFAULT_STATE_DIR: &str = "state";
-const DEFAULT_URL: &str = "mqtt://127.0.0.1:1883";
-const DEFAULT_TOPIC_PREFIX: &str = "fieldlink";
-const MQTT_PORT: u16 = 1883;
-const MQTTS_PORT: u16 = 8883;
-const CLIENT_ID_MAX_CHARS: usize = 128;
 const MAX_PIN: i64 = 27;
 const MIN_OUTBOX_BYTES: i64 = 65_536;
 const DEFAULT_OUTBOX_BYTES: u64 = 64 * 1024 * 1024;
-/// The lower bound of durations that only have to be more than zero.
-const NONZERO: Duration = Duration::from_nanos(1);
-const DURATION_HINT: &str = "(e.g. 30s, 5m)";
-const NAME_HINT: &str = "[A-Za-z0-9_-]{1,64}";
-
-const fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
-const fn millis(ms: u64) -> Duration {
-    Duration::from_millis(ms)
-}
 
 impl AgentConfig {
     /// Reads and validates the config file at `path`. Relative paths inside it
     /// are relative to the working directory, not to the file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| {
-            if error.kind() == io::ErrorKind::NotFound {
-                ConfigError::Missing { path: path.to_path_buf() }
-            } else {
-                ConfigError::Unreadable { path: path.to_path_buf(), error }
-            }
-        })?;
-        AgentConfig::parse(&text)
+        AgentConfig::parse(&read_file(path)?)
     }
 
     /// Validates config text. Reads `mqtt.password_file` (or the
@@ -224,32 +193,7 @@ impl AgentConfig {
 /// [`AgentConfig::parse`] with the environment's password passed in, so tests
 /// need not mutate the process environment.
 fn parse_with_env(text: &str, env_password: Option<String>) -> Result<AgentConfig, ConfigError> {
-    let table = match text.parse::<Table>() {
-        Ok(table) => table,
-        Err(error) => return Err(ConfigError::Invalid(vec![syntax_problem(text, &error)])),
-    };
-    let mut problems = Problems::default();
-    let built = agent_config(&table, env_password, &mut problems);
-    match built {
-        Ok(config) if problems.0.is_empty() => Ok(config),
-        _ => {
-            debug_assert!(!problems.0.is_empty(), "a Reported error always records a problem");
-            Err(ConfigError::Invalid(problems.0))
-        }
-    }
-}
-
-fn syntax_problem(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
-    let message = lowercase_first(&message);
-    match error.span() {
-        Some(span) => {
-            let start = span.start.min(text.len());
-            let line = text.as_bytes()[..start].iter().filter(|&&b| b == b'\n').count() + 1;
-            format!("line {line}: invalid toml: {message}")
-        }
-        None => format!("invalid toml: {message}"),
-    }
+    parse_with(text, |root, p| agent_config(root, env_password, p))
 }
 
 // ---------------------------------------------------------------------------
@@ -266,11 +210,7 @@ fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) ->
         Ok(None) => Err(r.missing("device_id", &format!("{NAME_HINT}, e.g. 'pi-garage'"), p)),
         Err(e) => Err(e),
     };
-    let state_dir = match r.str_opt("state_dir", p) {
-        Ok(Some("")) => Err(r.problem("state_dir", p, "'' is empty (expected a directory path)".to_string())),
-        Ok(dir) => Ok(PathBuf::from(dir.unwrap_or(DEFAULT_STATE_DIR))),
-        Err(e) => Err(e),
-    };
+    let state_dir = r.path_or("state_dir", PathBuf::from(DEFAULT_STATE_DIR), "a directory path", p);
 
     let mqtt = r.section("mqtt", p).and_then(|t| mqtt_config(&t, device_id.as_deref().ok(), env_password, p));
     let outbox = r.section("outbox", p).and_then(|t| outbox_config(&t, p));
@@ -309,113 +249,23 @@ fn mqtt_config(
     p: &mut Problems,
 ) -> Checked<MqttConfig> {
     let mut r = Reader::new(t, Place::Section("mqtt"));
-
-    let url = match r.str_opt("url", p) {
-        Ok(url) => parse_url(url.unwrap_or(DEFAULT_URL)).map_err(|why| r.problem("url", p, why)),
-        Err(e) => Err(e),
-    };
-
-    let client_id = match r.str_opt("client_id", p) {
-        Ok(Some(id)) => {
-            let chars = id.chars().count();
-            if (1..=CLIENT_ID_MAX_CHARS).contains(&chars) {
-                Ok(id.to_string())
-            } else {
-                Err(r.problem(
-                    "client_id",
-                    p,
-                    format!("{} has {chars} characters (expected 1..={CLIENT_ID_MAX_CHARS})", quote(id)),
-                ))
-            }
-        }
-        // An invalid device_id has been reported already; the default is
-        // only needed when the whole config is valid.
-        Ok(None) => Ok(format!("fieldlink-{}", device_id.unwrap_or_default())),
-        Err(e) => Err(e),
-    };
-
-    let topic_prefix = match r.str_opt("topic_prefix", p) {
-        Ok(prefix) => {
-            let prefix = prefix.unwrap_or(DEFAULT_TOPIC_PREFIX);
-            topic_prefix_problem(prefix).map_or(Ok(prefix.to_string()), |why| Err(r.problem("topic_prefix", p, why)))
-        }
-        Err(e) => Err(e),
-    };
-
-    let keep_alive = r.duration_in("keep_alive", secs(30), secs(1)..=secs(65_535), p);
+    let url = mqtt::url_opt(&mut r, p)
+        .map(|url| url.unwrap_or_else(|| BrokerUrl { tls: false, host: "127.0.0.1".to_string(), port: MQTT_PORT }));
+    // An invalid device_id has been reported already; the default is only
+    // needed when the whole config is valid.
+    let client_id = mqtt::client_id(&mut r, format!("fieldlink-{}", device_id.unwrap_or_default()), p);
+    let topic_prefix = mqtt::topic_prefix(&mut r, p);
+    let keep_alive = mqtt::keep_alive(&mut r, p);
     let clean_session = r.bool_or("clean_session", false, p);
-
-    let username = match r.str_opt("username", p) {
-        Ok(Some("")) => Err(r.problem("username", p, "'' is empty (remove the key for no user name)".to_string())),
-        Ok(name) => Ok(name.map(str::to_string)),
-        Err(e) => Err(e),
-    };
-
-    let password_file = r.path_opt("password_file", p);
-    let from_file = matches!(password_file, Ok(Some(_)));
-    let password = match password_file {
-        Ok(Some(path)) => read_password(&path).map(Some).map_err(|why| r.problem("password_file", p, why)),
-        Ok(None) => Ok(env_password.map(Secret)),
-        Err(e) => Err(e),
-    };
-    if let (Ok(None), Ok(Some(_))) = (&username, &password) {
-        if from_file {
-            r.problem(
-                "password_file",
-                p,
-                "is set but mqtt.username is not (mqtt sends no password without a user name)".to_string(),
-            );
-        } else {
-            p.report(format!(
-                "env {PASSWORD_ENV} is set but mqtt.username is not (mqtt sends no password without a user name)"
-            ));
-        }
-    }
-
-    let ca_file = r.path_opt("ca_file", p).and_then(|f| check_readable(&mut r, "ca_file", f, p));
-    let cert_file = r.path_opt("cert_file", p).and_then(|f| check_readable(&mut r, "cert_file", f, p));
-    let key_file = r.path_opt("key_file", p).and_then(|f| check_readable(&mut r, "key_file", f, p));
-    if let Ok(url) = &url {
-        if url.tls {
-            if matches!(ca_file, Ok(None)) {
-                r.problem(
-                    "ca_file",
-                    p,
-                    "mqtts:// needs a CA certificate to check the broker; set mqtt.ca_file".to_string(),
-                );
-            }
-        } else {
-            for (key, file) in [("ca_file", &ca_file), ("cert_file", &cert_file), ("key_file", &key_file)] {
-                if let Ok(Some(_)) = file {
-                    r.problem(key, p, "is set but mqtt.url is mqtt:// (no tls); use mqtts:// or remove it".to_string());
-                }
-            }
-        }
-    }
-    match (&cert_file, &key_file) {
-        (Ok(Some(_)), Ok(None)) => {
-            r.problem("cert_file", p, "is set without mqtt.key_file (a client certificate needs both)".to_string());
-        }
-        (Ok(None), Ok(Some(_))) => {
-            r.problem("key_file", p, "is set without mqtt.cert_file (a client certificate needs both)".to_string());
-        }
-        _ => {}
-    }
-
-    let reconnect_min = r.duration_in("reconnect_min", secs(1), NONZERO..=Duration::MAX, p);
-    let reconnect_max = r.duration_in("reconnect_max", secs(60), NONZERO..=Duration::MAX, p);
-    if let (Ok(min), Ok(max)) = (reconnect_min, reconnect_max)
-        && min > max
-    {
-        r.problem(
-            "reconnect_min",
-            p,
-            format!("'{}' is more than mqtt.reconnect_max '{}'", show_duration(min), show_duration(max)),
-        );
-    }
+    let username = mqtt::username(&mut r, p);
+    let password = mqtt::password(&mut r, &username, (PASSWORD_ENV, env_password), p);
+    let tls = mqtt::tls_files(&mut r, url.as_ref().ok(), p);
+    let reconnect = mqtt::reconnect(&mut r, secs(60), p);
     let max_inflight = r.int_in("max_inflight", 32, 1..=1000, p);
     r.finish(p);
 
+    let tls = tls?;
+    let (reconnect_min, reconnect_max) = reconnect?;
     Ok(MqttConfig {
         url: url?,
         client_id: client_id?,
@@ -424,11 +274,11 @@ fn mqtt_config(
         clean_session: clean_session?,
         username: username?,
         password: password?,
-        ca_file: ca_file?,
-        cert_file: cert_file?,
-        key_file: key_file?,
-        reconnect_min: reconnect_min?,
-        reconnect_max: reconnect_max?,
+        ca_file: tls.ca_file,
+        cert_file: tls.cert_file,
+        key_file: tls.key_file,
+        reconnect_min,
+        reconnect_max,
         max_inflight: max_inflight?,
     })
 }
@@ -597,435 +447,13 @@ fn check_pins(relays: &[Entry<RelayConfig>], buttons: &[Entry<ButtonConfig>], p:
     }
 }
 
-// ---------------------------------------------------------------------------
-// Single values.
-
-/// `[A-Za-z0-9_-]{1,64}`: device ids and button and relay names, which all
-/// end up in topics.
-fn is_name(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-fn topic_prefix_problem(prefix: &str) -> Option<String> {
-    let why = if prefix.is_empty() {
-        "is empty"
-    } else if prefix.contains(['+', '#']) {
-        "contains an mqtt wildcard ('+' or '#')"
-    } else if prefix.starts_with('/') || prefix.ends_with('/') {
-        "starts or ends with '/'"
-    } else if prefix.starts_with('$') {
-        "starts with '$' (reserved for broker topics)"
-    } else if prefix.contains('\0') {
-        "contains a nul character"
-    } else {
-        return None;
-    };
-    Some(format!("{} {why} (expected e.g. 'fieldlink' or 'acme/site1')", quote(prefix)))
-}
-
-/// `mqtt[s]://host[:port]`. Returns the message tail on failure. The url is
-/// never quoted when it holds credentials.
-fn parse_url(url: &str) -> Result<BrokerUrl, String> {
-    const EXPECTED: &str = "expected mqtt://host[:port] or mqtts://host[:port]";
-    let Some((scheme, rest)) = url.split_once("://") else {
-        if url.contains('@') {
-            return Err(format!("has credentials in it or is not a broker url ({EXPECTED})"));
-        }
-        return Err(format!("{} is not a broker url ({EXPECTED})", quote(url)));
-    };
-    if rest.contains('@') {
-        return Err("has credentials in it; use mqtt.username and mqtt.password_file instead".to_string());
-    }
-    let (tls, default_port) = match scheme {
-        "mqtt" => (false, MQTT_PORT),
-        "mqtts" => (true, MQTTS_PORT),
-        _ => {
-            return Err(format!("{} has scheme '{}' ({EXPECTED})", quote(url), scheme.escape_debug()));
-        }
-    };
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.contains(['/', '?', '#']) {
-        return Err(format!("{} has a path or query ({EXPECTED})", quote(url)));
-    }
-    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-        let Some((host, after)) = bracketed.split_once(']') else {
-            return Err(format!("{} has an unclosed '[' ({EXPECTED})", quote(url)));
-        };
-        match after {
-            "" => (host, None),
-            _ => match after.strip_prefix(':') {
-                Some(port) => (host, Some(port)),
-                None => return Err(format!("{} has junk after ']' ({EXPECTED})", quote(url))),
-            },
-        }
-    } else {
-        match authority.split_once(':') {
-            Some((_, port)) if port.contains(':') => {
-                return Err(format!(
-                    "{} has an ipv6 address without brackets (expected e.g. mqtt://[::1]:1883)",
-                    quote(url)
-                ));
-            }
-            Some((host, port)) => (host, Some(port)),
-            None => (authority, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("{} has no host ({EXPECTED})", quote(url)));
-    }
-    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("{} has a space or control character in its host ({EXPECTED})", quote(url)));
-    }
-    let port = match port {
-        None => default_port,
-        Some(port) => match port.parse::<u16>() {
-            Ok(port) if port != 0 => port,
-            _ => {
-                return Err(format!("{} has port '{}' (expected 1..=65535)", quote(url), port.escape_debug()));
-            }
-        },
-    };
-    Ok(BrokerUrl { tls, host: host.to_string(), port })
-}
-
-/// Reads the password file. The message on failure names the file, never
-/// its content.
-fn read_password(path: &Path) -> Result<Secret, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read '{}': {}", path.display(), describe_io(&e)))?;
-    let Ok(text) = String::from_utf8(bytes) else {
-        return Err(format!("'{}' is not utf-8 text", path.display()));
-    };
-    let password = text.trim_end_matches(['\n', '\r']);
-    if password.is_empty() {
-        return Err(format!("'{}' is empty (expected the password on its first line)", path.display()));
-    }
-    Ok(Secret(password.to_string()))
-}
-
-fn check_readable(r: &mut Reader<'_>, key: &str, file: Option<PathBuf>, p: &mut Problems) -> Checked<Option<PathBuf>> {
-    let Some(path) = file else { return Ok(None) };
-    let problem = match std::fs::metadata(&path) {
-        Ok(meta) if meta.is_dir() => Some("is a directory".to_string()),
-        Ok(_) => std::fs::File::open(&path).err().map(|e| describe_io(&e)),
-        Err(e) => Some(describe_io(&e)),
-    };
-    match problem {
-        Some(why) => Err(r.problem(key, p, format!("cannot read '{}': {why}", path.display()))),
-        None => Ok(Some(path)),
-    }
-}
-
-/// An io error as a lowercase phrase without the os error number.
-fn describe_io(error: &io::Error) -> String {
-    match error.kind() {
-        io::ErrorKind::NotFound => "no such file".to_string(),
-        io::ErrorKind::PermissionDenied => "permission denied".to_string(),
-        io::ErrorKind::IsADirectory => "is a directory".to_string(),
-        io::ErrorKind::InvalidData => "not utf-8 text".to_string(),
-        _ => {
-            let text = error.to_string();
-            let text = text.split(" (os error").next().unwrap_or(&text);
-            lowercase_first(text)
-        }
-    }
-}
-
-fn lowercase_first(s: &str) -> String {
-    let mut chars = s.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
-    }
-}
-
-/// A string value quoted for a message: single quotes, escapes, and cut short
-/// when long.
-fn quote(s: &str) -> String {
-    const MAX: usize = 80;
-    let escaped: String = s.escape_debug().collect();
-    match escaped.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("'{}...'", &escaped[..cut]),
-        None => format!("'{escaped}'"),
-    }
-}
-
-/// `30s`, `100ms`, or humantime's form for anything else.
-fn show_duration(d: Duration) -> String {
-    if d.subsec_nanos() == 0 {
-        format!("{}s", d.as_secs())
-    } else if d.subsec_nanos().is_multiple_of(1_000_000) {
-        format!("{}ms", d.as_millis())
-    } else {
-        humantime::format_duration(d).to_string()
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The key reader.
-
-/// Marks a value that could not be read; its problem has been recorded in
-/// [`Problems`] already.
-#[derive(Debug, Clone, Copy)]
-struct Reported;
-
-type Checked<T> = Result<T, Reported>;
-
-/// Every problem found so far, in the order found.
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn report(&mut self, message: String) -> Reported {
-        self.0.push(message);
-        Reported
-    }
-}
-
-/// Where a table sits in the file, for messages.
-enum Place {
-    Root,
-    /// `[mqtt]`: messages read `mqtt.keep_alive: ...`.
-    Section(&'static str),
-    /// `[[button]]`: messages read `button 'door': debounce ...`; `label` is
-    /// the quoted name, or `#2` until the name is known to be good.
-    Entry {
-        kind: &'static str,
-        label: String,
-    },
-}
-
-impl Place {
-    fn label(&self) -> String {
-        match self {
-            Place::Root => String::new(),
-            Place::Section(name) => (*name).to_string(),
-            Place::Entry { kind, label } => format!("{kind} {label}"),
-        }
-    }
-
-    /// The dotted name of a key, as written in the file.
-    fn path(&self, key: &str) -> String {
-        match self {
-            Place::Root => key.to_string(),
-            Place::Section(name) => format!("{name}.{key}"),
-            Place::Entry { kind, .. } => format!("{kind}.{key}"),
-        }
-    }
-
-    /// What a message about a key's value starts with.
-    fn subject(&self, key: &str) -> String {
-        match self {
-            Place::Root | Place::Section(_) => format!("{}: ", self.path(key)),
-            Place::Entry { .. } => format!("{}: {key} ", self.label()),
-        }
-    }
-}
-
-/// Reads keys of one table and remembers which it consumed; [`Reader::finish`]
-/// reports the rest as unknown.
-struct Reader<'t> {
-    table: &'t Table,
-    place: Place,
-    used: BTreeSet<&'t str>,
-}
-
-impl<'t> Reader<'t> {
-    fn new(table: &'t Table, place: Place) -> Reader<'t> {
-        Reader { table, place, used: BTreeSet::new() }
-    }
-
-    fn has(&self, key: &str) -> bool {
-        self.table.contains_key(key)
-    }
-
-    fn value(&mut self, key: &str) -> Option<&'t Value> {
-        let (key, value) = self.table.get_key_value(key)?;
-        self.used.insert(key.as_str());
-        Some(value)
-    }
-
-    fn problem(&self, key: &str, p: &mut Problems, message: String) -> Reported {
-        p.report(format!("{}{message}", self.place.subject(key)))
-    }
-
-    fn missing(&self, key: &str, expected: &str, p: &mut Problems) -> Reported {
-        p.report(match &self.place {
-            Place::Entry { .. } => format!("{}: missing key '{key}' (expected {expected})", self.place.label()),
-            _ => format!("missing key '{}' (expected {expected})", self.place.path(key)),
-        })
-    }
-
-    fn wrong_type(&self, key: &str, value: &Value, expected: &str, p: &mut Problems) -> Reported {
-        let (shown, kind) = match value {
-            Value::String(s) => (Some(quote(s)), "a string"),
-            Value::Integer(i) => (Some(i.to_string()), "an integer"),
-            Value::Float(f) => (Some(f.to_string()), "a float"),
-            Value::Boolean(b) => (Some(b.to_string()), "a boolean"),
-            Value::Datetime(d) => (Some(d.to_string()), "a date-time"),
-            Value::Array(_) => (None, "an array"),
-            Value::Table(_) => (None, "a table"),
-        };
-        let message = match (&self.place, shown) {
-            (Place::Entry { .. }, Some(shown)) => {
-                format!("{}: {key} {shown} is {kind}, expected {expected}", self.place.label())
-            }
-            (Place::Entry { .. }, None) => format!("{}: {key} is {kind}, expected {expected}", self.place.label()),
-            (_, Some(shown)) => format!("{}: {shown} is {kind}, expected {expected}", self.place.path(key)),
-            (_, None) => format!("{}: the value is {kind}, expected {expected}", self.place.path(key)),
-        };
-        p.report(message)
-    }
-
-    fn str_opt(&mut self, key: &str, p: &mut Problems) -> Checked<Option<&'t str>> {
-        match self.value(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(other) => Err(self.wrong_type(key, other, "a string", p)),
-        }
-    }
-
-    /// A file path; the empty string means unset.
-    fn path_opt(&mut self, key: &str, p: &mut Problems) -> Checked<Option<PathBuf>> {
-        Ok(self.str_opt(key, p)?.filter(|s| !s.is_empty()).map(PathBuf::from))
-    }
-
-    fn bool_or(&mut self, key: &str, default: bool, p: &mut Problems) -> Checked<bool> {
-        match self.value(key) {
-            None => Ok(default),
-            Some(Value::Boolean(b)) => Ok(*b),
-            Some(other) => Err(self.wrong_type(key, other, "true or false", p)),
-        }
-    }
-
-    fn int_opt(&mut self, key: &str, p: &mut Problems) -> Checked<Option<i64>> {
-        match self.value(key) {
-            None => Ok(None),
-            Some(Value::Integer(i)) => Ok(Some(*i)),
-            Some(other) => Err(self.wrong_type(key, other, "an integer", p)),
-        }
-    }
-
-    fn int_in<T: TryFrom<i64>>(
-        &mut self,
-        key: &str,
-        default: T,
-        range: RangeInclusive<i64>,
-        p: &mut Problems,
-    ) -> Checked<T> {
-        let Some(n) = self.int_opt(key, p)? else {
-            return Ok(default);
-        };
-        match T::try_from(n) {
-            Ok(value) if range.contains(&n) => Ok(value),
-            _ => {
-                Err(self.problem(key, p, format!("{n} is out of range (expected {}..={})", range.start(), range.end())))
-            }
-        }
-    }
-
-    /// `qos`: 1 or 2, default 1.
-    fn qos(&mut self, p: &mut Problems) -> Checked<Qos> {
-        let Some(level) = self.int_opt("qos", p)? else {
-            return Ok(Qos::AtLeastOnce);
-        };
-        u8::try_from(level)
-            .ok()
-            .and_then(Qos::from_level)
-            .ok_or_else(|| self.problem("qos", p, format!("{level} is not 1 or 2")))
-    }
-
-    fn duration_in(
-        &mut self,
-        key: &str,
-        default: Duration,
-        range: RangeInclusive<Duration>,
-        p: &mut Problems,
-    ) -> Checked<Duration> {
-        let text = match self.value(key) {
-            None => return Ok(default),
-            Some(Value::String(s)) => s.as_str(),
-            Some(other) => {
-                return Err(self.wrong_type(key, other, &format!("a duration string {DURATION_HINT}"), p));
-            }
-        };
-        let Ok(d) = humantime::parse_duration(text) else {
-            return Err(self.problem(key, p, format!("{} is not a duration {DURATION_HINT}", quote(text))));
-        };
-        if d < *range.start() {
-            let why = if *range.start() == NONZERO {
-                "must be more than 0".to_string()
-            } else {
-                format!("is less than {}", show_duration(*range.start()))
-            };
-            return Err(self.problem(key, p, format!("{} {why}", quote(text))));
-        }
-        if d > *range.end() {
-            let max = show_duration(*range.end());
-            return Err(self.problem(key, p, format!("{} is more than {max}", quote(text))));
-        }
-        Ok(d)
-    }
-
-    fn choice<T: Copy>(&mut self, key: &str, default: T, options: &[(&str, T)], p: &mut Problems) -> Checked<T> {
-        let Some(text) = self.str_opt(key, p)? else {
-            return Ok(default);
-        };
-        if let Some((_, value)) = options.iter().find(|(name, _)| *name == text) {
-            return Ok(*value);
-        }
-        let names: Vec<String> = options.iter().map(|(name, _)| format!("'{name}'")).collect();
-        let expected = match names.split_last() {
-            Some((last, [])) => last.clone(),
-            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
-            None => String::new(),
-        };
-        Err(self.problem(key, p, format!("{} is not {expected}", quote(text))))
-    }
-
-    /// A `[section]`: an absent one is an empty table, so every key takes its
-    /// default.
-    fn section(&mut self, key: &str, p: &mut Problems) -> Checked<Table> {
-        match self.value(key) {
-            None => Ok(Table::new()),
-            Some(Value::Table(t)) => Ok(t.clone()),
-            Some(other) => Err(self.wrong_type(key, other, &format!("a [{key}] table"), p)),
-        }
-    }
-
-    /// `[[button]]` entries.
-    fn entries(&mut self, key: &str, p: &mut Problems) -> Checked<Vec<&'t Table>> {
-        let expected = format!("[[{key}]] entries");
-        match self.value(key) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(items)) => {
-                let tables: Option<Vec<&'t Table>> = items.iter().map(Value::as_table).collect();
-                match tables {
-                    Some(tables) => Ok(tables),
-                    None => Err(p.report(format!("{key}: the value is an array of non-tables, expected {expected}"))),
-                }
-            }
-            Some(other) => Err(self.wrong_type(key, other, &expected, p)),
-        }
-    }
-
-    fn finish(self, p: &mut Problems) {
-        for key in self.table.keys().filter(|k| !self.used.contains(k.as_str())) {
-            let shown: String = key.escape_debug().collect();
-            p.report(match &self.place {
-                Place::Entry { .. } => format!("{}: unknown key '{shown}'", self.place.label()),
-                _ => format!("unknown key '{}'", self.place.path(&shown)),
-            });
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write as _;
 
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../config/agent.toml");
+    const EXAMPLE: &str = include_str!("../../config/agent.toml");
 
     fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
         parse_with_env(text, None)
@@ -1366,7 +794,7 @@ interval = { s = 1 }
 
     #[test]
     fn broker_urls_default_their_port_by_scheme() {
-        let url = |u: &str| parse_url(u);
+        let url = |u: &str| mqtt::parse_url(u, "mqtt");
         assert_eq!(url("mqtt://h"), Ok(BrokerUrl { tls: false, host: "h".into(), port: 1883 }));
         assert_eq!(url("mqtts://h/"), Ok(BrokerUrl { tls: true, host: "h".into(), port: 8883 }));
         assert_eq!(url("mqtt://h:1999"), Ok(BrokerUrl { tls: false, host: "h".into(), port: 1999 }));

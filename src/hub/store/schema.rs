@@ -1,0 +1,352 @@
+//! The database schema, per dialect, and the small migrator that brings a
+//! database up to it at start. It owns the DDL and the `fieldlink_schema`
+//! table; it never reads or writes the data tables' rows.
+//!
+//! # Migrating
+//!
+//! Migrations are numbered from 1 and applied in order; `fieldlink_schema`
+//! holds one `(version, applied_at)` row per applied migration. Every
+//! statement is idempotent (`CREATE ... IF NOT EXISTS`), so a migration that
+//! half-ran (MySQL commits each DDL statement on its own) simply runs again.
+//!
+//! Hubs sharing one database may start at the same moment. The migrator runs
+//! on its own connection under a lock, so they take turns:
+//!
+//! * SQLite: `BEGIN IMMEDIATE` (one writer; others wait `busy_timeout`), the
+//!   whole migration in that transaction.
+//! * PostgreSQL: one transaction holding `pg_advisory_xact_lock` (concurrent
+//!   `CREATE TABLE IF NOT EXISTS` can otherwise fail on `pg_type`).
+//! * MySQL/MariaDB: `GET_LOCK('fieldlink_schema.<database>')` around the
+//!   DDL, which cannot be transactional there.
+//!
+//! The version row is inserted with "insert unless present", so even two
+//! migrators that somehow ran at once do not fail on it.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use sqlx::{AnyConnection, Connection, Executor, Row};
+
+use super::dialect::Dialect;
+use super::error::{StoreError, redact_url, scrub};
+use crate::timefmt;
+
+/// One schema step.
+struct Migration {
+    version: i64,
+    name: &'static str,
+    ddl: fn(Dialect) -> &'static [&'static str],
+}
+
+/// Every migration, oldest first. Append; never edit a released one.
+const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "messages, devices, relays, commands", ddl: v1_tables }];
+
+/// The newest schema version this build knows.
+pub const LATEST: i64 = 1;
+
+/// Key of the PostgreSQL advisory lock ("fieldlin" in ASCII).
+const PG_LOCK_KEY: &str = "7378697629483820654";
+
+/// How long a MySQL hub waits for another one's migration, in seconds.
+const MYSQL_LOCK_WAIT_S: i64 = 60;
+
+/// Schema version 1.
+///
+/// ```text
+/// messages  (device, seq) PK   ts, kind, name, payload (JSON text), received_at
+///           index (device, kind, seq): events paging; index (kind, ts): pruning
+/// devices   device PK          online (0/1), last_seen, heartbeat_seq, heartbeat (JSON text)
+/// relays    (device, relay) PK state, seq (of the state message that set it)
+/// commands  command_id PK      device, relay, requested, status, requested_at,
+///                              expires_at, confirmed_at, state, error
+///           index (status, expires_at): expiry
+/// ```
+///
+/// Times are RFC 3339 UTC strings with milliseconds (`timefmt`), so every
+/// database orders them the same way. MySQL gets `utf8mb4_bin` so that names
+/// compare as bytes, as they do in SQLite and PostgreSQL.
+fn v1_tables(d: Dialect) -> &'static [&'static str] {
+    match d {
+        Dialect::Sqlite => &[
+            "CREATE TABLE IF NOT EXISTS messages (
+                device TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                ts TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                name TEXT,
+                payload TEXT NOT NULL,
+                received_at TEXT NOT NULL,
+                PRIMARY KEY (device, seq)
+            )",
+            "CREATE INDEX IF NOT EXISTS messages_device_kind_seq ON messages (device, kind, seq)",
+            "CREATE INDEX IF NOT EXISTS messages_kind_ts ON messages (kind, ts)",
+            "CREATE TABLE IF NOT EXISTS devices (
+                device TEXT NOT NULL PRIMARY KEY,
+                online INTEGER NOT NULL DEFAULT 0,
+                last_seen TEXT,
+                heartbeat_seq INTEGER,
+                heartbeat TEXT
+            )",
+            "CREATE TABLE IF NOT EXISTS relays (
+                device TEXT NOT NULL,
+                relay TEXT NOT NULL,
+                state TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                PRIMARY KEY (device, relay)
+            )",
+            "CREATE TABLE IF NOT EXISTS commands (
+                command_id TEXT NOT NULL PRIMARY KEY,
+                device TEXT NOT NULL,
+                relay TEXT NOT NULL,
+                requested TEXT NOT NULL,
+                status TEXT NOT NULL,
+                requested_at TEXT NOT NULL,
+                expires_at TEXT NOT NULL,
+                confirmed_at TEXT,
+                state TEXT,
+                error TEXT
+            )",
+            "CREATE INDEX IF NOT EXISTS commands_status_expires ON commands (status, expires_at)",
+        ],
+        Dialect::Postgres => &[
+            "CREATE TABLE IF NOT EXISTS messages (
+                device TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                ts TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                name TEXT,
+                payload TEXT NOT NULL,
+                received_at TEXT NOT NULL,
+                PRIMARY KEY (device, seq)
+            )",
+            "CREATE INDEX IF NOT EXISTS messages_device_kind_seq ON messages (device, kind, seq)",
+            "CREATE INDEX IF NOT EXISTS messages_kind_ts ON messages (kind, ts)",
+            "CREATE TABLE IF NOT EXISTS devices (
+                device TEXT NOT NULL PRIMARY KEY,
+                online SMALLINT NOT NULL DEFAULT 0,
+                last_seen TEXT,
+                heartbeat_seq BIGINT,
+                heartbeat TEXT
+            )",
+            "CREATE TABLE IF NOT EXISTS relays (
+                device TEXT NOT NULL,
+                relay TEXT NOT NULL,
+                state TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                PRIMARY KEY (device, relay)
+            )",
+            "CREATE TABLE IF NOT EXISTS commands (
+                command_id TEXT NOT NULL PRIMARY KEY,
+                device TEXT NOT NULL,
+                relay TEXT NOT NULL,
+                requested TEXT NOT NULL,
+                status TEXT NOT NULL,
+                requested_at TEXT NOT NULL,
+                expires_at TEXT NOT NULL,
+                confirmed_at TEXT,
+                state TEXT,
+                error TEXT
+            )",
+            "CREATE INDEX IF NOT EXISTS commands_status_expires ON commands (status, expires_at)",
+        ],
+        // Indexes are declared inline: MySQL (unlike MariaDB) has no
+        // `CREATE INDEX IF NOT EXISTS`. VARCHAR(255) keys stay within
+        // InnoDB's 3072-byte key limit in utf8mb4; `write` checks lengths.
+        Dialect::MySql => &[
+            "CREATE TABLE IF NOT EXISTS messages (
+                device VARCHAR(255) NOT NULL,
+                seq BIGINT NOT NULL,
+                ts VARCHAR(32) NOT NULL,
+                kind VARCHAR(16) NOT NULL,
+                name VARCHAR(255) NULL,
+                payload LONGTEXT NOT NULL,
+                received_at VARCHAR(32) NOT NULL,
+                PRIMARY KEY (device, seq),
+                INDEX messages_device_kind_seq (device, kind, seq),
+                INDEX messages_kind_ts (kind, ts)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+            "CREATE TABLE IF NOT EXISTS devices (
+                device VARCHAR(255) NOT NULL PRIMARY KEY,
+                online SMALLINT NOT NULL DEFAULT 0,
+                last_seen VARCHAR(32) NULL,
+                heartbeat_seq BIGINT NULL,
+                heartbeat LONGTEXT NULL
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+            "CREATE TABLE IF NOT EXISTS relays (
+                device VARCHAR(255) NOT NULL,
+                relay VARCHAR(255) NOT NULL,
+                state VARCHAR(16) NOT NULL,
+                seq BIGINT NOT NULL,
+                PRIMARY KEY (device, relay)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+            "CREATE TABLE IF NOT EXISTS commands (
+                command_id VARCHAR(255) NOT NULL PRIMARY KEY,
+                device VARCHAR(255) NOT NULL,
+                relay VARCHAR(255) NOT NULL,
+                requested VARCHAR(16) NOT NULL,
+                status VARCHAR(16) NOT NULL,
+                requested_at VARCHAR(32) NOT NULL,
+                expires_at VARCHAR(32) NOT NULL,
+                confirmed_at VARCHAR(32) NULL,
+                state VARCHAR(16) NULL,
+                error TEXT NULL,
+                INDEX commands_status_expires (status, expires_at)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+        ],
+    }
+}
+
+fn schema_table(d: Dialect) -> &'static str {
+    match d {
+        Dialect::Sqlite | Dialect::Postgres => {
+            "CREATE TABLE IF NOT EXISTS fieldlink_schema (
+                version BIGINT NOT NULL PRIMARY KEY,
+                applied_at TEXT NOT NULL
+            )"
+        }
+        Dialect::MySql => {
+            "CREATE TABLE IF NOT EXISTS fieldlink_schema (
+                version BIGINT NOT NULL PRIMARY KEY,
+                applied_at VARCHAR(32) NOT NULL
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+        }
+    }
+}
+
+/// Brings the database at `url` up to [`LATEST`], on a connection of its
+/// own that is closed afterwards (so a MySQL session lock cannot outlive it).
+pub async fn migrate(url: &str, dialect: Dialect) -> Result<(), StoreError> {
+    let mut conn = AnyConnection::connect(url)
+        .await
+        .map_err(|e| StoreError::Connect { url: redact_url(url), reason: scrub(&e.to_string(), url) })?;
+    let result = match dialect {
+        Dialect::Sqlite => migrate_sqlite(&mut conn).await,
+        Dialect::Postgres => migrate_postgres(&mut conn).await,
+        Dialect::MySql => migrate_mysql(&mut conn).await,
+    };
+    // A failed close only loses a connection we are done with; the server
+    // drops its session (and any lock) when the socket goes.
+    let _ = conn.close().await;
+    result
+}
+
+async fn migrate_sqlite(conn: &mut AnyConnection) -> Result<(), StoreError> {
+    enable_wal(conn).await?;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db("begin the migration"))?;
+    apply(&mut tx, Dialect::Sqlite).await?;
+    tx.commit().await.map_err(StoreError::db("commit the migration"))
+}
+
+async fn migrate_postgres(conn: &mut AnyConnection) -> Result<(), StoreError> {
+    let mut tx = conn.begin().await.map_err(StoreError::db("begin the migration"))?;
+    // `pg_advisory_xact_lock` returns `void`, which the Any driver cannot
+    // read back; cast it to text. Released at commit or rollback.
+    let lock = format!("SELECT CAST(pg_advisory_xact_lock({PG_LOCK_KEY}) AS TEXT)");
+    tx.execute(sqlx::AssertSqlSafe(lock)).await.map_err(StoreError::db("lock the schema"))?;
+    apply(&mut tx, Dialect::Postgres).await?;
+    tx.commit().await.map_err(StoreError::db("commit the migration"))
+}
+
+async fn migrate_mysql(conn: &mut AnyConnection) -> Result<(), StoreError> {
+    let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(CONCAT('fieldlink_schema.', DATABASE()), ?)")
+        .bind(MYSQL_LOCK_WAIT_S)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(StoreError::db("lock the schema"))?;
+    if got != Some(1) {
+        return Err(StoreError::Schema(format!(
+            "waited {MYSQL_LOCK_WAIT_S}s for the lock 'fieldlink_schema.<database>' without getting it; \
+             is another hub stuck migrating this database?"
+        )));
+    }
+    let result = apply(conn, Dialect::MySql).await;
+    // The lock also goes with the connection, which `migrate` closes next.
+    let _ = conn.execute("SELECT RELEASE_LOCK(CONCAT('fieldlink_schema.', DATABASE()))").await;
+    result
+}
+
+/// `PRAGMA journal_mode = WAL` (persistent in the file). Switching needs a
+/// moment with no other connection, which `busy_timeout` does not wait for,
+/// so it is retried: 20 tries, 50 ms apart.
+async fn enable_wal(conn: &mut AnyConnection) -> Result<(), StoreError> {
+    let mut tries = 0;
+    loop {
+        let mode: Result<String, sqlx::Error> =
+            sqlx::query_scalar("PRAGMA journal_mode = WAL").fetch_one(&mut *conn).await;
+        match mode {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(mode) => {
+                return Err(StoreError::Schema(format!("SQLite refused WAL mode (journal_mode is '{mode}')")));
+            }
+            Err(e) if tries < 20 => {
+                tries += 1;
+                tracing::debug!("sqlite: WAL switch retry {tries} after: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(StoreError::Db { what: "switch SQLite to WAL mode", source: e }),
+        }
+    }
+}
+
+/// Creates `fieldlink_schema` and applies what is missing, under the lock the
+/// caller holds.
+async fn apply(conn: &mut AnyConnection, d: Dialect) -> Result<(), StoreError> {
+    conn.execute(schema_table(d)).await.map_err(StoreError::db("create fieldlink_schema"))?;
+    let rows = sqlx::query("SELECT version FROM fieldlink_schema")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(StoreError::db("read fieldlink_schema"))?;
+    let mut applied = BTreeSet::new();
+    for row in rows {
+        let v: i64 = row.try_get(0).map_err(StoreError::db("read fieldlink_schema"))?;
+        applied.insert(v);
+    }
+    if let Some(newest) = applied.last().copied().filter(|v| *v > LATEST) {
+        // A newer hub migrated this database. Its changes are additive by
+        // rule (append-only migrations), so this build can still work.
+        tracing::warn!("database schema version {newest} is newer than this fieldlink knows ({LATEST})");
+    }
+    let record = d.insert_unless_present("fieldlink_schema", "(version, applied_at) VALUES (?, ?)", "version");
+    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        for stmt in (m.ddl)(d) {
+            conn.execute(*stmt).await.map_err(|source| StoreError::Migrate {
+                version: m.version,
+                name: m.name,
+                source,
+            })?;
+        }
+        sqlx::query(sqlx::AssertSqlSafe(record.clone()))
+            .bind(m.version)
+            .bind(timefmt::rfc3339_millis(SystemTime::now()))
+            .execute(&mut *conn)
+            .await
+            .map_err(|source| StoreError::Migrate { version: m.version, name: m.name, source })?;
+        tracing::info!("database: applied schema migration {} ({})", m.version, m.name);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_from_one_without_gaps() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i64::try_from(i).expect("few") + 1, "{}", m.name);
+        }
+        assert_eq!(MIGRATIONS.last().map(|m| m.version), Some(LATEST));
+    }
+
+    #[test]
+    fn every_ddl_statement_can_run_twice() {
+        for d in [Dialect::Sqlite, Dialect::MySql, Dialect::Postgres] {
+            for m in MIGRATIONS {
+                for stmt in (m.ddl)(d).iter().chain([&schema_table(d)]) {
+                    assert!(stmt.contains("IF NOT EXISTS"), "{d:?} migration {}: {stmt}", m.version);
+                }
+            }
+        }
+    }
+}

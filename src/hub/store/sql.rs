@@ -1,0 +1,174 @@
+//! The data statements (DML), rendered once per dialect when the store opens.
+//! It owns the SQL text and the order of its bind parameters (written next to
+//! each statement); it never executes anything. Every statement is written
+//! with `?` and renumbered for PostgreSQL by [`Dialect::render`].
+
+use std::sync::Arc;
+
+use super::dialect::Dialect;
+
+/// Columns of `commands`, in the order `read::command_row` reads them.
+pub const COMMAND_COLUMNS: &str =
+    "command_id, device, relay, requested, status, requested_at, expires_at, confirmed_at, state, error";
+
+/// Every statement the store runs against the data tables.
+#[derive(Debug)]
+pub struct Statements {
+    /// device, seq, ts, kind, name, payload, received_at -> 1 row if new
+    pub insert_message: Arc<str>,
+    /// device, online, last_seen -> 1 row if new
+    pub insert_device: Arc<str>,
+    /// last_seen, last_seen, device: moves `last_seen` forward only
+    pub touch_device: Arc<str>,
+    /// online, last_seen, last_seen, device
+    pub set_online: Arc<str>,
+    /// heartbeat_seq, heartbeat, device, heartbeat_seq: only a newer one
+    pub set_heartbeat: Arc<str>,
+    /// device, relay, state, seq -> 1 row if new
+    pub insert_relay: Arc<str>,
+    /// state, seq, device, relay, seq: only a newer one
+    pub update_relay: Arc<str>,
+    /// confirmed_at, state, command_id, device -> 1 row if it moved
+    pub confirm_command: Arc<str>,
+    /// error, command_id, device -> 1 row if it moved
+    pub reject_command: Arc<str>,
+    /// command_id -> one row of [`COMMAND_COLUMNS`]
+    pub select_command: Arc<str>,
+    /// the [`COMMAND_COLUMNS`] values
+    pub insert_command: Arc<str>,
+    /// now -> command ids that are requested and past `expires_at`
+    pub select_expirable: Arc<str>,
+    /// command_id -> 1 row if it moved from requested to expired
+    pub expire_command: Arc<str>,
+    /// status, command_id
+    pub set_command_status: Arc<str>,
+    /// () -> device, online, last_seen, heartbeat
+    pub select_devices: Arc<str>,
+    /// () -> device, relay, state
+    pub select_relays: Arc<str>,
+    /// before (ts) -> rows deleted
+    pub prune_heartbeats: Arc<str>,
+    dialect: Dialect,
+}
+
+impl Statements {
+    pub fn new(d: Dialect) -> Statements {
+        Statements {
+            insert_message: d.insert_unless_present(
+                "messages",
+                "(device, seq, ts, kind, name, payload, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "device, seq",
+            ),
+            insert_device: d.insert_unless_present("devices", "(device, online, last_seen) VALUES (?, ?, ?)", "device"),
+            touch_device: d
+                .render("UPDATE devices SET last_seen = ? WHERE (last_seen IS NULL OR last_seen < ?) AND device = ?"),
+            set_online: d.render(
+                "UPDATE devices SET online = ?, \
+                 last_seen = CASE WHEN last_seen IS NULL OR last_seen < ? THEN ? ELSE last_seen END \
+                 WHERE device = ?",
+            ),
+            set_heartbeat: d.render(
+                "UPDATE devices SET heartbeat_seq = ?, heartbeat = ? \
+                 WHERE device = ? AND (heartbeat_seq IS NULL OR heartbeat_seq < ?)",
+            ),
+            insert_relay: d.insert_unless_present(
+                "relays",
+                "(device, relay, state, seq) VALUES (?, ?, ?, ?)",
+                "device, relay",
+            ),
+            update_relay: d.render("UPDATE relays SET state = ?, seq = ? WHERE device = ? AND relay = ? AND seq < ?"),
+            confirm_command: d.render(
+                "UPDATE commands SET status = 'confirmed', confirmed_at = ?, state = ? \
+                 WHERE command_id = ? AND device = ? AND status IN ('requested', 'expired')",
+            ),
+            reject_command: d.render(
+                "UPDATE commands SET status = 'rejected', error = ? \
+                 WHERE command_id = ? AND device = ? AND status IN ('requested', 'expired')",
+            ),
+            select_command: d.render(&format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = ?")),
+            insert_command: d
+                .render(&format!("INSERT INTO commands ({COMMAND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")),
+            select_expirable: d.render(
+                "SELECT command_id FROM commands WHERE status = 'requested' AND expires_at < ? ORDER BY expires_at",
+            ),
+            expire_command: d
+                .render("UPDATE commands SET status = 'expired' WHERE command_id = ? AND status = 'requested'"),
+            set_command_status: d.render("UPDATE commands SET status = ? WHERE command_id = ?"),
+            select_devices: d.render("SELECT device, online, last_seen, heartbeat FROM devices ORDER BY device"),
+            select_relays: d.render("SELECT device, relay, state FROM relays ORDER BY device, relay"),
+            prune_heartbeats: d.render("DELETE FROM messages WHERE kind = 'heartbeat' AND ts < ?"),
+            dialect: d,
+        }
+    }
+
+    /// The events query for the filters given; binds, in order: device,
+    /// kind (if `with_kind`), before_seq (if `with_before`), limit.
+    pub fn select_events(&self, with_kind: bool, with_before: bool) -> Arc<str> {
+        let mut sql = String::from("SELECT seq, ts, kind, name, payload FROM messages WHERE device = ?");
+        if with_kind {
+            sql.push_str(" AND kind = ?");
+        }
+        if with_before {
+            sql.push_str(" AND seq < ?");
+        }
+        sql.push_str(" ORDER BY seq DESC LIMIT ?");
+        self.dialect.render(&sql)
+    }
+
+    /// Every statement, for checks.
+    #[cfg(test)]
+    fn all(&self) -> Vec<&str> {
+        [
+            &self.insert_message,
+            &self.insert_device,
+            &self.touch_device,
+            &self.set_online,
+            &self.set_heartbeat,
+            &self.insert_relay,
+            &self.update_relay,
+            &self.confirm_command,
+            &self.reject_command,
+            &self.select_command,
+            &self.insert_command,
+            &self.select_expirable,
+            &self.expire_command,
+            &self.set_command_status,
+            &self.select_devices,
+            &self.select_relays,
+            &self.prune_heartbeats,
+        ]
+        .into_iter()
+        .map(|s| &**s)
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Dialect::render` counts on this.
+    #[test]
+    fn no_string_literal_holds_a_question_mark() {
+        let s = Statements::new(Dialect::Sqlite);
+        let events = [s.select_events(true, true)];
+        for sql in s.all().into_iter().chain(events.iter().map(|e| &**e)) {
+            for (i, literal) in sql.split('\'').enumerate() {
+                assert!(i % 2 == 0 || !literal.contains('?'), "{sql}");
+            }
+        }
+    }
+
+    #[test]
+    fn postgres_statements_have_no_question_marks_left() {
+        let s = Statements::new(Dialect::Postgres);
+        for sql in s.all() {
+            assert!(!sql.contains('?'), "{sql}");
+        }
+        assert_eq!(
+            &*s.select_events(true, true),
+            "SELECT seq, ts, kind, name, payload FROM messages WHERE device = $1 AND kind = $2 AND seq < $3 \
+             ORDER BY seq DESC LIMIT $4"
+        );
+    }
+}

@@ -1,0 +1,447 @@
+//! The store's test suite, written once and run against every backend:
+//! SQLite in a temporary directory, and MariaDB and PostgreSQL in databases
+//! created for each test on the machine's servers (see `backends`). Each
+//! case is a function taking a fresh [`Store`] (and its URL); the `suite!`
+//! macro makes one test per case per backend, named
+//! `<backend>::<case as a sentence>`. No case depends on timing.
+
+mod backends;
+
+use std::time::SystemTime;
+
+use serde_json::{Value, json};
+use sqlx::{AnyConnection, Connection};
+
+use crate::hub::model::{CommandRow, CommandStatus, Kind, Message, Update};
+use crate::hub::store::{Store, StoreError};
+use crate::timefmt;
+
+/// 2025-11-21T10:00:00.000Z, the suite's time zero.
+const T0_MS: u64 = 1_763_719_200_000;
+
+fn at(sec: u64) -> SystemTime {
+    timefmt::from_millis(T0_MS + sec * 1000)
+}
+
+fn ts(sec: u64) -> String {
+    timefmt::rfc3339_millis(at(sec))
+}
+
+fn message(device: &str, seq: u64, kind: Kind, name: Option<&str>, body: Value) -> Update {
+    let mut payload = json!({"device": device, "seq": seq, "ts": ts(seq)});
+    if let (Some(p), Some(b)) = (payload.as_object_mut(), body.as_object()) {
+        p.extend(b.clone());
+    }
+    Update::Message(Message { device: device.into(), seq, ts: ts(seq), kind, name: name.map(str::to_string), payload })
+}
+
+fn button(device: &str, seq: u64, state: &str) -> Update {
+    message(device, seq, Kind::Button, Some("door"), json!({"button": "door", "state": state}))
+}
+
+fn heartbeat(device: &str, seq: u64, temp_c: f64) -> Update {
+    message(device, seq, Kind::Heartbeat, None, json!({"uptime_s": seq, "temp_c": temp_c, "outbox": {"depth": 0}}))
+}
+
+fn relay(device: &str, seq: u64, relay: &str, state: &str, command_id: Option<&str>) -> Update {
+    let cause = if command_id.is_some() { "command" } else { "startup" };
+    message(
+        device,
+        seq,
+        Kind::Relay,
+        Some(relay),
+        json!({"relay": relay, "state": state, "cause": cause, "command_id": command_id}),
+    )
+}
+
+fn error(device: &str, seq: u64, code: &str, text: &str, command_id: &str) -> Update {
+    let body = json!({"code": code, "message": text, "topic": "fieldlink/pi/relay/pump/set", "command_id": command_id});
+    message(device, seq, Kind::Error, None, body)
+}
+
+fn status(device: &str, online: bool, sec: u64) -> Update {
+    Update::Status { device: device.into(), online, at: ts(sec) }
+}
+
+fn command(id: &str, device: &str, relay: &str, expires_sec: u64) -> CommandRow {
+    CommandRow {
+        command_id: id.into(),
+        device: device.into(),
+        relay: relay.into(),
+        requested: "on".into(),
+        status: CommandStatus::Requested,
+        requested_at: ts(0),
+        expires_at: ts(expires_sec),
+        confirmed_at: None,
+        state: None,
+        error: None,
+    }
+}
+
+async fn write(store: &Store, updates: &[Update]) -> Vec<bool> {
+    store.write_batch(updates).await.expect("write_batch")
+}
+
+async fn seqs(store: &Store, device: &str, kind: Option<Kind>, limit: u32, before: Option<u64>) -> Vec<u64> {
+    store.events(device, kind, limit, before).await.expect("events").iter().map(|e| e.seq).collect()
+}
+
+async fn cmd(store: &Store, id: &str) -> CommandRow {
+    store.command(id).await.expect("command").unwrap_or_else(|| panic!("command {id} is stored"))
+}
+
+async fn device(store: &Store, name: &str) -> crate::hub::model::DeviceView {
+    let devices = store.devices().await.expect("devices");
+    devices.into_iter().find(|d| d.device == name).unwrap_or_else(|| panic!("device {name} is listed"))
+}
+
+// ---------------------------------------------------------------- the cases
+
+async fn a_message_seen_twice_is_stored_once(store: Store, _: String) {
+    assert_eq!(write(&store, &[button("pi", 1, "pressed")]).await, [true]);
+    // A replay, even one that differs, is the same (device, seq): the first stays.
+    assert_eq!(write(&store, &[button("pi", 1, "released")]).await, [false]);
+    let events = store.events("pi", None, 10, None).await.expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].payload["state"], "pressed");
+}
+
+async fn the_same_device_and_seq_twice_in_one_batch_is_stored_once(store: Store, _: String) {
+    let batch =
+        [button("pi", 7, "pressed"), button("pi", 7, "pressed"), status("pi", true, 1), button("other", 7, "released")];
+    assert_eq!(write(&store, &batch).await, [true, false, true, true]);
+    assert_eq!(seqs(&store, "pi", None, 10, None).await, [7]);
+    assert_eq!(seqs(&store, "other", None, 10, None).await, [7]);
+}
+
+async fn the_newest_heartbeat_wins_by_seq_even_when_an_older_one_arrives_later(store: Store, _: String) {
+    assert_eq!(write(&store, &[heartbeat("pi", 5, 50.0)]).await, [true]);
+    assert_eq!(write(&store, &[heartbeat("pi", 3, 30.0)]).await, [true]);
+    assert_eq!(device(&store, "pi").await.heartbeat.expect("a heartbeat")["temp_c"], 50.0);
+    assert_eq!(write(&store, &[heartbeat("pi", 7, 70.0), heartbeat("pi", 6, 60.0)]).await, [true, true]);
+    assert_eq!(device(&store, "pi").await.heartbeat.expect("a heartbeat")["seq"], 7);
+    assert_eq!(seqs(&store, "pi", Some(Kind::Heartbeat), 10, None).await, [7, 6, 5, 3]);
+}
+
+async fn the_newest_relay_state_wins_by_seq_even_when_an_older_one_arrives_later(store: Store, _: String) {
+    write(&store, &[relay("pi", 10, "pump", "on", None)]).await;
+    write(&store, &[relay("pi", 4, "pump", "off", None), relay("pi", 6, "fan", "on", None)]).await;
+    let relays = device(&store, "pi").await.relays;
+    assert_eq!(relays.get("pump").map(String::as_str), Some("on"));
+    assert_eq!(relays.get("fan").map(String::as_str), Some("on"));
+    write(&store, &[relay("pi", 12, "pump", "off", None)]).await;
+    assert_eq!(device(&store, "pi").await.relays.get("pump").map(String::as_str), Some("off"));
+    // Relay states are per device.
+    write(&store, &[relay("barn", 1, "pump", "on", None)]).await;
+    assert_eq!(device(&store, "pi").await.relays.get("pump").map(String::as_str), Some("off"));
+    assert_eq!(device(&store, "barn").await.relays.get("pump").map(String::as_str), Some("on"));
+}
+
+async fn a_relay_state_carrying_a_command_id_confirms_that_command(store: Store, _: String) {
+    store.insert_command(&command("c1", "pi", "pump", 30)).await.expect("insert");
+    let report = store.write_batch_report(&[relay("pi", 3, "pump", "on", Some("c1"))]).await.expect("write");
+    assert_eq!(report.stored, [true]);
+    let c1 = cmd(&store, "c1").await;
+    assert_eq!(report.commands, std::slice::from_ref(&c1));
+    assert_eq!(c1.status, CommandStatus::Confirmed);
+    assert_eq!(c1.confirmed_at.as_deref(), Some(ts(3).as_str()));
+    assert_eq!(c1.state.as_deref(), Some("on"));
+    // The replay changes nothing and reports nothing.
+    let report = store.write_batch_report(&[relay("pi", 3, "pump", "on", Some("c1"))]).await.expect("write");
+    assert_eq!((report.stored, report.commands), (vec![false], vec![]));
+    // Another device cannot answer pi's command.
+    store.insert_command(&command("c2", "pi", "pump", 30)).await.expect("insert");
+    write(&store, &[relay("barn", 1, "pump", "on", Some("c2"))]).await;
+    assert_eq!(cmd(&store, "c2").await.status, CommandStatus::Requested);
+    // An answer that comes after the hub gave up still counts.
+    store.insert_command(&command("c3", "pi", "pump", 5)).await.expect("insert");
+    assert_eq!(store.expire_commands(at(10)).await.expect("expire"), 1);
+    write(&store, &[relay("pi", 4, "pump", "off", Some("c3"))]).await;
+    let c3 = cmd(&store, "c3").await;
+    assert_eq!((c3.status, c3.state.as_deref()), (CommandStatus::Confirmed, Some("off")));
+}
+
+async fn an_error_carrying_a_command_id_rejects_that_command(store: Store, _: String) {
+    store.insert_command(&command("c1", "pi", "pump", 30)).await.expect("insert");
+    let report =
+        store.write_batch_report(&[error("pi", 2, "expired", "expires_at is in the past", "c1")]).await.expect("write");
+    let c1 = cmd(&store, "c1").await;
+    assert_eq!(report.commands, std::slice::from_ref(&c1));
+    assert_eq!(c1.status, CommandStatus::Rejected);
+    assert_eq!(c1.error.as_deref(), Some("expired: expires_at is in the past"));
+    assert_eq!(c1.confirmed_at, None);
+    // A rejected command stays rejected.
+    write(&store, &[relay("pi", 3, "pump", "on", Some("c1"))]).await;
+    assert_eq!(cmd(&store, "c1").await.status, CommandStatus::Rejected);
+}
+
+async fn unanswered_commands_past_their_expiry_are_expired_once(store: Store, _: String) {
+    store.insert_command(&command("late", "pi", "pump", 10)).await.expect("insert");
+    store.insert_command(&command("early", "pi", "pump", 100)).await.expect("insert");
+    store.insert_command(&command("done", "pi", "pump", 10)).await.expect("insert");
+    write(&store, &[relay("pi", 1, "pump", "on", Some("done"))]).await;
+    // Strictly before: a command expiring at the very moment is still open.
+    assert_eq!(store.expire_commands(at(10)).await.expect("expire"), 0);
+    let expired = store.expire_commands_returning(at(50)).await.expect("expire");
+    assert_eq!(expired.iter().map(|c| c.command_id.as_str()).collect::<Vec<_>>(), ["late"]);
+    assert_eq!(expired[0].status, CommandStatus::Expired);
+    assert_eq!(store.expire_commands(at(50)).await.expect("expire"), 0);
+    assert_eq!(cmd(&store, "late").await.status, CommandStatus::Expired);
+    assert_eq!(cmd(&store, "early").await.status, CommandStatus::Requested);
+    assert_eq!(cmd(&store, "done").await.status, CommandStatus::Confirmed);
+}
+
+async fn a_command_reads_back_as_recorded_with_its_times_in_utc(store: Store, _: String) {
+    let mut c = command("c1", "pi", "pump", 30);
+    c.requested = "toggle".into();
+    c.expires_at = "2025-11-21T12:00:30+02:00".into();
+    store.insert_command(&c).await.expect("insert");
+    c.expires_at = ts(30);
+    assert_eq!(cmd(&store, "c1").await, c);
+    assert_eq!(store.command("nope").await.expect("command"), None);
+    assert!(store.insert_command(&c).await.is_err(), "an id is recorded once");
+    c.requested = "sideways".into();
+    c.command_id = "c2".into();
+    assert!(matches!(store.insert_command(&c).await, Err(StoreError::BadCommand { .. })));
+}
+
+async fn a_status_set_by_hand_sticks_and_an_unknown_id_is_an_error(store: Store, _: String) {
+    store.insert_command(&command("c1", "pi", "pump", 30)).await.expect("insert");
+    store.set_command_status("c1", CommandStatus::Expired).await.expect("set");
+    assert_eq!(cmd(&store, "c1").await.status, CommandStatus::Expired);
+    // Setting the status it already has is fine too.
+    store.set_command_status("c1", CommandStatus::Expired).await.expect("set again");
+    assert!(matches!(
+        store.set_command_status("nope", CommandStatus::Rejected).await,
+        Err(StoreError::UnknownCommand(id)) if id == "nope"
+    ));
+}
+
+async fn events_come_newest_first_and_page_with_before_seq_and_kind(store: Store, _: String) {
+    let batch: Vec<Update> = (1..=9)
+        .map(|seq| match seq % 3 {
+            0 => button("pi", seq, "pressed"),
+            1 => heartbeat("pi", seq, 40.0),
+            _ => relay("pi", seq, "pump", "on", None),
+        })
+        .collect();
+    write(&store, &batch).await;
+    write(&store, &[button("other", 100, "pressed")]).await;
+    assert_eq!(seqs(&store, "pi", None, 3, None).await, [9, 8, 7]);
+    assert_eq!(seqs(&store, "pi", None, 3, Some(7)).await, [6, 5, 4]);
+    assert_eq!(seqs(&store, "pi", None, 3, Some(2)).await, [1]);
+    assert_eq!(seqs(&store, "pi", None, 3, Some(1)).await, Vec::<u64>::new());
+    assert_eq!(seqs(&store, "pi", Some(Kind::Button), 10, None).await, [9, 6, 3]);
+    assert_eq!(seqs(&store, "pi", Some(Kind::Heartbeat), 2, Some(7)).await, [4, 1]);
+    assert_eq!(seqs(&store, "pi", Some(Kind::Error), 10, None).await, Vec::<u64>::new());
+    assert_eq!(seqs(&store, "pi", None, 0, None).await, Vec::<u64>::new());
+    assert_eq!(seqs(&store, "pi", None, 100, Some(u64::MAX)).await.len(), 9);
+    assert_eq!(seqs(&store, "nobody", None, 10, None).await, Vec::<u64>::new());
+}
+
+async fn stored_messages_read_back_as_they_were_written(store: Store, _: String) {
+    let b = button("pi", 1, "pressed");
+    let h = heartbeat("pi", 2, 41.5);
+    let mut odd = button("pi", 3, "released");
+    if let Update::Message(m) = &mut odd {
+        m.ts = "2025-11-21T12:00:03.000+02:00".into();
+    }
+    write(&store, &[b.clone(), h.clone(), odd]).await;
+    let events = store.events("pi", None, 10, None).await.expect("events");
+    let (Update::Message(b), Update::Message(h)) = (b, h) else { unreachable!("built as messages") };
+    assert_eq!(events[2].seq, 1);
+    assert_eq!(
+        (events[2].ts.as_str(), events[2].kind, events[2].name.as_deref()),
+        (b.ts.as_str(), Kind::Button, Some("door"))
+    );
+    assert_eq!(events[2].payload, b.payload);
+    assert_eq!((events[1].kind, events[1].name.as_deref()), (Kind::Heartbeat, None));
+    assert_eq!(events[1].payload, h.payload);
+    assert_eq!(events[0].ts, ts(3), "a ts with an offset is stored in UTC");
+}
+
+async fn status_updates_keep_online_state_and_any_first_word_creates_the_device(store: Store, _: String) {
+    write(&store, &[status("a", true, 5)]).await;
+    let a = device(&store, "a").await;
+    assert!(a.online);
+    assert_eq!(a.last_seen.as_deref(), Some(ts(5).as_str()));
+    assert_eq!((a.heartbeat, a.relays.len()), (None, 0));
+    write(&store, &[button("b", 1, "pressed")]).await;
+    let b = device(&store, "b").await;
+    assert!(!b.online, "a message alone does not say the device is online");
+    assert!(b.last_seen.is_some());
+    // An offline status that was received earlier does not move last_seen back.
+    write(&store, &[status("a", false, 2)]).await;
+    let a = device(&store, "a").await;
+    assert!(!a.online);
+    assert_eq!(a.last_seen.as_deref(), Some(ts(5).as_str()));
+    let names: Vec<String> = store.devices().await.expect("devices").into_iter().map(|d| d.device).collect();
+    assert_eq!(names, ["a", "b"]);
+}
+
+async fn old_heartbeats_are_pruned_and_nothing_else(store: Store, _: String) {
+    write(
+        &store,
+        &[heartbeat("pi", 10, 1.0), heartbeat("pi", 20, 2.0), heartbeat("pi", 30, 3.0), button("pi", 5, "pressed")],
+    )
+    .await;
+    // Strictly older: the heartbeat at 20 s stays.
+    assert_eq!(store.prune_heartbeats(at(20)).await.expect("prune"), 1);
+    assert_eq!(store.prune_heartbeats(at(25)).await.expect("prune"), 1);
+    assert_eq!(store.prune_heartbeats(at(25)).await.expect("prune"), 0);
+    assert_eq!(seqs(&store, "pi", None, 10, None).await, [30, 5]);
+    assert_eq!(device(&store, "pi").await.heartbeat.expect("kept")["seq"], 30);
+    assert_eq!(store.prune_heartbeats(at(1000)).await.expect("prune"), 1);
+    assert_eq!(device(&store, "pi").await.heartbeat.expect("the device keeps its newest")["seq"], 30);
+    // A pruned heartbeat's replay is stored again; seq still decides.
+    assert_eq!(write(&store, &[heartbeat("pi", 10, 1.0)]).await, [true]);
+    assert_eq!(device(&store, "pi").await.heartbeat.expect("kept")["seq"], 30);
+}
+
+async fn a_batch_with_an_update_the_schema_cannot_hold_writes_nothing(store: Store, _: String) {
+    let mut bad = button("pi", 2, "pressed");
+    if let Update::Message(m) = &mut bad {
+        m.device = "d".repeat(300);
+    }
+    let result = store.write_batch(&[button("pi", 1, "pressed"), bad]).await;
+    assert!(matches!(result, Err(StoreError::Invalid { index: 1, .. })), "{result:?}");
+    assert_eq!(seqs(&store, "pi", None, 10, None).await, Vec::<u64>::new());
+    assert_eq!(write(&store, &[]).await, Vec::<bool>::new());
+}
+
+async fn hubs_starting_at_once_share_one_schema(store: Store, url: String) {
+    let opened = futures_util::future::join_all((0..4).map(|_| Store::connect(&url))).await;
+    let others: Vec<Store> = opened.into_iter().map(|s| s.expect("every hub connects")).collect();
+    write(&others[0], &[button("pi", 1, "pressed")]).await;
+    assert_eq!(write(&others[1], &[button("pi", 1, "pressed")]).await, [false]);
+    assert_eq!(seqs(&store, "pi", None, 10, None).await, [1]);
+    for s in &others {
+        s.close().await;
+    }
+    let mut conn = AnyConnection::connect(&url).await.expect("connect");
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM fieldlink_schema").fetch_all(&mut conn).await.expect("versions");
+    assert_eq!(versions, [super::schema::LATEST]);
+    let _ = conn.close().await; // test connection; nothing to flush
+}
+
+async fn two_hubs_writing_the_same_messages_at_once_store_each_once(store: Store, url: String) {
+    let other = Store::connect(&url).await.expect("a second hub");
+    let all: Vec<Update> = (1..=60)
+        .flat_map(|seq| {
+            ["a", "b", "c"].map(|d| match seq % 3 {
+                0 => heartbeat(d, seq, 20.0 + seq as f64),
+                1 => relay(d, seq, "pump", if seq % 2 == 0 { "on" } else { "off" }, None),
+                _ => button(d, seq, "pressed"),
+            })
+        })
+        .collect();
+    let mut reversed = all.clone();
+    reversed.reverse();
+    // Each hub writes everything, in batches of 20, in opposite orders.
+    let hub = |store: Store, updates: Vec<Update>| async move {
+        let mut stored = Vec::new();
+        for batch in updates.chunks(20) {
+            let flags = store.write_batch(batch).await.expect("a batch is stored despite the other hub");
+            for (u, new) in batch.iter().zip(flags) {
+                if let Update::Message(m) = u {
+                    stored.push(((m.device.clone(), m.seq), new));
+                }
+            }
+        }
+        stored
+    };
+    let (a, b) = tokio::join!(hub(store.clone(), all.clone()), hub(other.clone(), reversed));
+    let mut firsts = std::collections::BTreeMap::new();
+    for (key, new) in a.into_iter().chain(b) {
+        *firsts.entry(key).or_insert(0) += u32::from(new);
+    }
+    assert_eq!(firsts.len(), all.len());
+    assert!(firsts.values().all(|n| *n == 1), "each (device, seq) is newly stored by exactly one hub");
+    for d in ["a", "b", "c"] {
+        assert_eq!(seqs(&store, d, None, 1000, None).await.len(), 60);
+        let view = device(&store, d).await;
+        assert_eq!(view.heartbeat.expect("a heartbeat")["seq"], 60);
+        assert_eq!(view.relays.get("pump").map(String::as_str), Some("on"), "seq 58 is the newest relay state");
+    }
+    other.close().await;
+}
+
+/// One test per case per backend.
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $case() { super::backends::run(super::backends::Backend::Sqlite, super::$case).await } )*
+        }
+        mod mariadb {
+            $( #[tokio::test] async fn $case() { super::backends::run(super::backends::Backend::MariaDb, super::$case).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $case() { super::backends::run(super::backends::Backend::Postgres, super::$case).await } )*
+        }
+    };
+}
+
+suite!(
+    a_message_seen_twice_is_stored_once,
+    the_same_device_and_seq_twice_in_one_batch_is_stored_once,
+    the_newest_heartbeat_wins_by_seq_even_when_an_older_one_arrives_later,
+    the_newest_relay_state_wins_by_seq_even_when_an_older_one_arrives_later,
+    a_relay_state_carrying_a_command_id_confirms_that_command,
+    an_error_carrying_a_command_id_rejects_that_command,
+    unanswered_commands_past_their_expiry_are_expired_once,
+    a_command_reads_back_as_recorded_with_its_times_in_utc,
+    a_status_set_by_hand_sticks_and_an_unknown_id_is_an_error,
+    events_come_newest_first_and_page_with_before_seq_and_kind,
+    stored_messages_read_back_as_they_were_written,
+    status_updates_keep_online_state_and_any_first_word_creates_the_device,
+    old_heartbeats_are_pruned_and_nothing_else,
+    a_batch_with_an_update_the_schema_cannot_hold_writes_nothing,
+    hubs_starting_at_once_share_one_schema,
+    two_hubs_writing_the_same_messages_at_once_store_each_once,
+);
+
+// ------------------------------------------------------- SQLite specifics
+
+#[tokio::test]
+async fn connecting_creates_the_sqlite_file_and_its_directory_in_wal_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state/sub/hub.db");
+    let url = format!("sqlite://{}", path.display());
+    let store = Store::connect(&url).await.expect("connect");
+    assert!(path.is_file());
+    store.close().await;
+    let mut conn = AnyConnection::connect(&url).await.expect("connect");
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut conn).await.expect("pragma");
+    assert_eq!(mode, "wal");
+    let _ = conn.close().await; // test connection; nothing to flush
+}
+
+#[tokio::test]
+async fn what_was_stored_is_there_after_reopening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/hub.db", dir.path().display());
+    let store = Store::connect(&url).await.expect("connect");
+    write(&store, &[button("pi", 1, "pressed"), status("pi", true, 1)]).await;
+    store.close().await;
+    let store = Store::connect(&url).await.expect("reconnect");
+    assert_eq!(write(&store, &[button("pi", 1, "pressed")]).await, [false]);
+    assert!(device(&store, "pi").await.online);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_server_that_refuses_is_reported_without_the_password() {
+    let e = Store::connect("mysql://hub:hunter2@127.0.0.1:1/fieldlink").await.expect_err("nothing listens on port 1");
+    let text = e.to_string();
+    assert!(matches!(e, StoreError::Connect { .. }), "{text}");
+    assert!(text.contains("mysql://hub:***@127.0.0.1:1/fieldlink"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test]
+async fn an_unknown_database_scheme_is_refused() {
+    let e = Store::connect("mongodb://h/db").await.expect_err("not supported");
+    assert!(matches!(e, StoreError::BadUrl { .. }), "{e}");
+    assert!(!e.is_transient());
+}

@@ -1,0 +1,414 @@
+//! The write path: one batch of updates from the collector, checked, then
+//! written in ONE transaction with everything it implies (device rows, newest
+//! heartbeat and relay states, command answers). It owns the rules of what a
+//! stored message changes; it never reads wire payloads beyond the few JSON
+//! fields those rules need, and never decides when to acknowledge (the
+//! collector does, after this returns).
+//!
+//! # Rules
+//!
+//! * A message is stored once per `(device, seq)`: the insert skips a key
+//!   that exists, and its `rows_affected` says whether this call stored it.
+//! * Only a newly stored message has effects, so a replay changes nothing:
+//!   - the device row exists (created by its first message or status) and
+//!     its `last_seen` moves forward to the hub's receive time;
+//!   - a heartbeat replaces `devices.heartbeat` if its seq is higher;
+//!   - a relay state (`"on"`/`"off"`) replaces `relays.state` if its seq
+//!     is higher; with a `command_id` it confirms that command (requested
+//!     or expired, same device): `confirmed_at` = the message's `ts`;
+//!   - an error with a `command_id` rejects that command: `error` =
+//!     `"<code>: <message>"`.
+//! * A status sets `online` and moves `last_seen` forward to its `at`.
+//! * Updates are written grouped by device (in arrival order within a
+//!   device, which is all that order means here), so hubs sharing a
+//!   database take row locks in the same order and rarely deadlock.
+//! * A deadlock or busy database (several hubs, one database) rolls the
+//!   transaction back and runs it again, at most [`ATTEMPTS`] times.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use sqlx::AnyPool;
+use sqlx::{AnyConnection, AssertSqlSafe};
+
+use super::dialect::Dialect;
+use super::error::StoreError;
+use super::sql::Statements;
+use super::{affected, commands};
+use crate::hub::model::{CommandRow, Kind, Update};
+use crate::timefmt;
+
+/// Longest device, button, relay or command name the store accepts (the
+/// MySQL schema's VARCHAR(255); the contract's names are far shorter).
+pub const MAX_NAME_CHARS: usize = 255;
+
+/// An agent's refusal text is cut to this many characters.
+const MAX_ERROR_CHARS: usize = 1000;
+
+/// Tries per batch when the database reports a deadlock or is busy.
+pub const ATTEMPTS: u32 = 5;
+
+/// Back-off before the second try; doubles each time, plus up to as much
+/// again of random jitter so that two hubs do not collide in step.
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+
+/// What [`write_batch`] did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BatchReport {
+    /// Per update, in order: newly stored (false for a `(device, seq)` that
+    /// was already there). Status updates are always true.
+    pub stored: Vec<bool>,
+    /// Commands this batch confirmed or rejected, as they now stand.
+    pub commands: Vec<CommandRow>,
+}
+
+/// An update, checked and in the shape the statements bind.
+enum Checked<'a> {
+    Message {
+        device: &'a str,
+        seq: i64,
+        ts: String,
+        kind: &'static str,
+        name: Option<&'a str>,
+        payload: String,
+        effect: Effect<'a>,
+    },
+    Status {
+        device: &'a str,
+        online: bool,
+        at: String,
+    },
+}
+
+impl Checked<'_> {
+    fn device(&self) -> &str {
+        match self {
+            Checked::Message { device, .. } | Checked::Status { device, .. } => device,
+        }
+    }
+}
+
+/// What a newly stored message changes besides `messages`.
+enum Effect<'a> {
+    None,
+    Heartbeat,
+    Relay { relay: &'a str, state: &'a str, command_id: Option<&'a str> },
+    Rejects { command_id: &'a str, error: String },
+}
+
+/// Stores `updates` in one transaction; see the module doc for the rules.
+pub async fn write_batch(
+    pool: &AnyPool,
+    dialect: Dialect,
+    sql: &Statements,
+    updates: &[Update],
+) -> Result<BatchReport, StoreError> {
+    let checked = updates.iter().enumerate().map(|(i, u)| check(i, u)).collect::<Result<Vec<_>, _>>()?;
+    if checked.is_empty() {
+        return Ok(BatchReport::default());
+    }
+    // Stable: arrival order is kept within each device.
+    let mut order: Vec<usize> = (0..checked.len()).collect();
+    order.sort_by(|a, b| checked[*a].device().cmp(checked[*b].device()));
+    let received_at = timefmt::rfc3339_millis(SystemTime::now());
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match write_once(pool, dialect, sql, &checked, &order, &received_at).await {
+            Err(e) if attempt < ATTEMPTS && e.is_contention() => {
+                tracing::debug!("database: batch of {} rolled back (try {attempt}): {e}", checked.len());
+                let jitter = fastrand::u64(0..=u64::try_from(backoff.as_millis()).unwrap_or(0));
+                tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+                backoff *= 2;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn write_once(
+    pool: &AnyPool,
+    dialect: Dialect,
+    sql: &Statements,
+    checked: &[Checked<'_>],
+    order: &[usize],
+    received_at: &str,
+) -> Result<BatchReport, StoreError> {
+    let mut tx = match dialect {
+        // Take the write lock up front: a deferred transaction that reads
+        // first cannot wait for it and fails with SQLITE_BUSY instead.
+        Dialect::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+        Dialect::MySql | Dialect::Postgres => pool.begin().await,
+    }
+    .map_err(StoreError::db("begin a batch"))?;
+    let mut stored = vec![false; checked.len()];
+    let mut answered: Vec<&str> = Vec::new();
+    let mut touched: HashSet<&str> = HashSet::new();
+    for &i in order {
+        match &checked[i] {
+            Checked::Message { device, seq, ts, kind, name, payload, effect } => {
+                let new = affected(
+                    sqlx::query(AssertSqlSafe(sql.insert_message.clone()))
+                        .bind(*device)
+                        .bind(*seq)
+                        .bind(ts.as_str())
+                        .bind(*kind)
+                        .bind(*name)
+                        .bind(payload.as_str())
+                        .bind(received_at),
+                    &mut tx,
+                    "store a message",
+                )
+                .await?
+                    == 1;
+                stored[i] = new;
+                if new {
+                    // Same `received_at` for the whole batch: once per device is enough.
+                    if touched.insert(device) {
+                        touch_device(&mut tx, sql, device, received_at).await?;
+                    }
+                    if let Some(id) = apply_effect(&mut tx, sql, device, *seq, ts, payload, effect).await? {
+                        answered.push(id);
+                    }
+                }
+            }
+            Checked::Status { device, online, at } => {
+                set_online(&mut tx, sql, device, *online, at).await?;
+                stored[i] = true;
+            }
+        }
+    }
+    let mut commands = Vec::with_capacity(answered.len());
+    for id in answered {
+        if let Some(row) = commands::fetch(&mut tx, sql, id).await? {
+            commands.push(row);
+        }
+    }
+    tx.commit().await.map_err(StoreError::db("commit a batch"))?;
+    Ok(BatchReport { stored, commands })
+}
+
+/// Creates the device row or moves its `last_seen` forward.
+async fn touch_device(conn: &mut AnyConnection, sql: &Statements, device: &str, at: &str) -> Result<(), StoreError> {
+    let q = sqlx::query(AssertSqlSafe(sql.insert_device.clone())).bind(device).bind(0_i16).bind(at);
+    if affected(q, conn, "create a device").await? == 0 {
+        let q = sqlx::query(AssertSqlSafe(sql.touch_device.clone())).bind(at).bind(at).bind(device);
+        affected(q, conn, "update a device's last_seen").await?;
+    }
+    Ok(())
+}
+
+async fn set_online(
+    conn: &mut AnyConnection,
+    sql: &Statements,
+    device: &str,
+    online: bool,
+    at: &str,
+) -> Result<(), StoreError> {
+    let flag = i16::from(online);
+    let q = sqlx::query(AssertSqlSafe(sql.insert_device.clone())).bind(device).bind(flag).bind(at);
+    if affected(q, conn, "create a device").await? == 0 {
+        let q = sqlx::query(AssertSqlSafe(sql.set_online.clone())).bind(flag).bind(at).bind(at).bind(device);
+        affected(q, conn, "update a device's online state").await?;
+    }
+    Ok(())
+}
+
+/// Applies what a newly stored message implies; returns the id of a command
+/// it moved to confirmed or rejected.
+async fn apply_effect<'a>(
+    conn: &mut AnyConnection,
+    sql: &Statements,
+    device: &str,
+    seq: i64,
+    ts: &str,
+    payload: &str,
+    effect: &Effect<'a>,
+) -> Result<Option<&'a str>, StoreError> {
+    match effect {
+        Effect::None => Ok(None),
+        Effect::Heartbeat => {
+            let q =
+                sqlx::query(AssertSqlSafe(sql.set_heartbeat.clone())).bind(seq).bind(payload).bind(device).bind(seq);
+            affected(q, conn, "keep the newest heartbeat").await?;
+            Ok(None)
+        }
+        Effect::Relay { relay, state, command_id } => {
+            let q =
+                sqlx::query(AssertSqlSafe(sql.insert_relay.clone())).bind(device).bind(*relay).bind(*state).bind(seq);
+            if affected(q, conn, "store a relay state").await? == 0 {
+                let q = sqlx::query(AssertSqlSafe(sql.update_relay.clone()))
+                    .bind(*state)
+                    .bind(seq)
+                    .bind(device)
+                    .bind(*relay)
+                    .bind(seq);
+                affected(q, conn, "keep the newest relay state").await?;
+            }
+            let Some(id) = command_id else { return Ok(None) };
+            let q =
+                sqlx::query(AssertSqlSafe(sql.confirm_command.clone())).bind(ts).bind(*state).bind(*id).bind(device);
+            Ok((affected(q, conn, "confirm a command").await? == 1).then_some(*id))
+        }
+        Effect::Rejects { command_id, error } => {
+            let q = sqlx::query(AssertSqlSafe(sql.reject_command.clone()))
+                .bind(error.as_str())
+                .bind(*command_id)
+                .bind(device);
+            Ok((affected(q, conn, "reject a command").await? == 1).then_some(*command_id))
+        }
+    }
+}
+
+/// Checks one update against what the schema can hold. A failure names the
+/// update's index, so the caller can set it aside and store the rest.
+fn check(index: usize, update: &Update) -> Result<Checked<'_>, StoreError> {
+    let invalid = |reason: String| StoreError::Invalid { index, reason };
+    match update {
+        Update::Message(m) => {
+            check_name("device", &m.device).map_err(invalid)?;
+            if let Some(name) = &m.name {
+                check_name("name", name).map_err(invalid)?;
+            }
+            let seq = i64::try_from(m.seq).map_err(|_| invalid(format!("seq {} is beyond {}", m.seq, i64::MAX)))?;
+            let ts =
+                normalize_ts(&m.ts).ok_or_else(|| invalid(format!("ts '{}' is not an RFC 3339 timestamp", m.ts)))?;
+            let effect = match m.kind {
+                Kind::Heartbeat => Effect::Heartbeat,
+                Kind::Relay => relay_effect(m.name.as_deref(), &m.payload),
+                Kind::Error => error_effect(&m.payload),
+                Kind::Button => Effect::None,
+            };
+            Ok(Checked::Message {
+                device: &m.device,
+                seq,
+                ts,
+                kind: m.kind.as_str(),
+                name: m.name.as_deref(),
+                payload: m.payload.to_string(),
+                effect,
+            })
+        }
+        Update::Status { device, online, at } => {
+            check_name("device", device).map_err(invalid)?;
+            let at = normalize_ts(at).ok_or_else(|| invalid(format!("at '{at}' is not an RFC 3339 timestamp")))?;
+            Ok(Checked::Status { device, online: *online, at })
+        }
+    }
+}
+
+fn check_name(what: &str, value: &str) -> Result<(), String> {
+    let len = value.chars().count();
+    if len == 0 {
+        return Err(format!("{what} is empty"));
+    }
+    if len > MAX_NAME_CHARS {
+        let head: String = value.chars().take(32).collect();
+        return Err(format!("{what} '{head}...' is {len} characters long; at most {MAX_NAME_CHARS}"));
+    }
+    Ok(())
+}
+
+/// A relay state message changes `relays` when it names its relay and says
+/// `on` or `off`; anything else is stored but changes nothing.
+fn relay_effect<'a>(name: Option<&'a str>, payload: &'a Value) -> Effect<'a> {
+    let state = payload.get("state").and_then(Value::as_str).filter(|s| matches!(*s, "on" | "off"));
+    match (name, state) {
+        (Some(relay), Some(state)) => Effect::Relay { relay, state, command_id: command_id(payload) },
+        _ => Effect::None,
+    }
+}
+
+fn error_effect(payload: &Value) -> Effect<'_> {
+    let Some(command_id) = command_id(payload) else { return Effect::None };
+    let field = |k: &str| payload.get(k).and_then(Value::as_str).unwrap_or("");
+    let mut error = format!("{}: {}", field("code"), field("message"));
+    if let Some((cut, _)) = error.char_indices().nth(MAX_ERROR_CHARS) {
+        error.truncate(cut);
+    }
+    Effect::Rejects { command_id, error }
+}
+
+/// A `command_id` that could name a stored command (non-empty, not too long).
+fn command_id(payload: &Value) -> Option<&str> {
+    payload.get("command_id").and_then(Value::as_str).filter(|id| check_name("command_id", id).is_ok())
+}
+
+/// Any RFC 3339 time -> the canonical UTC-with-milliseconds form, which
+/// sorts as text the way it sorts as time.
+pub fn normalize_ts(ts: &str) -> Option<String> {
+    timefmt::parse_rfc3339(ts).map(timefmt::rfc3339_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::hub::model::Message;
+
+    fn message(kind: Kind, name: Option<&str>, payload: Value) -> Update {
+        Update::Message(Message {
+            device: "pi".into(),
+            seq: 1,
+            ts: "2025-11-21T10:00:00.000Z".into(),
+            kind,
+            name: name.map(str::to_string),
+            payload,
+        })
+    }
+
+    #[test]
+    fn timestamps_are_stored_in_one_sortable_form() {
+        assert_eq!(normalize_ts("2025-11-21T12:00:00+02:00").as_deref(), Some("2025-11-21T10:00:00.000Z"));
+        assert_eq!(normalize_ts("2025-11-21T10:00:00.123456Z").as_deref(), Some("2025-11-21T10:00:00.123Z"));
+        assert_eq!(normalize_ts("yesterday"), None);
+    }
+
+    #[test]
+    fn an_update_the_schema_cannot_hold_is_named_by_its_index() {
+        let long = "x".repeat(MAX_NAME_CHARS + 1);
+        let mut bad = message(Kind::Button, Some(&long), json!({}));
+        assert!(matches!(check(3, &bad), Err(StoreError::Invalid { index: 3, .. })));
+        if let Update::Message(m) = &mut bad {
+            m.name = Some("door".into());
+            m.seq = u64::MAX;
+        }
+        assert!(matches!(check(0, &bad), Err(StoreError::Invalid { index: 0, .. })));
+        if let Update::Message(m) = &mut bad {
+            m.seq = 1;
+            m.ts = "soon".into();
+        }
+        let e = check(0, &bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("'soon'"), "{e}");
+        let status = Update::Status { device: String::new(), online: true, at: "2025-11-21T10:00:00.000Z".into() };
+        assert!(matches!(check(1, &status), Err(StoreError::Invalid { index: 1, .. })));
+    }
+
+    #[test]
+    fn only_an_on_or_off_state_with_a_relay_name_changes_relays() {
+        let p = json!({"state": "on", "command_id": "c1"});
+        assert!(matches!(relay_effect(Some("pump"), &p), Effect::Relay { command_id: Some("c1"), .. }));
+        assert!(matches!(relay_effect(None, &p), Effect::None));
+        assert!(matches!(relay_effect(Some("pump"), &json!({"state": "maybe"})), Effect::None));
+        assert!(matches!(
+            relay_effect(Some("pump"), &json!({"state": "off", "command_id": null})),
+            Effect::Relay { command_id: None, .. }
+        ));
+    }
+
+    #[test]
+    fn an_error_reads_as_code_colon_message() {
+        let p = json!({"code": "expired", "message": "expires_at is in the past", "command_id": "c9"});
+        match error_effect(&p) {
+            Effect::Rejects { command_id, error } => {
+                assert_eq!(command_id, "c9");
+                assert_eq!(error, "expired: expires_at is in the past");
+            }
+            _ => panic!("an error with a command_id rejects it"),
+        }
+        assert!(matches!(error_effect(&json!({"code": "bad_payload", "command_id": null})), Effect::None));
+    }
+}

@@ -1,0 +1,293 @@
+//! The JSON endpoints under `/api` (DESIGN: "HTTP API"). Parameter parsing
+//! and the mapping of a command [`Outcome`] to an HTTP answer are plain
+//! functions, tested without a server; the handlers only glue them to the
+//! [`Store`](crate::hub::store::Store) and the
+//! [`Commander`](crate::hub::commands::Commander).
+//!
+//! Bad input is a 400 whose message names the parameter, quotes the value
+//! and says what was expected, like every error in fieldlink:
+//! `limit: '5000' is out of range (expected 1..=1000)`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{OriginalUri, Path, Query, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{ApiError, AppState};
+use crate::hub::commands::{Outcome, Requested};
+use crate::hub::model::{CommandRow, DeviceView, EventView, Kind};
+
+/// `limit` when the request does not say.
+pub(super) const DEFAULT_LIMIT: u32 = 100;
+/// The most events one page may hold.
+pub(super) const MAX_LIMIT: u32 = 1000;
+/// The longest `?wait=` a relay command may ask for.
+pub(super) const MAX_WAIT: Duration = Duration::from_secs(60);
+
+type Params = Vec<(String, String)>;
+
+/// The last value of a query parameter (later ones win, as in a form).
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn query_params(query: Result<Query<Params>, QueryRejection>) -> Result<Params, ApiError> {
+    query.map(|Query(p)| p).map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))
+}
+
+/// Device ids and relay names end up in MQTT topics: `[A-Za-z0-9_-]{1,64}`
+/// keeps `/`, `+` and `#` out of them.
+fn name_param(what: &str, value: String) -> Result<String, ApiError> {
+    let ok =
+        (1..=64).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(value)
+    } else {
+        Err(ApiError::BadRequest(format!("{what}: '{value}' is not valid (expected [A-Za-z0-9_-]{{1,64}})")))
+    }
+}
+
+/// What `GET /api/devices/{d}/events` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct EventsQuery {
+    pub kind: Option<Kind>,
+    pub limit: u32,
+    pub before_seq: Option<u64>,
+}
+
+/// Parses `kind`, `limit` and `before_seq`; other parameters are ignored
+/// (a cache-buster, say).
+pub(super) fn events_query(params: &[(String, String)]) -> Result<EventsQuery, ApiError> {
+    let kind = match param(params, "kind") {
+        None => None,
+        Some(k) => Some(Kind::parse(k).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "kind: '{k}' is not an event kind (expected button, relay, heartbeat or error)"
+            ))
+        })?),
+    };
+    let limit = match param(params, "limit") {
+        None => DEFAULT_LIMIT,
+        Some(l) => match l.parse::<u64>() {
+            Ok(n) if (1..=u64::from(MAX_LIMIT)).contains(&n) => u32::try_from(n).expect("at most MAX_LIMIT"),
+            Ok(_) => {
+                return Err(ApiError::BadRequest(format!("limit: '{l}' is out of range (expected 1..={MAX_LIMIT})")));
+            }
+            Err(_) => {
+                return Err(ApiError::BadRequest(format!("limit: '{l}' is not a number (expected 1..={MAX_LIMIT})")));
+            }
+        },
+    };
+    let before_seq = match param(params, "before_seq") {
+        None => None,
+        Some(s) => Some(s.parse::<u64>().map_err(|_| {
+            ApiError::BadRequest(format!("before_seq: '{s}' is not a sequence number (expected 0..={})", u64::MAX))
+        })?),
+    };
+    Ok(EventsQuery { kind, limit, before_seq })
+}
+
+/// `?wait=` (humantime, at most [`MAX_WAIT`]), or `default`.
+pub(super) fn wait_param(params: &[(String, String)], default: Duration) -> Result<Duration, ApiError> {
+    let Some(w) = param(params, "wait") else {
+        return Ok(default);
+    };
+    let wait = humantime::parse_duration(w).map_err(|_| {
+        ApiError::BadRequest(format!("wait: '{w}' is not a duration (expected e.g. '5s', at most 60s)"))
+    })?;
+    if wait > MAX_WAIT {
+        return Err(ApiError::BadRequest(format!("wait: '{w}' is too long (expected at most 60s)")));
+    }
+    Ok(wait)
+}
+
+#[derive(Deserialize)]
+struct RelayBody {
+    state: String,
+}
+
+/// The body of `POST /api/devices/{d}/relays/{r}`: `{"state":"on"|"off"|"toggle"}`
+/// (any case, as the agent accepts).
+pub(super) fn relay_body(body: &[u8]) -> Result<Requested, ApiError> {
+    let RelayBody { state } = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!(r#"body: expected JSON {{"state":"on"|"off"|"toggle"}} ({e})"#)))?;
+    Requested::parse(&state.to_ascii_lowercase()).ok_or_else(|| {
+        ApiError::BadRequest(format!("state: '{state}' is not a relay command (expected on, off or toggle)"))
+    })
+}
+
+/// The HTTP answer a command outcome stands for: 200 confirmed, 202
+/// pending, 409 rejected; the body is the outcome itself.
+pub(super) fn outcome_answer(outcome: &Outcome) -> (StatusCode, Value) {
+    let status = match outcome {
+        Outcome::Confirmed { .. } => StatusCode::OK,
+        Outcome::Pending { .. } => StatusCode::ACCEPTED,
+        Outcome::Rejected { .. } => StatusCode::CONFLICT,
+    };
+    let body = serde_json::to_value(outcome).expect("an outcome is a map of strings");
+    (status, body)
+}
+
+/// `GET /api/devices`
+pub(super) async fn devices(State(st): State<AppState>) -> Result<Json<Vec<DeviceView>>, ApiError> {
+    Ok(Json(st.store.devices().await?))
+}
+
+/// `GET /api/devices/{d}/events?kind=&limit=&before_seq=`, newest first. An
+/// unknown device has no events: `[]`.
+pub(super) async fn events(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<Params>, QueryRejection>,
+) -> Result<Json<Vec<EventView>>, ApiError> {
+    let Path(device) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let device = name_param("device", device)?;
+    let q = events_query(&query_params(query)?)?;
+    Ok(Json(st.store.events(&device, q.kind, q.limit, q.before_seq).await?))
+}
+
+/// `POST /api/devices/{d}/relays/{r}?wait=` with `{"state":...}`.
+pub(super) async fn set_relay(
+    State(st): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<Params>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path((device, relay)) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let device = name_param("device", device)?;
+    let relay = name_param("relay", relay)?;
+    let wait = wait_param(&query_params(query)?, st.command_wait)?;
+    let body = body.map_err(|e| ApiError::BadRequest(format!("body: {}", e.body_text())))?;
+    let requested = relay_body(&body)?;
+    let outcome = st.commander.send(&device, &relay, requested, wait).await?;
+    let (status, body) = outcome_answer(&outcome);
+    Ok((status, Json(body)).into_response())
+}
+
+/// `GET /api/commands/{id}`
+pub(super) async fn command(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<CommandRow>, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    match st.store.command(&id).await? {
+        Some(row) => Ok(Json(row)),
+        None => Err(ApiError::NotFound(format!("no command '{id}'"))),
+    }
+}
+
+/// Unknown routes under `/api`.
+pub(super) async fn not_found(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::NotFound(format!("no API route {method} {}", uri.path()))
+}
+
+/// Known routes, wrong method.
+pub(super) async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> Params {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn bad(r: Result<impl std::fmt::Debug, ApiError>) -> String {
+        match r {
+            Err(ApiError::BadRequest(m)) => m,
+            other => panic!("expected a bad request, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_default_to_a_hundred_of_every_kind() {
+        assert_eq!(events_query(&[]).expect("valid"), EventsQuery { kind: None, limit: 100, before_seq: None });
+    }
+
+    #[test]
+    fn events_parameters_are_parsed_and_unknown_ones_ignored() {
+        let q = events_query(&params(&[("kind", "heartbeat"), ("limit", "1000"), ("before_seq", "42"), ("_", "1")]))
+            .expect("valid");
+        assert_eq!(q, EventsQuery { kind: Some(Kind::Heartbeat), limit: 1000, before_seq: Some(42) });
+    }
+
+    #[test]
+    fn a_bad_events_parameter_is_named_and_quoted() {
+        assert_eq!(
+            bad(events_query(&params(&[("kind", "weather")]))),
+            "kind: 'weather' is not an event kind (expected button, relay, heartbeat or error)"
+        );
+        assert_eq!(
+            bad(events_query(&params(&[("limit", "5000")]))),
+            "limit: '5000' is out of range (expected 1..=1000)"
+        );
+        assert_eq!(bad(events_query(&params(&[("limit", "0")]))), "limit: '0' is out of range (expected 1..=1000)");
+        assert_eq!(bad(events_query(&params(&[("limit", "ten")]))), "limit: 'ten' is not a number (expected 1..=1000)");
+        assert!(bad(events_query(&params(&[("before_seq", "-1")]))).starts_with("before_seq: '-1'"));
+    }
+
+    #[test]
+    fn wait_defaults_to_the_configured_wait_and_is_capped_at_a_minute() {
+        let default = Duration::from_secs(5);
+        assert_eq!(wait_param(&[], default).expect("valid"), default);
+        assert_eq!(wait_param(&params(&[("wait", "250ms")]), default).expect("valid"), Duration::from_millis(250));
+        assert_eq!(wait_param(&params(&[("wait", "60s")]), default).expect("valid"), MAX_WAIT);
+        assert_eq!(
+            bad(wait_param(&params(&[("wait", "61s")]), default)),
+            "wait: '61s' is too long (expected at most 60s)"
+        );
+        assert!(bad(wait_param(&params(&[("wait", "soon")]), default)).starts_with("wait: 'soon' is not a duration"));
+    }
+
+    #[test]
+    fn the_relay_body_is_a_state_in_any_case() {
+        assert_eq!(relay_body(br#"{"state":"on"}"#).expect("valid"), Requested::On);
+        assert_eq!(relay_body(br#"{"state":"OFF"}"#).expect("valid"), Requested::Off);
+        assert_eq!(relay_body(br#"{"state":"Toggle","extra":1}"#).expect("valid"), Requested::Toggle);
+        assert_eq!(
+            bad(relay_body(br#"{"state":"dim"}"#)),
+            "state: 'dim' is not a relay command (expected on, off or toggle)"
+        );
+        for body in [&b""[..], b"on", br#"{"state":1}"#, br#"{}"#] {
+            assert!(bad(relay_body(body)).starts_with(r#"body: expected JSON {"state":"on"|"off"|"toggle"}"#));
+        }
+    }
+
+    #[test]
+    fn names_that_would_change_the_topic_are_refused() {
+        assert_eq!(name_param("relay", "pump_1-a".into()).expect("valid"), "pump_1-a");
+        for name in ["", "a/b", "+", "#", "a b", &"x".repeat(65)] {
+            assert!(bad(name_param("relay", name.to_string())).starts_with("relay: '"), "{name}");
+        }
+    }
+
+    #[test]
+    fn each_outcome_has_its_status_code_and_body() {
+        let confirmed = Outcome::Confirmed { command_id: "c1".into(), state: "on".into() };
+        assert_eq!(
+            outcome_answer(&confirmed),
+            (StatusCode::OK, serde_json::json!({"command_id": "c1", "status": "confirmed", "state": "on"}))
+        );
+        let pending = Outcome::Pending { command_id: "c2".into() };
+        assert_eq!(
+            outcome_answer(&pending),
+            (StatusCode::ACCEPTED, serde_json::json!({"command_id": "c2", "status": "pending"}))
+        );
+        let rejected = Outcome::Rejected { command_id: "c3".into(), error: "unknown_relay: no relay 'x'".into() };
+        assert_eq!(
+            outcome_answer(&rejected),
+            (
+                StatusCode::CONFLICT,
+                serde_json::json!({"command_id": "c3", "status": "rejected", "error": "unknown_relay: no relay 'x'"})
+            )
+        );
+    }
+}
