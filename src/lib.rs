@@ -1,14 +1,17 @@
-//! fieldlink: a field agent for unattended Raspberry Pis on flaky links.
+//! fieldlink: unattended Raspberry Pis on flaky links, and the cloud side
+//! that collects from them.
 //!
 //! The agent reads buttons, drives relays and reports its own health over
 //! MQTT. Everything it sends goes through a durable on-disk outbox first, so
-//! a dead link, a restarted broker or a `kill -9` loses nothing. This crate
-//! holds all the logic; `src/main.rs` only parses the command line.
+//! a dead link, a restarted broker or a `kill -9` loses nothing. The hub
+//! stores what arrives (each `(device, seq)` once), serves an API and a live
+//! dashboard, and sends relay commands. This crate holds all the logic;
+//! `src/main.rs` only parses the command line.
 //!
 //! # Layout
 //!
-//! * [`config`]: the agent's TOML config, validated into typed structs; every
-//!   problem is reported at once. It never starts anything.
+//! * [`config`]: the agent's and the hub's TOML configs, validated into typed
+//!   structs; every problem is reported at once. It never starts anything.
 //! * [`proto`]: topics and payloads, the one place that builds or parses them
 //!   (sans-IO).
 //! * [`gpio`]: the GPIO trait with a Raspberry Pi backend (rppal) and a
@@ -17,7 +20,12 @@
 //!   bound, replay reads.
 //! * [`agent`]: the actors (Button, Relay, Heartbeat, Link), their
 //!   supervision, the status dump and the process lifecycle.
+//! * [`hub`]: the cloud side: collector, store, commands, web API and
+//!   dashboard.
+//! * [`broker`]: the embedded MQTT broker (rumqttd).
+//! * [`demo`]: `fieldlink demo`, the whole system on one machine.
 //! * [`cli`]: the small client commands (`status`, `sim`, `check-config`).
+//! * [`fsutil`], [`timefmt`]: atomic file writes; RFC 3339 timestamps.
 
 pub mod agent;
 pub mod broker;
