@@ -449,9 +449,8 @@ fn web_config(t: &Table, state_dir: &Path, p: &mut Problems) -> Checked<WebConfi
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write as _;
-
     use super::*;
+    use crate::config::test_support;
 
     const EXAMPLE: &str = include_str!("../../config/hub.toml");
 
@@ -459,35 +458,19 @@ mod tests {
         parse_with_env(text, None)
     }
 
-    /// The problems of an invalid config; panics if it parsed.
     fn problems(text: &str) -> Vec<String> {
-        match parse(text) {
-            Err(ConfigError::Invalid(problems)) => problems,
-            Err(other) => panic!("expected problems, got {other:?}"),
-            Ok(config) => panic!("expected problems, got {config:?}"),
-        }
+        test_support::problems(parse(text))
     }
 
-    /// The one problem of an invalid config.
     fn problem(text: &str) -> String {
-        let mut found = problems(text);
-        assert_eq!(found.len(), 1, "expected one problem, got {found:#?}");
-        found.remove(0)
+        test_support::one_problem(parse(text))
     }
 
     fn external(rest: &str) -> String {
         format!("[broker]\nembedded = false\nurl = \"mqtt://broker.example\"\n{rest}")
     }
 
-    fn temp_file(content: &[u8]) -> tempfile::NamedTempFile {
-        let mut file = tempfile::NamedTempFile::new().expect("temp file");
-        file.write_all(content).expect("write temp file");
-        file
-    }
-
-    fn toml_path(path: &Path) -> String {
-        format!("'{}'", path.display())
-    }
+    use test_support::{temp_file, toml_path};
 
     fn addr(text: &str) -> SocketAddr {
         text.parse().expect("socket address")

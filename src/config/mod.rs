@@ -17,6 +17,8 @@
 pub mod hub;
 mod mqtt;
 mod reader;
+#[cfg(test)]
+mod test_support;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -449,8 +451,6 @@ fn check_pins(relays: &[Entry<RelayConfig>], buttons: &[Entry<ButtonConfig>], p:
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write as _;
-
     use super::*;
 
     const EXAMPLE: &str = include_str!("../../config/agent.toml");
@@ -459,35 +459,19 @@ mod tests {
         parse_with_env(text, None)
     }
 
-    /// The problems of an invalid config; panics if it parsed.
     fn problems(text: &str) -> Vec<String> {
-        match parse(text) {
-            Err(ConfigError::Invalid(problems)) => problems,
-            Err(other) => panic!("expected problems, got {other:?}"),
-            Ok(config) => panic!("expected problems, got {config:?}"),
-        }
+        test_support::problems(parse(text))
     }
 
-    /// The one problem of an invalid config.
     fn problem(text: &str) -> String {
-        let mut found = problems(text);
-        assert_eq!(found.len(), 1, "expected one problem, got {found:#?}");
-        found.remove(0)
+        test_support::one_problem(parse(text))
     }
 
     fn with_device(rest: &str) -> String {
         format!("device_id = \"pi-garage\"\n{rest}")
     }
 
-    fn secret_file(content: &[u8]) -> tempfile::NamedTempFile {
-        let mut file = tempfile::NamedTempFile::new().expect("temp file");
-        file.write_all(content).expect("write temp file");
-        file
-    }
-
-    fn toml_path(path: &Path) -> String {
-        format!("'{}'", path.display())
-    }
+    use test_support::{temp_file as secret_file, toml_path};
 
     #[test]
     fn the_example_file_parses_cleanly() {
