@@ -109,6 +109,12 @@ pub async fn run(
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
     }
+    tracing::info!(
+        stored = counters.stored.load(Ordering::Relaxed),
+        duplicates = counters.duplicates.load(Ordering::Relaxed),
+        refused = counters.refused.load(Ordering::Relaxed),
+        "collector stopped"
+    );
 }
 
 /// Polls until shutdown, forwarding parsed messages to the batcher.

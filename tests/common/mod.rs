@@ -17,6 +17,8 @@
 //!   Its log is printed when a test fails.
 //! * [`Rig`]: broker + proxy + watcher + agent for one test, torn down in that
 //!   order's reverse.
+//! * [`hub`]: the hub side (a `fieldlink hub` child process, its HTTP API,
+//!   test databases on MariaDB/PostgreSQL, and a fake agent publisher).
 //! * Payload helpers: [`records`], [`first_occurrences`],
 //!   [`assert_strictly_increasing`], [`assert_seqs_not_reused`],
 //!   [`button_events`], [`check_envelope`].
@@ -28,6 +30,8 @@
 //! waiting for and what it saw; nothing asserts on how long something took.
 
 #![allow(dead_code)]
+
+pub mod hub;
 
 use std::fs;
 use std::io::{Read, Write};

@@ -1,0 +1,331 @@
+// Owns the real-browser walk through the hub dashboard (issue 3): Debian's
+// headless Chromium, driven by playwright-core, signs in with the token,
+// sees the device online, switches its relay `pump` on, waits until the
+// page shows the command confirmed by the agent, and saves full-page
+// screenshots at a phone and a desktop width. Run by tests/hub_browser.rs;
+// by hand:
+//
+//   node tests/browser/dashboard.mjs --url http://127.0.0.1:8080 \
+//     --token <token> --device <device id> --screenshot target/test-artifacts/dashboard.png
+//
+// Arguments (each may be given by environment variable instead):
+//   --url        FIELDLINK_DASHBOARD_URL   the hub's web root (http://127.0.0.1:<port>)
+//   --token      FIELDLINK_TOKEN           the hub's token (from its token_file)
+//   --device     FIELDLINK_DEVICE          the device id whose card is used
+//   --relay      FIELDLINK_RELAY           the relay to switch on (default "pump")
+//   --screenshot FIELDLINK_SCREENSHOT      screenshot base path: writes <base>-desktop.png
+//                                          and <base>-phone.png (".png" on the base is dropped)
+//   --chromium   FIELDLINK_CHROMIUM        the browser (default /usr/bin/chromium)
+//
+// Exit 0: every step passed and both screenshots were written (their paths
+// are printed as `screenshot: <path>`). Exit 1: a step failed; what the page
+// showed (URL, text, console messages, page errors, failed requests) is
+// printed, and <base>-failure.png is saved when the page could still be
+// captured. Exit 2: bad arguments.
+//
+// Every wait is for something the page shows, with a 30 s limit per step;
+// nothing sleeps a fixed time to decide whether something worked.
+
+import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { chromium } from 'playwright-core';
+
+const STEP_MS = 30_000;
+const DESKTOP = { width: 1280, height: 800 };
+const PHONE = { width: 390, height: 844 };
+
+// The launch flags this machine's notes prescribe (rust-svc): without the
+// background-networking ones Chromium keeps dialing Google's hosts, which
+// the closed network refuses. The fresh --user-data-dir is passed as
+// launchPersistentContext's first argument (playwright-core refuses it in
+// `args`).
+const FLAGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+
+function usage(problem) {
+  console.error(`dashboard.mjs: ${problem}`);
+  console.error('usage: node dashboard.mjs --url URL --token TOKEN --device ID --screenshot BASE[.png] [--relay NAME] [--chromium PATH]');
+  process.exit(2);
+}
+
+function options() {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      options: {
+        url: { type: 'string' },
+        token: { type: 'string' },
+        device: { type: 'string' },
+        relay: { type: 'string' },
+        screenshot: { type: 'string' },
+        chromium: { type: 'string' },
+      },
+    }).values;
+  } catch (e) {
+    usage(e.message);
+  }
+  const env = process.env;
+  const o = {
+    url: parsed.url ?? env.FIELDLINK_DASHBOARD_URL,
+    token: parsed.token ?? env.FIELDLINK_TOKEN,
+    device: parsed.device ?? env.FIELDLINK_DEVICE,
+    relay: parsed.relay ?? env.FIELDLINK_RELAY ?? 'pump',
+    screenshot: parsed.screenshot ?? env.FIELDLINK_SCREENSHOT,
+    chromium: parsed.chromium ?? env.FIELDLINK_CHROMIUM ?? '/usr/bin/chromium',
+  };
+  for (const key of ['url', 'token', 'device', 'screenshot']) {
+    if (!o[key]) usage(`--${key} is missing`);
+  }
+  o.url = o.url.replace(/\/+$/, '');
+  o.base = o.screenshot.replace(/\.png$/i, '');
+  return o;
+}
+
+// CSS attribute selector value: the device id is [A-Za-z0-9_-], but quote
+// it properly anyway.
+const q = (s) => JSON.stringify(String(s));
+
+// What the page did, for the failure report.
+const seen = { console: [], pageErrors: [], failedRequests: [], steps: [] };
+
+function watch(page) {
+  page.on('console', (m) => {
+    if (m.type() === 'error' || m.type() === 'warning') seen.console.push(`${m.type()}: ${m.text()}`);
+  });
+  page.on('pageerror', (e) => seen.pageErrors.push(String(e && e.stack ? e.stack : e)));
+  page.on('requestfailed', (r) => {
+    const why = r.failure()?.errorText ?? 'failed';
+    // The live stream is cut when the browser closes or navigates; that is no fault.
+    if (!(r.url().endsWith('/api/stream') && why === 'net::ERR_ABORTED')) {
+      seen.failedRequests.push(`${r.method()} ${r.url()}: ${why}`);
+    }
+  });
+  page.on('response', (r) => {
+    if (r.status() >= 500) seen.failedRequests.push(`${r.request().method()} ${r.url()}: HTTP ${r.status()}`);
+  });
+}
+
+// Runs one named step; a failure says which step and what it waited for.
+async function step(name, fn) {
+  const started = Date.now();
+  try {
+    const result = await fn();
+    seen.steps.push(`ok   ${name}`);
+    console.log(`step ok: ${name} (${Date.now() - started} ms)`);
+    return result;
+  } catch (e) {
+    seen.steps.push(`FAIL ${name}`);
+    const err = new Error(`step failed: ${name}: ${e.message.split('\n')[0]}`);
+    err.cause = e;
+    throw err;
+  }
+}
+
+// Waits until `sel` matches, within STEP_MS.
+const visible = (page, sel) => page.locator(sel).first().waitFor({ state: 'visible', timeout: STEP_MS });
+
+async function report(page, base) {
+  console.error('---- what the browser saw ----');
+  console.error('steps:\n  ' + seen.steps.join('\n  '));
+  if (page && !page.isClosed()) {
+    console.error(`url: ${page.url()}`);
+    try {
+      const state = await page.evaluate(() => ({
+        title: document.title,
+        stream: document.body && document.body.dataset.stream,
+        text: document.body ? document.body.innerText : '(no body)',
+      }));
+      console.error(`title: ${state.title}; body[data-stream]: ${state.stream}`);
+      console.error(`page text:\n${state.text.slice(0, 6000)}`);
+    } catch (e) {
+      console.error(`page text: (unreadable: ${e.message})`);
+    }
+    try {
+      const relays = await page.evaluate(() =>
+        [...document.querySelectorAll('[data-relay]')].map((r) => ({
+          device: r.closest('[data-device]')?.dataset.device,
+          relay: r.dataset.relay,
+          state: r.dataset.state,
+          command: r.querySelector('[data-command-status]')?.dataset.status ?? null,
+          commandText: r.querySelector('[data-command-status]')?.textContent ?? null,
+        })),
+      );
+      console.error(`relay rows: ${JSON.stringify(relays)}`);
+    } catch (_) { /* the page text above has to do */ }
+    try {
+      const path = `${base}-failure.png`;
+      await page.screenshot({ path, fullPage: true, timeout: STEP_MS });
+      console.error(`failure screenshot: ${path}`);
+    } catch (e) {
+      console.error(`failure screenshot: not taken (${e.message.split('\n')[0]})`);
+    }
+  }
+  console.error(`console errors and warnings (${seen.console.length}):\n  ${seen.console.join('\n  ') || '(none)'}`);
+  console.error(`uncaught page errors (${seen.pageErrors.length}):\n  ${seen.pageErrors.join('\n  ') || '(none)'}`);
+  console.error(`failed requests (${seen.failedRequests.length}):\n  ${seen.failedRequests.join('\n  ') || '(none)'}`);
+}
+
+// Waits until every chart canvas of the card has been drawn for its current
+// size (app.js sets canvas.width from clientWidth on every draw, and redraws
+// after a resize), so a screenshot never shows a stretched stale bitmap.
+async function chartsFitted(page, card) {
+  await page.waitForFunction(
+    (sel) => {
+      const canvases = [...document.querySelectorAll(`${sel} canvas[data-chart]`)];
+      const dpr = window.devicePixelRatio || 1;
+      return canvases.length > 0 &&
+        canvases.every((c) => c.clientWidth === 0 || c.width === Math.round(c.clientWidth * dpr));
+    },
+    card,
+    { timeout: STEP_MS },
+  );
+}
+
+// The widest element that sticks out of the viewport, if any: a phone
+// layout that scrolls sideways is reported (not failed).
+async function overflow(page) {
+  return page.evaluate(() => {
+    const vw = document.documentElement.clientWidth;
+    const doc = document.documentElement.scrollWidth;
+    let worst = null;
+    for (const el of document.querySelectorAll('body *')) {
+      const r = el.getBoundingClientRect();
+      if (r.width > 0 && r.right > vw + 1 && (!worst || r.right > worst.right)) {
+        worst = { right: Math.round(r.right), tag: el.tagName.toLowerCase(), cls: el.className || '' };
+      }
+    }
+    return { viewport: vw, scrollWidth: doc, worst };
+  });
+}
+
+async function shoot(page, card, size, path, label) {
+  await page.setViewportSize(size);
+  await chartsFitted(page, card);
+  mkdirSync(dirname(path), { recursive: true });
+  await page.screenshot({ path, fullPage: true, timeout: STEP_MS });
+  const o = await overflow(page);
+  if (o.scrollWidth > o.viewport) {
+    console.log(`layout note (${label} ${size.width}px): page is ${o.scrollWidth}px wide; ` +
+      `widest overflow: <${o.worst?.tag} class="${o.worst?.cls}"> to ${o.worst?.right}px`);
+  }
+  console.log(`screenshot: ${path}`);
+}
+
+async function main() {
+  const o = options();
+  const card = `[data-device=${q(o.device)}]`;
+  const row = `${card} [data-relay=${q(o.relay)}]`;
+  const profile = mkdtempSync(join(tmpdir(), 'fieldlink-chromium-'));
+  let context = null;
+  let page = null;
+  let failed = false;
+  try {
+    context = await step(`launch ${o.chromium} (headless)`, () =>
+      chromium.launchPersistentContext(profile, {
+        executablePath: o.chromium,
+        headless: true,
+        args: FLAGS,
+        viewport: DESKTOP,
+        timeout: STEP_MS,
+      }));
+    context.setDefaultTimeout(STEP_MS);
+    context.setDefaultNavigationTimeout(STEP_MS);
+    page = context.pages()[0] ?? await context.newPage();
+    watch(page);
+
+    await step('open / and land on the login page', async () => {
+      await page.goto(`${o.url}/`, { waitUntil: 'domcontentloaded' });
+      await visible(page, 'form#login input[name=token]');
+      const path = new URL(page.url()).pathname;
+      if (path !== '/login') throw new Error(`expected to be sent to /login, the page is at ${path}`);
+    });
+
+    await step('type the token and sign in', async () => {
+      const input = page.locator('form#login input[name=token]');
+      await input.click();
+      await input.pressSequentially(o.token);
+      await page.locator('form#login button[type=submit]').click();
+      // The dashboard (its logout link: #devices is empty, so invisible,
+      // until a device has reported), or the login page's refusal.
+      const refusal = page.locator('#login-error');
+      await page.locator('a#logout').or(refusal).first().waitFor({ state: 'visible', timeout: STEP_MS });
+      if (await refusal.isVisible()) throw new Error(`the hub refused the token: ${await refusal.textContent()}`);
+      const path = new URL(page.url()).pathname;
+      if (path !== '/') throw new Error(`expected the dashboard at /, the page is at ${path}`);
+      await page.locator('#devices').waitFor({ state: 'attached', timeout: STEP_MS });
+    });
+
+    await step('the live stream opens (body[data-stream="open"])', () =>
+      visible(page, 'body[data-stream="open"]'));
+
+    await step(`device ${o.device} is shown online`, () => visible(page, `${card} [data-online="true"]`));
+
+    await step(`relay ${o.relay} is shown with its On button`, () =>
+      visible(page, `${row} button[data-action="on"]:not([disabled])`));
+
+    await step(`click ${o.relay}'s On button`, () => page.locator(`${row} button[data-action="on"]`).click());
+
+    await step('the command is settled and shown confirmed', async () => {
+      // Waits for any final status, so a rejection fails at once with its text.
+      const status = page.locator(`${row} [data-command-status]`);
+      await page.waitForFunction(
+        (sel) => ['confirmed', 'rejected', 'expired', 'failed'].includes(document.querySelector(sel)?.dataset.status),
+        `${row} [data-command-status]`,
+        { timeout: STEP_MS },
+      );
+      const got = await status.getAttribute('data-status');
+      if (got !== 'confirmed') throw new Error(`command status is "${got}": ${await status.textContent()}`);
+    });
+
+    await step(`relay ${o.relay} is shown on`, async () => {
+      await visible(page, `${row}[data-state="on"]`);
+      await page.waitForFunction(
+        (sel) => document.querySelector(sel)?.textContent.trim() === 'on',
+        `${row} [data-relay-state]`,
+        { timeout: STEP_MS },
+      );
+    });
+
+    await step('the button log and charts are loaded', async () => {
+      // loadHistory() fills the log (a row, or "No button events yet.") after drawing the charts.
+      await visible(page, `${card} [data-button-log] li`);
+    });
+
+    if (seen.pageErrors.length) {
+      throw new Error(`the page threw ${seen.pageErrors.length} uncaught error(s)`);
+    }
+
+    await step('desktop screenshot', () => shoot(page, card, DESKTOP, `${o.base}-desktop.png`, 'desktop'));
+    await step('phone screenshot', () => shoot(page, card, PHONE, `${o.base}-phone.png`, 'phone'));
+
+    if (seen.console.length) {
+      console.log(`console errors and warnings (not failures):\n  ${seen.console.join('\n  ')}`);
+    }
+  } catch (e) {
+    failed = true;
+    console.error(e.message);
+    if (e.cause && e.cause.message) console.error(`  ${e.cause.message.split('\n').slice(0, 8).join('\n  ')}`);
+    await report(page, o.base);
+  } finally {
+    if (context) {
+      await context.close().catch((e) => console.error(`closing the browser: ${e.message}`));
+    }
+    rmSync(profile, { recursive: true, force: true });
+  }
+  process.exit(failed ? 1 : 0);
+}
+
+main().catch((e) => {
+  console.error(`dashboard.mjs: ${e && e.stack ? e.stack : e}`);
+  process.exit(1);
+});

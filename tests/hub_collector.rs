@@ -1,0 +1,248 @@
+//! The hub's collector, black-box (DESIGN: Hub; issue 3, "Tests that must
+//! exist"): the real `fieldlink hub` binary against a test mosquitto, fed by
+//! fake agents that publish agent-format messages over MQTT QoS 1.
+//!
+//! * Each `(device, seq)` is stored once, whatever the wire repeats:
+//!   duplicates and a full replay, on SQLite, MariaDB and PostgreSQL
+//!   (databases created on the machine's servers and dropped afterwards;
+//!   skipped with a printed reason where no server answers, unless
+//!   `FIELDLINK_REQUIRE_DATABASES=1`).
+//! * A hub killed with SIGKILL in the middle of a batch and restarted loses
+//!   nothing: it acknowledges a message only after its commit, so the
+//!   broker keeps and redelivers the rest to the same persistent session.
+//!   This needs an external broker that outlives the hub: the embedded one
+//!   runs inside the hub process and keeps everything in memory
+//!   (`src/broker.rs`, "Limits"), so a killed hub takes its queued messages
+//!   with it. Hence mosquitto here.
+//! * Heartbeats older than `heartbeat_retention` are pruned (at start, then
+//!   hourly); other messages are kept whatever their age.
+//!
+//! To be sure every repeat has been processed before counting, a test
+//! publishes a "fence" after its messages: one message of another device on
+//! the same connection. The broker delivers one publisher's messages to the
+//! hub in order and the collector commits in arrival order, so once the
+//! fence is visible in the API, everything before it has been handled.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use common::hub::{
+    FakeAgent, Hub, Server, TestDb, assert_each_seq_once, event_seqs, query_i64, unique_device, with_duplicates,
+};
+use common::{DEADLINE, require_mosquitto, serial, wait_until};
+
+/// Publishes one button message of `<device>-fence` after everything `fake`
+/// sent, and waits until the hub stored it.
+fn fence(hub: &Hub, fake: &mut FakeAgent, n: u64) {
+    let device = format!("{}-fence", fake.device());
+    let topic = format!("fieldlink/{device}/button/door");
+    let payload = serde_json::json!({
+        "device": device, "seq": n, "ts": common::hub::rfc3339(SystemTime::now()), "button": "door", "state": "pressed",
+    });
+    fake.publish(&topic, payload.to_string());
+    fake.wait_acked();
+    hub.wait_events(&device, None, |e| event_seqs(e).contains(&n), &format!("fence #{n} to be stored"));
+}
+
+/// 1..=500 with every 7th seq sent twice, then 1..=500 all over again: the
+/// API lists each seq once, newest first, and the table holds 500 rows.
+fn duplicates_and_a_replay_are_stored_once(hub: &Hub, broker_port: u16) {
+    let device = unique_device("dup");
+    let mut fake = FakeAgent::connect(broker_port, &device);
+    let first_pass = with_duplicates(1..=500, 7);
+    assert_eq!(first_pass.len(), 571, "500 seqs and 71 repeats");
+    fake.buttons(first_pass);
+    fake.buttons(1..=500);
+    fake.wait_acked();
+    fence(hub, &mut fake, 1);
+
+    let events = hub.all_events(&device, Some("button"));
+    assert_each_seq_once(&events, 1..=500, "button events after duplicates and a replay");
+    assert_eq!(events.len(), 500);
+    for e in &events {
+        assert_eq!(e["kind"], "button", "{e}");
+        assert_eq!(e["name"], "door", "{e}");
+        assert_eq!(e["payload"]["device"], device.as_str(), "{e}");
+        assert_eq!(e["payload"]["seq"], e["seq"], "{e}");
+    }
+    // Paging by hand: the newest 100, then the 100 before the oldest of them.
+    let page = hub.events(&device, "kind=button&limit=100");
+    assert_eq!(event_seqs(&page), (401..=500).rev().collect::<Vec<_>>());
+    let older = hub.events(&device, "kind=button&limit=100&before_seq=401");
+    assert_eq!(event_seqs(&older), (301..=400).rev().collect::<Vec<_>>());
+
+    let rows = query_i64(hub.database_url(), &format!("SELECT COUNT(*) FROM messages WHERE device = '{device}'"));
+    assert_eq!(rows, 500, "rows stored for {device}");
+}
+
+#[test]
+fn duplicated_and_replayed_messages_are_stored_once() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let hub = Hub::builder(&broker).start();
+    duplicates_and_a_replay_are_stored_once(&hub, broker.port());
+}
+
+#[test]
+fn duplicated_and_replayed_messages_are_stored_once_on_mariadb() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let Some(db) = TestDb::create(Server::MariaDb) else { return };
+    let mut hub = Hub::builder(&broker).database(db.url()).start();
+    duplicates_and_a_replay_are_stored_once(&hub, broker.port());
+    assert_eq!(hub.sigterm().code(), Some(0), "the hub's exit on SIGTERM");
+}
+
+#[test]
+fn duplicated_and_replayed_messages_are_stored_once_on_postgresql() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let Some(db) = TestDb::create(Server::Postgres) else { return };
+    let mut hub = Hub::builder(&broker).database(db.url()).start();
+    duplicates_and_a_replay_are_stored_once(&hub, broker.port());
+    assert_eq!(hub.sigterm().code(), Some(0), "the hub's exit on SIGTERM");
+}
+
+#[test]
+fn duplicated_and_replayed_messages_are_stored_once_with_the_embedded_broker() {
+    let _serial = serial();
+    let hub = Hub::builder_embedded().start();
+    duplicates_and_a_replay_are_stored_once(&hub, hub.broker_port());
+}
+
+/// Fake agents in a kill test, and the seqs each publishes.
+const KILL_AGENTS: u64 = 3;
+const KILL_SEQS: u64 = 1000;
+
+/// 3 fake agents × 1000 messages; the hub is killed with SIGKILL once some
+/// are stored and half of them are published; the other half is published
+/// while it is down; it restarts with the same client id and database.
+/// Every message ends up stored exactly once.
+fn a_hub_killed_mid_batch_and_restarted_loses_nothing(mut hub: Hub, broker_port: u16) {
+    let devices: Vec<String> = (0..KILL_AGENTS).map(|i| unique_device(&format!("kill{i}"))).collect();
+    let mut fakes: Vec<FakeAgent> = devices.iter().map(|d| FakeAgent::connect(broker_port, d)).collect();
+    let half = KILL_SEQS / 2;
+    let total = KILL_AGENTS * KILL_SEQS;
+    let in_devices = devices.iter().map(|d| format!("'{d}'")).collect::<Vec<_>>().join(",");
+    let count_sql = format!("SELECT COUNT(*) FROM messages WHERE device IN ({in_devices})");
+
+    // First halves, from several publishers at once.
+    thread::scope(|s| {
+        for fake in fakes.iter_mut() {
+            s.spawn(move || {
+                fake.buttons(1..=half);
+                fake.wait_acked();
+            });
+        }
+    });
+    // Some are stored (seen through the API): batches are being written.
+    wait_until(DEADLINE, "the hub to store some of the messages", || {
+        let stored = devices
+            .iter()
+            .map(|d| hub.events(d, "kind=button&limit=1").first().map(common::hub::event_seq).unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        (stored >= 50).then_some(())
+    });
+    hub.kill9();
+    let at_kill = query_i64(hub.database_url(), &count_sql);
+    eprintln!("killed the hub with {at_kill} of {} published messages stored", KILL_AGENTS * half);
+    assert!(at_kill > 0 && u64::try_from(at_kill).expect("a count") < total, "{at_kill} stored at the kill");
+
+    // The second halves while the hub is down: the broker queues them in
+    // the hub's persistent session.
+    thread::scope(|s| {
+        for fake in fakes.iter_mut() {
+            s.spawn(move || {
+                fake.buttons(half + 1..=KILL_SEQS);
+                fake.wait_acked();
+            });
+        }
+    });
+    hub.start();
+    wait_until(DEADLINE, "every message to be stored after the restart", || {
+        (u64::try_from(query_i64(hub.database_url(), &count_sql)).expect("a count") >= total).then_some(())
+    });
+    for fake in fakes.iter_mut() {
+        fence(&hub, fake, 1);
+    }
+
+    for device in &devices {
+        let events = hub.all_events(device, Some("button"));
+        assert_each_seq_once(&events, 1..=KILL_SEQS, &format!("button events of {device}"));
+    }
+    assert_eq!(query_i64(hub.database_url(), &count_sql), i64::try_from(total).expect("small"), "rows stored");
+    assert_eq!(hub.sigterm().code(), Some(0), "the restarted hub's exit on SIGTERM");
+    // The killed hub never logged its counts; the restarted one stored what
+    // the first had not committed, and the fences.
+    let counts = hub.collector_counts();
+    eprintln!("the restarted hub stored {} and skipped {} duplicates", counts[0].0, counts[0].1);
+    let at_kill = u64::try_from(at_kill).expect("a count");
+    assert_eq!(counts, [(total - at_kill + KILL_AGENTS, counts[0].1)], "the restarted hub's collector counts");
+}
+
+#[test]
+fn a_hub_killed_with_sigkill_in_the_middle_of_a_batch_then_restarted_loses_nothing() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    // batch_wait large enough that a batch is usually open or being
+    // committed when the kill lands.
+    let hub = Hub::builder(&broker).batch_wait("200ms").start();
+    a_hub_killed_mid_batch_and_restarted_loses_nothing(hub, broker.port());
+}
+
+#[test]
+fn a_hub_killed_with_sigkill_in_the_middle_of_a_batch_then_restarted_loses_nothing_on_mariadb() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let Some(db) = TestDb::create(Server::MariaDb) else { return };
+    let hub = Hub::builder(&broker).batch_wait("200ms").database(db.url()).start();
+    a_hub_killed_mid_batch_and_restarted_loses_nothing(hub, broker.port());
+}
+
+#[test]
+fn a_hub_killed_with_sigkill_in_the_middle_of_a_batch_then_restarted_loses_nothing_on_postgresql() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let Some(db) = TestDb::create(Server::Postgres) else { return };
+    let hub = Hub::builder(&broker).batch_wait("200ms").database(db.url()).start();
+    a_hub_killed_mid_batch_and_restarted_loses_nothing(hub, broker.port());
+}
+
+#[test]
+fn heartbeats_older_than_the_retention_are_pruned_and_other_messages_are_kept() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    // The shortest retention the config takes; the old messages are two
+    // days old, far beyond it.
+    let mut hub = Hub::builder(&broker).heartbeat_retention("1m").start();
+    let device = unique_device("prune");
+    let mut fake = FakeAgent::connect(broker.port(), &device);
+    let now = SystemTime::now();
+    let two_days_ago = now - Duration::from_secs(2 * 86_400);
+    fake.heartbeat(1, two_days_ago);
+    fake.heartbeat(2, two_days_ago + Duration::from_secs(60));
+    fake.button_at(3, two_days_ago + Duration::from_secs(120));
+    fake.heartbeat(4, now);
+    fake.wait_acked();
+    // All stored: pruning runs at start and then hourly, so nothing has
+    // pruned them yet.
+    hub.wait_events(&device, None, |e| event_seqs(e) == [4, 3, 2, 1], "all four messages to be stored");
+
+    // A restart runs the pruning at once.
+    hub.restart();
+    let kept = hub.wait_events(
+        &device,
+        Some("heartbeat"),
+        |e| event_seqs(e) == [4],
+        "only the fresh heartbeat to be left after the pruning",
+    );
+    assert_eq!(kept[0]["kind"], "heartbeat");
+    let buttons = hub.all_events(&device, Some("button"));
+    assert_eq!(event_seqs(&buttons), [3], "an old button message is not a heartbeat: it stays");
+    let d = hub.device(&device).expect("the device is listed");
+    assert_eq!(d["heartbeat"]["seq"], 4, "the device shows its newest heartbeat: {d}");
+    wait_until(DEADLINE, "the hub to log the pruning", || hub.log().contains("pruned 2 heartbeats").then_some(()));
+}
