@@ -273,7 +273,9 @@ function drawChart(canvas, points, chart) {
   const data = points.map((p) => ({ t: p.t, v: chart.pick(p.hb) })).filter((p) => Number.isFinite(p.t));
   const values = data.map((p) => p.v).filter((v) => v != null && Number.isFinite(v));
   if (!values.length) {
-    ctx.fillText('no data yet', 4, h / 2);
+    // Heartbeats that arrived but carry no value: the board has no sensor
+    // for this (temp_c is null on boards without one).
+    ctx.fillText(data.length ? 'no sensor' : 'no data yet', 4, h / 2);
     return;
   }
   let lo = chart.min ?? Math.floor(Math.min(...values) - 1);
