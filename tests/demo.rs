@@ -1,9 +1,11 @@
 //! `fieldlink demo`, black-box (DESIGN: Command line; issue 3): run in a
 //! temporary working directory with `--dir <tmp>/demo`, it prints the
-//! dashboard URL with its token and the broker address, its API shows the
-//! simulated device `demo-pi` online and then its button events (the demo
-//! presses the button every few seconds), and SIGINT (Ctrl-C) stops it with
-//! exit code 0, taking its agent child process with it.
+//! dashboard URL with its token and the broker address (the URL signs in and
+//! opens the dashboard; the address is a broker carrying the device's
+//! traffic), its API shows the simulated device `demo-pi` online with its
+//! relay and heartbeat and then its button events (the demo presses the
+//! button every few seconds), and SIGINT (Ctrl-C) stops it with exit code 0,
+//! taking its agent child process with it.
 //!
 //! Needs nothing installed: the demo runs its own embedded broker.
 
@@ -15,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, exit_code, fieldlink_bin, serial, wait_until};
+use common::{DEADLINE, Watcher, exit_code, fieldlink_bin, serial, wait_until};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -170,20 +172,47 @@ fn the_demo_serves_the_dashboard_shows_the_sim_device_and_its_button_events_and_
         .timeout_global(Some(Duration::from_secs(60)))
         .build()
         .into();
-    // The printed URL logs in: a redirect to the dashboard with the cookie.
+    // The printed URL signs in: a redirect to the dashboard with the
+    // cookie, which then opens the dashboard page.
     let login = http.get(&dashboard).call().unwrap_or_else(|e| panic!("GET {dashboard}: {e}"));
     assert!(login.status().is_redirection(), "GET {dashboard}: {}", login.status());
+    let cookie = login
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("GET {dashboard} sets no cookie: {:?}", login.headers()))
+        .to_string();
+    let mut page = http.get(format!("{base}/")).header("Cookie", &cookie).call().expect("GET / with the cookie");
+    assert_eq!(page.status().as_u16(), 200, "the dashboard with the cookie");
+    let html = page.body_mut().read_to_string().expect("the dashboard's HTML");
+    assert!(html.to_ascii_lowercase().contains("<html"), "the dashboard is an HTML page: {html:.200}");
     let (status, _) = get(&http, base, "not-the-token-not-the-token-not-the-token", "/api/devices");
     assert_eq!(status, 401, "the API needs the demo's token");
 
-    wait_until(DEADLINE, "the API to show demo-pi online with its relay 'pump'", || {
+    // The printed broker address is a working MQTT broker carrying the
+    // device's traffic.
+    let port: u16 = broker
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no port in the broker address {broker}"));
+    let watcher = Watcher::connect(port, &format!("demo-test-{}", std::process::id()), "fieldlink/demo-pi/#");
+    watcher.wait_for(
+        |m| m.iter().any(|m| m.topic == "fieldlink/demo-pi/status" && m.payload == b"online"),
+        DEADLINE,
+        "demo-pi's 'online' status on the printed broker",
+    );
+
+    wait_until(DEADLINE, "the API to show demo-pi online with its relay 'pump' and a heartbeat", || {
         demo.assert_running();
         let (status, body) = get(&http, base, token, "/api/devices");
         assert_eq!(status, 200, "GET /api/devices: {body}");
-        let listed = body
-            .as_array()?
-            .iter()
-            .any(|d| d["device"] == "demo-pi" && d["online"] == true && d["relays"]["pump"].as_str().is_some());
+        let listed = body.as_array()?.iter().any(|d| {
+            d["device"] == "demo-pi"
+                && d["online"] == true
+                && d["relays"]["pump"].as_str().is_some()
+                && d["heartbeat"]["device"] == "demo-pi"
+        });
         listed.then_some(())
     });
 

@@ -502,24 +502,33 @@ impl Hub {
     /// Every event of `device` (of one `kind`, if given), newest first,
     /// paging through with `before_seq`.
     pub fn all_events(&self, device: &str, kind: Option<&str>) -> Vec<Value> {
+        self.all_events_paged(device, kind, PAGE)
+    }
+
+    /// [`Hub::all_events`] with pages of `page` events: each next page asks
+    /// for `before_seq` = the oldest seq of the page before.
+    pub fn all_events_paged(&self, device: &str, kind: Option<&str>, page: usize) -> Vec<Value> {
         let mut all: Vec<Value> = Vec::new();
         let mut before: Option<u64> = None;
         loop {
-            let mut query = format!("limit={PAGE}");
+            let mut query = format!("limit={page}");
             if let Some(k) = kind {
                 query.push_str(&format!("&kind={k}"));
             }
             if let Some(b) = before {
                 query.push_str(&format!("&before_seq={b}"));
             }
-            let page = self.events(device, &query);
-            let full = page.len() == PAGE;
-            if let Some(last) = page.last() {
-                let seq = event_seq(last);
+            let events = self.events(device, &query);
+            assert!(events.len() <= page, "limit={page} returned {} events", events.len());
+            let full = events.len() == page;
+            if let Some(first) = events.first() {
+                let seq = event_seq(first);
                 assert!(before.is_none_or(|b| seq < b), "before_seq={before:?} returned seq {seq}");
-                before = Some(seq);
             }
-            all.extend(page);
+            if let Some(last) = events.last() {
+                before = Some(event_seq(last));
+            }
+            all.extend(events);
             if !full {
                 return all;
             }
