@@ -9,10 +9,12 @@
 //!
 //! * `mod.rs`: this document, the public types, [`OutboxHandle`].
 //! * `open.rs`: opening, the state_dir lock, recovery (move a corrupt
-//!   database aside), where seqs resume.
+//!   database aside), the check against the last clean close, where seqs
+//!   resume.
 //! * `writer.rs`: the writer thread: seqs, group commit, the bound, removals.
 //! * `reader.rs`: [`OutboxReader`]: merged, seq-ordered replay reads.
-//! * `record.rs`: the byte layouts (record, meta value, floor file).
+//! * `record.rs`: the byte layouts (record, meta value, floor file, close
+//!   summary).
 //! * `store.rs`: the storage trait, its sled implementation and
 //!   [`MemStore`] (tests and benches).
 //!
@@ -24,7 +26,12 @@
 //!    the reservation `R` in `seq.floor`, because `R` is raised (durably, by
 //!    [`FLOOR_STEP`]) before a seq `>= R` is handed out.
 //! 2. **Every assigned seq is accounted for:** it is stored until acked, or it
-//!    is counted in `dropped` (bound, failed insert, undecodable, ...).
+//!    is counted in `dropped` (bound, failed insert, undecodable, lost from a
+//!    damaged database, ...). sled opens a `db` file that lost its tail as an
+//!    older state, without an error; after a clean close, `outbox.closed`
+//!    (outside sled) tells the next open how many records there were, so the
+//!    missing ones are logged and counted (see Open and recovery). After a
+//!    crash there is no such file and no such check.
 //! 3. **Removal only by:** an ack, the `max_bytes` bound, or the record being
 //!    undecodable. Reading never removes.
 //! 4. **Durable before acknowledged.** `append` resolves `Ok(seq)` only after
@@ -50,6 +57,12 @@
 //!   seq.floor                9 bytes: 0x01, then R as u64 big-endian; every seq ever
 //!                            assigned is < R. Replaced atomically: seq.floor.tmp,
 //!                            fsync, rename, fsync the directory.
+//!   outbox.closed            33 bytes: 0x01, then next_seq, depth, bytes, dropped, each
+//!                            u64 big-endian: the outbox at its last clean close. Written
+//!                            after the final fsync that set `clean` (atomically, like
+//!                            seq.floor: outbox.closed.tmp, ...); removed (and the
+//!                            directory fsynced) at open, after the meta values; absent
+//!                            while an outbox is open and after a crash.
 //!   outbox/                  sled 0.34 database (conf, db, blobs/, snap.*)
 //!     tree "heartbeats"      key: seq, u64 big-endian (8 bytes)   value: record
 //!     tree "events"          key: seq, u64 big-endian (8 bytes)   value: record
@@ -124,12 +137,30 @@
 //! directory is renamed to `outbox.corrupt-<secs>`, an error is logged, and a
 //! fresh database is opened.
 //!
+//! Then, if `outbox.closed` exists (the previous run closed cleanly and
+//! nothing has run since), open compares the database with it. Nothing can
+//! have changed in between, so a database *behind* it (fewer records, a lower
+//! next seq or a lower `dropped`) is one sled silently opened in an older
+//! state because its files were damaged (e.g. a truncated `db` file, or an
+//! `outbox/` deleted by hand): one error line says how many records were
+//! lost, they are added to `dropped` (which also never goes below the
+//! summary's), and seqs resume at least at `max(closed next_seq, R)`. Lost
+//! means missing by count, `closed depth - depth`: a lower bound when the
+//! older state still holds records that were acked before the close (those
+//! are sent again). A database moved aside is not counted (its records are
+//! kept, and its error line was logged). An unreadable `outbox.closed` is
+//! logged and ignored. An undamaged database matches the summary and nothing
+//! changes.
+//!
 //! Seqs resume at `max(meta next_seq, highest stored key + 1)`; and at `R`
 //! too unless the previous run closed cleanly (its final fsync succeeded and
 //! set `clean`). So after a crash or a move-aside, seqs jump to `R` and can
 //! never repeat one that was handed out but not yet durable; after a clean
 //! shutdown they continue without a gap. `clean` is cleared (and fsynced) at
-//! every open, before any seq is assigned.
+//! every open, before any seq is assigned, and then `outbox.closed` is
+//! removed, so that a crash later in this run is never compared with this
+//! close. (A crash between that fsync and the removal would count a loss
+//! found at this open once more at the next; a failed removal is logged.)
 
 mod open;
 mod reader;

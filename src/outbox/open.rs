@@ -1,7 +1,9 @@
 //! Opening the outbox. Owns the state_dir lock, recovery (a corrupt database
 //! is moved aside and replaced by a fresh one), where seqs resume, the
-//! depth/bytes scan, and starting the writer thread. It must not assign seqs
-//! or append: once the writer runs, only the writer mutates.
+//! depth/bytes scan, the check against the last clean close (records the
+//! database lost since are counted as dropped), and starting the writer
+//! thread. It must not assign seqs or append: once the writer runs, only the
+//! writer mutates.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::record;
-use super::store::{self, MemStore, SledStore, Store, StoreError};
+use super::store::{self, MemStore, SidePaths, SledStore, Store, StoreError};
 use super::writer::Writer;
 use super::{Class, HandleInner, OpenReport, OutboxError, OutboxHandle, OutboxReader, Shared};
 use crate::config::OutboxConfig;
@@ -22,6 +24,8 @@ const DB_DIR: &str = "outbox";
 const FLOOR_FILE: &str = "seq.floor";
 /// The flock that keeps a second agent off the same state_dir.
 const LOCK_FILE: &str = "outbox.lock";
+/// The close summary, under the state_dir: written at a clean close, removed at open.
+const CLOSED_FILE: &str = "outbox.closed";
 
 /// What the open scan found.
 #[derive(Debug)]
@@ -61,10 +65,9 @@ pub fn open(state_dir: &Path, cfg: &OutboxConfig) -> Result<(OutboxHandle, Outbo
     })?;
     let lock = lock_state_dir(state_dir)?;
     let dir = state_dir.join(DB_DIR);
-    let floor_path = state_dir.join(FLOOR_FILE);
     let existed = dir.exists();
 
-    let first = open_sled(&dir, &floor_path, &lock).map_err(Failure::from).and_then(|s| {
+    let first = open_sled(state_dir, &dir, &lock).map_err(Failure::from).and_then(|s| {
         let s: Arc<dyn Store> = Arc::new(s);
         load(&*s, existed, false).map(|loaded| (s, loaded))
     });
@@ -83,7 +86,7 @@ pub fn open(state_dir: &Path, cfg: &OutboxConfig) -> Result<(OutboxHandle, Outbo
                 aside.display()
             );
             let s: Arc<dyn Store> =
-                Arc::new(open_sled(&dir, &floor_path, &lock).map_err(|e| store_error(state_dir, &dir, e))?);
+                Arc::new(open_sled(state_dir, &dir, &lock).map_err(|e| store_error(state_dir, &dir, e))?);
             let loaded = load(&*s, false, true).map_err(|f| match f {
                 Failure::Corrupt(reason) => OutboxError::Corrupt { dir: dir.clone(), reason },
                 Failure::Store(e) => store_error(state_dir, &dir, e),
@@ -129,10 +132,11 @@ const SLED_LOCK_RETRY: Duration = Duration::from_millis(10);
 /// hold `outbox.lock`, so no other agent can be holding sled's lock; a
 /// reopen in the same process just has to wait. Back-off: every 10 ms, for
 /// up to 2 s, then the lock error stands.
-fn open_sled(dir: &Path, floor_path: &Path, lock: &Arc<File>) -> Result<SledStore, StoreError> {
+fn open_sled(state_dir: &Path, dir: &Path, lock: &Arc<File>) -> Result<SledStore, StoreError> {
     let give_up = Instant::now() + SLED_LOCK_WAIT;
     loop {
-        match SledStore::open(dir, floor_path.to_path_buf(), lock.clone()) {
+        let side = SidePaths { floor: state_dir.join(FLOOR_FILE), close_summary: state_dir.join(CLOSED_FILE) };
+        match SledStore::open(dir, side, lock.clone()) {
             Err(e) if e.is_lock_held() && Instant::now() < give_up => thread::sleep(SLED_LOCK_RETRY),
             other => return other,
         }
@@ -184,7 +188,8 @@ fn move_aside(state_dir: &Path, dir: &Path) -> Result<PathBuf, OutboxError> {
 }
 
 /// Reads the meta values and the floor, scans both trees, checks their head
-/// records, decides where seqs resume, and clears the `clean` marker.
+/// records, checks what it found against the close summary, decides where
+/// seqs resume, clears the `clean` marker and removes the close summary.
 ///
 /// `expect_meta`: the database existed before this open, so it must have
 /// meta values if `seq.floor` exists. `moved_aside`: this is the fresh
@@ -199,13 +204,26 @@ pub(crate) fn load(store: &dyn Store, expect_meta: bool, moved_aside: bool) -> R
         }
     };
     let meta_next = meta_u64(store::META_NEXT_SEQ)?;
-    let mut dropped = meta_u64(store::META_DROPPED)?.unwrap_or(0);
+    let meta_dropped = meta_u64(store::META_DROPPED)?.unwrap_or(0);
     let clean = meta_u64(store::META_CLEAN)? == Some(1);
     let floor = match store.floor() {
         Ok(r) => r,
         Err(e @ StoreError::BadFloor { .. }) => {
             tracing::error!(error = %e, "outbox: ignoring an unreadable seq floor; seqs resume from the database");
             None
+        }
+        Err(e) => return Err(Failure::Store(e)),
+    };
+    // Present only if the last run closed cleanly (and could write it).
+    let (summary, summary_found) = match store.close_summary() {
+        Ok(s) => (s, s.is_some()),
+        Err(e @ StoreError::BadCloseSummary { .. }) => {
+            tracing::error!(
+                error = %e,
+                "outbox: ignoring an unreadable close summary; cannot check whether records were lost \
+                 since the last clean close"
+            );
+            (None, true)
         }
         Err(e) => return Err(Failure::Store(e)),
     };
@@ -218,7 +236,7 @@ pub(crate) fn load(store: &dyn Store, expect_meta: bool, moved_aside: bool) -> R
     }
 
     let mut next_seq = meta_next.unwrap_or(1).max(1);
-    let (mut depth, mut bytes) = (0, 0);
+    let (mut depth, mut bytes, mut bad_keys) = (0, 0, 0);
     for class in [Class::Heartbeat, Class::Event] {
         let scan = store.scan(class)?;
         if scan.bad_keys > 0 {
@@ -227,7 +245,7 @@ pub(crate) fn load(store: &dyn Store, expect_meta: bool, moved_aside: bool) -> R
                 removed = scan.bad_keys,
                 "outbox: removed entries with malformed keys; counted as dropped"
             );
-            dropped += scan.bad_keys;
+            bad_keys += scan.bad_keys;
         }
         depth += scan.records;
         bytes += scan.bytes;
@@ -239,6 +257,22 @@ pub(crate) fn load(store: &dyn Store, expect_meta: bool, moved_aside: bool) -> R
         {
             return Err(Failure::Corrupt(format!("the oldest {class:?} record (seq {seq}) does not decode: {e}")));
         }
+    }
+    let mut dropped = meta_dropped + bad_keys;
+    if let Some(closed) = summary
+        && is_behind(&closed, next_seq, depth, meta_dropped)
+    {
+        // A fresh database replacing a corrupt one was reported above, and
+        // the old records are kept aside, not lost: only a database that sled
+        // opened as if nothing had happened is counted.
+        if !moved_aside {
+            let lost = report_loss(&closed, next_seq, depth, bytes);
+            // What the database dropped after its older state is in the
+            // summary; malformed keys found by this scan come on top.
+            dropped = meta_dropped.max(closed.dropped).saturating_add(bad_keys).saturating_add(lost);
+        }
+        // Its meta values may predate seqs handed out before the close.
+        next_seq = next_seq.max(closed.next_seq).max(floor.unwrap_or(0));
     }
     if !clean || moved_aside {
         next_seq = next_seq.max(floor.unwrap_or(0));
@@ -255,7 +289,52 @@ pub(crate) fn load(store: &dyn Store, expect_meta: bool, moved_aside: bool) -> R
         // the meta values and the fsync.
         tracing::warn!(error = %e, "outbox: cannot persist meta values at open");
     }
+    // The close summary is spent too (after the losses it showed are counted
+    // above): a crash from now on must not be compared with the last close.
+    if summary_found && let Err(e) = store.remove_close_summary() {
+        tracing::error!(
+            error = %e,
+            "outbox: cannot remove the close summary; if this run crashes, the next open may count \
+             records acked meanwhile as lost"
+        );
+    }
     Ok(Loaded { next_seq, floor: floor.unwrap_or(0), depth, bytes, dropped, meta_persisted: cleared.is_ok() })
+}
+
+/// Whether the database is behind what it held at the last clean close
+/// (nothing can have changed since): fewer records, a lower `next_seq` or a
+/// lower `dropped`. It then went back to an older state, as sled does when
+/// its `db` file lost its tail.
+fn is_behind(closed: &record::CloseSummary, next_seq: u64, depth: u64, dropped: u64) -> bool {
+    depth < closed.depth || next_seq < closed.next_seq || dropped < closed.dropped
+}
+
+/// Logs a database found behind its close summary (one error line) and
+/// returns how many records it lost: those missing by count.
+fn report_loss(closed: &record::CloseSummary, next_seq: u64, depth: u64, bytes: u64) -> u64 {
+    let lost = closed.depth.saturating_sub(depth);
+    if lost > 0 {
+        tracing::error!(
+            lost,
+            lost_bytes = closed.bytes.saturating_sub(bytes),
+            closed_depth = closed.depth,
+            depth,
+            closed_next_seq = closed.next_seq,
+            next_seq,
+            "OUTBOX DAMAGED: the outbox lost {lost} records since it was closed cleanly; its files were damaged \
+             (counted as dropped; they will not be sent)"
+        );
+    } else {
+        tracing::error!(
+            closed_depth = closed.depth,
+            depth,
+            closed_next_seq = closed.next_seq,
+            next_seq,
+            "OUTBOX DAMAGED: the outbox went back to an older state since it was closed cleanly; its files \
+             were damaged (no records are missing by count; some may be sent again)"
+        );
+    }
+    lost
 }
 
 /// Starts the writer thread over a loaded store.

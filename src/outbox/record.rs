@@ -1,5 +1,6 @@
-//! The byte layouts of the outbox: a record value, a meta value and the
-//! `seq.floor` file (all described in the module doc of [`crate::outbox`]).
+//! The byte layouts of the outbox: a record value, a meta value, the
+//! `seq.floor` file and the `outbox.closed` file (all described in the module
+//! doc of [`crate::outbox`]).
 //! Owns encoding and decoding, and every check that a stored value is one we
 //! wrote: version byte, size limit, no trailing bytes, known enum values,
 //! key and body agree. It must not touch storage, threads or clocks; a value
@@ -10,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::{Class, Record};
 use crate::proto::Qos;
 
-/// The version byte that starts every record value, meta value and the
-/// `seq.floor` file.
+/// The version byte that starts every record value, meta value, the
+/// `seq.floor` file and the `outbox.closed` file.
 pub const FORMAT_VERSION: u8 = 1;
 
 /// The largest record value (version byte included) the outbox writes or
@@ -139,12 +140,58 @@ pub fn encode_u64(v: u64) -> [u8; 9] {
 
 /// The inverse of [`encode_u64`].
 pub fn decode_u64(value: &[u8]) -> Result<u64, RecordError> {
+    let [v] = decode_words::<1>(value)?;
+    Ok(v)
+}
+
+/// What the outbox held at its last clean close: the `outbox.closed` file,
+/// written outside sled so that the next open can tell whether sled lost
+/// records since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CloseSummary {
+    /// The seq the next append would have got.
+    pub next_seq: u64,
+    /// Records stored.
+    pub depth: u64,
+    /// Their logical size.
+    pub bytes: u64,
+    /// Records dropped, ever.
+    pub dropped: u64,
+}
+
+/// Encodes the `outbox.closed` file: version byte, then next_seq, depth,
+/// bytes and dropped, each u64 big-endian (33 bytes).
+pub(crate) fn encode_close_summary(s: &CloseSummary) -> Vec<u8> {
+    let mut out = Vec::with_capacity(33);
+    out.push(FORMAT_VERSION);
+    for v in [s.next_seq, s.depth, s.bytes, s.dropped] {
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    out
+}
+
+/// The inverse of [`encode_close_summary`].
+pub(crate) fn decode_close_summary(value: &[u8]) -> Result<CloseSummary, RecordError> {
+    let [next_seq, depth, bytes, dropped] = decode_words::<4>(value)?;
+    Ok(CloseSummary { next_seq, depth, bytes, dropped })
+}
+
+/// A version byte followed by exactly `N` u64s, big-endian.
+fn decode_words<const N: usize>(value: &[u8]) -> Result<[u64; N], RecordError> {
     let (&version, rest) = value.split_first().ok_or(RecordError::Empty)?;
     if version != FORMAT_VERSION {
         return Err(RecordError::UnknownVersion { found: version });
     }
-    let bytes: [u8; 8] = rest.try_into().map_err(|_| RecordError::BadLength { found: value.len(), expected: 9 })?;
-    Ok(u64::from_be_bytes(bytes))
+    if rest.len() != 8 * N {
+        return Err(RecordError::BadLength { found: value.len(), expected: 1 + 8 * N });
+    }
+    let mut out = [0u64; N];
+    for (word, chunk) in out.iter_mut().zip(rest.chunks_exact(8)) {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(chunk);
+        *word = u64::from_be_bytes(bytes);
+    }
+    Ok(out)
 }
 
 /// The tree key of `seq`: big-endian, so byte order is seq order.
@@ -256,6 +303,20 @@ mod tests {
         assert!(matches!(decode_u64(&[2, 0, 0, 0, 0, 0, 0, 0, 1]), Err(RecordError::UnknownVersion { found: 2 })));
         assert!(matches!(decode_u64(&[1, 0, 0]), Err(RecordError::BadLength { .. })));
         assert!(matches!(decode_u64(&[]), Err(RecordError::Empty)));
+    }
+
+    #[test]
+    fn a_close_summary_round_trips_and_rejects_garbage() {
+        let s = CloseSummary { next_seq: 42, depth: 41, bytes: 2_460, dropped: u64::MAX };
+        let bytes = encode_close_summary(&s);
+        assert_eq!((bytes.len(), bytes[0]), (33, FORMAT_VERSION));
+        assert_eq!(decode_close_summary(&bytes).expect("decode"), s);
+        assert!(matches!(decode_close_summary(&bytes[..32]), Err(RecordError::BadLength { found: 32, expected: 33 })));
+        assert!(matches!(decode_close_summary(&encode_u64(1)), Err(RecordError::BadLength { .. })));
+        let mut future = bytes.clone();
+        future[0] = 2;
+        assert!(matches!(decode_close_summary(&future), Err(RecordError::UnknownVersion { found: 2 })));
+        assert!(matches!(decode_close_summary(&[]), Err(RecordError::Empty)));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Storage behind a trait, so the queue logic (writer, reader, open) is the
 //! same code over the real disk and over memory. Owns the [`Store`] trait, the
-//! sled implementation ([`SledStore`]: three trees and the `seq.floor` file)
+//! sled implementation ([`SledStore`]: three trees, and the `seq.floor` and
+//! `outbox.closed` files beside them)
 //! and the in-memory one ([`MemStore`]: used by unit tests and benches, with
 //! a flush counter, simulated crashes and fault injection).
 //!
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::Class;
-use super::record::{self, RecordError};
+use super::record::{self, CloseSummary, RecordError};
 
 /// sled's page cache. The default (1 GiB) is far too much for a Pi; the queue
 /// is written once and read roughly once, so a small cache costs little.
@@ -35,6 +36,8 @@ pub enum StoreError {
     Io { what: &'static str, path: PathBuf, source: io::Error },
     #[error("'{}' is not a seq floor file: {source}", path.display())]
     BadFloor { path: PathBuf, source: RecordError },
+    #[error("'{}' is not an outbox close summary: {source}", path.display())]
+    BadCloseSummary { path: PathBuf, source: RecordError },
     #[error("sled panicked while opening the database: {0}")]
     Panicked(String),
     /// A failure injected into a [`MemStore`].
@@ -100,18 +103,33 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn floor(&self) -> Result<Option<u64>, StoreError>;
     /// Durably replaces `R` (atomic: a crash leaves the old or the new value).
     fn set_floor(&self, r: u64) -> Result<(), StoreError>;
+    /// What the last clean close recorded outside the database, if anything.
+    fn close_summary(&self) -> Result<Option<CloseSummary>, StoreError>;
+    /// Durably replaces the close summary (atomic, like the floor).
+    fn set_close_summary(&self, summary: &CloseSummary) -> Result<(), StoreError>;
+    /// Durably removes the close summary; absent is fine.
+    fn remove_close_summary(&self) -> Result<(), StoreError>;
 }
 
 // ---------------------------------------------------------------------------
 // sled
 
-/// The outbox on disk: a sled database plus the `seq.floor` file beside it.
+/// Where a [`SledStore`] keeps the files beside the database.
+pub(crate) struct SidePaths {
+    /// `<state_dir>/seq.floor`.
+    pub floor: PathBuf,
+    /// `<state_dir>/outbox.closed`.
+    pub close_summary: PathBuf,
+}
+
+/// The outbox on disk: a sled database plus the `seq.floor` and
+/// `outbox.closed` files beside it.
 pub(crate) struct SledStore {
     db: sled::Db,
     heartbeats: sled::Tree,
     events: sled::Tree,
     meta: sled::Tree,
-    floor_path: PathBuf,
+    side: SidePaths,
     /// The `outbox.lock` flock; held as long as the database is open.
     _lock: Arc<File>,
 }
@@ -120,7 +138,7 @@ impl SledStore {
     /// Opens (or creates) the database in `dir`. A panic inside sled is
     /// caught and reported as [`StoreError::Panicked`] (treated as
     /// corruption) so that a damaged file cannot take the agent down.
-    pub(crate) fn open(dir: &Path, floor_path: PathBuf, lock: Arc<File>) -> Result<SledStore, StoreError> {
+    pub(crate) fn open(dir: &Path, side: SidePaths, lock: Arc<File>) -> Result<SledStore, StoreError> {
         let config = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).flush_every_ms(None);
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             let db = config.open()?;
@@ -140,7 +158,7 @@ impl SledStore {
                 return Err(StoreError::Panicked(msg));
             }
         };
-        Ok(SledStore { db, heartbeats, events, meta, floor_path, _lock: lock })
+        Ok(SledStore { db, heartbeats, events, meta, side, _lock: lock })
     }
 
     fn tree(&self, class: Class) -> &sled::Tree {
@@ -235,39 +253,82 @@ impl Store for SledStore {
     }
 
     fn floor(&self) -> Result<Option<u64>, StoreError> {
-        match fs::read(&self.floor_path) {
-            Ok(bytes) => record::decode_u64(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::BadFloor { path: self.floor_path.clone(), source }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io { what: "cannot read seq floor", path: self.floor_path.clone(), source }),
-        }
+        let path = &self.side.floor;
+        read_if_exists(path, "cannot read seq floor")?
+            .map(|bytes| {
+                record::decode_u64(&bytes).map_err(|source| StoreError::BadFloor { path: path.clone(), source })
+            })
+            .transpose()
     }
 
     fn set_floor(&self, r: u64) -> Result<(), StoreError> {
-        write_atomically(&self.floor_path, &record::encode_u64(r))
+        write_atomically(&self.side.floor, &record::encode_u64(r))
+    }
+
+    fn close_summary(&self) -> Result<Option<CloseSummary>, StoreError> {
+        let path = &self.side.close_summary;
+        read_if_exists(path, "cannot read outbox close summary")?
+            .map(|bytes| {
+                record::decode_close_summary(&bytes)
+                    .map_err(|source| StoreError::BadCloseSummary { path: path.clone(), source })
+            })
+            .transpose()
+    }
+
+    fn set_close_summary(&self, summary: &CloseSummary) -> Result<(), StoreError> {
+        write_atomically(&self.side.close_summary, &record::encode_close_summary(summary))
+    }
+
+    fn remove_close_summary(&self) -> Result<(), StoreError> {
+        remove_durably(&self.side.close_summary)
     }
 }
 
-/// Replaces `path` with `bytes`: write a temp file beside it, fsync it,
-/// rename it over `path`, fsync the directory.
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { what, path, source }
+}
+
+/// The content of `path`, or `None` if there is no such file.
+fn read_if_exists(path: &Path, what: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(io_err(what, path)(source)),
+    }
+}
+
+/// Replaces `path` with `bytes`: write `<path>.tmp`, fsync it, rename it over
+/// `path`, fsync the directory.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = path.with_extension("tmp");
-    let io_err = |what: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| StoreError::Io { what, path, source }
-    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
     f.write_all(bytes).map_err(io_err("cannot write", &tmp))?;
     f.sync_all().map_err(io_err("cannot fsync", &tmp))?;
     drop(f);
     fs::rename(&tmp, path).map_err(io_err("cannot rename into place", path))?;
+    fsync_parent(path)
+}
+
+/// Removes `path` (absent is fine) and fsyncs the directory, so the removal
+/// survives a power cut.
+fn remove_durably(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Ok(()) => fsync_parent(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(io_err("cannot remove", path)(source)),
+    }
+}
+
+/// Makes a rename or removal in `path`'s directory durable.
+fn fsync_parent(path: &Path) -> Result<(), StoreError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync directory", dir))?;
-    Ok(())
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync directory", dir))
 }
 
 // ---------------------------------------------------------------------------
@@ -297,8 +358,10 @@ struct MemInner {
 struct MemState {
     trees: [BTreeMap<u64, Vec<u8>>; 2],
     meta: BTreeMap<String, Vec<u8>>,
-    /// The floor is a separate file, written durably at once.
+    /// The floor and the close summary are separate files, written (and
+    /// removed) durably at once.
     floor: Option<u64>,
+    close_summary: Option<CloseSummary>,
 }
 
 fn idx(class: Class) -> usize {
@@ -426,6 +489,24 @@ impl Store for MemStore {
         inner.durable.floor = Some(r);
         Ok(())
     }
+
+    fn close_summary(&self) -> Result<Option<CloseSummary>, StoreError> {
+        Ok(self.lock().written.close_summary)
+    }
+
+    fn set_close_summary(&self, summary: &CloseSummary) -> Result<(), StoreError> {
+        let mut inner = self.writable()?;
+        inner.written.close_summary = Some(*summary);
+        inner.durable.close_summary = Some(*summary);
+        Ok(())
+    }
+
+    fn remove_close_summary(&self) -> Result<(), StoreError> {
+        let mut inner = self.writable()?;
+        inner.written.close_summary = None;
+        inner.durable.close_summary = None;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -479,6 +560,26 @@ pub(crate) mod tests {
             *self.gate.lock().expect("gate lock") = None;
         }
 
+        /// A new store whose database is what `older` had flushed while the
+        /// files beside it (floor, close summary) are this store's: a
+        /// database that went back to an older state, as sled does when its
+        /// `db` file lost its tail.
+        pub(crate) fn rolled_back_to(&self, older: &MemStore) -> MemStore {
+            let mut state = older.lock().durable.clone();
+            {
+                let inner = self.lock();
+                state.floor = inner.durable.floor;
+                state.close_summary = inner.durable.close_summary;
+            }
+            let store = MemStore::new();
+            {
+                let mut inner = store.lock();
+                inner.written = state.clone();
+                inner.durable = state;
+            }
+            store
+        }
+
         /// Overwrites a stored value in place, as bit rot would.
         pub(crate) fn corrupt(&self, class: Class, seq: u64, value: &[u8]) {
             let mut inner = self.lock();
@@ -490,11 +591,15 @@ pub(crate) mod tests {
         Arc::new(File::create(dir.join("test.lock")).expect("lock file"))
     }
 
+    fn scratch_store(dir: &Path) -> SledStore {
+        let side = SidePaths { floor: dir.join("seq.floor"), close_summary: dir.join("outbox.closed") };
+        SledStore::open(&dir.join("outbox"), side, scratch_lock(dir)).expect("open")
+    }
+
     #[test]
     fn the_sled_store_keeps_classes_apart_and_ranges_in_seq_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(&dir.path().join("outbox"), dir.path().join("seq.floor"), scratch_lock(dir.path()))
-            .expect("open");
+        let store = scratch_store(dir.path());
         for seq in [3u64, 1, 256, 2] {
             let class = if seq % 2 == 0 { Class::Heartbeat } else { Class::Event };
             store.insert(class, seq, &[seq as u8; 3]).expect("insert");
@@ -514,8 +619,7 @@ pub(crate) mod tests {
     #[test]
     fn the_sled_store_drops_keys_it_never_writes_when_scanning() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(&dir.path().join("outbox"), dir.path().join("seq.floor"), scratch_lock(dir.path()))
-            .expect("open");
+        let store = scratch_store(dir.path());
         store.insert(Class::Event, 5, b"x").expect("insert");
         let _old = store.events.insert(b"odd", b"y".as_slice()).expect("insert");
         let scan = store.scan(Class::Event).expect("scan");
@@ -527,14 +631,33 @@ pub(crate) mod tests {
     fn the_floor_file_is_written_atomically_and_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let floor = dir.path().join("seq.floor");
-        let store = SledStore::open(&dir.path().join("outbox"), floor.clone(), scratch_lock(dir.path())).expect("open");
+        let store = scratch_store(dir.path());
         assert_eq!(store.floor().expect("floor"), None);
         store.set_floor(2_000_001).expect("set floor");
         assert_eq!(store.floor().expect("floor"), Some(2_000_001));
         assert_eq!(fs::read(&floor).expect("read").len(), 9);
-        assert!(!floor.with_extension("tmp").exists());
+        assert!(!dir.path().join("seq.floor.tmp").exists());
         fs::write(&floor, b"garbage").expect("write");
         assert!(matches!(store.floor(), Err(StoreError::BadFloor { .. })));
+    }
+
+    #[test]
+    fn the_close_summary_file_is_written_atomically_read_back_and_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("outbox.closed");
+        let store = scratch_store(dir.path());
+        assert_eq!(store.close_summary().expect("read"), None);
+        store.remove_close_summary().expect("removing an absent summary is fine");
+        let summary = CloseSummary { next_seq: 42, depth: 41, bytes: 2_460, dropped: 3 };
+        store.set_close_summary(&summary).expect("write");
+        assert_eq!(store.close_summary().expect("read"), Some(summary));
+        assert_eq!(fs::read(&path).expect("read").len(), 33);
+        assert!(!dir.path().join("outbox.closed.tmp").exists());
+        store.remove_close_summary().expect("remove");
+        assert!(!path.exists());
+        assert_eq!(store.close_summary().expect("read"), None);
+        fs::write(&path, b"garbage").expect("write");
+        assert!(matches!(store.close_summary(), Err(StoreError::BadCloseSummary { .. })));
     }
 
     #[test]

@@ -647,3 +647,183 @@ fn run_model(seed: u64) {
     }
     h.shutdown();
 }
+
+// ---------------------------------------------------------------------------
+// The close summary (`outbox.closed`): records a damaged database lost since
+// a clean close are counted.
+
+/// The log lines emitted on this thread while `f` runs (open logs on the
+/// caller's thread), and `f`'s result.
+fn with_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink(Arc::new(Mutex::new(Vec::new())));
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let logs = String::from_utf8_lossy(&sink.0.lock().expect("log lock")).into_owned();
+    (out, logs)
+}
+
+fn close_summary_path(state: &Path) -> PathBuf {
+    state.join("outbox.closed")
+}
+
+/// Cuts the sled `db` file to `len` bytes, as a damaged disk or a careless
+/// copy would.
+fn truncate_db(state: &Path, len: u64) {
+    let db = state.join("outbox").join("db");
+    assert!(fs::metadata(&db).expect("db file").len() > len, "the db file is already shorter than {len} bytes");
+    fs::OpenOptions::new().write(true).open(&db).expect("open db").set_len(len).expect("truncate");
+}
+
+/// 41 records, closed cleanly, then the `db` file cut to 3000 bytes: sled
+/// opens it without an error, in an older state with fewer records.
+fn closed_cleanly_then_truncated(state: &Path, keep_summary: bool) -> (u64, u64) {
+    let (h, r, _) = open(state, &cfg(Durability::Always)).expect("open");
+    let stored: Vec<u64> = (0..41).map(|_| append(&h, Class::Event)).collect();
+    let next_seq = stored.last().expect("appended") + 1;
+    close(h, r);
+    assert!(close_summary_path(state).exists(), "a clean close writes the close summary");
+    if !keep_summary {
+        fs::remove_file(close_summary_path(state)).expect("remove summary");
+    }
+    truncate_db(state, 3000);
+    (stored.len() as u64, next_seq)
+}
+
+#[test]
+fn records_lost_from_sled_after_a_clean_close_are_counted_as_dropped_and_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (before, closed_next) = closed_cleanly_then_truncated(dir.path(), true);
+
+    let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("reopen"));
+    assert_eq!(report.moved_aside, None, "sled opened the damaged file without an error");
+    let after = report.depth;
+    assert!(after < before, "the truncation made sled recover an older state ({after} of {before} records)");
+    let lost = before - after;
+    assert!(lost > 0);
+    assert_eq!(h.stats().dropped, lost, "every record missing since the clean close is counted");
+    assert_eq!(all(&r).len() as u64, after);
+    let line = format!("the outbox lost {lost} records since it was closed cleanly; its files were damaged");
+    assert!(logs.contains(&line) && logs.contains("ERROR"), "{logs}");
+    assert_eq!(logs.matches("OUTBOX DAMAGED").count(), 1, "one loud line: {logs}");
+    assert!(
+        report.next_seq > closed_next,
+        "next_seq {} could repeat a seq handed out before the close",
+        report.next_seq
+    );
+    assert!(report.next_seq >= FLOOR_STEP, "resumes at the floor");
+    assert_eq!(append(&h, Class::Event), report.next_seq);
+    assert!(!close_summary_path(dir.path()).exists(), "the summary is spent at open");
+    close(h, r);
+
+    let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("reopen again"));
+    assert_eq!(h.stats().dropped, lost, "the drops are persisted, and counted once");
+    assert_eq!(report.depth, after + 1);
+    assert!(!logs.contains("OUTBOX DAMAGED"), "{logs}");
+    close(h, r);
+}
+
+#[test]
+fn a_database_rolled_back_behind_its_clean_close_counts_the_loss_and_never_repeats_seqs() {
+    let store = MemStore::new();
+    let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    for _ in 0..5 {
+        append(&h, Class::Event);
+    }
+    h.shutdown();
+    // The database as this clean close left it: `clean` set, next_seq 6.
+    let older = store.crashed();
+
+    let (h, _r, report) = open_in_memory(&store, &cfg(Durability::Always)).expect("reopen");
+    assert_eq!(report.next_seq, 6);
+    for _ in 0..5 {
+        append(&h, Class::Event);
+    }
+    // A record too large to encode: refused and counted, so the close
+    // summary's `dropped` is 1.
+    assert!(wait(h.append(draft_padded(Class::Event, MAX_RECORD_BYTES))).is_err());
+    let stats = h.stats();
+    assert_eq!((stats.depth, stats.dropped), (10, 1));
+    h.shutdown();
+
+    // The database goes back to `older`: 5 records, dropped 0, next_seq 6
+    // and `clean` set, which alone would resume seqs at 6.
+    let damaged = store.rolled_back_to(&older);
+    let ((h, r, report), logs) = with_logs(|| open_in_memory(&damaged, &cfg(Durability::Always)).expect("open"));
+    assert_eq!(report.depth, 5);
+    assert_eq!(h.stats().dropped, 1 + 5, "the summary's drops, plus the 5 records lost");
+    assert!(logs.contains("the outbox lost 5 records since it was closed cleanly; its files were damaged"), "{logs}");
+    assert_eq!(seqs(&all(&r)), vec![1, 2, 3, 4, 5]);
+    assert_eq!(report.next_seq, FLOOR_STEP + 1, "at least max(closed next_seq 12, the floor)");
+    assert_eq!(append(&h, Class::Event), FLOOR_STEP + 1);
+    h.shutdown();
+}
+
+#[test]
+fn a_clean_close_followed_by_an_undamaged_reopen_counts_nothing_and_removes_the_summary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (h, r, _) = open(dir.path(), &cfg(Durability::Always)).expect("open");
+    let stored: Vec<u64> = (0..41).map(|_| append(&h, Class::Event)).collect();
+    h.ack(stored[..10].to_vec());
+    wait(h.flush()).expect("flush");
+    let before = h.stats();
+    assert!(!close_summary_path(dir.path()).exists(), "no summary while the outbox is open");
+    close(h, r);
+    assert!(close_summary_path(dir.path()).exists());
+
+    let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("reopen"));
+    assert!(!close_summary_path(dir.path()).exists(), "the summary is spent at open");
+    assert_eq!((report.depth, report.next_seq, report.moved_aside.clone()), (31, 42, None));
+    let stats = h.stats();
+    assert_eq!((stats.depth, stats.bytes, stats.dropped), (before.depth, before.bytes, 0));
+    assert!(!logs.contains("OUTBOX DAMAGED") && !logs.contains("ERROR"), "{logs}");
+    assert_eq!(append(&h, Class::Event), 42, "no gap after a clean close");
+    close(h, r);
+}
+
+#[test]
+fn a_crash_leaves_no_summary_and_reopens_as_before() {
+    let store = MemStore::new();
+    let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    append(&h, Class::Event);
+    h.shutdown();
+    let (h, _r, _) = open_in_memory(&store, &batch_never()).expect("reopen");
+    assert_eq!(super::store::Store::close_summary(&store).expect("summary"), None, "removed at open");
+    assert_eq!(append_flushed(&h), 2);
+    let crashed = store.crashed();
+    h.shutdown();
+
+    let ((h, r, report), logs) = with_logs(|| open_in_memory(&crashed, &batch_never()).expect("reopen after crash"));
+    assert_eq!(report.next_seq, FLOOR_STEP + 1, "a crash resumes at the floor, as before");
+    assert_eq!((report.depth, h.stats().dropped), (2, 0));
+    assert_eq!(seqs(&all(&r)), vec![1, 2]);
+    assert!(!logs.contains("OUTBOX DAMAGED"), "{logs}");
+    h.shutdown();
+}
+
+#[test]
+fn without_a_summary_a_truncated_database_opens_as_before() {
+    // The last run could not leave a summary (it crashed, or writing it
+    // failed): nothing to compare with, so the loss goes unnoticed as it
+    // did before the summary existed.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (before, _) = closed_cleanly_then_truncated(dir.path(), false);
+    let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("reopen"));
+    assert_eq!(report.moved_aside, None);
+    assert!(report.depth < before);
+    assert_eq!(h.stats().dropped, 0);
+    assert!(report.next_seq > before, "seqs still never repeat: they jump to the floor");
+    assert!(!logs.contains("OUTBOX DAMAGED"), "{logs}");
+    close(h, r);
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::record;
+use super::record::{self, CloseSummary};
 use super::store::{self, Store, StoreError};
 use super::{Class, Draft, OutboxError, Record, Shared};
 use crate::config::{Durability, OutboxConfig};
@@ -331,7 +331,9 @@ impl Writer {
     }
 
     /// After the final flush: mark the shutdown clean, so the next open can
-    /// trust `next_seq` instead of jumping to the floor.
+    /// trust `next_seq` instead of jumping to the floor; then write the close
+    /// summary outside the database, so the next open can tell whether the
+    /// database lost records since.
     fn close(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
         if self.dirty_since.is_some() || self.meta_dirty {
@@ -339,9 +341,23 @@ impl Writer {
             return;
         }
         let marked = self.store.set_meta(store::META_CLEAN, &record::encode_u64(1)).and_then(|()| self.store.flush());
-        match marked {
-            Ok(()) => tracing::debug!(next_seq = self.next_seq, "outbox: closed cleanly"),
-            Err(e) => tracing::warn!(error = %e, "outbox: cannot mark the shutdown clean"),
+        if let Err(e) = marked {
+            tracing::warn!(error = %e, "outbox: cannot mark the shutdown clean");
+            return;
+        }
+        let summary = CloseSummary {
+            next_seq: self.next_seq,
+            depth: self.shared.depth.load(Ordering::Relaxed),
+            bytes: self.shared.bytes.load(Ordering::Relaxed),
+            dropped: self.shared.dropped.load(Ordering::Relaxed),
+        };
+        match self.store.set_close_summary(&summary) {
+            Ok(()) => tracing::debug!(next_seq = self.next_seq, depth = summary.depth, "outbox: closed cleanly"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "outbox: closed cleanly but cannot write the close summary; \
+                 the next open cannot check whether records were lost meanwhile"
+            ),
         }
     }
 }
