@@ -1,17 +1,29 @@
-//! Small durable-file helpers shared by the state files (status dump, relay
-//! memory). Owns "write to a temp file, fsync, rename, fsync the directory";
+//! Small durable-file helpers shared by every state file (status dump, relay
+//! memory, the sim board's latched outputs, the outbox's side files, the API
+//! token). Owns "write to a temp file, fsync, rename, fsync the directory";
 //! it knows nothing about what the bytes mean.
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Makes a rename, link or removal in `path`'s directory durable.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    File::open(parent_dir(path))?.sync_all()
+}
 
 /// Replaces `path` with `bytes` so that a reader (or a power cut) sees either
-/// the old content or the new, never a torn file.
+/// the old content or the new, never a torn file. The temporary file is
+/// `<path>.tmp`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -19,7 +31,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     fs::rename(&tmp, path)?;
     // The rename is durable only once the directory entry is.
-    File::open(dir)?.sync_all()
+    sync_parent(path)
 }
 
 #[cfg(test)]
@@ -35,5 +47,11 @@ mod tests {
         assert_eq!(fs::read(&p).expect("read"), b"second");
         let names: Vec<_> = fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_bare_file_name_lives_in_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("x.json")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("state/x.json")), Path::new("state"));
     }
 }

@@ -73,7 +73,7 @@
 //! already handed out keep working on the board, but report no more edges.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -582,7 +582,7 @@ impl Board {
             .collect();
         let file = StateFile { version: STATE_VERSION, outputs };
         let bytes = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
-        write_atomically(&self.state_file, &bytes)
+        crate::fsutil::write_atomic(&self.state_file, &bytes)
     }
 }
 
@@ -662,24 +662,6 @@ fn load_state(path: &Path) -> Result<BTreeMap<u8, SavedOutput>, GpioError> {
         }
     }
     Ok(file.outputs)
-}
-
-/// Replaces `path` with `bytes` so that a crash leaves the old or the new
-/// content, never a mix.
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    // The rename is durable only once the directory is synced.
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
 }
 
 /// Removes a socket file nobody listens on; fails if somebody does.

@@ -110,7 +110,7 @@ fn load(path: &Path) -> Result<String, TokenError> {
 /// its token is the one returned (not created).
 fn create(path: &Path) -> Result<(String, bool), TokenError> {
     let io_error = |action| move |source| TokenError::Io { action, path: path.to_path_buf(), source };
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = crate::fsutil::parent_dir(path);
     fs::create_dir_all(dir).map_err(io_error("create the directory of"))?;
     let token = generate(path)?;
 
@@ -130,7 +130,7 @@ fn create(path: &Path) -> Result<(String, bool), TokenError> {
     match placed.map_err(io_error("create"))? {
         true => {
             // The new name is durable only once the directory entry is.
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("sync the directory of"))?;
+            crate::fsutil::sync_parent(path).map_err(io_error("sync the directory of"))?;
             Ok((token, true))
         }
         false => load(path).map(|token| (token, false)),

@@ -11,12 +11,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::Class;
 use super::record::{self, CloseSummary, RecordError};
+use crate::fsutil;
 
 /// sled's page cache. The default (1 GiB) is far too much for a Pi; the queue
 /// is written once and read roughly once, so a small cache costs little.
@@ -298,18 +299,9 @@ fn read_if_exists(path: &Path, what: &'static str) -> Result<Option<Vec<u8>>, St
     }
 }
 
-/// Replaces `path` with `bytes`: write `<path>.tmp`, fsync it, rename it over
-/// `path`, fsync the directory.
+/// Replaces `path` with `bytes` durably ([`fsutil::write_atomic`]).
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
-    f.write_all(bytes).map_err(io_err("cannot write", &tmp))?;
-    f.sync_all().map_err(io_err("cannot fsync", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err("cannot rename into place", path))?;
-    fsync_parent(path)
+    fsutil::write_atomic(path, bytes).map_err(io_err("cannot write atomically", path))
 }
 
 /// Removes `path` (absent is fine) and fsyncs the directory, so the removal
@@ -324,11 +316,7 @@ fn remove_durably(path: &Path) -> Result<(), StoreError> {
 
 /// Makes a rename or removal in `path`'s directory durable.
 fn fsync_parent(path: &Path) -> Result<(), StoreError> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync directory", dir))
+    fsutil::sync_parent(path).map_err(io_err("cannot fsync the directory of", path))
 }
 
 // ---------------------------------------------------------------------------
