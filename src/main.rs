@@ -78,6 +78,21 @@ fn finish<E: std::error::Error + Send + Sync + 'static>(result: Result<i32, E>) 
     }
 }
 
+/// A client command's answer on stdout (exit 0), or its error on stderr with
+/// the error's exit code.
+fn answer(result: Result<String, fieldlink::cli::CliError>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            println!("{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}
+
 /// rumqttc is built without a default crypto provider (no aws-lc); rustls
 /// needs one chosen before any TLS config is built. Installing fails only if
 /// one is installed already, which is fine.
@@ -120,16 +135,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match fieldlink::cli::status(&cfg) {
-                Ok(json) => {
-                    println!("{}", json.trim_end());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
-                }
-            }
+            answer(fieldlink::cli::status(&cfg))
         }
         Command::Sim { config, request } => {
             init_logging("warn");
@@ -137,16 +143,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match fieldlink::cli::sim(&cfg, &request) {
-                Ok(answer) => {
-                    println!("{answer}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
-                }
-            }
+            answer(fieldlink::cli::sim(&cfg, &request))
         }
         Command::CheckConfig { config } => match fieldlink::cli::check_config(&config) {
             Ok(summary) => {
