@@ -142,10 +142,6 @@ impl StatusBoard {
         LinkCounters { connects: b.link.connects, disconnects: b.link.disconnects }
     }
 
-    pub fn link_connected(&self) -> bool {
-        self.lock().link.connected
-    }
-
     pub fn relay(&self, name: &str, status: RelayStatus) {
         self.lock().relays.insert(name.to_string(), status);
     }
