@@ -25,6 +25,7 @@
 //! * [`broker`]: the embedded MQTT broker (rumqttd).
 //! * [`demo`]: `fieldlink demo`, the whole system on one machine.
 //! * [`cli`]: the small client commands (`status`, `sim`, `check-config`).
+//! * [`mqtt_options`]: the rumqttc options the agent and the hub share.
 //! * [`fsutil`], [`timefmt`]: atomic file writes; RFC 3339 timestamps.
 
 pub mod agent;
@@ -35,6 +36,7 @@ pub mod demo;
 pub mod fsutil;
 pub mod gpio;
 pub mod hub;
+pub mod mqtt_options;
 pub mod outbox;
 pub mod proto;
 pub mod timefmt;

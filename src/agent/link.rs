@@ -28,7 +28,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS,
-    SubscribeReasonCode, Transport,
+    SubscribeReasonCode,
 };
 use tokio::sync::oneshot;
 
@@ -37,15 +37,9 @@ use super::inflight::{Inflight, Slot};
 use super::relay::{LinkDown, LinkUp, Relay, RelayCommand};
 use super::supervisor::{self, SupervisedActor, Supervision};
 use crate::config::MqttConfig;
+use crate::mqtt_options;
 use crate::outbox::{OutboxHandle, OutboxReader};
 use crate::proto::{self, Qos, Topics};
-
-/// The largest packet the agent accepts. Far above any valid command (1 KiB)
-/// so that an oversized command is received and refused as `too_large`
-/// instead of breaking the connection (rumqttc's default is 10 KiB, and a
-/// packet over the limit is a connection error the broker would redeliver
-/// forever on a persistent session).
-const MAX_INCOMING_PACKET: usize = 4 * 1024 * 1024;
 
 /// How long SIGTERM waits for the broker to acknowledge `offline`.
 const OFFLINE_ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -75,33 +69,27 @@ pub fn qos(q: Qos) -> QoS {
     }
 }
 
-/// rumqttc options from the config: persistent session, last will, manual
-/// acks, inflight window, TLS.
+/// rumqttc options from the config: the shared client options (persistent
+/// session, manual acks, TLS), plus the last will and the inflight window.
 pub fn mqtt_options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, String> {
-    let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.url.host.clone(), cfg.url.port);
-    o.set_keep_alive(cfg.keep_alive)
-        .set_clean_session(cfg.clean_session)
-        .set_manual_acks(true)
-        .set_inflight(cfg.max_inflight)
-        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET)
-        .set_last_will(LastWill::new(topics.status(), proto::OFFLINE, QoS::AtLeastOnce, true));
-    if let Some(user) = &cfg.username {
-        let password = cfg.password.as_ref().map(|p| p.0.clone()).unwrap_or_default();
-        o.set_credentials(user.clone(), password);
-    }
-    if cfg.url.tls {
-        let read =
-            |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("mqtt: cannot read '{}': {e}", p.display()));
-        let ca = match &cfg.ca_file {
-            Some(p) => read(p)?,
-            None => return Err("mqtt: mqtts:// needs ca_file".to_string()),
-        };
-        let client_auth = match (&cfg.cert_file, &cfg.key_file) {
-            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-            _ => None,
-        };
-        o.set_transport(Transport::tls(ca, client_auth, None));
-    }
+    let mut o = mqtt_options::options(mqtt_options::Client {
+        client_id: &cfg.client_id,
+        url: &cfg.url,
+        keep_alive: cfg.keep_alive,
+        clean_session: cfg.clean_session,
+        username: cfg.username.as_deref(),
+        password: cfg.password.as_ref(),
+        ca_file: cfg.ca_file.as_ref(),
+        cert_file: cfg.cert_file.as_ref(),
+        key_file: cfg.key_file.as_ref(),
+    })
+    .map_err(|e| format!("mqtt: {e}"))?;
+    o.set_inflight(cfg.max_inflight).set_last_will(LastWill::new(
+        topics.status(),
+        proto::OFFLINE,
+        QoS::AtLeastOnce,
+        true,
+    ));
     Ok(o)
 }
 

@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rumqttc::{AsyncClient, MqttOptions, Transport};
+use rumqttc::{AsyncClient, MqttOptions};
 use tokio::sync::{broadcast, watch};
 
 use crate::broker::{BrokerError, EmbeddedBroker};
@@ -74,28 +74,22 @@ pub struct Hub {
     _broker: Option<EmbeddedBroker>,
 }
 
+/// The hub's client always keeps its session: unacknowledged messages are
+/// what make a hub crash lose nothing.
 fn mqtt_options(cfg: &HubConfig, url: &BrokerUrl) -> Result<MqttOptions, HubError> {
     let b = &cfg.broker;
-    let mut o = MqttOptions::new(b.client_id.clone(), url.host.clone(), url.port);
-    o.set_keep_alive(b.keep_alive)
-        .set_clean_session(false)
-        .set_manual_acks(true)
-        .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
-    if let Some(user) = &b.username {
-        o.set_credentials(user.clone(), b.password.as_ref().map(|p| p.0.clone()).unwrap_or_default());
-    }
-    if url.tls {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| HubError::Mqtt(format!("cannot read '{}': {e}", p.display())))
-        };
-        let ca = read(b.ca_file.as_deref().ok_or_else(|| HubError::Mqtt("mqtts:// needs ca_file".into()))?)?;
-        let client_auth = match (&b.cert_file, &b.key_file) {
-            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-            _ => None,
-        };
-        o.set_transport(Transport::tls(ca, client_auth, None));
-    }
-    Ok(o)
+    crate::mqtt_options::options(crate::mqtt_options::Client {
+        client_id: &b.client_id,
+        url,
+        keep_alive: b.keep_alive,
+        clean_session: false,
+        username: b.username.as_deref(),
+        password: b.password.as_ref(),
+        ca_file: b.ca_file.as_ref(),
+        cert_file: b.cert_file.as_ref(),
+        key_file: b.key_file.as_ref(),
+    })
+    .map_err(HubError::Mqtt)
 }
 
 impl Hub {
