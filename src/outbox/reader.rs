@@ -63,6 +63,29 @@ impl OutboxReader {
         Ok(out)
     }
 
+    /// [`OutboxReader::read`] off the caller's thread: the Link must never do
+    /// sled I/O on its own thread (a cache miss can page in, and a page-in can
+    /// make sled write). Resolves with what `read` returns.
+    pub fn read_async(
+        &self,
+        from: u64,
+        upto: u64,
+        limit: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<Record>, OutboxError>> + Send + 'static {
+        let reader = self.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("outbox-read".into()).spawn(move || {
+            // The caller may have stopped waiting; nothing to do then.
+            let _ = tx.send(reader.read(from, upto, limit));
+        });
+        async move {
+            if let Err(e) = spawned {
+                return Err(OutboxError::Spawn(e));
+            }
+            rx.await.unwrap_or_else(|_| Err(OutboxError::Closed))
+        }
+    }
+
     /// The `ts_ms` of the oldest stored record, if any.
     pub fn oldest_ts_ms(&self) -> Option<u64> {
         [Class::Heartbeat, Class::Event]
