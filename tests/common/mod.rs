@@ -6,9 +6,13 @@
 //!   (SIGKILL), `restart` on the same port. Tests skip (or, with
 //!   `FIELDLINK_REQUIRE_MOSQUITTO=1`, fail) when mosquitto is not installed:
 //!   see [`require_mosquitto`].
-//! * [`Proxy`]: a TCP proxy in front of the broker. The agent connects
-//!   through it, so `cut` takes its link down (every connection closed, new
-//!   ones closed at once) without touching the broker; `heal` restores it.
+//! * [`Proxy`] (`proxy.rs`): a TCP proxy in front of the broker. The agent
+//!   connects through it, so `cut` takes its link down (every connection
+//!   closed, new ones closed at once) without touching the broker; `heal`
+//!   restores it. It also adds latency, flaps, blackholes, and drops or
+//!   severs on chosen MQTT packets.
+//! * [`SimSocket`] (`sim.rs`): one open connection to an agent's simulated
+//!   GPIO socket, for bursts of edges faster than `fieldlink sim` runs.
 //! * [`Watcher`]: an MQTT client connected directly to the broker, subscribed
 //!   at QoS 1 to `fieldlink/<device>/#`, recording every message it gets. It
 //!   survives broker restarts (it re-subscribes after every ConnAck).
@@ -32,10 +36,16 @@
 #![allow(dead_code)]
 
 pub mod hub;
+pub mod proxy;
+pub mod sim;
+
+#[allow(unused_imports)]
+pub use proxy::{Dir, Proxy, Verdict};
+pub use sim::SimSocket;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -344,137 +354,6 @@ impl Drop for Mosquitto {
             eprintln!("---- mosquitto log (last 60 lines) ----\n{}", tail(&self.log_path(), 60));
         }
         self.kill();
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Proxy
-
-/// A TCP proxy on 127.0.0.1 in front of the broker, able to take the link
-/// down and bring it back.
-pub struct Proxy {
-    port: u16,
-    inner: Arc<ProxyInner>,
-}
-
-struct ProxyInner {
-    upstream: u16,
-    state: Mutex<ProxyState>,
-    stop: AtomicBool,
-}
-
-struct ProxyState {
-    down: bool,
-    /// Both ends of every live connection, to shut them on `cut`.
-    conns: Vec<TcpStream>,
-}
-
-impl ProxyInner {
-    fn state(&self) -> MutexGuard<'_, ProxyState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Proxy {
-    /// Listens on a free port and forwards to `upstream` on 127.0.0.1.
-    pub fn start(upstream: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        let port = listener.local_addr().expect("a bound listener has an address").port();
-        let inner = Arc::new(ProxyInner {
-            upstream,
-            state: Mutex::new(ProxyState { down: false, conns: Vec::new() }),
-            stop: AtomicBool::new(false),
-        });
-        let accept = Arc::clone(&inner);
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                if accept.stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(client) = client else { continue };
-                accept_one(&accept, client);
-            }
-        });
-        Proxy { port, inner }
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Link down: closes every current connection; new ones are closed at once.
-    pub fn cut(&self) {
-        let mut st = self.inner.state();
-        st.down = true;
-        close(&st.conns);
-        st.conns.clear();
-    }
-
-    /// Link up again.
-    pub fn heal(&self) {
-        self.inner.state().down = false;
-    }
-
-    pub fn is_down(&self) -> bool {
-        self.inner.state().down
-    }
-}
-
-/// Closes both directions of each stream.
-fn close(streams: &[TcpStream]) {
-    for s in streams {
-        // An error means the peer closed it already, which is all we want.
-        let _ = s.shutdown(Shutdown::Both);
-    }
-}
-
-fn accept_one(inner: &ProxyInner, client: TcpStream) {
-    if inner.state().down {
-        close(&[client]);
-        return;
-    }
-    let Ok(upstream) = TcpStream::connect(("127.0.0.1", inner.upstream)) else {
-        // Broker down: the client sees its connection closed at once.
-        close(&[client]);
-        return;
-    };
-    // Registration and the `down` check happen under one lock, so a `cut`
-    // racing with this accept cannot miss the new connection.
-    let mut st = inner.state();
-    let clones = (client.try_clone(), upstream.try_clone(), client.try_clone(), upstream.try_clone());
-    let (false, Ok(c1), Ok(u1), Ok(c2), Ok(u2)) = (st.down, clones.0, clones.1, clones.2, clones.3) else {
-        close(&[client, upstream]);
-        return;
-    };
-    st.conns.push(c1);
-    st.conns.push(u1);
-    drop(st);
-    thread::spawn(move || pump(client, upstream));
-    thread::spawn(move || pump(u2, c2));
-}
-
-/// Copies `from` to `to` until either side closes, then closes both.
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    close(&[from, to]);
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::SeqCst);
-        self.cut();
-        // Wakes the accept loop so it sees `stop`; failure means it is gone.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 
@@ -820,6 +699,9 @@ pub struct AgentBuilder {
     door_qos: u8,
     pump_extra: Vec<String>,
     extra: String,
+    keep_alive: String,
+    reconnect_min: String,
+    reconnect_max: String,
 }
 
 impl AgentBuilder {
@@ -852,6 +734,19 @@ impl AgentBuilder {
         self.max_restarts = max_restarts;
         self.window = window.to_string();
         self.backoff_max = backoff_max.to_string();
+        self
+    }
+
+    /// `[mqtt] keep_alive` (default "5s").
+    pub fn keep_alive(mut self, d: &str) -> Self {
+        self.keep_alive = d.to_string();
+        self
+    }
+
+    /// `[mqtt] reconnect_min` and `reconnect_max` (defaults "100ms", "1s").
+    pub fn reconnect(mut self, min: &str, max: &str) -> Self {
+        self.reconnect_min = min.to_string();
+        self.reconnect_max = max.to_string();
         self
     }
 
@@ -902,9 +797,9 @@ state_dir = "{state_dir}"
 
 [mqtt]
 url = "mqtt://127.0.0.1:{port}"
-keep_alive = "5s"
-reconnect_min = "100ms"
-reconnect_max = "1s"
+keep_alive = "{keep_alive}"
+reconnect_min = "{reconnect_min}"
+reconnect_max = "{reconnect_max}"
 {mqtt_extra}
 
 [outbox]
@@ -957,6 +852,9 @@ backoff_max = "{backoff_max}"
             window = self.window,
             backoff_max = self.backoff_max,
             extra = self.extra,
+            keep_alive = self.keep_alive,
+            reconnect_min = self.reconnect_min,
+            reconnect_max = self.reconnect_max,
         )
     }
 
@@ -1010,6 +908,9 @@ impl Agent {
             door_qos: 1,
             pump_extra: Vec::new(),
             extra: String::new(),
+            keep_alive: "5s".into(),
+            reconnect_min: "100ms".into(),
+            reconnect_max: "1s".into(),
         }
     }
 
@@ -1241,6 +1142,12 @@ impl Agent {
             let level = if i % 2 == 0 { "0" } else { "1" };
             assert_eq!(self.sim(&["set", DOOR_PIN, level]), "ok", "sim set 17 {level} (edge #{i})");
         }
+    }
+
+    /// A persistent connection to the agent's sim socket (the agent must be
+    /// running), for bursts of edges.
+    pub fn sim_socket(&self) -> SimSocket {
+        SimSocket::connect(&self.state_dir)
     }
 
     /// Prints the last lines of the agent's log to stderr.
