@@ -32,11 +32,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::hub::Hub;
 use common::proxy::{Rule, packet};
+use common::wire::{Recv, Wire};
 use common::{
     Agent, DEADLINE, Dir, Msg, PUMP_PIN, Proxy, Rig, SimSocket, Verdict, Watcher, assert_strictly_increasing,
     button_events, errors, first_occurrences, has_status, records, relay_states, rfc3339_from_now, seq, serial, topic,
     wait_until,
 };
+use fieldlink::broker::EmbeddedBroker;
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
@@ -794,4 +796,111 @@ fn three_hundred_toggles_queued_while_offline_do_not_flap_the_relay() {
     let switches = sim.changes(PUMP_PIN) - before;
     eprintln!("chaos: 300 queued toggles: {switches} switches");
     assert!(switches <= 2, "300 toggles queued while offline switched the relay {switches} times");
+}
+
+// ---------------------------------------------------------------------------
+// 9. QoS 2 on the wire, embedded broker (rumqttd 0.20) against mosquitto
+//
+// A raw client sends exactly the packets a reconnecting QoS 2 publisher
+// sends. What rumqttd does (paths under rumqttd-0.20.0/src):
+//
+// * It keeps a received QoS 2 PUBLISH only in the connection's `AckLog`
+//   (`router/logs.rs:403-407`), which is created per connection
+//   (`router/routing.rs:337`) and removed at the disconnect
+//   (`router/routing.rs:459`); the session it saves keeps only *outgoing*
+//   PUBRELs (`router/routing.rs:518-523`, `router/graveyard.rs:26-40`).
+// * A PUBREL pops the front of that log whatever its packet id
+//   (`router/logs.rs:414-418`) and disconnects the client when the log is
+//   empty (`router/routing.rs:813-819`), without a log line.
+//
+// So a PUBREL resent after a reconnect (MQTT 3.1.1 §4.4) is answered by a
+// disconnect, every time: the reconnect storm of issue #6 item 3, and the
+// message is gone. Resending the PUBLISH itself (DUP, same packet id) does
+// get it delivered, once, by both brokers (the receiver rules of §4.3.3
+// forbid a duplicate delivery for a repeated packet id before PUBREL).
+
+/// Publishes a QoS 1 sentinel on `sentinel` and waits until the watcher has
+/// it; returns the payloads it got on `topic` by then. The broker has
+/// released everything it was going to release before the sentinel.
+fn payloads_until_sentinel(watcher: &Watcher, topic: &str, sentinel: &str) -> Vec<String> {
+    watcher.publish(sentinel, "sentinel", 1, false);
+    let msgs = watcher.wait_for(|m| m.iter().any(|m| m.topic == sentinel), DEADLINE, "the sentinel");
+    msgs.iter().filter(|m| m.topic == topic).map(Msg::text).collect()
+}
+
+fn embedded_broker() -> EmbeddedBroker {
+    EmbeddedBroker::start("127.0.0.1:0".parse().expect("a socket address")).expect("the embedded broker starts")
+}
+
+#[test]
+fn the_embedded_broker_answers_a_pubrel_resent_after_a_reconnect_with_a_disconnect_and_loses_the_message() {
+    let _serial = serial();
+    let broker = embedded_broker();
+    let port = broker.addr().port();
+    let watcher = Watcher::connect(port, "wire-watch-1", "wire1/#");
+    let (mut client, _) = Wire::connect(port, "wire-pub-1", false);
+    client.publish_qos2(1, "wire1/a", b"one", false);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(1));
+    drop(client); // the link drops between PUBREC and PUBREL
+
+    let (mut client, session_present) = Wire::connect(port, "wire-pub-1", false);
+    assert!(session_present, "rumqttd kept the persistent session");
+    client.pubrel(1);
+    assert_eq!(client.closed_or_next(), Recv::Closed, "rumqttd closes the connection instead of sending PUBCOMP");
+    let got = payloads_until_sentinel(&watcher, "wire1/a", "wire1/sentinel");
+    assert!(got.is_empty(), "the message whose PUBREL was resent is never delivered: {got:?}");
+
+    // Resending the PUBLISH (DUP, same id) instead of the PUBREL works.
+    let (mut client, _) = Wire::connect(port, "wire-pub-1", false);
+    client.publish_qos2(1, "wire1/a", b"one", true);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(1));
+    client.pubrel(1);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBCOMP)), Some(1));
+    let got = payloads_until_sentinel(&watcher, "wire1/a", "wire1/sentinel");
+    assert_eq!(got, ["one"], "the resent PUBLISH is delivered once");
+}
+
+#[test]
+fn the_embedded_broker_releases_its_oldest_qos2_message_whatever_id_the_pubrel_names() {
+    let _serial = serial();
+    let broker = embedded_broker();
+    let port = broker.addr().port();
+    let watcher = Watcher::connect(port, "wire-watch-2", "wire2/#");
+    let (mut client, _) = Wire::connect(port, "wire-pub-2", false);
+    client.publish_qos2(1, "wire2/a", b"one", false);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(1));
+    client.publish_qos2(2, "wire2/a", b"two", false);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(2));
+    client.pubrel(2);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBCOMP)), Some(2));
+    let got = payloads_until_sentinel(&watcher, "wire2/a", "wire2/sentinel");
+    assert_eq!(got, ["one"], "PUBREL 2 released message 1: a client that deletes record 2 on this PUBCOMP loses it");
+}
+
+#[test]
+fn mosquitto_completes_a_qos2_exchange_across_a_reconnect_whether_the_pubrel_or_the_publish_is_resent() {
+    let _serial = serial();
+    let Some(broker) = common::require_mosquitto(false) else { return };
+    let port = broker.port();
+    let watcher = Watcher::connect(port, "wire-watch-3", "wire3/#");
+    let (mut client, _) = Wire::connect(port, "wire-pub-3", false);
+    client.publish_qos2(1, "wire3/a", b"one", false);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(1));
+    client.publish_qos2(2, "wire3/b", b"two", false);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(2));
+    drop(client);
+
+    let (mut client, session_present) = Wire::connect(port, "wire-pub-3", false);
+    assert!(session_present, "mosquitto kept the persistent session");
+    // As MQTT 3.1.1 says: resend the PUBREL.
+    client.pubrel(1);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBCOMP)), Some(1));
+    // As the embedded broker needs: resend the PUBLISH, then the PUBREL.
+    client.publish_qos2(2, "wire3/b", b"two", true);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(2));
+    client.pubrel(2);
+    assert_eq!(packet::ack_id(&client.expect(packet::PUBCOMP)), Some(2));
+    let one = payloads_until_sentinel(&watcher, "wire3/a", "wire3/sentinel");
+    let two = payloads_until_sentinel(&watcher, "wire3/b", "wire3/sentinel");
+    assert_eq!((one, two), (vec!["one".to_string()], vec!["two".to_string()]), "each message delivered once");
 }

@@ -11,6 +11,8 @@
 //!   closed, new ones closed at once) without touching the broker; `heal`
 //!   restores it. It also adds latency, flaps, blackholes, and drops or
 //!   severs on chosen MQTT packets.
+//! * [`wire::Wire`] (`wire.rs`): a raw MQTT 3.1.1 connection that sends
+//!   exactly the packets a test chooses (QoS 2 ids, DUP, PUBREL).
 //! * [`SimSocket`] (`sim.rs`): one open connection to an agent's simulated
 //!   GPIO socket, for bursts of edges faster than `fieldlink sim` runs.
 //! * [`Watcher`]: an MQTT client connected directly to the broker, subscribed
@@ -38,6 +40,7 @@
 pub mod hub;
 pub mod proxy;
 pub mod sim;
+pub mod wire;
 
 #[allow(unused_imports)]
 pub use proxy::{Dir, Proxy, Verdict};
