@@ -117,6 +117,18 @@ impl Topics {
         format!("{}/error", self.base())
     }
 
+    /// Whether `topic` matches the command filter `P/D/relay/+/set` (an
+    /// empty level matches `+`, so `P/D/relay//set` does).
+    pub fn is_relay_set_topic(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(&self.prefix)
+            .and_then(|t| t.strip_prefix('/'))
+            .and_then(|t| t.strip_prefix(&self.device))
+            .and_then(|t| t.strip_prefix("/relay/"))
+            .and_then(|t| t.strip_suffix("/set"))
+            .is_some_and(|name| !name.contains('/'))
+    }
+
     /// The relay name in a `P/D/relay/<name>/set` topic, or `None` for any
     /// other topic.
     pub fn relay_of_set_topic<'t>(&self, topic: &'t str) -> Option<&'t str> {

@@ -23,6 +23,7 @@
 //! (the outbox writer thread does); it never awaits `publish()` (that
 //! deadlocks the task that polls the event loop), only `try_*`.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -49,12 +50,16 @@ const OFFLINE_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 #[rtype(result = "()")]
 pub struct Durable(pub u64);
 
-/// Acknowledge a command to the broker.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AckCommand {
-    pub generation: u64,
-    pub publish: Publish,
+/// A command handed to the Relay, waiting for its turn to be acknowledged:
+/// PUBACKs go out in the order the commands arrived (MQTT-4.6.0-2).
+struct PendingAck {
+    id: u64,
+    /// The connection it arrived on; an ack is only valid there.
+    generation: u64,
+    publish: Publish,
+    /// `Some(true)`: done, ack it; `Some(false)`: the Relay gave up on it,
+    /// leave it unacknowledged (the broker redelivers it); `None`: waiting.
+    outcome: Option<bool>,
 }
 
 /// Publish `offline`, wait for its ack (bounded), and disconnect cleanly.
@@ -127,6 +132,9 @@ pub struct Link {
     /// Counts connections; command acks carry it.
     generation: u64,
     next_tag: u64,
+    /// Commands in arrival order, until acknowledged or given up.
+    acks: VecDeque<PendingAck>,
+    next_command: u64,
     /// SIGTERM: the tag of the `offline` publish and who waits for it.
     closing: Option<(u64, Option<oneshot::Sender<()>>)>,
 }
@@ -154,6 +162,8 @@ impl Link {
             connected: false,
             generation: 0,
             next_tag: 0,
+            acks: VecDeque::new(),
+            next_command: 0,
             closing: None,
         }
     }
@@ -199,7 +209,7 @@ impl Link {
         {
             tracing::error!("subscribe not sent: {e}");
         }
-        self.relay.do_send(LinkUp);
+        self.relay.do_send(LinkUp { session_present });
         self.pump();
     }
 
@@ -218,19 +228,57 @@ impl Link {
         }
     }
 
-    fn on_publish(&mut self, publish: Publish) {
-        match self.topics.relay_of_set_topic(&publish.topic) {
-            Some(relay) => {
-                let relay = relay.to_string();
-                self.relay.do_send(RelayCommand { relay, publish, generation: self.generation });
+    fn on_publish(&mut self, publish: Publish, ctx: &mut Context<Self>) {
+        match self.topics.is_relay_set_topic(&publish.topic) {
+            true => {
+                let (done, rx) = oneshot::channel();
+                self.next_command += 1;
+                let id = self.next_command;
+                self.relay.do_send(RelayCommand {
+                    topic: publish.topic.clone(),
+                    relay: self.topics.relay_of_set_topic(&publish.topic).map(str::to_string),
+                    payload: publish.payload.to_vec(),
+                    pkid: publish.pkid,
+                    dup: publish.dup,
+                    backlog: false,
+                    done,
+                });
+                self.acks.push_back(PendingAck { id, generation: self.generation, publish, outcome: None });
+                ctx.spawn(rx.into_actor(self).map(move |res, act, _| act.command_done(id, res.is_ok())));
             }
-            None => {
+            false => {
                 tracing::warn!(topic = %publish.topic, "message on a topic the agent does not handle; acknowledged and ignored");
                 if let Some(client) = &self.client
                     && let Err(e) = client.try_ack(&publish)
                 {
                     tracing::warn!("ack not sent: {e}");
                 }
+            }
+        }
+    }
+
+    /// The Relay is done with command `id`: acknowledge every command at the
+    /// head of the queue that is done, in arrival order.
+    fn command_done(&mut self, id: u64, applied: bool) {
+        if let Some(p) = self.acks.iter_mut().find(|p| p.id == id) {
+            p.outcome = Some(applied);
+        }
+        while let Some(outcome) = self.acks.front().and_then(|p| p.outcome) {
+            let Some(p) = self.acks.pop_front() else { break };
+            let current = self.connected && p.generation == self.generation;
+            match (outcome, &self.client, current) {
+                (true, Some(client), true) => {
+                    if let Err(e) = client.try_ack(&p.publish) {
+                        tracing::warn!("command ack not sent: {e}");
+                    }
+                }
+                (true, _, _) => {
+                    tracing::debug!(topic = %p.publish.topic, "command came in on an earlier connection; the broker delivers it again")
+                }
+                (false, _, _) => tracing::warn!(
+                    topic = %p.publish.topic,
+                    "command not recorded; left unacknowledged so the broker delivers it again"
+                ),
             }
         }
     }
@@ -343,7 +391,7 @@ impl StreamHandler<Result<Event, ConnectionError>> for Link {
     fn handle(&mut self, item: Result<Event, ConnectionError>, ctx: &mut Context<Self>) {
         match item {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => self.on_connack(ack.session_present),
-            Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(p),
+            Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(p, ctx),
             Ok(Event::Incoming(Packet::PubAck(a))) => {
                 let slot = self.tracker.on_puback(a.pkid);
                 self.completed(slot);
@@ -382,20 +430,6 @@ impl Handler<Durable> for Link {
     fn handle(&mut self, msg: Durable, _: &mut Context<Self>) {
         self.durable = self.durable.max(msg.0);
         self.pump();
-    }
-}
-
-impl Handler<AckCommand> for Link {
-    type Result = ();
-
-    fn handle(&mut self, msg: AckCommand, _: &mut Context<Self>) {
-        let (Some(client), true) = (&self.client, self.connected && msg.generation == self.generation) else {
-            tracing::debug!(topic = %msg.publish.topic, "command came in on an earlier connection; the broker delivers it again");
-            return;
-        };
-        if let Err(e) = client.try_ack(&msg.publish) {
-            tracing::warn!("command ack not sent: {e}");
-        }
     }
 }
 

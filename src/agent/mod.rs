@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Button, Relay, Heartbeat --record--> outbox --Durable(seq)--> Link --> broker
-//! broker --command--> Link --RelayCommand--> Relay --AckCommand--> Link
+//! broker --command--> Link --RelayCommand{done}--> Relay; done fires --> Link acks
 //!
 //! Messages between actors are typed (`relay::RelayCommand`, `link::Durable`,
 //! ...); each actor's messages live in its own file. Every actor but
@@ -164,7 +164,6 @@ fn start(
             link::Link::new(mqtt, topics, outbox, reader, relay, sup)
         })
     };
-    relay.do_send(relay::SetLink(link.clone()));
     {
         let link = link.clone();
         outbox.set_on_durable(Box::new(move |seq| link.do_send(link::Durable(seq))));

@@ -21,9 +21,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use actix::prelude::*;
-use rumqttc::Publish;
+use tokio::sync::oneshot;
 
-use super::link::{AckCommand, Link};
 use super::recorder::Recorder;
 use super::saved_relays::{SavedRelay, SavedRelays};
 use super::status::RelayStatus;
@@ -32,30 +31,51 @@ use crate::config::{PowerOnState, RelayConfig};
 use crate::gpio::{Gpio, Level, OutputPin};
 use crate::proto::{self, Body, Cause, Qos, RelayState, RelayStateBody, Topics};
 
-/// A command as received on `relay/<relay>/set`.
+/// A command as received on a topic under `relay/+/set`. The Link knows
+/// nothing of relays or payloads; the Relay knows nothing of MQTT.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RelayCommand {
-    pub relay: String,
-    pub publish: Publish,
-    /// The Link connection it arrived on (acks go only to that one).
-    pub generation: u64,
+    /// The topic it came on (quoted in `error` messages).
+    pub topic: String,
+    /// The relay the topic names; `None` when it names none
+    /// (`P/D/relay//set`): refused with an `error` message like any other.
+    pub relay: Option<String>,
+    pub payload: Vec<u8>,
+    /// The MQTT packet id and DUP flag it arrived with: a broker redelivers
+    /// an unacknowledged command with the same packet id and DUP set.
+    pub pkid: u16,
+    pub dup: bool,
+    /// It arrived on a resumed session before the Link's sync echo: the
+    /// broker queued it while the agent was offline (see [`CaughtUp`]).
+    pub backlog: bool,
+    /// Fired once the command is done with (applied and its `state` durable,
+    /// refused with its `error` durable, held or superseded as backlog, or a
+    /// duplicate): the Link may acknowledge it. Dropped unfired only when
+    /// nothing could be recorded; the Link then leaves it unacknowledged (the
+    /// broker delivers it again on a later session) and still acknowledges
+    /// the commands after it.
+    pub done: oneshot::Sender<()>,
 }
 
-/// The Link (re)connected: record a `reconnect` state for every relay.
+/// The Link connected. `session_present = false`: the broker kept nothing
+/// of ours, so no command can be redelivered.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct LinkUp;
+pub struct LinkUp {
+    pub session_present: bool,
+}
+
+/// The Link's sync echo arrived (or catch-up was given up): every command
+/// queued while offline has been delivered; apply what was held back.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CaughtUp;
 
 /// The Link lost its connection: arm the failsafe timers.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct LinkDown;
-
-/// Where to send acknowledgements.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetLink(pub Addr<Link>);
 
 pub fn relay_level(state: RelayState, active_low: bool) -> Level {
     Level::from_bit((state == RelayState::On) != active_low)
@@ -91,9 +111,6 @@ pub struct Relay {
     topics: Topics,
     saved: SavedRelays,
     sup: Supervision,
-    link: Option<Addr<Link>>,
-    /// Acks waiting for [`SetLink`].
-    unsent_acks: Vec<AckCommand>,
     link_up: bool,
     powered_on: bool,
 }
@@ -125,8 +142,6 @@ impl Relay {
             topics,
             saved: SavedRelays::load(state_dir),
             sup,
-            link: None,
-            unsent_acks: Vec::new(),
             link_up: false,
             powered_on: false,
         }
@@ -203,13 +218,6 @@ impl Relay {
             Err(e) => supervisor::fail(self, ctx, e),
         }
     }
-
-    fn ack(&mut self, ack: AckCommand) {
-        match &self.link {
-            Some(link) => link.do_send(ack),
-            None => self.unsent_acks.push(ack),
-        }
-    }
 }
 
 impl Actor for Relay {
@@ -267,21 +275,11 @@ impl SupervisedActor for Relay {
     }
 }
 
-impl Handler<SetLink> for Relay {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetLink, _: &mut Context<Self>) {
-        for ack in self.unsent_acks.drain(..) {
-            msg.0.do_send(ack);
-        }
-        self.link = Some(msg.0);
-    }
-}
-
 impl Handler<LinkUp> for Relay {
     type Result = ();
 
-    fn handle(&mut self, _: LinkUp, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: LinkUp, ctx: &mut Context<Self>) {
+        tracing::debug!(session_present = msg.session_present, "link up");
         self.link_up = true;
         for i in 0..self.units.len() {
             if let Some(h) = self.units[i].failsafe.take() {
@@ -297,6 +295,12 @@ impl Handler<LinkUp> for Relay {
     }
 }
 
+impl Handler<CaughtUp> for Relay {
+    type Result = ();
+
+    fn handle(&mut self, _: CaughtUp, _: &mut Context<Self>) {}
+}
+
 impl Handler<LinkDown> for Relay {
     type Result = ();
 
@@ -310,9 +314,11 @@ impl Handler<RelayCommand> for Relay {
     type Result = ();
 
     fn handle(&mut self, msg: RelayCommand, ctx: &mut Context<Self>) {
-        let topic = msg.publish.topic.clone();
-        let index = self.units.iter().position(|u| u.cfg.name == msg.relay);
-        let record = match proto::parse_command(&msg.relay, index.is_some(), &msg.publish.payload, SystemTime::now()) {
+        let topic = msg.topic.clone();
+        tracing::debug!(topic = %topic, pkid = msg.pkid, dup = msg.dup, backlog = msg.backlog, "command");
+        let relay = msg.relay.clone().unwrap_or_default();
+        let index = self.units.iter().position(|u| u.cfg.name == relay);
+        let record = match proto::parse_command(&relay, index.is_some(), &msg.payload, SystemTime::now()) {
             Err(refusal) => {
                 tracing::warn!(topic = %topic, code = ?refusal.code, "command refused: {}", refusal.message);
                 let fut = self.recorder.record(
@@ -346,14 +352,16 @@ impl Handler<RelayCommand> for Relay {
                 Box::pin(self.record_state(i))
             }
         };
-        let ack = AckCommand { generation: msg.generation, publish: msg.publish };
+        let done = msg.done;
         // Wait (holding the mailbox) so commands are applied and acknowledged
         // strictly in order.
-        ctx.wait(record.into_actor(self).map(move |res, act, _| match res {
-            Ok(_) => act.ack(ack),
+        ctx.wait(record.into_actor(self).map(move |res, _, _| match res {
+            Ok(_) => {
+                // The Link may have dropped the connection it came on.
+                let _ = done.send(());
+            }
             Err(e) => tracing::error!(
-                "command on '{}' not recorded ({e}); it stays unacknowledged and the broker will deliver it again",
-                ack.publish.topic
+                "command on '{topic}' not recorded ({e}); it stays unacknowledged and the broker will deliver it again"
             ),
         }));
     }
