@@ -627,7 +627,16 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use serde_json::Value;
+
     use super::*;
+    use crate::agent::status::StatusBoard;
+    use crate::config::{Durability, OutboxConfig, SupervisorConfig};
+    use crate::gpio::{EdgeSink, GpioError, InputPin, InputSpec};
+    use crate::outbox::{MemStore, OutboxHandle};
 
     #[test]
     fn active_low_relays_are_on_when_their_pin_is_low() {
@@ -643,5 +652,330 @@ mod tests {
         assert_eq!(power_on(PowerOnState::Last, None), RelayState::Off);
         assert_eq!(power_on(PowerOnState::On, Some(RelayState::Off)), RelayState::On);
         assert_eq!(power_on(PowerOnState::Off, Some(RelayState::On)), RelayState::Off);
+    }
+
+    // -----------------------------------------------------------------------
+    // The actor, with a fake pin, an in-memory outbox and a fake `done`.
+
+    const PUMP_SET: &str = "fl/pi/relay/pump/set";
+
+    /// The pump's pin: its level, how often it changed, and whether `set` fails.
+    #[derive(Default)]
+    struct Board {
+        high: bool,
+        switches: u32,
+        fail: bool,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeGpio(Arc<Mutex<Board>>);
+
+    impl FakeGpio {
+        fn board(&self) -> std::sync::MutexGuard<'_, Board> {
+            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+    }
+
+    impl Gpio for FakeGpio {
+        fn input(&self, spec: &InputSpec, _: EdgeSink) -> Result<Box<dyn InputPin>, GpioError> {
+            Err(GpioError::NoSuchPin(spec.pin))
+        }
+
+        fn output(&self, _: u8) -> Result<Box<dyn OutputPin>, GpioError> {
+            Ok(Box::new(self.clone()))
+        }
+    }
+
+    impl OutputPin for FakeGpio {
+        fn level(&self) -> Result<Level, GpioError> {
+            Ok(Level::from_bit(self.board().high))
+        }
+
+        fn set(&mut self, level: Level) -> Result<(), GpioError> {
+            let mut b = self.board();
+            if b.fail {
+                return Err(GpioError::Failed { pin: 27, reason: "the line went away".into() });
+            }
+            if b.high != level.is_high() {
+                b.switches += 1;
+                b.high = level.is_high();
+            }
+            Ok(())
+        }
+    }
+
+    /// One run of the agent's Relay over `state_dir` (its `relays.json`).
+    struct Run {
+        relay: Addr<Relay>,
+        outbox: OutboxHandle,
+        reader: OutboxReader,
+    }
+
+    fn start(state_dir: &Path, gpio: &FakeGpio) -> Run {
+        let cfg = OutboxConfig { max_bytes: 1 << 20, durability: Durability::Always, flush_interval: Duration::ZERO };
+        let (outbox, reader, _) = crate::outbox::open_in_memory(&MemStore::new(), &cfg).expect("in-memory outbox");
+        let pump = RelayConfig {
+            name: "pump".into(),
+            pin: 27,
+            active_low: false,
+            power_on_state: PowerOnState::Last,
+            failsafe_after: None,
+            failsafe_state: RelayState::Off,
+            qos: Qos::AtLeastOnce,
+        };
+        let sup_cfg = SupervisorConfig {
+            max_restarts: 100,
+            window: Duration::from_secs(60),
+            backoff_max: Duration::from_millis(10),
+        };
+        let sup = Supervision::new("relay", Arc::new(StatusBoard::new("pi")), &sup_cfg);
+        let (dir, gpio, recorder, r) =
+            (state_dir.to_path_buf(), Arc::new(gpio.clone()), Recorder::new("pi", 7, outbox.clone()), reader.clone());
+        let relay =
+            Supervisor::start(move |_| Relay::new(vec![pump], &dir, gpio, recorder, r, Topics::new("fl", "pi"), sup));
+        Run { relay, outbox, reader }
+    }
+
+    /// Runs `test` inside an actix system, as the agent's actors run.
+    fn in_system<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
+        System::new().block_on(async move { test().await });
+    }
+
+    impl Run {
+        /// Delivers a command; true once the Relay fired `done`.
+        async fn deliver(&self, topic: &str, payload: &str, pkid: u16, dup: bool, backlog: bool) -> bool {
+            let (done, rx) = oneshot::channel();
+            let relay = Topics::new("fl", "pi").relay_of_set_topic(topic).map(str::to_string);
+            self.relay.do_send(RelayCommand {
+                topic: topic.into(),
+                relay,
+                payload: payload.as_bytes().to_vec(),
+                pkid,
+                dup,
+                backlog,
+                done,
+            });
+            // A generous deadline, not a timing assertion: `false` means
+            // `done` was dropped or never came.
+            matches!(tokio::time::timeout(Duration::from_secs(30), rx).await, Ok(Ok(())))
+        }
+
+        async fn pump(&self, payload: &str, pkid: u16, dup: bool) -> bool {
+            self.deliver(PUMP_SET, payload, pkid, dup, false).await
+        }
+
+        async fn tell<M>(&self, msg: M)
+        where
+            M: Message<Result = ()> + Send + 'static,
+            Relay: Handler<M>,
+        {
+            self.relay.send(msg).await.expect("the relay is running");
+        }
+
+        /// Every record in the outbox: (topic, payload), in seq order.
+        fn records(&self) -> Vec<(String, Value)> {
+            self.reader
+                .read(1, u64::MAX, 100_000)
+                .expect("read the outbox")
+                .into_iter()
+                .map(|r| (r.topic, serde_json::from_slice(&r.payload).expect("a JSON payload")))
+                .collect()
+        }
+
+        fn states(&self, cause: &str) -> Vec<Value> {
+            self.records()
+                .into_iter()
+                .filter(|(t, v)| t == "fl/pi/relay/pump/state" && v["cause"] == cause)
+                .map(|(_, v)| v)
+                .collect()
+        }
+
+        fn errors(&self) -> Vec<Value> {
+            self.records().into_iter().filter(|(t, _)| t == "fl/pi/error").map(|(_, v)| v).collect()
+        }
+
+        /// Acknowledges every record, as a broker would once delivered.
+        async fn deliver_all(&self) {
+            let seqs = self.reader.read(1, u64::MAX, 100_000).expect("read").iter().map(|r| r.seq).collect();
+            self.outbox.ack(seqs);
+            // Acks and flushes are handled in order by the writer.
+            self.outbox.flush().await.expect("flush");
+        }
+    }
+
+    #[test]
+    fn a_redelivered_plain_toggle_switches_the_relay_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            assert!(run.pump("toggle", 1, false).await, "the toggle is done with");
+            // Its PUBACK was lost; the broker sends it again with DUP set.
+            assert!(run.pump("toggle", 1, true).await, "the redelivery is done with");
+            assert_eq!(gpio.board().switches, 1, "one toggle, one switch");
+            assert!(gpio.board().high, "the pump is on");
+            assert_eq!(run.states("command").len(), 1, "one state message for one toggle");
+        });
+    }
+
+    #[test]
+    fn commands_with_ids_are_not_applied_again_after_a_restart_even_on_a_new_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, false).await);
+            assert!(run.pump(r#"{"state":"off","id":"B"}"#, 2, false).await);
+        });
+        assert_eq!(gpio.board().switches, 2);
+        in_system(|| async {
+            // The agent restarted; the broker still has the session and
+            // redelivers both (their PUBACKs never went out).
+            let run = start(dir.path(), &gpio);
+            run.tell(LinkUp { session_present: true }).await;
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, true).await);
+            assert!(run.pump(r#"{"state":"off","id":"B"}"#, 2, true).await);
+            // Then the broker loses the session and someone publishes both
+            // again: new packet ids, DUP clear. The ids still count.
+            run.tell(LinkUp { session_present: false }).await;
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, false).await);
+            assert!(run.pump(r#"{"state":"off","id":"B"}"#, 2, false).await);
+        });
+        assert_eq!(gpio.board().switches, 2, "A and B each switched the pump once, no re-switching");
+        assert!(!gpio.board().high, "B (off) is the last command applied");
+    }
+
+    #[test]
+    fn a_command_delivered_again_is_confirmed_again_only_while_nothing_newer_set_the_relay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, false).await);
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 2, false).await);
+            assert!(run.pump(r#"{"state":"off","id":"B"}"#, 3, false).await);
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 4, false).await);
+            let ids: Vec<Value> = run.states("command").iter().map(|v| v["command_id"].clone()).collect();
+            assert_eq!(ids, ["A", "A", "B"], "A confirmed twice while current, not after B");
+        });
+        assert_eq!(gpio.board().switches, 2);
+    }
+
+    #[test]
+    fn three_hundred_queued_plain_toggles_switch_the_relay_once_the_backlog_is_delivered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            run.tell(LinkUp { session_present: true }).await;
+            for pkid in 1..=300 {
+                assert!(run.deliver(PUMP_SET, "toggle", pkid, false, true).await, "toggle #{pkid} is acknowledged");
+            }
+            assert_eq!(gpio.board().switches, 0, "nothing is applied before the backlog is over");
+            run.tell(CaughtUp).await;
+            assert_eq!(gpio.board().switches, 1, "the last queued toggle is applied, once");
+            run.tell(CaughtUp).await;
+            assert_eq!(gpio.board().switches, 1, "a held command is applied once");
+            let commanded = run.states("command");
+            assert_eq!(commanded.len(), 1, "{commanded:?}");
+            assert_eq!(commanded[0]["state"], "on");
+        });
+    }
+
+    #[test]
+    fn a_queued_command_with_an_id_is_applied_at_once_and_supersedes_the_held_plain_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            run.tell(LinkUp { session_present: true }).await;
+            assert!(run.deliver(PUMP_SET, "on", 1, false, true).await);
+            assert!(run.deliver(PUMP_SET, r#"{"state":"off","id":"J"}"#, 2, false, true).await);
+            assert_eq!(gpio.board().switches, 0, "J found the pump off already");
+            run.tell(CaughtUp).await;
+            assert!(!gpio.board().high, "the held 'on' is older than J and never applied");
+            assert_eq!(gpio.board().switches, 0);
+        });
+    }
+
+    #[test]
+    fn held_commands_are_applied_when_the_broker_reports_no_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            run.tell(LinkUp { session_present: true }).await;
+            assert!(run.deliver(PUMP_SET, "on", 1, false, true).await);
+            // The link dropped before the backlog ended, and the broker lost
+            // the session: nothing more can be queued.
+            run.tell(LinkDown).await;
+            run.tell(LinkUp { session_present: false }).await;
+            assert!(gpio.board().high, "the held command is applied");
+        });
+    }
+
+    #[test]
+    fn a_failed_switch_records_gpio_failed_and_is_still_done_with() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            gpio.board().fail = true;
+            assert!(run.pump(r#"{"state":"on","id":"F"}"#, 1, false).await, "done fires although the pin failed");
+            let errors = run.errors();
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0]["code"], "gpio_failed");
+            assert_eq!(errors[0]["command_id"], "F");
+            assert_eq!(errors[0]["topic"], PUMP_SET);
+            assert!(errors[0]["message"].as_str().is_some_and(|m| m.contains("pump")), "{}", errors[0]);
+            // The supervisor restarts the actor; the pin works again.
+            gpio.board().fail = false;
+            assert!(run.pump(r#"{"state":"on","id":"G"}"#, 2, false).await);
+            assert!(gpio.board().high, "the next command is applied");
+        });
+    }
+
+    #[test]
+    fn a_topic_that_names_no_relay_gets_an_unknown_relay_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            assert!(run.deliver("fl/pi/relay//set", r#"{"state":"on","id":"E"}"#, 1, false, false).await);
+            let errors = run.errors();
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0]["code"], "unknown_relay");
+            assert_eq!(errors[0]["command_id"], "E");
+            assert!(errors[0]["message"].as_str().is_some_and(|m| m.contains("'fl/pi/relay//set'")), "{}", errors[0]);
+            // Redelivered: acknowledged, no second error.
+            assert!(run.deliver("fl/pi/relay//set", r#"{"state":"on","id":"E"}"#, 1, true, false).await);
+            assert_eq!(run.errors().len(), 1);
+            assert_eq!(gpio.board().switches, 0);
+        });
+    }
+
+    #[test]
+    fn a_reconnect_storm_adds_at_most_one_reconnect_state_per_relay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            for _ in 0..50 {
+                run.tell(LinkUp { session_present: false }).await;
+                run.tell(LinkDown).await;
+            }
+            run.outbox.flush().await.expect("flush");
+            run.tell(LinkUp { session_present: false }).await;
+            assert_eq!(run.states("reconnect").len(), 1, "one reconnect state waits in the outbox");
+            // A resumed session records none.
+            run.tell(LinkUp { session_present: true }).await;
+            // Once it was delivered, the next lost session records again.
+            run.deliver_all().await;
+            run.tell(LinkUp { session_present: false }).await;
+            run.outbox.flush().await.expect("flush");
+            let reconnects = run.states("reconnect");
+            assert_eq!(reconnects.len(), 1, "the first was acknowledged; one new: {reconnects:?}");
+            assert_eq!(reconnects[0]["epoch"], 7, "the recorder's epoch is in every payload");
+        });
     }
 }
