@@ -48,7 +48,11 @@
 //! The applied ids and the session's packet ids are forgotten as follows:
 //! ids beyond the newest 256; packet ids when [`LinkUp`] says the broker
 //! kept no session (written at once), and a packet id's entry when a command
-//! with DUP clear arrives on it.
+//! with DUP clear arrives on it. An applied command's id and packet id are
+//! written before its `done`; the packet ids of refused, duplicate and held
+//! commands (nothing switched) are written with the next write, so after a
+//! crash such a redelivery may produce its `error` again, never a second
+//! switch.
 //!
 //! # Reconnect states
 //!
