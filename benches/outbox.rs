@@ -224,10 +224,11 @@ fn block_on<F: Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().build().expect("a current-thread runtime builds").block_on(f)
 }
 
-/// A button message as the agent renders it, about 200 bytes.
+/// A button message as the agent renders it, about 200 bytes, with the
+/// epoch of a state_dir created at that time (unix ms, 13 digits).
 fn button_payload(seq: u64) -> Vec<u8> {
     let body = Body::Button(ButtonBody { button: BUTTON.to_string(), state: ButtonState::Pressed });
-    proto::render(DEVICE, seq, UNIX_EPOCH + Duration::from_millis(1_795_255_200_000), &body)
+    proto::render(DEVICE, 1_795_255_200_000, seq, UNIX_EPOCH + Duration::from_millis(1_795_255_200_000), &body)
 }
 
 fn draft() -> Draft {

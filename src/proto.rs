@@ -144,7 +144,7 @@ pub const ONLINE: &[u8] = b"online";
 pub const OFFLINE: &[u8] = b"offline";
 
 /// The device-to-cloud message bodies that go through the outbox. The
-/// envelope (`device`, `seq`, `ts`) is added by [`render`].
+/// envelope (`device`, `epoch`, `seq`, `ts`) is added by [`render`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Body {
@@ -207,15 +207,20 @@ pub struct ErrorBody {
 #[derive(Serialize)]
 struct Envelope<'a> {
     device: &'a str,
+    epoch: u64,
     seq: u64,
     ts: String,
     #[serde(flatten)]
     body: &'a Body,
 }
 
-/// The JSON payload of an outbox record: `{"device","seq","ts",...body}`.
-pub fn render(device: &str, seq: u64, ts: SystemTime, body: &Body) -> Vec<u8> {
-    let env = Envelope { device, seq, ts: timefmt::rfc3339_millis(ts), body };
+/// The JSON payload of an outbox record:
+/// `{"device","epoch","seq","ts",...body}`. `(device, epoch, seq)` is the
+/// message's identity (DESIGN: Topics and payloads): `epoch` names the
+/// state_dir's seq counter, so seqs that restart after a lost `seq.floor`
+/// are still new messages.
+pub fn render(device: &str, epoch: u64, seq: u64, ts: SystemTime, body: &Body) -> Vec<u8> {
+    let env = Envelope { device, epoch, seq, ts: timefmt::rfc3339_millis(ts), body };
     // Serializing plain structs of strings and numbers into a Vec cannot fail;
     // an empty object would still be a well-formed, recognisable payload.
     serde_json::to_vec(&env).unwrap_or_else(|_| b"{}".to_vec())
@@ -229,6 +234,8 @@ pub enum ErrorCode {
     UnknownRelay,
     Expired,
     TooLarge,
+    /// The command was valid but the relay's pin could not be switched.
+    GpioFailed,
 }
 
 /// The largest command payload accepted; larger ones are `too_large`.
@@ -245,6 +252,14 @@ pub enum Action {
 }
 
 impl Action {
+    /// The command word: `on`, `off` or `toggle`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Set(s) => s.as_str(),
+            Action::Toggle => "toggle",
+        }
+    }
+
     /// The state the relay ends up in, from the state it is in.
     pub fn apply(self, current: RelayState) -> RelayState {
         match self {
@@ -394,6 +409,20 @@ pub fn parse_command(relay: &str, known: bool, payload: &[u8], now: SystemTime) 
     Ok(Command { relay: relay.to_string(), action, id })
 }
 
+/// Refuses a command whose topic matches the command filter but names no
+/// relay (`P/D/relay//set`): `unknown_relay`, quoting the topic, with the
+/// command's `id` when the payload has a readable one.
+pub fn refuse_topic_without_relay(topic: &str, payload: &[u8]) -> Refusal {
+    let id = std::str::from_utf8(payload).ok().filter(|_| payload.len() <= MAX_COMMAND_BYTES).and_then(command_id_hint);
+    Refusal::new(
+        ErrorCode::UnknownRelay,
+        // The topic matched our own filter, so its length is bounded by the
+        // configured prefix and device id: quoted whole.
+        format!("topic '{topic}' names no relay; expected <prefix>/<device>/relay/<name>/set"),
+        id,
+    )
+}
+
 /// Best effort: the `id` of a JSON command that failed to parse as a whole
 /// (say `state` had the wrong type), so the refusal can still name it.
 fn command_id_hint(text: &str) -> Option<String> {
@@ -491,11 +520,34 @@ mod tests {
     }
 
     #[test]
+    fn the_envelope_names_device_then_epoch_then_seq() {
+        let body = Body::Button(ButtonBody { button: "door".into(), state: ButtonState::Released });
+        let text = String::from_utf8(render("pi-1", 3, 9, now(), &body)).expect("utf-8");
+        assert!(text.starts_with(r#"{"device":"pi-1","epoch":3,"seq":9,"ts":"#), "{text}");
+    }
+
+    #[test]
+    fn a_topic_that_names_no_relay_is_refused_as_unknown_relay_quoting_the_topic() {
+        let r = refuse_topic_without_relay("fieldlink/pi-1/relay//set", br#"{"state":"on","id":"c7"}"#);
+        assert_eq!(r.code, ErrorCode::UnknownRelay);
+        assert!(r.message.contains("'fieldlink/pi-1/relay//set'"), "{}", r.message);
+        assert!(r.message.contains("names no relay"), "{}", r.message);
+        assert_eq!(r.command_id.as_deref(), Some("c7"));
+        assert_eq!(refuse_topic_without_relay("fieldlink/pi-1/relay//set", b"toggle").command_id, None);
+    }
+
+    #[test]
+    fn gpio_failed_is_spelled_in_snake_case() {
+        assert_eq!(serde_json::to_value(ErrorCode::GpioFailed).expect("json"), "gpio_failed");
+    }
+
+    #[test]
     fn rendered_payloads_carry_the_envelope_and_the_body() {
         let body = Body::Button(ButtonBody { button: "door".into(), state: ButtonState::Pressed });
-        let bytes = render("pi-1", 7, now() + Duration::from_millis(5), &body);
+        let bytes = render("pi-1", 1_763_700_000_000, 7, now() + Duration::from_millis(5), &body);
         let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
         assert_eq!(v["device"], "pi-1");
+        assert_eq!(v["epoch"], 1_763_700_000_000_u64);
         assert_eq!(v["seq"], 7);
         assert_eq!(v["ts"], "2025-11-21T10:00:00.005Z");
         assert_eq!(v["button"], "door");
@@ -510,7 +562,7 @@ mod tests {
             cause: Cause::Startup,
             command_id: None,
         });
-        let v: serde_json::Value = serde_json::from_slice(&render("d", 1, now(), &body)).expect("json");
+        let v: serde_json::Value = serde_json::from_slice(&render("d", 0, 1, now(), &body)).expect("json");
         assert!(v["command_id"].is_null());
         assert_eq!(v["cause"], "startup");
     }

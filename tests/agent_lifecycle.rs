@@ -265,3 +265,45 @@ fn the_agent_refuses_a_bad_config_with_exit_2_and_creates_nothing_in_its_state_d
         std::fs::read_dir(agent.state_dir()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(created.is_empty(), "nothing may be started with a bad config, yet state_dir holds {created:?}");
 }
+
+/// `fieldlink status` sends SIGUSR1 to the pid in `agent.pid`, so the agent
+/// must handle SIGUSR1 from the moment that file exists (its default action
+/// kills the process). The signal handlers are installed before the pid
+/// file and the sim socket exist (#6); this sends SIGUSR1 in a tight loop
+/// from the moment the pid file appears until the agent is online, over
+/// several starts, and the agent must survive every one and answer.
+#[test]
+fn sigusr1_in_a_tight_loop_from_the_moment_the_pid_file_exists_never_kills_the_agent() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let Some(mut rig) = Rig::new("life-usr1", false, |b| b) else { return };
+    let pid_file = rig.agent.state_dir().join("agent.pid");
+    for start in 1..=3 {
+        let mark = rig.watcher.len();
+        rig.agent.spawn();
+        let pid = rig.agent.pid().expect("just spawned");
+        let target = Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"));
+        let device = rig.device().to_string();
+        let began = std::time::Instant::now();
+        let mut sent = 0u64;
+        loop {
+            if pid_file.exists() {
+                // Fails only once the process is gone, which the check below reports.
+                let _ = kill(target, Signal::SIGUSR1);
+                sent += 1;
+            }
+            if sent > 0 && has_status(&rig.watcher.messages()[mark..], &device, b"online") {
+                break;
+            }
+            if let Some(code) = rig.agent.exit_code_within(Duration::ZERO) {
+                panic!("start #{start}: the agent died with code {code} after {sent} SIGUSR1s");
+            }
+            assert!(began.elapsed() < DEADLINE, "start #{start}: the agent did not come online");
+        }
+        let status = rig.agent.status();
+        assert_eq!(status["pid"], pid, "start #{start}: the agent answers `fieldlink status` after {sent} SIGUSR1s");
+        rig.agent.sigterm();
+        assert_eq!(rig.agent.wait().code(), Some(0), "start #{start}: SIGTERM is a clean exit");
+    }
+}

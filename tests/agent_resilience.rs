@@ -1,7 +1,8 @@
 //! Resilience, black-box: what the agent does about a link that stays down
-//! (a relay's failsafe), about every reconnect (a `reconnect` state for every
-//! relay: DESIGN: Command rules), about an outbox that cannot be opened, and
-//! about an outbox that outgrows `max_bytes` (DESIGN: Delivery promises).
+//! (a relay's failsafe), about a reconnect (a `reconnect` state for every
+//! relay when the broker lost the session, none when it resumed it: DESIGN:
+//! Command rules), about an outbox that cannot be opened, and about an
+//! outbox that outgrows `max_bytes` (DESIGN: Delivery promises).
 
 mod common;
 
@@ -51,13 +52,9 @@ fn a_relay_switches_to_its_failsafe_state_when_the_link_stays_down_and_reports_i
     let is_failsafe = |v: &Value| v["cause"] == "failsafe" && seq(v) > seq(&on);
     let msgs = rig.watcher.wait_for_since(
         mark,
-        |m| {
-            let states = relay_states(m, &device, "pump");
-            let failsafe = states.iter().find(|v| is_failsafe(v)).map(seq);
-            failsafe.is_some_and(|f| states.iter().any(|v| v["cause"] == "reconnect" && seq(v) > f))
-        },
+        |m| relay_states(m, &device, "pump").iter().any(is_failsafe),
         DEADLINE,
-        "a failsafe state, then a reconnect state, after the heal",
+        "the failsafe state after the heal",
     );
     let states = relay_states(&msgs, &device, "pump");
     let failsafe = states.iter().find(|v| is_failsafe(v)).expect("found above");
@@ -65,9 +62,12 @@ fn a_relay_switches_to_its_failsafe_state_when_the_link_stays_down_and_reports_i
     assert_eq!(failsafe["relay"], "pump", "{failsafe}");
     assert_eq!(failsafe["state"], "off", "the failsafe state is failsafe_state: {failsafe}");
     assert_eq!(failsafe["command_id"], Value::Null, "no command switched it: {failsafe}");
-    let reconnect = states.iter().find(|v| v["cause"] == "reconnect" && seq(v) > seq(failsafe)).expect("found above");
-    check_envelope(reconnect, &device);
-    assert_eq!(reconnect["state"], "off", "the reconnect state is the current (failsafe) state: {reconnect}");
+    let topic = rig.topic("relay/pump/state");
+    let retained = wait_until(DEADLINE, "the broker to retain the failsafe state", || {
+        let v: Value = serde_json::from_slice(&rig.broker.retained(&topic)?).ok()?;
+        (v["seq"] == failsafe["seq"]).then_some(v)
+    });
+    assert_eq!(retained["state"], "off", "the retained state is the failsafe state: {retained}");
     assert_eq!(rig.agent.sim(&["get", PUMP_PIN]), "0", "the pump stays off after the heal");
     let status = rig.agent.status();
     assert_eq!(status["relays"]["pump"]["state"], "off", "status dump: {status}");
@@ -87,9 +87,12 @@ fn a_relay_stays_on_through_an_outage_shorter_than_failsafe_after() {
     assert_eq!(rig.agent.sim(&["get", PUMP_PIN]), "1", "the pump is on while the link is down");
     rig.proxy.heal();
 
-    let reconnect = wait_reconnect_state(&rig, mark, seq(&on), "a reconnect state after the heal");
-    check_envelope(&reconnect, rig.device());
-    assert_eq!(reconnect["state"], "on", "the pump is still on after the outage: {reconnect}");
+    rig.wait_online_since(mark);
+    // Records go out in seq order: once this is confirmed, everything
+    // recorded before it has arrived.
+    let probe = rig.command_confirmed("pump", "on", "nf-probe");
+    assert!(seq(&probe) > seq(&on));
+    assert_eq!(probe["state"], "on", "the pump is still on after the outage: {probe}");
     assert_eq!(rig.agent.sim(&["get", PUMP_PIN]), "1", "the pump's pin is still high");
     let since = rig.watcher.messages()[mark..].to_vec();
     let failsafes: Vec<Value> =
@@ -108,27 +111,37 @@ fn wait_retained_reconnect(rig: &Rig, min_seq: u64) -> Value {
 }
 
 #[test]
-fn every_connect_and_reconnect_records_a_retained_reconnect_state_with_the_current_state_of_every_relay() {
+fn a_reconnect_records_a_retained_reconnect_state_of_every_relay_only_when_the_broker_lost_the_session() {
     let Some(mut rig) = Rig::new("res-reconnect", false, |b| b) else { return };
     let mark = rig.watcher.len();
     rig.start_online();
+    // A first connect: the broker has no session for the agent yet.
     let first = wait_reconnect_state(&rig, mark, 0, "a reconnect state after the first connect");
     check_envelope(&first, rig.device());
     assert_eq!(first["state"], "off", "the pump starts off (power_on_state = \"off\"): {first}");
 
     let on = rig.command_confirmed("pump", "on", "rc-on");
     for round in 1..=2 {
-        let newest = newest_seq(&rig.watcher.messages()).max(seq(&on));
         rig.cut();
         let mark = rig.watcher.len();
         rig.proxy.heal();
-        let state = wait_reconnect_state(&rig, mark, newest, &format!("a new reconnect state after heal #{round}"));
-        check_envelope(&state, rig.device());
-        assert_eq!(state["relay"], "pump", "{state}");
-        assert_eq!(state["state"], "on", "heal #{round}: the reconnect state is the current state: {state}");
-        let retained = wait_retained_reconnect(&rig, seq(&state));
-        assert_eq!(retained["state"], "on", "heal #{round}: the retained state: {retained}");
+        rig.wait_online_since(mark);
+        // Records go out in seq order: once the probe is confirmed,
+        // anything recorded on the reconnect has arrived.
+        rig.command_confirmed("pump", "on", &format!("rc-probe-{round}"));
+        let since = rig.watcher.messages()[mark..].to_vec();
+        let reconnects: Vec<Value> =
+            relay_states(&since, rig.device(), "pump").into_iter().filter(|v| v["cause"] == "reconnect").collect();
+        assert!(reconnects.is_empty(), "heal #{round} resumed the session: no reconnect state: {reconnects:#?}");
     }
+
+    // The broker restarts without persistence: session and retained states gone.
+    let newest = newest_seq(&rig.watcher.messages()).max(seq(&on));
+    rig.broker.restart();
+    let state = wait_retained_reconnect(&rig, newest + 1);
+    check_envelope(&state, rig.device());
+    assert_eq!(state["relay"], "pump", "{state}");
+    assert_eq!(state["state"], "on", "the reconnect state is the current state: {state}");
 }
 
 /// Overwrites every file under `dir` (recursively) with garbage of the same

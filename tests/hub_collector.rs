@@ -2,7 +2,7 @@
 //! exist"): the real `fieldlink hub` binary against a test mosquitto, fed by
 //! fake agents that publish agent-format messages over MQTT QoS 1.
 //!
-//! * Each `(device, seq)` is stored once, whatever the wire repeats:
+//! * Each `(device, epoch, seq)` is stored once, whatever the wire repeats:
 //!   duplicates and a full replay, on SQLite, MariaDB and PostgreSQL
 //!   (databases created on the machine's servers and dropped afterwards;
 //!   skipped with a printed reason where no server answers, unless
@@ -14,6 +14,9 @@
 //!   runs inside the hub process and keeps everything in memory
 //!   (`src/broker.rs`, "Limits"), so a killed hub takes its queued messages
 //!   with it. Hence mosquitto here.
+//! * A device whose epoch changes (its seqs restart at 1 under a greater
+//!   epoch, as after a lost `seq.floor`) has its new messages stored, not
+//!   discarded as duplicates, and its latest relay state is the new one.
 //! * Heartbeats older than `heartbeat_retention` are pruned (at start, then
 //!   hourly); other messages are kept whatever their age.
 //!
@@ -108,6 +111,37 @@ fn duplicated_and_replayed_messages_are_stored_once_with_the_embedded_broker() {
     let _serial = serial();
     let hub = Hub::builder_embedded().start();
     duplicates_and_a_replay_are_stored_once(&hub, hub.broker_port());
+}
+
+#[test]
+fn a_device_whose_epoch_changes_has_its_new_messages_stored_and_its_latest_relay_state_is_the_new_one() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let hub = Hub::builder(&broker).start();
+    let device = unique_device("epoch");
+    let mut fake = FakeAgent::connect(broker.port(), &device);
+    // An agent from before epochs (epoch 0): five presses, then the pump on.
+    fake.buttons(1..=5);
+    fake.pump_state(6, "on");
+    // Its seq.floor is lost: seqs restart at 1 under a new epoch.
+    let epoch = 1_795_255_200_000;
+    fake.set_epoch(epoch);
+    fake.buttons(1..=3);
+    fake.pump_state(4, "off");
+    fake.wait_acked();
+    fence(&hub, &mut fake, 1);
+
+    let events = hub.all_events_paged(&device, None, 4);
+    let ids: Vec<(u64, u64)> = events.iter().map(common::hub::event_identity).collect();
+    let mut want: Vec<(u64, u64)> = (1..=4).rev().map(|s| (epoch, s)).collect();
+    want.extend((1..=6).rev().map(|s| (0, s)));
+    assert_eq!(ids, want, "every message of both epochs, newest (epoch, seq) first");
+    let devices = hub.get("/api/devices").1;
+    let view = devices
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["device"] == device.as_str()))
+        .unwrap_or_else(|| panic!("{device} listed in {devices}"));
+    assert_eq!(view["relays"]["pump"], "off", "the new epoch's relay state is the latest: {view}");
 }
 
 /// Fake agents in a kill test, and the seqs each publishes.

@@ -23,6 +23,7 @@
 
 mod backoff;
 mod button;
+mod command_gate;
 mod heartbeat;
 mod inflight;
 mod lifecycle;
@@ -105,6 +106,12 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
         state_dir.join("outbox").display()
     );
 
+    // Signal handlers before the sim socket and the pid file exist: a
+    // SIGUSR1 (`fieldlink status`) that finds the pid file must never meet
+    // the default action, which kills the process. Needs the runtime.
+    let system = System::new();
+    let signals = system.block_on(async { lifecycle::register_signals() }).map_err(AgentError::Signals)?;
+
     // Keeps the sim socket served until the agent ends.
     let gpio: Arc<dyn Gpio> = match cfg.gpio.backend {
         GpioBackend::Sim => Arc::new(crate::gpio::sim::SimGpio::start(&state_dir)?),
@@ -115,8 +122,7 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .map_err(|source| AgentError::StateDir { path: pid_path.clone(), source })?;
 
-    let system = System::new();
-    let started = system.block_on(async { start(&cfg, gpio, outbox.clone(), reader) });
+    let started = system.block_on(async { start(&cfg, signals, gpio, outbox.clone(), reader) });
     let code = match started {
         Ok(()) => system.run_with_code().map_err(AgentError::System)?,
         Err(e) => {
@@ -137,22 +143,30 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
 /// Starts every actor inside the running system.
 fn start(
     cfg: &AgentConfig,
+    signals: impl Stream<Item = lifecycle::Sig> + Unpin + 'static,
     gpio: Arc<dyn Gpio>,
     outbox: outbox::OutboxHandle,
     reader: outbox::OutboxReader,
 ) -> Result<(), AgentError> {
-    let signals = lifecycle::register_signals().map_err(AgentError::Signals)?;
     let board = Arc::new(StatusBoard::new(&cfg.device_id));
     let topics = Topics::new(&cfg.mqtt.topic_prefix, &cfg.device_id);
-    let recorder = Recorder::new(&cfg.device_id, outbox.clone());
+    // TODO(#6 outbox branch): outbox.epoch()
+    let recorder = Recorder::new(&cfg.device_id, 0, outbox.clone());
     let sup = |name| Supervision::new(name, board.clone(), &cfg.supervisor);
 
     let relay_arbiter = Arbiter::new();
     let relay = {
-        let (relays, state_dir, gpio, recorder, topics, sup) =
-            (cfg.relays.clone(), cfg.state_dir.clone(), gpio.clone(), recorder.clone(), topics.clone(), sup("relay"));
+        let (relays, state_dir, gpio, recorder, reader, topics, sup) = (
+            cfg.relays.clone(),
+            cfg.state_dir.clone(),
+            gpio.clone(),
+            recorder.clone(),
+            reader.clone(),
+            topics.clone(),
+            sup("relay"),
+        );
         Supervisor::start_in_arbiter(&relay_arbiter.handle(), move |_| {
-            relay::Relay::new(relays, &state_dir, gpio, recorder, topics, sup)
+            relay::Relay::new(relays, &state_dir, gpio, recorder, reader, topics, sup)
         })
     };
 

@@ -1,11 +1,71 @@
 //! The Relay actor: owns the relay output pins, applies commands, and records
 //! every state change as a retained `relay/<name>/state` message (DESIGN:
-//! Topics and payloads, Command rules).
+//! Topics and payloads, Command rules). It never publishes directly, and it
+//! knows nothing of MQTT beyond the packet id and flags a [`RelayCommand`]
+//! carries.
 //!
-//! * A command is acknowledged to the broker only after the pin switched and
-//!   its `state` (or `error`) message is durable in the outbox; a crash in
-//!   between means the broker delivers it again. A redelivered command with
-//!   the same `id` is not applied twice.
+//! # Commands
+//!
+//! Every [`RelayCommand`] ends with its `done` fired (the Link may then
+//! acknowledge it) in exactly one of these ways, in the order checked (the
+//! rules themselves are the sans-IO `command_gate`):
+//!
+//! 1. **Redelivery** (DUP set, same packet id and the same topic and payload
+//!    as a command handled on this session): `done` at once; nothing
+//!    switches and nothing is recorded.
+//! 2. **Refused** (bad payload, unknown relay, a topic that names no relay
+//!    such as `P/D/relay//set`, expired, too large): an `error` message is
+//!    recorded; `done` once it is durable.
+//! 3. **Already applied** (its `id` is among the 256 most recently applied
+//!    ids, all relays): nothing switches. If the relay still shows that
+//!    command (its `command_id` is that id: nothing newer happened to it),
+//!    its current state is recorded again and `done` fires once that is
+//!    durable, so a lost confirmation is repeated; otherwise `done` fires at
+//!    once and nothing is recorded (a confirmation naming an old command
+//!    would misreport what set the relay).
+//! 4. **Held** (a plain command, no `id`, that arrived as backlog: queued by
+//!    the broker while the agent was offline): `done` at once, so the
+//!    broker's in-flight window keeps moving. It replaces any plain command
+//!    held for the same relay, which is logged as superseded and never
+//!    applied. On [`CaughtUp`] (or a [`LinkUp`] without a session: nothing
+//!    more can be queued) the held commands are applied, cause `command`.
+//!    Trade-off: a held command is acknowledged before it is applied, so a
+//!    crash in that short window loses that one stale plain command. 300
+//!    queued plain toggles switch the relay at most once.
+//! 5. **Applied**: the pin is switched; the relay state, the command's id and
+//!    its packet id are written to `relays.json` in one atomic write; the
+//!    `state` message is recorded; `done` once it is durable. Any command
+//!    applied to a relay discards the plain command held for it (the applied
+//!    one is newer; a backlog command with an `id` is applied at once).
+//!    If the pin cannot be switched, an `error` with code `gpio_failed` is
+//!    recorded, `done` fires once it is durable (so later acknowledgements
+//!    are never held back), and then the actor fails and its supervisor
+//!    restarts it.
+//!
+//! Commands are handled strictly one at a time, in arrival order: the actor
+//! waits (holding its mailbox) until a command's record is durable.
+//!
+//! The applied ids and the session's packet ids are forgotten as follows:
+//! ids beyond the newest 256; packet ids when [`LinkUp`] says the broker
+//! kept no session (written at once), and a packet id's entry when a command
+//! with DUP clear arrives on it. An applied command's id and packet id are
+//! written before its `done`; the packet ids of refused, duplicate and held
+//! commands (nothing switched) are written with the next write, so after a
+//! crash such a redelivery may produce its `error` again, never a second
+//! switch.
+//!
+//! # Reconnect states
+//!
+//! On [`LinkUp`] with `session_present = false` (the broker kept nothing of
+//! ours; its retained states may be gone too) each relay records its current
+//! state with cause `reconnect`, unless its previous `reconnect` record is
+//! still waiting (not yet durable, or still in the outbox: looked up with
+//! [`OutboxReader::read`] on this actor's thread). A reconnect storm adds at
+//! most one such record per relay. A [`LinkUp`] that resumes the session
+//! records nothing: the broker still holds the retained states.
+//!
+//! # Pins
+//!
 //! * Pins are acquired once and kept in the actor struct, which survives
 //!   supervisor restarts; acquiring never changes the level, and the pins are
 //!   never reset on drop, so neither a restart of this actor nor of the
@@ -13,9 +73,10 @@
 //! * `power_on_state` is applied on the first start only; `failsafe_after`
 //!   switches to `failsafe_state` when the link has been down that long.
 //!
-//! It runs on its own arbiter: `relays.json` is fsynced on every change. It
-//! never publishes directly.
+//! It runs on its own arbiter: `relays.json` is fsynced on every change and
+//! the outbox lookup above reads sled.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -23,13 +84,15 @@ use std::time::SystemTime;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use super::command_gate::{self, Arrival, CommandGate, Verdict};
 use super::recorder::Recorder;
 use super::saved_relays::{SavedRelay, SavedRelays};
 use super::status::RelayStatus;
 use super::supervisor::{self, SupervisedActor, Supervision};
 use crate::config::{PowerOnState, RelayConfig};
 use crate::gpio::{Gpio, Level, OutputPin};
-use crate::proto::{self, Body, Cause, Qos, RelayState, RelayStateBody, Topics};
+use crate::outbox::{OutboxError, OutboxReader};
+use crate::proto::{self, Body, Cause, ErrorCode, Qos, Refusal, RelayState, RelayStateBody, Topics};
 
 /// A command as received on a topic under `relay/+/set`. The Link knows
 /// nothing of relays or payloads; the Relay knows nothing of MQTT.
@@ -95,6 +158,15 @@ pub fn power_on(cfg: PowerOnState, saved: Option<RelayState>) -> RelayState {
     }
 }
 
+/// A relay's newest `reconnect` record (see the module doc).
+#[derive(Debug, Default)]
+struct ReconnectRecord {
+    /// Appended, not yet durable.
+    in_flight: u32,
+    /// The seq of the newest one that became durable.
+    seq: Option<u64>,
+}
+
 struct Unit {
     cfg: RelayConfig,
     pin: Option<Box<dyn OutputPin>>,
@@ -102,14 +174,20 @@ struct Unit {
     cause: Cause,
     command_id: Option<String>,
     failsafe: Option<SpawnHandle>,
+    reconnect: ReconnectRecord,
 }
+
+/// The outcome of a command, once its record is durable.
+type Record = std::pin::Pin<Box<dyn Future<Output = Result<u64, OutboxError>>>>;
 
 pub struct Relay {
     units: Vec<Unit>,
     gpio: Arc<dyn Gpio>,
     recorder: Recorder,
+    reader: OutboxReader,
     topics: Topics,
     saved: SavedRelays,
+    gate: CommandGate,
     sup: Supervision,
     link_up: bool,
     powered_on: bool,
@@ -121,6 +199,7 @@ impl Relay {
         state_dir: &Path,
         gpio: Arc<dyn Gpio>,
         recorder: Recorder,
+        reader: OutboxReader,
         topics: Topics,
         sup: Supervision,
     ) -> Relay {
@@ -133,22 +212,20 @@ impl Relay {
                 cause: Cause::Startup,
                 command_id: None,
                 failsafe: None,
+                reconnect: ReconnectRecord::default(),
             })
             .collect();
-        Relay {
-            units,
-            gpio,
-            recorder,
-            topics,
-            saved: SavedRelays::load(state_dir),
-            sup,
-            link_up: false,
-            powered_on: false,
-        }
+        let saved = SavedRelays::load(state_dir);
+        let gate = CommandGate::restore(saved.command_ids(), saved.session());
+        Relay { units, gpio, recorder, reader, topics, saved, gate, sup, link_up: false, powered_on: false }
+    }
+
+    fn index(&self, relay: &str) -> Option<usize> {
+        self.units.iter().position(|u| u.cfg.name == relay)
     }
 
     /// Drives unit `i` to `state` (if it is not there already) and remembers
-    /// why. Saving the state is best effort: the pin is the truth.
+    /// why, in memory: [`Relay::persist`] writes it.
     fn switch(&mut self, i: usize, state: RelayState, cause: Cause, command_id: Option<String>) -> Result<(), String> {
         let unit = &mut self.units[i];
         let pin = unit.pin.as_mut().ok_or_else(|| format!("relay '{}': pin not acquired", unit.cfg.name))?;
@@ -161,15 +238,27 @@ impl Relay {
         unit.cause = cause;
         unit.command_id = command_id.clone();
         let name = unit.cfg.name.clone();
-        if let Err(e) = self.saved.save(&name, SavedRelay { state, command_id: command_id.clone() }) {
-            tracing::error!("relay '{name}': state not saved ({e}); power_on_state = \"last\" may not restore it");
-        }
+        self.saved.set(&name, SavedRelay { state, command_id: command_id.clone() });
         self.sup.board().relay(&name, RelayStatus { state, cause, command_id });
         Ok(())
     }
 
+    /// Writes the relay states and what the command gate remembers, in one
+    /// atomic write. A failure is logged, not fatal: the pin is the truth,
+    /// and the gate still remembers in memory.
+    fn persist(&mut self) {
+        let (ids, session) = self.gate.remembered();
+        self.saved.set_gate(ids, session);
+        if let Err(e) = self.saved.commit() {
+            tracing::error!(
+                "relays.json not saved ({e}): after a restart power_on_state = \"last\" may not restore the relays, \
+                 and a command delivered again may be applied again"
+            );
+        }
+    }
+
     /// Records unit `i`'s current state; resolves when durable.
-    fn record_state(&self, i: usize) -> impl Future<Output = Result<u64, crate::outbox::OutboxError>> + 'static {
+    fn record_state(&self, i: usize) -> impl Future<Output = Result<u64, OutboxError>> + 'static {
         let u = &self.units[i];
         self.recorder.record(
             self.topics.relay_state(&u.cfg.name),
@@ -185,10 +274,131 @@ impl Relay {
         )
     }
 
+    /// Records an `error` message for a command on `topic`; resolves when durable.
+    fn record_error(&self, topic: &str, refusal: Refusal) -> impl Future<Output = Result<u64, OutboxError>> + 'static {
+        self.recorder.record(
+            self.topics.error(),
+            Qos::AtLeastOnce,
+            false,
+            SystemTime::now(),
+            Body::Error(refusal.into_body(topic)),
+        )
+    }
+
     fn record_in_background(&self, i: usize, ctx: &mut Context<Self>) {
         ctx.spawn(self.record_state(i).into_actor(self).map(|res, _, _| {
             if let Err(e) = res {
                 tracing::error!("relay state not recorded: {e}");
+            }
+        }));
+    }
+
+    /// Waits (holding the mailbox, so commands are handled strictly in
+    /// order) until `record` is durable, then runs `on_durable` and fires
+    /// `done`; then fails the actor if `fail` says so.
+    fn finish(
+        &mut self,
+        ctx: &mut Context<Self>,
+        record: Record,
+        done: oneshot::Sender<()>,
+        topic: String,
+        on_durable: impl FnOnce(&mut Relay) + 'static,
+        fail: Option<String>,
+    ) {
+        ctx.wait(record.into_actor(self).map(move |res, act, ctx| {
+            match res {
+                Ok(_) => {
+                    on_durable(act);
+                    // An error only means the Link dropped the connection
+                    // the command came on; the broker delivers it again.
+                    let _ = done.send(());
+                }
+                Err(e) => tracing::error!(
+                    "command on '{topic}' not recorded ({e}); it stays unacknowledged and the broker will deliver it again"
+                ),
+            }
+            if let Some(e) = fail {
+                supervisor::fail(act, ctx, e);
+            }
+        }));
+    }
+
+    /// The pin of unit `i` could not be switched for a command on `topic`:
+    /// the `error` message to record.
+    fn gpio_failed(&self, i: usize, target: RelayState, error: &str, command_id: Option<String>) -> Refusal {
+        let name = &self.units[i].cfg.name;
+        tracing::error!(relay = %name, "could not switch to {}: {error}", target.as_str());
+        Refusal {
+            code: ErrorCode::GpioFailed,
+            message: format!("relay '{name}' could not be switched {}: {error}", target.as_str()),
+            command_id,
+        }
+    }
+
+    /// Applies the held backlog commands (the backlog is over).
+    fn apply_held(&mut self, ctx: &mut Context<Self>, why: &str) {
+        let held = self.gate.take_held();
+        if held.is_empty() {
+            return;
+        }
+        let mut failure = None;
+        for h in held {
+            let Some(i) = self.index(&h.relay) else { continue };
+            let target = h.action.apply(self.units[i].state);
+            tracing::info!(relay = %h.relay, "{why}: applying the last queued plain command '{}'", h.action.as_str());
+            match self.switch(i, target, Cause::Command, None) {
+                Ok(()) => self.record_in_background(i, ctx),
+                Err(e) => {
+                    // Recorded when called: the future only reports durability.
+                    let record = self.record_error(&h.topic, self.gpio_failed(i, target, &e, None));
+                    ctx.spawn(record.into_actor(self).map(|res, _, _| {
+                        if let Err(e) = res {
+                            tracing::error!("gpio_failed error not recorded: {e}");
+                        }
+                    }));
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        self.persist();
+        if let Some(e) = failure {
+            supervisor::fail(self, ctx, e);
+        }
+    }
+
+    /// Whether unit `i`'s previous `reconnect` record is still waiting to be
+    /// delivered.
+    fn reconnect_waiting(&self, i: usize) -> bool {
+        let r = &self.units[i].reconnect;
+        if r.in_flight > 0 {
+            return true;
+        }
+        let Some(seq) = r.seq else { return false };
+        match self.reader.read(seq, seq, 1) {
+            Ok(records) => !records.is_empty(),
+            Err(e) => {
+                tracing::warn!(
+                    relay = %self.units[i].cfg.name,
+                    "cannot tell whether the previous reconnect state (seq {seq}) is still in the outbox ({e}); recording a new one"
+                );
+                false
+            }
+        }
+    }
+
+    fn record_reconnect(&mut self, i: usize, ctx: &mut Context<Self>) {
+        let u = &mut self.units[i];
+        u.cause = Cause::Reconnect;
+        u.reconnect.in_flight += 1;
+        self.sup
+            .board()
+            .relay(&u.cfg.name, RelayStatus { state: u.state, cause: u.cause, command_id: u.command_id.clone() });
+        ctx.spawn(self.record_state(i).into_actor(self).map(move |res, act, _| {
+            let r = &mut act.units[i].reconnect;
+            r.in_flight = r.in_flight.saturating_sub(1);
+            match res {
+                Ok(seq) => r.seq = Some(r.seq.map_or(seq, |s| s.max(seq))),
+                Err(e) => tracing::error!("relay state not recorded: {e}"),
             }
         }));
     }
@@ -214,7 +424,10 @@ impl Relay {
         let state = self.units[i].cfg.failsafe_state;
         tracing::warn!(relay = %self.units[i].cfg.name, "link down for failsafe_after: switching to failsafe state {}", state.as_str());
         match self.switch(i, state, Cause::Failsafe, None) {
-            Ok(()) => self.record_in_background(i, ctx),
+            Ok(()) => {
+                self.persist();
+                self.record_in_background(i, ctx);
+            }
             Err(e) => supervisor::fail(self, ctx, e),
         }
     }
@@ -231,8 +444,11 @@ impl Actor for Relay {
 impl Supervised for Relay {
     fn restarting(&mut self, _: &mut Context<Self>) {
         for u in &mut self.units {
-            // Timers died with the old context.
+            // Timers and record futures died with the old context. A
+            // reconnect record whose outcome is unknown no longer holds back
+            // the next one (at worst one extra record).
             u.failsafe = None;
+            u.reconnect = ReconnectRecord::default();
         }
         self.sup.restarting();
     }
@@ -264,6 +480,7 @@ impl SupervisedActor for Relay {
         }
         if !self.powered_on {
             self.powered_on = true;
+            self.persist();
             for i in 0..self.units.len() {
                 self.record_in_background(i, ctx);
             }
@@ -281,16 +498,24 @@ impl Handler<LinkUp> for Relay {
     fn handle(&mut self, msg: LinkUp, ctx: &mut Context<Self>) {
         tracing::debug!(session_present = msg.session_present, "link up");
         self.link_up = true;
-        for i in 0..self.units.len() {
-            if let Some(h) = self.units[i].failsafe.take() {
+        for u in &mut self.units {
+            if let Some(h) = u.failsafe.take() {
                 ctx.cancel_future(h);
             }
-            let u = &mut self.units[i];
-            u.cause = Cause::Reconnect;
-            self.sup
-                .board()
-                .relay(&u.cfg.name, RelayStatus { state: u.state, cause: u.cause, command_id: u.command_id.clone() });
-            self.record_in_background(i, ctx);
+        }
+        if msg.session_present {
+            return;
+        }
+        if self.gate.session_lost() {
+            self.persist();
+        }
+        self.apply_held(ctx, "the broker kept no session, so nothing more is queued");
+        for i in 0..self.units.len() {
+            if self.reconnect_waiting(i) {
+                tracing::debug!(relay = %self.units[i].cfg.name, "previous reconnect state still waiting in the outbox; none added");
+            } else {
+                self.record_reconnect(i, ctx);
+            }
         }
     }
 }
@@ -298,7 +523,9 @@ impl Handler<LinkUp> for Relay {
 impl Handler<CaughtUp> for Relay {
     type Result = ();
 
-    fn handle(&mut self, _: CaughtUp, _: &mut Context<Self>) {}
+    fn handle(&mut self, _: CaughtUp, ctx: &mut Context<Self>) {
+        self.apply_held(ctx, "the commands queued while offline are all delivered");
+    }
 }
 
 impl Handler<LinkDown> for Relay {
@@ -314,62 +541,106 @@ impl Handler<RelayCommand> for Relay {
     type Result = ();
 
     fn handle(&mut self, msg: RelayCommand, ctx: &mut Context<Self>) {
-        let topic = msg.topic.clone();
-        tracing::debug!(topic = %topic, pkid = msg.pkid, dup = msg.dup, backlog = msg.backlog, "command");
-        let relay = msg.relay.clone().unwrap_or_default();
-        let index = self.units.iter().position(|u| u.cfg.name == relay);
-        let record = match proto::parse_command(&relay, index.is_some(), &msg.payload, SystemTime::now()) {
-            Err(refusal) => {
-                tracing::warn!(topic = %topic, code = ?refusal.code, "command refused: {}", refusal.message);
-                let fut = self.recorder.record(
-                    self.topics.error(),
-                    Qos::AtLeastOnce,
-                    false,
-                    SystemTime::now(),
-                    Body::Error(refusal.into_body(&topic)),
-                );
-                Box::pin(fut) as std::pin::Pin<Box<dyn Future<Output = _>>>
-            }
-            Ok(cmd) => {
-                let Some(i) = index else {
-                    return;
-                };
-                let u = &self.units[i];
-                // `command_id` is the last applied command's id (kept through
-                // reconnects and restarts, in relays.json).
-                let redelivered = cmd.id.is_some() && u.command_id == cmd.id;
-                if redelivered {
-                    tracing::info!(relay = %u.cfg.name, id = ?cmd.id, "command delivered again; already applied");
-                } else {
-                    let target = cmd.action.apply(u.state);
-                    if let Err(e) = self.switch(i, target, Cause::Command, cmd.id.clone()) {
-                        // Not acknowledged: the broker delivers it again
-                        // after the next reconnect.
-                        supervisor::fail(self, ctx, e);
-                        return;
-                    }
-                }
-                Box::pin(self.record_state(i))
-            }
+        let RelayCommand { topic, relay, payload, pkid, dup, backlog, done } = msg;
+        tracing::debug!(topic = %topic, pkid, dup, backlog, "command");
+        let fingerprint = command_gate::fingerprint(&topic, &payload);
+        let arrival = Arrival { topic: &topic, pkid, dup, backlog, fingerprint };
+        if self.gate.redelivered(&arrival) {
+            tracing::info!(topic = %topic, pkid, "command delivered again on the same session; already handled, not applied again");
+            // An error only means the Link dropped that connection.
+            let _ = done.send(());
+            return;
+        }
+        let index = relay.as_deref().and_then(|r| self.index(r));
+        let checked = match relay.as_deref() {
+            None => Err(proto::refuse_topic_without_relay(&topic, &payload)),
+            Some(r) => proto::parse_command(r, index.is_some(), &payload, SystemTime::now()),
         };
-        let done = msg.done;
-        // Wait (holding the mailbox) so commands are applied and acknowledged
-        // strictly in order.
-        ctx.wait(record.into_actor(self).map(move |res, _, _| match res {
-            Ok(_) => {
-                // The Link may have dropped the connection it came on.
+        let (cmd, i) = match (checked, index) {
+            (Ok(cmd), Some(i)) => (cmd, i),
+            (Ok(cmd), None) => {
+                // parse_command refuses unknown relays; kept total all the same.
+                let refusal = Refusal {
+                    code: ErrorCode::UnknownRelay,
+                    message: format!("relay '{}' is not configured", cmd.relay),
+                    command_id: cmd.id,
+                };
+                return self.refuse(ctx, topic, refusal, done, pkid, fingerprint);
+            }
+            (Err(refusal), _) => return self.refuse(ctx, topic, refusal, done, pkid, fingerprint),
+        };
+        match self.gate.admit(&arrival, &cmd) {
+            Verdict::AlreadyApplied => {
+                let u = &self.units[i];
+                if u.command_id == cmd.id {
+                    tracing::info!(relay = %u.cfg.name, id = ?cmd.id, "command delivered again; already applied: recording the relay's state again");
+                    let record = Box::pin(self.record_state(i));
+                    self.finish(ctx, record, done, topic, |_| {}, None);
+                } else {
+                    tracing::info!(relay = %u.cfg.name, id = ?cmd.id, "command delivered again; already applied and since superseded: acknowledged, nothing recorded");
+                    // An error only means the Link dropped that connection.
+                    let _ = done.send(());
+                }
+            }
+            Verdict::Held { superseded } => {
+                if let Some(old) = superseded {
+                    tracing::info!(relay = %cmd.relay, "queued plain command '{}' superseded by a later one; not applied", old.action.as_str());
+                }
+                tracing::debug!(relay = %cmd.relay, "queued plain command '{}' held until the backlog is delivered", cmd.action.as_str());
+                // An error only means the Link dropped that connection.
                 let _ = done.send(());
             }
-            Err(e) => tracing::error!(
-                "command on '{topic}' not recorded ({e}); it stays unacknowledged and the broker will deliver it again"
-            ),
-        }));
+            Verdict::Apply => {
+                let target = cmd.action.apply(self.units[i].state);
+                match self.switch(i, target, Cause::Command, cmd.id.clone()) {
+                    Ok(()) => {
+                        if let Some(old) = self.gate.applied(&cmd, pkid, fingerprint) {
+                            tracing::info!(relay = %cmd.relay, "queued plain command '{}' superseded by a newer command; not applied", old.action.as_str());
+                        }
+                        self.persist();
+                        let record = Box::pin(self.record_state(i));
+                        self.finish(ctx, record, done, topic, |_| {}, None);
+                    }
+                    Err(e) => {
+                        let refusal = self.gpio_failed(i, target, &e, cmd.id);
+                        let record = Box::pin(self.record_error(&topic, refusal));
+                        self.finish(ctx, record, done, topic, move |act| act.gate.handled(pkid, fingerprint), Some(e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Relay {
+    /// Records a refused command's `error`; `done` once it is durable.
+    fn refuse(
+        &mut self,
+        ctx: &mut Context<Self>,
+        topic: String,
+        refusal: Refusal,
+        done: oneshot::Sender<()>,
+        pkid: u16,
+        fingerprint: u64,
+    ) {
+        tracing::warn!(topic = %topic, code = ?refusal.code, "command refused: {}", refusal.message);
+        let record = Box::pin(self.record_error(&topic, refusal));
+        self.finish(ctx, record, done, topic, move |act| act.gate.handled(pkid, fingerprint), None);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use serde_json::Value;
+
     use super::*;
+    use crate::agent::status::StatusBoard;
+    use crate::config::{Durability, OutboxConfig, SupervisorConfig};
+    use crate::gpio::{EdgeSink, GpioError, InputPin, InputSpec};
+    use crate::outbox::{MemStore, OutboxHandle};
 
     #[test]
     fn active_low_relays_are_on_when_their_pin_is_low() {
@@ -385,5 +656,330 @@ mod tests {
         assert_eq!(power_on(PowerOnState::Last, None), RelayState::Off);
         assert_eq!(power_on(PowerOnState::On, Some(RelayState::Off)), RelayState::On);
         assert_eq!(power_on(PowerOnState::Off, Some(RelayState::On)), RelayState::Off);
+    }
+
+    // -----------------------------------------------------------------------
+    // The actor, with a fake pin, an in-memory outbox and a fake `done`.
+
+    const PUMP_SET: &str = "fl/pi/relay/pump/set";
+
+    /// The pump's pin: its level, how often it changed, and whether `set` fails.
+    #[derive(Default)]
+    struct Board {
+        high: bool,
+        switches: u32,
+        fail: bool,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeGpio(Arc<Mutex<Board>>);
+
+    impl FakeGpio {
+        fn board(&self) -> std::sync::MutexGuard<'_, Board> {
+            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+    }
+
+    impl Gpio for FakeGpio {
+        fn input(&self, spec: &InputSpec, _: EdgeSink) -> Result<Box<dyn InputPin>, GpioError> {
+            Err(GpioError::NoSuchPin(spec.pin))
+        }
+
+        fn output(&self, _: u8) -> Result<Box<dyn OutputPin>, GpioError> {
+            Ok(Box::new(self.clone()))
+        }
+    }
+
+    impl OutputPin for FakeGpio {
+        fn level(&self) -> Result<Level, GpioError> {
+            Ok(Level::from_bit(self.board().high))
+        }
+
+        fn set(&mut self, level: Level) -> Result<(), GpioError> {
+            let mut b = self.board();
+            if b.fail {
+                return Err(GpioError::Failed { pin: 27, reason: "the line went away".into() });
+            }
+            if b.high != level.is_high() {
+                b.switches += 1;
+                b.high = level.is_high();
+            }
+            Ok(())
+        }
+    }
+
+    /// One run of the agent's Relay over `state_dir` (its `relays.json`).
+    struct Run {
+        relay: Addr<Relay>,
+        outbox: OutboxHandle,
+        reader: OutboxReader,
+    }
+
+    fn start(state_dir: &Path, gpio: &FakeGpio) -> Run {
+        let cfg = OutboxConfig { max_bytes: 1 << 20, durability: Durability::Always, flush_interval: Duration::ZERO };
+        let (outbox, reader, _) = crate::outbox::open_in_memory(&MemStore::new(), &cfg).expect("in-memory outbox");
+        let pump = RelayConfig {
+            name: "pump".into(),
+            pin: 27,
+            active_low: false,
+            power_on_state: PowerOnState::Last,
+            failsafe_after: None,
+            failsafe_state: RelayState::Off,
+            qos: Qos::AtLeastOnce,
+        };
+        let sup_cfg = SupervisorConfig {
+            max_restarts: 100,
+            window: Duration::from_secs(60),
+            backoff_max: Duration::from_millis(10),
+        };
+        let sup = Supervision::new("relay", Arc::new(StatusBoard::new("pi")), &sup_cfg);
+        let (dir, gpio, recorder, r) =
+            (state_dir.to_path_buf(), Arc::new(gpio.clone()), Recorder::new("pi", 7, outbox.clone()), reader.clone());
+        let relay =
+            Supervisor::start(move |_| Relay::new(vec![pump], &dir, gpio, recorder, r, Topics::new("fl", "pi"), sup));
+        Run { relay, outbox, reader }
+    }
+
+    /// Runs `test` inside an actix system, as the agent's actors run.
+    fn in_system<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
+        System::new().block_on(async move { test().await });
+    }
+
+    impl Run {
+        /// Delivers a command; true once the Relay fired `done`.
+        async fn deliver(&self, topic: &str, payload: &str, pkid: u16, dup: bool, backlog: bool) -> bool {
+            let (done, rx) = oneshot::channel();
+            let relay = Topics::new("fl", "pi").relay_of_set_topic(topic).map(str::to_string);
+            self.relay.do_send(RelayCommand {
+                topic: topic.into(),
+                relay,
+                payload: payload.as_bytes().to_vec(),
+                pkid,
+                dup,
+                backlog,
+                done,
+            });
+            // A generous deadline, not a timing assertion: `false` means
+            // `done` was dropped or never came.
+            matches!(tokio::time::timeout(Duration::from_secs(30), rx).await, Ok(Ok(())))
+        }
+
+        async fn pump(&self, payload: &str, pkid: u16, dup: bool) -> bool {
+            self.deliver(PUMP_SET, payload, pkid, dup, false).await
+        }
+
+        async fn tell<M>(&self, msg: M)
+        where
+            M: Message<Result = ()> + Send + 'static,
+            Relay: Handler<M>,
+        {
+            self.relay.send(msg).await.expect("the relay is running");
+        }
+
+        /// Every record in the outbox: (topic, payload), in seq order.
+        fn records(&self) -> Vec<(String, Value)> {
+            self.reader
+                .read(1, u64::MAX, 100_000)
+                .expect("read the outbox")
+                .into_iter()
+                .map(|r| (r.topic, serde_json::from_slice(&r.payload).expect("a JSON payload")))
+                .collect()
+        }
+
+        fn states(&self, cause: &str) -> Vec<Value> {
+            self.records()
+                .into_iter()
+                .filter(|(t, v)| t == "fl/pi/relay/pump/state" && v["cause"] == cause)
+                .map(|(_, v)| v)
+                .collect()
+        }
+
+        fn errors(&self) -> Vec<Value> {
+            self.records().into_iter().filter(|(t, _)| t == "fl/pi/error").map(|(_, v)| v).collect()
+        }
+
+        /// Acknowledges every record, as a broker would once delivered.
+        async fn deliver_all(&self) {
+            let seqs = self.reader.read(1, u64::MAX, 100_000).expect("read").iter().map(|r| r.seq).collect();
+            self.outbox.ack(seqs);
+            // Acks and flushes are handled in order by the writer.
+            self.outbox.flush().await.expect("flush");
+        }
+    }
+
+    #[test]
+    fn a_redelivered_plain_toggle_switches_the_relay_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            assert!(run.pump("toggle", 1, false).await, "the toggle is done with");
+            // Its PUBACK was lost; the broker sends it again with DUP set.
+            assert!(run.pump("toggle", 1, true).await, "the redelivery is done with");
+            assert_eq!(gpio.board().switches, 1, "one toggle, one switch");
+            assert!(gpio.board().high, "the pump is on");
+            assert_eq!(run.states("command").len(), 1, "one state message for one toggle");
+        });
+    }
+
+    #[test]
+    fn commands_with_ids_are_not_applied_again_after_a_restart_even_on_a_new_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, false).await);
+            assert!(run.pump(r#"{"state":"off","id":"B"}"#, 2, false).await);
+        });
+        assert_eq!(gpio.board().switches, 2);
+        in_system(|| async {
+            // The agent restarted; the broker still has the session and
+            // redelivers both (their PUBACKs never went out).
+            let run = start(dir.path(), &gpio);
+            run.tell(LinkUp { session_present: true }).await;
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, true).await);
+            assert!(run.pump(r#"{"state":"off","id":"B"}"#, 2, true).await);
+            // Then the broker loses the session and someone publishes both
+            // again: new packet ids, DUP clear. The ids still count.
+            run.tell(LinkUp { session_present: false }).await;
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, false).await);
+            assert!(run.pump(r#"{"state":"off","id":"B"}"#, 2, false).await);
+        });
+        assert_eq!(gpio.board().switches, 2, "A and B each switched the pump once, no re-switching");
+        assert!(!gpio.board().high, "B (off) is the last command applied");
+    }
+
+    #[test]
+    fn a_command_delivered_again_is_confirmed_again_only_while_nothing_newer_set_the_relay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, false).await);
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 2, false).await);
+            assert!(run.pump(r#"{"state":"off","id":"B"}"#, 3, false).await);
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 4, false).await);
+            let ids: Vec<Value> = run.states("command").iter().map(|v| v["command_id"].clone()).collect();
+            assert_eq!(ids, ["A", "A", "B"], "A confirmed twice while current, not after B");
+        });
+        assert_eq!(gpio.board().switches, 2);
+    }
+
+    #[test]
+    fn three_hundred_queued_plain_toggles_switch_the_relay_once_the_backlog_is_delivered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            run.tell(LinkUp { session_present: true }).await;
+            for pkid in 1..=300 {
+                assert!(run.deliver(PUMP_SET, "toggle", pkid, false, true).await, "toggle #{pkid} is acknowledged");
+            }
+            assert_eq!(gpio.board().switches, 0, "nothing is applied before the backlog is over");
+            run.tell(CaughtUp).await;
+            assert_eq!(gpio.board().switches, 1, "the last queued toggle is applied, once");
+            run.tell(CaughtUp).await;
+            assert_eq!(gpio.board().switches, 1, "a held command is applied once");
+            let commanded = run.states("command");
+            assert_eq!(commanded.len(), 1, "{commanded:?}");
+            assert_eq!(commanded[0]["state"], "on");
+        });
+    }
+
+    #[test]
+    fn a_queued_command_with_an_id_is_applied_at_once_and_supersedes_the_held_plain_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            run.tell(LinkUp { session_present: true }).await;
+            assert!(run.deliver(PUMP_SET, "on", 1, false, true).await);
+            assert!(run.deliver(PUMP_SET, r#"{"state":"off","id":"J"}"#, 2, false, true).await);
+            assert_eq!(gpio.board().switches, 0, "J found the pump off already");
+            run.tell(CaughtUp).await;
+            assert!(!gpio.board().high, "the held 'on' is older than J and never applied");
+            assert_eq!(gpio.board().switches, 0);
+        });
+    }
+
+    #[test]
+    fn held_commands_are_applied_when_the_broker_reports_no_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            run.tell(LinkUp { session_present: true }).await;
+            assert!(run.deliver(PUMP_SET, "on", 1, false, true).await);
+            // The link dropped before the backlog ended, and the broker lost
+            // the session: nothing more can be queued.
+            run.tell(LinkDown).await;
+            run.tell(LinkUp { session_present: false }).await;
+            assert!(gpio.board().high, "the held command is applied");
+        });
+    }
+
+    #[test]
+    fn a_failed_switch_records_gpio_failed_and_is_still_done_with() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            gpio.board().fail = true;
+            assert!(run.pump(r#"{"state":"on","id":"F"}"#, 1, false).await, "done fires although the pin failed");
+            let errors = run.errors();
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0]["code"], "gpio_failed");
+            assert_eq!(errors[0]["command_id"], "F");
+            assert_eq!(errors[0]["topic"], PUMP_SET);
+            assert!(errors[0]["message"].as_str().is_some_and(|m| m.contains("pump")), "{}", errors[0]);
+            // The supervisor restarts the actor; the pin works again.
+            gpio.board().fail = false;
+            assert!(run.pump(r#"{"state":"on","id":"G"}"#, 2, false).await);
+            assert!(gpio.board().high, "the next command is applied");
+        });
+    }
+
+    #[test]
+    fn a_topic_that_names_no_relay_gets_an_unknown_relay_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            assert!(run.deliver("fl/pi/relay//set", r#"{"state":"on","id":"E"}"#, 1, false, false).await);
+            let errors = run.errors();
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0]["code"], "unknown_relay");
+            assert_eq!(errors[0]["command_id"], "E");
+            assert!(errors[0]["message"].as_str().is_some_and(|m| m.contains("'fl/pi/relay//set'")), "{}", errors[0]);
+            // Redelivered: acknowledged, no second error.
+            assert!(run.deliver("fl/pi/relay//set", r#"{"state":"on","id":"E"}"#, 1, true, false).await);
+            assert_eq!(run.errors().len(), 1);
+            assert_eq!(gpio.board().switches, 0);
+        });
+    }
+
+    #[test]
+    fn a_reconnect_storm_adds_at_most_one_reconnect_state_per_relay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(dir.path(), &gpio);
+            for _ in 0..50 {
+                run.tell(LinkUp { session_present: false }).await;
+                run.tell(LinkDown).await;
+            }
+            run.outbox.flush().await.expect("flush");
+            run.tell(LinkUp { session_present: false }).await;
+            assert_eq!(run.states("reconnect").len(), 1, "one reconnect state waits in the outbox");
+            // A resumed session records none.
+            run.tell(LinkUp { session_present: true }).await;
+            // Once it was delivered, the next lost session records again.
+            run.deliver_all().await;
+            run.tell(LinkUp { session_present: false }).await;
+            run.outbox.flush().await.expect("flush");
+            let reconnects = run.states("reconnect");
+            assert_eq!(reconnects.len(), 1, "the first was acknowledged; one new: {reconnects:?}");
+            assert_eq!(reconnects[0]["epoch"], 7, "the recorder's epoch is in every payload");
+        });
     }
 }

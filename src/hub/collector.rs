@@ -3,8 +3,8 @@
 //! what arrives in batched transactions, and acknowledges each message to the
 //! broker only after the transaction holding it committed (DESIGN: Hub). A
 //! hub killed mid-batch therefore loses nothing: the broker delivers the
-//! unacknowledged messages again and the store keeps each `(device, seq)`
-//! once.
+//! unacknowledged messages again and the store keeps each
+//! `(device, epoch, seq)` once.
 //!
 //! Two tasks:
 //!

@@ -64,12 +64,18 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Re
         return Err(bad("its \"device\" does not match the topic"));
     }
     let seq = value.get("seq").and_then(Value::as_u64).ok_or_else(|| bad("no unsigned \"seq\""))?;
+    // An agent from before epochs sends none: epoch 0 (DESIGN: Topics and payloads).
+    let epoch = match value.get("epoch") {
+        None => 0,
+        Some(e) => e.as_u64().ok_or_else(|| bad("its \"epoch\" is not an unsigned integer"))?,
+    };
     let ts = value.get("ts").and_then(Value::as_str).ok_or_else(|| bad("no \"ts\""))?;
     if crate::timefmt::parse_rfc3339(ts).is_none() {
         return Err(bad("\"ts\" is not an RFC 3339 timestamp"));
     }
     Ok(Update::Message(Message {
         device: device.to_string(),
+        epoch,
         seq,
         ts: ts.to_string(),
         kind,
@@ -97,6 +103,18 @@ mod tests {
         assert_eq!((m.device.as_str(), m.seq, m.kind, m.name.as_deref()), ("pi", 7, Kind::Button, Some("door")));
         assert_eq!(m.ts, "2026-11-21T10:00:00.123Z");
         assert_eq!(m.payload["state"], "pressed");
+    }
+
+    #[test]
+    fn the_epoch_is_part_of_the_identity_and_defaults_to_zero() {
+        let p = br#"{"device":"pi","epoch":1795255200000,"seq":1,"ts":"2026-11-21T10:00:00.000Z","uptime_s":1}"#;
+        let Update::Message(m) = parse("fl", "fl/pi/heartbeat", p, AT).expect("valid") else { panic!("a message") };
+        assert_eq!((m.epoch, m.seq), (1_795_255_200_000, 1));
+        let old = br#"{"device":"pi","seq":9,"ts":"2026-11-21T10:00:00.000Z","uptime_s":1}"#;
+        let Update::Message(m) = parse("fl", "fl/pi/heartbeat", old, AT).expect("valid") else { panic!("a message") };
+        assert_eq!((m.epoch, m.seq), (0, 9), "a payload without epoch is epoch 0");
+        let bad = br#"{"device":"pi","epoch":-1,"seq":9,"ts":"2026-11-21T10:00:00.000Z"}"#;
+        assert!(matches!(parse("fl", "fl/pi/heartbeat", bad, AT), Err(IngestError::Payload { .. })));
     }
 
     #[test]

@@ -38,11 +38,15 @@ impl Kind {
     }
 }
 
-/// One message from a device, parsed from the wire (`(device, seq)` is its
-/// identity; the wire may repeat it).
+/// One message from a device, parsed from the wire (`(device, epoch, seq)`
+/// is its identity; the wire may repeat it).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Message {
     pub device: String,
+    /// The identity of the device's seq counter (DESIGN: Topics and
+    /// payloads); 0 for a payload without one (an agent from before epochs).
+    /// "Newer" means a greater `(epoch, seq)`.
+    pub epoch: u64,
     pub seq: u64,
     /// RFC 3339 UTC with milliseconds, from the payload: when it happened.
     pub ts: String,
@@ -73,20 +77,32 @@ pub struct DeviceView {
     pub online: bool,
     /// When the hub last heard from it (any message or status).
     pub last_seen: Option<String>,
-    /// The payload of its newest heartbeat (highest seq).
+    /// The payload of its newest heartbeat (greatest `(epoch, seq)`).
     pub heartbeat: Option<Value>,
-    /// Relay name -> "on" | "off", from the newest state message per relay.
+    /// Relay name -> "on" | "off", from the newest state message per relay
+    /// (greatest `(epoch, seq)`).
     pub relays: BTreeMap<String, String>,
 }
 
-/// `GET /api/devices/{d}/events` entries (newest first).
+/// `GET /api/devices/{d}/events` entries (newest first: greatest
+/// `(epoch, seq)` first).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventView {
+    pub epoch: u64,
     pub seq: u64,
     pub ts: String,
     pub kind: Kind,
     pub name: Option<String>,
     pub payload: Value,
+}
+
+/// Where a page of events ends: only events older than `(epoch, seq)`.
+/// Without an epoch, the device's newest epoch (so `before_seq` alone pages
+/// through the current life of the device and on into older ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Before {
+    pub epoch: Option<u64>,
+    pub seq: u64,
 }
 
 /// Where a command stands.

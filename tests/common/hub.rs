@@ -500,33 +500,33 @@ impl Hub {
     }
 
     /// Every event of `device` (of one `kind`, if given), newest first,
-    /// paging through with `before_seq`.
+    /// paging through with `before_epoch` and `before_seq`.
     pub fn all_events(&self, device: &str, kind: Option<&str>) -> Vec<Value> {
         self.all_events_paged(device, kind, PAGE)
     }
 
     /// [`Hub::all_events`] with pages of `page` events: each next page asks
-    /// for `before_seq` = the oldest seq of the page before.
+    /// for the events before the oldest `(epoch, seq)` of the page before.
     pub fn all_events_paged(&self, device: &str, kind: Option<&str>, page: usize) -> Vec<Value> {
         let mut all: Vec<Value> = Vec::new();
-        let mut before: Option<u64> = None;
+        let mut before: Option<(u64, u64)> = None;
         loop {
             let mut query = format!("limit={page}");
             if let Some(k) = kind {
                 query.push_str(&format!("&kind={k}"));
             }
-            if let Some(b) = before {
-                query.push_str(&format!("&before_seq={b}"));
+            if let Some((e, s)) = before {
+                query.push_str(&format!("&before_epoch={e}&before_seq={s}"));
             }
             let events = self.events(device, &query);
             assert!(events.len() <= page, "limit={page} returned {} events", events.len());
             let full = events.len() == page;
             if let Some(first) = events.first() {
-                let seq = event_seq(first);
-                assert!(before.is_none_or(|b| seq < b), "before_seq={before:?} returned seq {seq}");
+                let id = event_identity(first);
+                assert!(before.is_none_or(|b| id < b), "before {before:?} returned (epoch, seq) {id:?}");
             }
             if let Some(last) = events.last() {
-                before = Some(event_seq(last));
+                before = Some(event_identity(last));
             }
             all.extend(events);
             if !full {
@@ -679,6 +679,12 @@ fn field_value(line: &str, name: &str) -> Option<u64> {
 /// The `seq` of an API event.
 pub fn event_seq(event: &Value) -> u64 {
     event["seq"].as_u64().unwrap_or_else(|| panic!("no u64 seq in event {event}"))
+}
+
+/// The `(epoch, seq)` of an API event: its identity.
+pub fn event_identity(event: &Value) -> (u64, u64) {
+    let epoch = event["epoch"].as_u64().unwrap_or_else(|| panic!("no u64 epoch in event {event}"));
+    (epoch, event_seq(event))
 }
 
 /// The seqs of API events, in the order given.
@@ -897,7 +903,10 @@ pub struct FakeAgent {
     shared: Arc<FakeShared>,
     published: usize,
     /// The `ts` of seq 0; seq `s` happened `s` milliseconds later.
-    epoch: SystemTime,
+    time_base: SystemTime,
+    /// The `epoch` its payloads carry; `None`: none (an agent from before
+    /// epochs, which the hub counts as epoch 0).
+    epoch: Option<u64>,
 }
 
 impl FakeAgent {
@@ -935,7 +944,8 @@ impl FakeAgent {
             client,
             shared,
             published: 0,
-            epoch: SystemTime::now() - Duration::from_secs(3600),
+            time_base: SystemTime::now() - Duration::from_secs(3600),
+            epoch: None,
         };
         wait_until(DEADLINE, &format!("fake agent '{device}' to connect ({:?})", fake.last_error()), || {
             (fake.shared.connacks.load(Ordering::SeqCst) > 0).then_some(())
@@ -958,11 +968,47 @@ impl FakeAgent {
         self.published += 1;
     }
 
+    /// From now on its payloads carry this `epoch`, as an agent's do after
+    /// its seq counter was lost and restarted.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = Some(epoch);
+    }
+
+    /// The envelope of a message: device, epoch (if set), seq, ts.
+    fn envelope(&self, seq: u64, ts: SystemTime) -> serde_json::Map<String, Value> {
+        let mut env = serde_json::Map::new();
+        env.insert("device".into(), json!(self.device));
+        if let Some(e) = self.epoch {
+            env.insert("epoch".into(), json!(e));
+        }
+        env.insert("seq".into(), json!(seq));
+        env.insert("ts".into(), json!(rfc3339(ts)));
+        env
+    }
+
+    /// The envelope with `body`'s fields after it, as JSON text.
+    fn payload(&self, seq: u64, ts: SystemTime, body: Value) -> String {
+        let mut env = self.envelope(seq, ts);
+        if let Value::Object(fields) = body {
+            env.extend(fields);
+        }
+        Value::Object(env).to_string()
+    }
+
     /// The button message with this seq (door, pressed on odd seqs and
-    /// released on even ones), timestamped `seq` ms after the fake's epoch.
+    /// released on even ones), timestamped `seq` ms after the fake's time base.
     pub fn button(&mut self, seq: u64) {
-        let ts = self.epoch + Duration::from_millis(seq);
+        let ts = self.time_base + Duration::from_millis(seq);
         self.button_at(seq, ts);
+    }
+
+    /// A retained-style relay state message of relay `pump` (published not
+    /// retained: the hub does not care), cause `command`.
+    pub fn pump_state(&mut self, seq: u64, state: &str) {
+        let ts = self.time_base + Duration::from_millis(seq);
+        let body = json!({"relay": "pump", "state": state, "cause": "command", "command_id": null});
+        let payload = self.payload(seq, ts, body);
+        self.publish(&topic(&self.device, "relay/pump/state"), payload);
     }
 
     /// Each of `seqs`, in order; a seq listed twice is published twice.
@@ -975,25 +1021,23 @@ impl FakeAgent {
     /// A button message with an explicit `ts`.
     pub fn button_at(&mut self, seq: u64, ts: SystemTime) {
         let state = if seq % 2 == 1 { "pressed" } else { "released" };
-        let payload = json!({
-            "device": self.device, "seq": seq, "ts": rfc3339(ts), "button": "door", "state": state,
-        });
+        let payload = self.payload(seq, ts, json!({"button": "door", "state": state}));
         let t = topic(&self.device, "button/door");
-        self.publish(&t, payload.to_string());
+        self.publish(&t, payload);
     }
 
     /// A heartbeat message (every field DESIGN lists) with this `ts`.
     pub fn heartbeat(&mut self, seq: u64, ts: SystemTime) {
-        let payload = json!({
-            "device": self.device, "seq": seq, "ts": rfc3339(ts),
+        let body = json!({
             "uptime_s": 100 + seq, "cpu_percent": 12.5, "load_1m": 0.25,
             "mem_used_bytes": 100_000_000u64, "mem_total_bytes": 1_000_000_000u64,
             "disk_free_bytes": 5_000_000_000u64, "disk_total_bytes": 16_000_000_000u64,
             "temp_c": 48.2, "outbox": {"depth": 0, "bytes": 0, "dropped": 0},
             "link": {"connects": 1, "disconnects": 0}, "version": super::VERSION,
         });
+        let payload = self.payload(seq, ts, body);
         let t = topic(&self.device, "heartbeat");
-        self.publish(&t, payload.to_string());
+        self.publish(&t, payload);
     }
 
     /// Waits until the broker acknowledged everything published so far.

@@ -62,16 +62,20 @@ function ago(ts) {
 
 const clock = (ts) => new Date(ts).toLocaleTimeString();
 
-// Merges two lists of {seq} into one, sorted by seq, each seq once.
-function mergeBySeq(a, b) {
-  const bySeq = new Map();
-  for (const x of a.concat(b)) bySeq.set(x.seq, x);
-  return [...bySeq.values()].sort((x, y) => x.seq - y.seq);
+// A message's identity is (epoch, seq): seqs restart under a greater epoch
+// when a device lost its seq counter. Epochs are unix ms, exact in a number.
+const sameMessage = (x, y) => x.epoch === y.epoch && x.seq === y.seq;
+
+// Merges two lists of {epoch, seq} into one, oldest first, each message once.
+function mergeByIdentity(a, b) {
+  const byId = new Map();
+  for (const x of a.concat(b)) byId.set(`${x.epoch}:${x.seq}`, x);
+  return [...byId.values()].sort((x, y) => (x.epoch - y.epoch) || (x.seq - y.seq));
 }
 
 // --- devices ---------------------------------------------------------------
 
-// Device: { id, card, lastSeen, points: [{seq, t, hb}], buttons: [{seq, ts, name, state}] }
+// Device: { id, card, lastSeen, points: [{epoch, seq, t, hb}], buttons: [{epoch, seq, ts, name, state}] }
 function device(id) {
   let dev = devices.get(id);
   if (dev) return dev;
@@ -239,8 +243,10 @@ function showButtons(dev) {
   log.replaceChildren(...rows);
 }
 
-const buttonOf = (e) => ({ seq: e.seq, ts: e.ts, name: e.name || e.payload.button, state: e.payload.state });
-const pointOf = (e) => ({ seq: e.seq, t: Date.parse(e.ts), hb: e.payload });
+const buttonOf = (e) => ({
+  epoch: e.epoch ?? 0, seq: e.seq, ts: e.ts, name: e.name || e.payload.button, state: e.payload.state,
+});
+const pointOf = (e) => ({ epoch: e.epoch ?? 0, seq: e.seq, t: Date.parse(e.ts), hb: e.payload });
 
 // --- charts ----------------------------------------------------------------------
 
@@ -325,8 +331,8 @@ async function loadHistory(dev) {
     getJson(`${base}?kind=button&limit=${BUTTON_EVENTS}`),
   ]);
   // Merged with what the stream brought in the meantime.
-  dev.points = mergeBySeq(heartbeats.map(pointOf), dev.points).slice(-HEARTBEATS);
-  dev.buttons = mergeBySeq(buttons.map(buttonOf), dev.buttons).slice(-BUTTON_EVENTS);
+  dev.points = mergeByIdentity(heartbeats.map(pointOf), dev.points).slice(-HEARTBEATS);
+  dev.buttons = mergeByIdentity(buttons.map(buttonOf), dev.buttons).slice(-BUTTON_EVENTS);
   drawCharts(dev);
   showButtons(dev);
 }
@@ -358,11 +364,12 @@ function onMessage(m) {
   const dev = device(m.device);
   setLastSeen(dev, new Date().toISOString());
   if (m.kind === 'heartbeat') {
-    dev.points = mergeBySeq(dev.points, [pointOf(m)]).slice(-HEARTBEATS);
-    if (dev.points[dev.points.length - 1].seq === m.seq) showHeartbeat(dev, m.payload);
+    const point = pointOf(m);
+    dev.points = mergeByIdentity(dev.points, [point]).slice(-HEARTBEATS);
+    if (sameMessage(dev.points[dev.points.length - 1], point)) showHeartbeat(dev, m.payload);
     drawCharts(dev);
   } else if (m.kind === 'button') {
-    dev.buttons = mergeBySeq(dev.buttons, [buttonOf(m)]).slice(-BUTTON_EVENTS);
+    dev.buttons = mergeByIdentity(dev.buttons, [buttonOf(m)]).slice(-BUTTON_EVENTS);
     showButtons(dev);
   } else if (m.kind === 'relay') {
     const name = m.name || m.payload.relay;

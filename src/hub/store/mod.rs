@@ -1,4 +1,4 @@
-//! The hub's database: every message stored once per `(device, seq)`, the
+//! The hub's database: every message stored once per `(device, epoch, seq)`, the
 //! devices' online state, newest heartbeat and relay states, and the relay
 //! commands the hub published. One [`Store`] handle over a sqlx `Any` pool
 //! speaks SQLite (`sqlite://path`), MySQL/MariaDB (`mysql://...`) or
@@ -9,10 +9,10 @@
 //!
 //! * `write_batch` is one transaction: all of a batch is stored, or none.
 //!   When it returns `Ok`, the batch is committed and may be acknowledged.
-//! * A `(device, seq)` is stored once; only its first storing has effects
-//!   (device, heartbeat, relay state, command answer), so replays are
-//!   harmless. Newest heartbeat and relay state are chosen by `seq`, never by
-//!   arrival order.
+//! * A `(device, epoch, seq)` is stored once; only its first storing has
+//!   effects (device, heartbeat, relay state, command answer), so replays are
+//!   harmless. Newest heartbeat and relay state are chosen by `(epoch, seq)`,
+//!   never by arrival order.
 //! * Times are RFC 3339 UTC strings with milliseconds, normalized on the way
 //!   in, so they compare as text the way they compare as time in all three
 //!   databases.
@@ -52,7 +52,7 @@ use sqlx::{AnyConnection, AssertSqlSafe};
 pub use self::dialect::Dialect;
 pub use self::error::{StoreError, redact_url};
 pub use self::write::{BatchReport, MAX_NAME_CHARS};
-use super::model::{CommandRow, CommandStatus, DeviceView, EventView, Kind, Update};
+use super::model::{Before, CommandRow, CommandStatus, DeviceView, EventView, Kind, Update};
 use crate::timefmt;
 
 /// A handle to the database (cheap to clone; a connection pool inside).
@@ -84,7 +84,7 @@ impl Store {
     }
 
     /// Stores a batch in ONE transaction. Returns, per update, whether it was
-    /// newly stored (false for a `(device, seq)` already there). Also keeps
+    /// newly stored (false for a `(device, epoch, seq)` already there). Also keeps
     /// the devices' online state / last_seen / latest heartbeat, the newest
     /// relay states, and moves commands to confirmed / rejected when a relay
     /// state or error carrying their `command_id` is stored.
@@ -106,16 +106,16 @@ impl Store {
         read::devices(&self.pool, &self.sql).await
     }
 
-    /// A device's messages, newest (highest seq) first: at most `limit`, of
-    /// `kind` if given, with seq below `before_seq` if given.
+    /// A device's messages, newest (greatest `(epoch, seq)`) first: at most
+    /// `limit`, of `kind` if given, older than `before` if given.
     pub async fn events(
         &self,
         device: &str,
         kind: Option<Kind>,
         limit: u32,
-        before_seq: Option<u64>,
+        before: Option<Before>,
     ) -> Result<Vec<EventView>, StoreError> {
-        read::events(&self.pool, &self.sql, device, kind, limit, before_seq).await
+        read::events(&self.pool, &self.sql, device, kind, limit, before).await
     }
 
     /// Records a published command (its times normalized to UTC

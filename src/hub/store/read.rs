@@ -10,7 +10,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::error::StoreError;
 use super::sql::Statements;
-use crate::hub::model::{DeviceView, EventView, Kind};
+use crate::hub::model::{Before, DeviceView, EventView, Kind};
 
 /// Every device the hub has heard of, by name.
 pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>, StoreError> {
@@ -48,44 +48,65 @@ pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>
     Ok(devices)
 }
 
-/// A device's messages, newest (highest seq) first: at most `limit`, of one
-/// kind if given, with seq below `before_seq` if given.
+/// A device's messages, newest (greatest `(epoch, seq)`) first: at most
+/// `limit`, of one kind if given, older than `before` if given.
 pub async fn events(
     pool: &AnyPool,
     sql: &Statements,
     device: &str,
     kind: Option<Kind>,
     limit: u32,
-    before_seq: Option<u64>,
+    before: Option<Before>,
 ) -> Result<Vec<EventView>, StoreError> {
     let what = "read events";
-    if limit == 0 || before_seq == Some(0) {
+    if limit == 0 {
         return Ok(Vec::new());
     }
-    // A bound beyond the column's range excludes nothing.
-    let before = before_seq.and_then(|s| i64::try_from(s).ok());
+    let before = match before {
+        None => None,
+        Some(Before { epoch: Some(epoch), seq }) => Some((epoch, seq)),
+        Some(Before { epoch: None, seq }) => {
+            let newest: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.newest_epoch.clone()))
+                .bind(device)
+                .fetch_one(pool)
+                .await
+                .map_err(StoreError::db(what))?;
+            let Some(newest) = newest else { return Ok(Vec::new()) };
+            Some((u64::try_from(newest).map_err(|_| corrupt("epoch", newest))?, seq))
+        }
+    };
     let mut q = sqlx::query(AssertSqlSafe(sql.select_events(kind.is_some(), before.is_some()))).bind(device);
     if let Some(kind) = kind {
         q = q.bind(kind.as_str());
     }
-    if let Some(before) = before {
-        q = q.bind(before);
+    if let Some((epoch, seq)) = before {
+        // The columns hold 0..=i64::MAX (`write` checks): a bound beyond that
+        // is clamped, which excludes the same rows (all but a row at exactly
+        // (i64::MAX, i64::MAX)).
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        q = q.bind(clamp(epoch)).bind(clamp(epoch)).bind(clamp(seq));
     }
     let rows = q.bind(i64::from(limit)).fetch_all(pool).await.map_err(StoreError::db(what))?;
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
-        let seq: i64 = row.try_get(0).map_err(StoreError::db(what))?;
-        let kind: String = row.try_get(2).map_err(StoreError::db(what))?;
-        let payload: String = row.try_get(4).map_err(StoreError::db(what))?;
+        let epoch: i64 = row.try_get(0).map_err(StoreError::db(what))?;
+        let seq: i64 = row.try_get(1).map_err(StoreError::db(what))?;
+        let kind: String = row.try_get(3).map_err(StoreError::db(what))?;
+        let payload: String = row.try_get(5).map_err(StoreError::db(what))?;
         events.push(EventView {
-            seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt { what: "seq", value: seq.to_string() })?,
-            ts: row.try_get(1).map_err(StoreError::db(what))?,
+            epoch: u64::try_from(epoch).map_err(|_| corrupt("epoch", epoch))?,
+            seq: u64::try_from(seq).map_err(|_| corrupt("seq", seq))?,
+            ts: row.try_get(2).map_err(StoreError::db(what))?,
             kind: Kind::parse(&kind).ok_or(StoreError::Corrupt { what: "message kind", value: kind })?,
-            name: row.try_get(3).map_err(StoreError::db(what))?,
+            name: row.try_get(4).map_err(StoreError::db(what))?,
             payload: json("payload", payload)?,
         });
     }
     Ok(events)
+}
+
+fn corrupt(what: &'static str, value: i64) -> StoreError {
+    StoreError::Corrupt { what, value: value.to_string() }
 }
 
 fn json(what: &'static str, text: String) -> Result<Value, StoreError> {

@@ -5,9 +5,13 @@
 //! # Migrating
 //!
 //! Migrations are numbered from 1 and applied in order; `fieldlink_schema`
-//! holds one `(version, applied_at)` row per applied migration. Every
-//! statement is idempotent (`CREATE ... IF NOT EXISTS`), so a migration that
-//! half-ran (MySQL commits each DDL statement on its own) simply runs again.
+//! holds one `(version, applied_at)` row per applied migration. On SQLite and
+//! PostgreSQL a migration runs in one transaction (their DDL is
+//! transactional), so it is applied whole or not at all. MySQL commits each
+//! DDL statement on its own, so there every step is idempotent on its own
+//! (`CREATE ... IF NOT EXISTS`, or a [`Step::Unless`] guarded by a probe of
+//! `information_schema`, since MySQL, unlike MariaDB, has no `ADD COLUMN IF
+//! NOT EXISTS`), and a migration that half-ran simply runs again.
 //!
 //! Hubs sharing one database may start at the same moment. The migrator runs
 //! on its own connection under a lock, so they take turns:
@@ -31,19 +35,31 @@ use super::dialect::Dialect;
 use super::error::{StoreError, redact_url, scrub};
 use crate::timefmt;
 
-/// One schema step.
+/// One schema version.
 struct Migration {
     version: i64,
     name: &'static str,
-    ddl: fn(Dialect) -> &'static [&'static str],
+    steps: fn(Dialect) -> Vec<Step>,
+}
+
+/// One statement of a migration.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Run as is.
+    Sql(&'static str),
+    /// Run `sql` only when `probe` (a `SELECT COUNT(*) ...`) counts 0: the
+    /// change it makes is not there yet.
+    Unless { probe: &'static str, sql: &'static str },
 }
 
 /// Every migration, oldest first. Append; never edit a released one.
-const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "messages, devices, relays, commands", ddl: v1_tables }];
+const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "messages, devices, relays, commands", steps: v1_steps },
+    Migration { version: 2, name: "message identity (device, epoch, seq)", steps: v2_epoch },
+];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 1;
+pub const LATEST: i64 = 2;
 
 /// Key of the PostgreSQL advisory lock ("fieldlin" in ASCII).
 const PG_LOCK_KEY: &str = "7378697629483820654";
@@ -66,6 +82,10 @@ const MYSQL_LOCK_WAIT_S: i64 = 60;
 /// Times are RFC 3339 UTC strings with milliseconds (`timefmt`), so every
 /// database orders them the same way. MySQL gets `utf8mb4_bin` so that names
 /// compare as bytes, as they do in SQLite and PostgreSQL.
+fn v1_steps(d: Dialect) -> Vec<Step> {
+    v1_tables(d).iter().map(|sql| Step::Sql(sql)).collect()
+}
+
 fn v1_tables(d: Dialect) -> &'static [&'static str] {
     match d {
         Dialect::Sqlite => &[
@@ -197,6 +217,82 @@ fn v1_tables(d: Dialect) -> &'static [&'static str] {
     }
 }
 
+/// Schema version 2: a message's identity is `(device, epoch, seq)` (DESIGN:
+/// Topics and payloads; #6). Rows stored before get epoch 0, as does any
+/// payload without an epoch.
+///
+/// ```text
+/// messages  (device, epoch, seq) PK   index (device, kind, epoch, seq) replaces
+///                                     (device, kind, seq)
+/// devices   + heartbeat_epoch         the newest heartbeat is the greatest
+///                                     (heartbeat_epoch, heartbeat_seq)
+/// relays    + epoch                   the newest state is the greatest (epoch, seq)
+/// ```
+///
+/// SQLite cannot change a primary key in place: `messages` is copied into a
+/// new table (in the migration's transaction).
+fn v2_epoch(d: Dialect) -> Vec<Step> {
+    match d {
+        Dialect::Sqlite => [
+            "CREATE TABLE messages_v2 (
+                device TEXT NOT NULL,
+                epoch INTEGER NOT NULL DEFAULT 0,
+                seq INTEGER NOT NULL,
+                ts TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                name TEXT,
+                payload TEXT NOT NULL,
+                received_at TEXT NOT NULL,
+                PRIMARY KEY (device, epoch, seq)
+            )",
+            "INSERT INTO messages_v2 (device, epoch, seq, ts, kind, name, payload, received_at)
+                SELECT device, 0, seq, ts, kind, name, payload, received_at FROM messages",
+            "DROP TABLE messages",
+            "ALTER TABLE messages_v2 RENAME TO messages",
+            "CREATE INDEX IF NOT EXISTS messages_device_kind_epoch_seq ON messages (device, kind, epoch, seq)",
+            "CREATE INDEX IF NOT EXISTS messages_kind_ts ON messages (kind, ts)",
+            "ALTER TABLE devices ADD COLUMN heartbeat_epoch INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE relays ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        ]
+        .map(Step::Sql)
+        .to_vec(),
+        // `messages_pkey` is the name PostgreSQL gave v1's primary key.
+        Dialect::Postgres => [
+            "ALTER TABLE messages ADD COLUMN IF NOT EXISTS epoch BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE messages DROP CONSTRAINT IF EXISTS messages_pkey",
+            "ALTER TABLE messages ADD CONSTRAINT messages_pkey PRIMARY KEY (device, epoch, seq)",
+            "DROP INDEX IF EXISTS messages_device_kind_seq",
+            "CREATE INDEX IF NOT EXISTS messages_device_kind_epoch_seq ON messages (device, kind, epoch, seq)",
+            "ALTER TABLE devices ADD COLUMN IF NOT EXISTS heartbeat_epoch BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE relays ADD COLUMN IF NOT EXISTS epoch BIGINT NOT NULL DEFAULT 0",
+        ]
+        .map(Step::Sql)
+        .to_vec(),
+        // One ALTER per table: each is applied whole or not at all, and the
+        // probe tells whether it was.
+        Dialect::MySql => vec![
+            Step::Unless {
+                probe: "SELECT COUNT(*) FROM information_schema.columns \
+                        WHERE table_schema = DATABASE() AND table_name = 'messages' AND column_name = 'epoch'",
+                sql: "ALTER TABLE messages ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0 AFTER device, \
+                      DROP PRIMARY KEY, ADD PRIMARY KEY (device, epoch, seq), \
+                      DROP INDEX messages_device_kind_seq, \
+                      ADD INDEX messages_device_kind_epoch_seq (device, kind, epoch, seq)",
+            },
+            Step::Unless {
+                probe: "SELECT COUNT(*) FROM information_schema.columns \
+                        WHERE table_schema = DATABASE() AND table_name = 'devices' AND column_name = 'heartbeat_epoch'",
+                sql: "ALTER TABLE devices ADD COLUMN heartbeat_epoch BIGINT NOT NULL DEFAULT 0",
+            },
+            Step::Unless {
+                probe: "SELECT COUNT(*) FROM information_schema.columns \
+                        WHERE table_schema = DATABASE() AND table_name = 'relays' AND column_name = 'epoch'",
+                sql: "ALTER TABLE relays ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0",
+            },
+        ],
+    }
+}
+
 fn schema_table(d: Dialect) -> &'static str {
     match d {
         Dialect::Sqlite | Dialect::Postgres => {
@@ -217,13 +313,19 @@ fn schema_table(d: Dialect) -> &'static str {
 /// Brings the database at `url` up to [`LATEST`], on a connection of its
 /// own that is closed afterwards (so a MySQL session lock cannot outlive it).
 pub async fn migrate(url: &str, dialect: Dialect) -> Result<(), StoreError> {
+    migrate_upto(url, dialect, LATEST).await
+}
+
+/// [`migrate`], up to schema version `upto` only (tests of a migration
+/// start from the version before it).
+pub(super) async fn migrate_upto(url: &str, dialect: Dialect, upto: i64) -> Result<(), StoreError> {
     let mut conn = AnyConnection::connect(url)
         .await
         .map_err(|e| StoreError::Connect { url: redact_url(url), reason: scrub(&e.to_string(), url) })?;
     let result = match dialect {
-        Dialect::Sqlite => migrate_sqlite(&mut conn).await,
-        Dialect::Postgres => migrate_postgres(&mut conn).await,
-        Dialect::MySql => migrate_mysql(&mut conn).await,
+        Dialect::Sqlite => migrate_sqlite(&mut conn, upto).await,
+        Dialect::Postgres => migrate_postgres(&mut conn, upto).await,
+        Dialect::MySql => migrate_mysql(&mut conn, upto).await,
     };
     // A failed close only loses a connection we are done with; the server
     // drops its session (and any lock) when the socket goes.
@@ -231,24 +333,24 @@ pub async fn migrate(url: &str, dialect: Dialect) -> Result<(), StoreError> {
     result
 }
 
-async fn migrate_sqlite(conn: &mut AnyConnection) -> Result<(), StoreError> {
+async fn migrate_sqlite(conn: &mut AnyConnection, upto: i64) -> Result<(), StoreError> {
     enable_wal(conn).await?;
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db("begin the migration"))?;
-    apply(&mut tx, Dialect::Sqlite).await?;
+    apply(&mut tx, Dialect::Sqlite, upto).await?;
     tx.commit().await.map_err(StoreError::db("commit the migration"))
 }
 
-async fn migrate_postgres(conn: &mut AnyConnection) -> Result<(), StoreError> {
+async fn migrate_postgres(conn: &mut AnyConnection, upto: i64) -> Result<(), StoreError> {
     let mut tx = conn.begin().await.map_err(StoreError::db("begin the migration"))?;
     // `pg_advisory_xact_lock` returns `void`, which the Any driver cannot
     // read back; cast it to text. Released at commit or rollback.
     let lock = format!("SELECT CAST(pg_advisory_xact_lock({PG_LOCK_KEY}) AS TEXT)");
     tx.execute(sqlx::AssertSqlSafe(lock)).await.map_err(StoreError::db("lock the schema"))?;
-    apply(&mut tx, Dialect::Postgres).await?;
+    apply(&mut tx, Dialect::Postgres, upto).await?;
     tx.commit().await.map_err(StoreError::db("commit the migration"))
 }
 
-async fn migrate_mysql(conn: &mut AnyConnection) -> Result<(), StoreError> {
+async fn migrate_mysql(conn: &mut AnyConnection, upto: i64) -> Result<(), StoreError> {
     let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(CONCAT('fieldlink_schema.', DATABASE()), ?)")
         .bind(MYSQL_LOCK_WAIT_S)
         .fetch_one(&mut *conn)
@@ -260,7 +362,7 @@ async fn migrate_mysql(conn: &mut AnyConnection) -> Result<(), StoreError> {
              is another hub stuck migrating this database?"
         )));
     }
-    let result = apply(conn, Dialect::MySql).await;
+    let result = apply(conn, Dialect::MySql, upto).await;
     // The lock also goes with the connection, which `migrate` closes next.
     let _ = conn.execute("SELECT RELEASE_LOCK(CONCAT('fieldlink_schema.', DATABASE()))").await;
     result
@@ -289,9 +391,9 @@ async fn enable_wal(conn: &mut AnyConnection) -> Result<(), StoreError> {
     }
 }
 
-/// Creates `fieldlink_schema` and applies what is missing, under the lock the
-/// caller holds.
-async fn apply(conn: &mut AnyConnection, d: Dialect) -> Result<(), StoreError> {
+/// Creates `fieldlink_schema` and applies what is missing up to version
+/// `upto`, under the lock the caller holds.
+async fn apply(conn: &mut AnyConnection, d: Dialect, upto: i64) -> Result<(), StoreError> {
     conn.execute(schema_table(d)).await.map_err(StoreError::db("create fieldlink_schema"))?;
     let rows = sqlx::query("SELECT version FROM fieldlink_schema")
         .fetch_all(&mut *conn)
@@ -308,13 +410,20 @@ async fn apply(conn: &mut AnyConnection, d: Dialect) -> Result<(), StoreError> {
         tracing::warn!("database schema version {newest} is newer than this fieldlink knows ({LATEST})");
     }
     let record = d.insert_unless_present("fieldlink_schema", "(version, applied_at) VALUES (?, ?)", "version");
-    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        for stmt in (m.ddl)(d) {
-            conn.execute(*stmt).await.map_err(|source| StoreError::Migrate {
-                version: m.version,
-                name: m.name,
-                source,
-            })?;
+    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version) && m.version <= upto) {
+        let failed = |source| StoreError::Migrate { version: m.version, name: m.name, source };
+        for step in (m.steps)(d) {
+            let sql = match step {
+                Step::Sql(sql) => sql,
+                Step::Unless { probe, sql } => {
+                    let n: i64 = sqlx::query_scalar(probe).fetch_one(&mut *conn).await.map_err(failed)?;
+                    if n > 0 {
+                        continue;
+                    }
+                    sql
+                }
+            };
+            conn.execute(sql).await.map_err(failed)?;
         }
         sqlx::query(sqlx::AssertSqlSafe(record.clone()))
             .bind(m.version)
@@ -339,13 +448,27 @@ mod tests {
         assert_eq!(MIGRATIONS.last().map(|m| m.version), Some(LATEST));
     }
 
+    /// MySQL commits each DDL statement on its own: a migration that
+    /// half-ran runs again from the start, so every step must be a no-op the
+    /// second time. (SQLite and PostgreSQL run a migration in one
+    /// transaction.)
     #[test]
-    fn every_ddl_statement_can_run_twice() {
-        for d in [Dialect::Sqlite, Dialect::MySql, Dialect::Postgres] {
-            for m in MIGRATIONS {
-                for stmt in (m.ddl)(d).iter().chain([&schema_table(d)]) {
-                    assert!(stmt.contains("IF NOT EXISTS"), "{d:?} migration {}: {stmt}", m.version);
+    fn every_mysql_step_can_run_twice() {
+        for m in MIGRATIONS {
+            for step in (m.steps)(Dialect::MySql).into_iter().chain([Step::Sql(schema_table(Dialect::MySql))]) {
+                match step {
+                    Step::Sql(sql) => assert!(sql.contains("IF NOT EXISTS"), "migration {}: {sql}", m.version),
+                    Step::Unless { probe, .. } => assert!(probe.starts_with("SELECT COUNT(*)"), "{probe}"),
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn v1_creates_only_what_is_missing() {
+        for d in [Dialect::Sqlite, Dialect::MySql, Dialect::Postgres] {
+            for sql in v1_tables(d) {
+                assert!(sql.contains("IF NOT EXISTS"), "{d:?}: {sql}");
             }
         }
     }

@@ -14,7 +14,7 @@ pub const COMMAND_COLUMNS: &str =
 /// Every statement the store runs against the data tables.
 #[derive(Debug)]
 pub struct Statements {
-    /// device, seq, ts, kind, name, payload, received_at -> 1 row if new
+    /// device, epoch, seq, ts, kind, name, payload, received_at -> 1 row if new
     pub insert_message: Arc<str>,
     /// device, online, last_seen -> 1 row if new
     pub insert_device: Arc<str>,
@@ -22,11 +22,13 @@ pub struct Statements {
     pub touch_device: Arc<str>,
     /// online, last_seen, last_seen, device
     pub set_online: Arc<str>,
-    /// heartbeat_seq, heartbeat, device, heartbeat_seq: only a newer one
+    /// heartbeat_epoch, heartbeat_seq, heartbeat, device, then epoch, epoch,
+    /// seq again: only a newer one (greater `(epoch, seq)`)
     pub set_heartbeat: Arc<str>,
-    /// device, relay, state, seq -> 1 row if new
+    /// device, relay, state, epoch, seq -> 1 row if new
     pub insert_relay: Arc<str>,
-    /// state, seq, device, relay, seq: only a newer one
+    /// state, epoch, seq, device, relay, then epoch, epoch, seq again: only
+    /// a newer one (greater `(epoch, seq)`)
     pub update_relay: Arc<str>,
     /// confirmed_at, state, command_id, device -> 1 row if it moved
     pub confirm_command: Arc<str>,
@@ -48,6 +50,8 @@ pub struct Statements {
     pub select_relays: Arc<str>,
     /// before (ts) -> rows deleted
     pub prune_heartbeats: Arc<str>,
+    /// device -> its greatest epoch (NULL without messages)
+    pub newest_epoch: Arc<str>,
     dialect: Dialect,
 }
 
@@ -56,8 +60,8 @@ impl Statements {
         Statements {
             insert_message: d.insert_unless_present(
                 "messages",
-                "(device, seq, ts, kind, name, payload, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                "device, seq",
+                "(device, epoch, seq, ts, kind, name, payload, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "device, epoch, seq",
             ),
             insert_device: d.insert_unless_present("devices", "(device, online, last_seen) VALUES (?, ?, ?)", "device"),
             touch_device: d
@@ -68,15 +72,19 @@ impl Statements {
                  WHERE device = ?",
             ),
             set_heartbeat: d.render(
-                "UPDATE devices SET heartbeat_seq = ?, heartbeat = ? \
-                 WHERE device = ? AND (heartbeat_seq IS NULL OR heartbeat_seq < ?)",
+                "UPDATE devices SET heartbeat_epoch = ?, heartbeat_seq = ?, heartbeat = ? \
+                 WHERE device = ? AND (heartbeat_seq IS NULL OR heartbeat_epoch < ? \
+                 OR (heartbeat_epoch = ? AND heartbeat_seq < ?))",
             ),
             insert_relay: d.insert_unless_present(
                 "relays",
-                "(device, relay, state, seq) VALUES (?, ?, ?, ?)",
+                "(device, relay, state, epoch, seq) VALUES (?, ?, ?, ?, ?)",
                 "device, relay",
             ),
-            update_relay: d.render("UPDATE relays SET state = ?, seq = ? WHERE device = ? AND relay = ? AND seq < ?"),
+            update_relay: d.render(
+                "UPDATE relays SET state = ?, epoch = ?, seq = ? \
+                 WHERE device = ? AND relay = ? AND (epoch < ? OR (epoch = ? AND seq < ?))",
+            ),
             confirm_command: d.render(
                 "UPDATE commands SET status = 'confirmed', confirmed_at = ?, state = ? \
                  WHERE command_id = ? AND device = ? AND status IN ('requested', 'expired')",
@@ -97,21 +105,23 @@ impl Statements {
             select_devices: d.render("SELECT device, online, last_seen, heartbeat FROM devices ORDER BY device"),
             select_relays: d.render("SELECT device, relay, state FROM relays ORDER BY device, relay"),
             prune_heartbeats: d.render("DELETE FROM messages WHERE kind = 'heartbeat' AND ts < ?"),
+            newest_epoch: d.render("SELECT MAX(epoch) FROM messages WHERE device = ?"),
             dialect: d,
         }
     }
 
-    /// The events query for the filters given; binds, in order: device,
-    /// kind (if `with_kind`), before_seq (if `with_before`), limit.
+    /// The events query for the filters given, newest (greatest
+    /// `(epoch, seq)`) first; binds, in order: device, kind (if `with_kind`),
+    /// before epoch, before epoch, before seq (if `with_before`), limit.
     pub fn select_events(&self, with_kind: bool, with_before: bool) -> Arc<str> {
-        let mut sql = String::from("SELECT seq, ts, kind, name, payload FROM messages WHERE device = ?");
+        let mut sql = String::from("SELECT epoch, seq, ts, kind, name, payload FROM messages WHERE device = ?");
         if with_kind {
             sql.push_str(" AND kind = ?");
         }
         if with_before {
-            sql.push_str(" AND seq < ?");
+            sql.push_str(" AND (epoch < ? OR (epoch = ? AND seq < ?))");
         }
-        sql.push_str(" ORDER BY seq DESC LIMIT ?");
+        sql.push_str(" ORDER BY epoch DESC, seq DESC LIMIT ?");
         self.dialect.render(&sql)
     }
 
@@ -136,6 +146,7 @@ impl Statements {
             &self.select_devices,
             &self.select_relays,
             &self.prune_heartbeats,
+            &self.newest_epoch,
         ]
         .into_iter()
         .map(|s| &**s)
@@ -167,8 +178,8 @@ mod tests {
         }
         assert_eq!(
             &*s.select_events(true, true),
-            "SELECT seq, ts, kind, name, payload FROM messages WHERE device = $1 AND kind = $2 AND seq < $3 \
-             ORDER BY seq DESC LIMIT $4"
+            "SELECT epoch, seq, ts, kind, name, payload FROM messages WHERE device = $1 AND kind = $2 \
+             AND (epoch < $3 OR (epoch = $4 AND seq < $5)) ORDER BY epoch DESC, seq DESC LIMIT $6"
         );
     }
 }

@@ -7,14 +7,17 @@
 //!
 //! # Rules
 //!
-//! * A message is stored once per `(device, seq)`: the insert skips a key
-//!   that exists, and its `rows_affected` says whether this call stored it.
+//! * A message is stored once per `(device, epoch, seq)`: the insert skips a
+//!   key that exists, and its `rows_affected` says whether this call stored
+//!   it. A device whose seqs restarted under a new epoch (a lost
+//!   `seq.floor`) has its new messages stored, not taken for duplicates.
 //! * Only a newly stored message has effects, so a replay changes nothing:
 //!   - the device row exists (created by its first message or status) and
 //!     its `last_seen` moves forward to the hub's receive time;
-//!   - a heartbeat replaces `devices.heartbeat` if its seq is higher;
-//!   - a relay state (`"on"`/`"off"`) replaces `relays.state` if its seq
-//!     is higher; with a `command_id` it confirms that command (requested
+//!   - a heartbeat replaces `devices.heartbeat` if its `(epoch, seq)` is
+//!     greater;
+//!   - a relay state (`"on"`/`"off"`) replaces `relays.state` if its
+//!     `(epoch, seq)` is greater; with a `command_id` it confirms that command (requested
 //!     or expired, same device): `confirmed_at` = the message's `ts`;
 //!   - an error with a `command_id` rejects that command: `error` =
 //!     `"<code>: <message>"`.
@@ -56,7 +59,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// What [`write_batch`] did.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct BatchReport {
-    /// Per update, in order: newly stored (false for a `(device, seq)` that
+    /// Per update, in order: newly stored (false for a `(device, epoch, seq)` that
     /// was already there). Status updates are always true.
     pub stored: Vec<bool>,
     /// Commands this batch confirmed or rejected, as they now stand.
@@ -67,6 +70,7 @@ pub struct BatchReport {
 enum Checked<'a> {
     Message {
         device: &'a str,
+        epoch: i64,
         seq: i64,
         ts: String,
         kind: &'static str,
@@ -148,10 +152,11 @@ async fn write_once(
     let mut touched: HashSet<&str> = HashSet::new();
     for &i in order {
         match &checked[i] {
-            Checked::Message { device, seq, ts, kind, name, payload, effect } => {
+            Checked::Message { device, epoch, seq, ts, kind, name, payload, effect } => {
                 let new = affected(
                     sqlx::query(AssertSqlSafe(sql.insert_message.clone()))
                         .bind(*device)
+                        .bind(*epoch)
                         .bind(*seq)
                         .bind(ts.as_str())
                         .bind(*kind)
@@ -169,7 +174,8 @@ async fn write_once(
                     if touched.insert(device) {
                         touch_device(&mut tx, sql, device, received_at).await?;
                     }
-                    if let Some(id) = apply_effect(&mut tx, sql, device, *seq, ts, payload, effect).await? {
+                    let at = (*epoch, *seq);
+                    if let Some(id) = apply_effect(&mut tx, sql, device, at, ts, payload, effect).await? {
                         answered.push(id);
                     }
                 }
@@ -216,13 +222,13 @@ async fn set_online(
     Ok(())
 }
 
-/// Applies what a newly stored message implies; returns the id of a command
-/// it moved to confirmed or rejected.
+/// Applies what a newly stored message implies (`at` is its `(epoch, seq)`);
+/// returns the id of a command it moved to confirmed or rejected.
 async fn apply_effect<'a>(
     conn: &mut AnyConnection,
     sql: &Statements,
     device: &str,
-    seq: i64,
+    (epoch, seq): (i64, i64),
     ts: &str,
     payload: &str,
     effect: &Effect<'a>,
@@ -230,20 +236,33 @@ async fn apply_effect<'a>(
     match effect {
         Effect::None => Ok(None),
         Effect::Heartbeat => {
-            let q =
-                sqlx::query(AssertSqlSafe(sql.set_heartbeat.clone())).bind(seq).bind(payload).bind(device).bind(seq);
+            let q = sqlx::query(AssertSqlSafe(sql.set_heartbeat.clone()))
+                .bind(epoch)
+                .bind(seq)
+                .bind(payload)
+                .bind(device)
+                .bind(epoch)
+                .bind(epoch)
+                .bind(seq);
             affected(q, conn, "keep the newest heartbeat").await?;
             Ok(None)
         }
         Effect::Relay { relay, state, command_id } => {
-            let q =
-                sqlx::query(AssertSqlSafe(sql.insert_relay.clone())).bind(device).bind(*relay).bind(*state).bind(seq);
+            let q = sqlx::query(AssertSqlSafe(sql.insert_relay.clone()))
+                .bind(device)
+                .bind(*relay)
+                .bind(*state)
+                .bind(epoch)
+                .bind(seq);
             if affected(q, conn, "store a relay state").await? == 0 {
                 let q = sqlx::query(AssertSqlSafe(sql.update_relay.clone()))
                     .bind(*state)
+                    .bind(epoch)
                     .bind(seq)
                     .bind(device)
                     .bind(*relay)
+                    .bind(epoch)
+                    .bind(epoch)
                     .bind(seq);
                 affected(q, conn, "keep the newest relay state").await?;
             }
@@ -273,6 +292,8 @@ fn check(index: usize, update: &Update) -> Result<Checked<'_>, StoreError> {
                 check_name("name", name).map_err(invalid)?;
             }
             let seq = i64::try_from(m.seq).map_err(|_| invalid(format!("seq {} is beyond {}", m.seq, i64::MAX)))?;
+            let epoch =
+                i64::try_from(m.epoch).map_err(|_| invalid(format!("epoch {} is beyond {}", m.epoch, i64::MAX)))?;
             let ts =
                 normalize_ts(&m.ts).ok_or_else(|| invalid(format!("ts '{}' is not an RFC 3339 timestamp", m.ts)))?;
             let effect = match m.kind {
@@ -283,6 +304,7 @@ fn check(index: usize, update: &Update) -> Result<Checked<'_>, StoreError> {
             };
             Ok(Checked::Message {
                 device: &m.device,
+                epoch,
                 seq,
                 ts,
                 kind: m.kind.as_str(),
@@ -352,6 +374,7 @@ mod tests {
     fn message(kind: Kind, name: Option<&str>, payload: Value) -> Update {
         Update::Message(Message {
             device: "pi".into(),
+            epoch: 0,
             seq: 1,
             ts: "2025-11-21T10:00:00.000Z".into(),
             kind,
@@ -379,6 +402,12 @@ mod tests {
         assert!(matches!(check(0, &bad), Err(StoreError::Invalid { index: 0, .. })));
         if let Update::Message(m) = &mut bad {
             m.seq = 1;
+            m.epoch = u64::MAX;
+        }
+        let e = check(0, &bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("epoch"), "{e}");
+        if let Update::Message(m) = &mut bad {
+            m.epoch = 0;
             m.ts = "soon".into();
         }
         let e = check(0, &bad).err().map(|e| e.to_string()).unwrap_or_default();

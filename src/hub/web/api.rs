@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use super::{ApiError, AppState};
 use crate::hub::commands::{Outcome, Requested};
-use crate::hub::model::{CommandRow, DeviceView, EventView, Kind};
+use crate::hub::model::{Before, CommandRow, DeviceView, EventView, Kind};
 
 /// `limit` when the request does not say.
 pub(super) const DEFAULT_LIMIT: u32 = 100;
@@ -58,11 +58,13 @@ fn name_param(what: &str, value: String) -> Result<String, ApiError> {
 pub(super) struct EventsQuery {
     pub kind: Option<Kind>,
     pub limit: u32,
-    pub before_seq: Option<u64>,
+    pub before: Option<Before>,
 }
 
-/// Parses `kind`, `limit` and `before_seq`; other parameters are ignored
-/// (a cache-buster, say).
+/// Parses `kind`, `limit`, `before_seq` and `before_epoch`; other parameters
+/// are ignored (a cache-buster, say). A page ends before `(before_epoch,
+/// before_seq)`; `before_seq` alone means the device's newest epoch, and
+/// `before_epoch` needs `before_seq`.
 pub(super) fn events_query(params: &[(String, String)]) -> Result<EventsQuery, ApiError> {
     let kind = match param(params, "kind") {
         None => None,
@@ -84,13 +86,25 @@ pub(super) fn events_query(params: &[(String, String)]) -> Result<EventsQuery, A
             }
         },
     };
-    let before_seq = match param(params, "before_seq") {
-        None => None,
-        Some(s) => Some(s.parse::<u64>().map_err(|_| {
-            ApiError::BadRequest(format!("before_seq: '{s}' is not a sequence number (expected 0..={})", u64::MAX))
-        })?),
+    let number = |name: &str, what: &str| match param(params, name) {
+        None => Ok(None),
+        Some(s) => s
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| ApiError::BadRequest(format!("{name}: '{s}' is not {what} (expected 0..={})", u64::MAX))),
     };
-    Ok(EventsQuery { kind, limit, before_seq })
+    let before_seq = number("before_seq", "a sequence number")?;
+    let before_epoch = number("before_epoch", "an epoch")?;
+    let before = match (before_epoch, before_seq) {
+        (epoch, Some(seq)) => Some(Before { epoch, seq }),
+        (None, None) => None,
+        (Some(e), None) => {
+            return Err(ApiError::BadRequest(format!(
+                "before_epoch: '{e}' needs before_seq (a page ends before an (epoch, seq))"
+            )));
+        }
+    };
+    Ok(EventsQuery { kind, limit, before })
 }
 
 /// `?wait=` (humantime, at most [`MAX_WAIT`]), or `default`.
@@ -139,8 +153,9 @@ pub(super) async fn devices(State(st): State<AppState>) -> Result<Json<Vec<Devic
     Ok(Json(st.store.devices().await?))
 }
 
-/// `GET /api/devices/{d}/events?kind=&limit=&before_seq=`, newest first. An
-/// unknown device has no events: `[]`.
+/// `GET /api/devices/{d}/events?kind=&limit=&before_seq=&before_epoch=`,
+/// newest (greatest `(epoch, seq)`) first. An unknown device has no events:
+/// `[]`.
 pub(super) async fn events(
     State(st): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -149,7 +164,7 @@ pub(super) async fn events(
     let Path(device) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let device = name_param("device", device)?;
     let q = events_query(&query_params(query)?)?;
-    Ok(Json(st.store.events(&device, q.kind, q.limit, q.before_seq).await?))
+    Ok(Json(st.store.events(&device, q.kind, q.limit, q.before).await?))
 }
 
 /// `POST /api/devices/{d}/relays/{r}?wait=` with `{"state":...}`.
@@ -209,14 +224,19 @@ mod tests {
 
     #[test]
     fn events_default_to_a_hundred_of_every_kind() {
-        assert_eq!(events_query(&[]).expect("valid"), EventsQuery { kind: None, limit: 100, before_seq: None });
+        assert_eq!(events_query(&[]).expect("valid"), EventsQuery { kind: None, limit: 100, before: None });
     }
 
     #[test]
     fn events_parameters_are_parsed_and_unknown_ones_ignored() {
         let q = events_query(&params(&[("kind", "heartbeat"), ("limit", "1000"), ("before_seq", "42"), ("_", "1")]))
             .expect("valid");
-        assert_eq!(q, EventsQuery { kind: Some(Kind::Heartbeat), limit: 1000, before_seq: Some(42) });
+        assert_eq!(
+            q,
+            EventsQuery { kind: Some(Kind::Heartbeat), limit: 1000, before: Some(Before { epoch: None, seq: 42 }) }
+        );
+        let q = events_query(&params(&[("before_seq", "42"), ("before_epoch", "7")])).expect("valid");
+        assert_eq!(q.before, Some(Before { epoch: Some(7), seq: 42 }));
     }
 
     #[test]
@@ -232,6 +252,10 @@ mod tests {
         assert_eq!(bad(events_query(&params(&[("limit", "0")]))), "limit: '0' is out of range (expected 1..=1000)");
         assert_eq!(bad(events_query(&params(&[("limit", "ten")]))), "limit: 'ten' is not a number (expected 1..=1000)");
         assert!(bad(events_query(&params(&[("before_seq", "-1")]))).starts_with("before_seq: '-1'"));
+        assert!(
+            bad(events_query(&params(&[("before_epoch", "x"), ("before_seq", "1")]))).starts_with("before_epoch: 'x'")
+        );
+        assert!(bad(events_query(&params(&[("before_epoch", "3")]))).contains("needs before_seq"));
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn set_cookie(resp: &Response) -> &str {
 fn message(device: &str, seq: u64, kind: Kind, name: Option<&str>, payload: Value) -> Update {
     Update::Message(Message {
         device: device.into(),
+        epoch: 0,
         seq,
         ts: format!("2026-11-21T10:00:{:02}.000Z", seq % 60),
         kind,
@@ -279,6 +280,38 @@ async fn events_come_newest_first_in_pages_and_filtered_by_kind() {
     assert_eq!(unknown, json!([]));
 }
 
+/// `(epoch, seq)` of each event.
+fn identities(events: &Value) -> Vec<(u64, u64)> {
+    let list = events.as_array().expect("a list");
+    list.iter().map(|e| (e["epoch"].as_u64().expect("an epoch"), e["seq"].as_u64().expect("a seq"))).collect()
+}
+
+#[tokio::test]
+async fn events_page_across_an_epoch_change_newest_epoch_first() {
+    let hub = Hub::new().await;
+    let mut updates: Vec<Update> = (1..=3).map(|s| button("pi-1", s)).collect();
+    // The device lost its seq.floor: seqs start again under a new epoch.
+    for s in 1..=2 {
+        let mut b = button("pi-1", s);
+        if let Update::Message(m) = &mut b {
+            m.epoch = 1_795_255_200_000;
+        }
+        updates.push(b);
+    }
+    hub.seed(&updates).await;
+    let e = 1_795_255_200_000;
+
+    let all = json_of(hub.call(get("/api/devices/pi-1/events")).await).await;
+    assert_eq!(identities(&all), [(e, 2), (e, 1), (0, 3), (0, 2), (0, 1)]);
+    let page1 = json_of(hub.call(get("/api/devices/pi-1/events?limit=3")).await).await;
+    assert_eq!(identities(&page1), [(e, 2), (e, 1), (0, 3)]);
+    let page2 = json_of(hub.call(get("/api/devices/pi-1/events?limit=3&before_epoch=0&before_seq=3")).await).await;
+    assert_eq!(identities(&page2), [(0, 2), (0, 1)]);
+    // `before_seq` alone counts in the newest epoch.
+    let newest = json_of(hub.call(get("/api/devices/pi-1/events?before_seq=2")).await).await;
+    assert_eq!(identities(&newest), [(e, 1), (0, 3), (0, 2), (0, 1)]);
+}
+
 #[tokio::test]
 async fn bad_parameters_are_a_400_that_names_the_parameter_and_the_value() {
     let hub = Hub::new().await;
@@ -288,6 +321,8 @@ async fn bad_parameters_are_a_400_that_names_the_parameter_and_the_value() {
         ("/api/devices/pi-1/events?limit=1001", "limit: '1001'"),
         ("/api/devices/pi-1/events?limit=lots", "limit: 'lots'"),
         ("/api/devices/pi-1/events?before_seq=x", "before_seq: 'x'"),
+        ("/api/devices/pi-1/events?before_epoch=-1&before_seq=1", "before_epoch: '-1'"),
+        ("/api/devices/pi-1/events?before_epoch=1", "before_epoch: '1' needs before_seq"),
         ("/api/devices/pi%2F1/events", "device: 'pi/1'"),
     ];
     for (uri, expected) in cases {

@@ -122,3 +122,18 @@ where
         std::panic::resume_unwind(panic);
     }
 }
+
+/// Runs `case` with the URL of a fresh, empty database of `backend` (no
+/// schema: for migration tests), then drops the database.
+pub async fn run_unmigrated<F, Fut>(backend: Backend, case: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let Some(db) = TestDb::create(backend).await else { return };
+    let outcome = AssertUnwindSafe(case(db.url.clone())).catch_unwind().await;
+    db.drop_it().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Connection};
 
-use crate::hub::model::{CommandRow, CommandStatus, Kind, Message, Update};
+use crate::hub::model::{Before, CommandRow, CommandStatus, Kind, Message, Update};
 use crate::hub::store::{Store, StoreError};
 use crate::timefmt;
 
@@ -32,8 +32,21 @@ fn message(device: &str, seq: u64, kind: Kind, name: Option<&str>, body: Value) 
     if let (Some(p), Some(b)) = (payload.as_object_mut(), body.as_object()) {
         p.extend(b.clone());
     }
-    Update::Message(Message { device: device.into(), seq, ts: ts(seq), kind, name: name.map(str::to_string), payload })
+    let name = name.map(str::to_string);
+    Update::Message(Message { device: device.into(), epoch: 0, seq, ts: ts(seq), kind, name, payload })
 }
+
+/// `update` (a message) under another epoch, its payload saying so too.
+fn in_epoch(epoch: u64, mut update: Update) -> Update {
+    if let Update::Message(m) = &mut update {
+        m.epoch = epoch;
+        m.payload["epoch"] = json!(epoch);
+    }
+    update
+}
+
+/// An epoch as a new state_dir gets it (unix ms).
+const NEW_EPOCH: u64 = 1_795_255_200_000;
 
 fn button(device: &str, seq: u64, state: &str) -> Update {
     message(device, seq, Kind::Button, Some("door"), json!({"button": "door", "state": state}))
@@ -83,7 +96,13 @@ async fn write(store: &Store, updates: &[Update]) -> Vec<bool> {
 }
 
 async fn seqs(store: &Store, device: &str, kind: Option<Kind>, limit: u32, before: Option<u64>) -> Vec<u64> {
+    let before = before.map(|seq| Before { epoch: None, seq });
     store.events(device, kind, limit, before).await.expect("events").iter().map(|e| e.seq).collect()
+}
+
+/// `(epoch, seq)` of a device's events, newest first.
+async fn identities(store: &Store, device: &str, before: Option<Before>) -> Vec<(u64, u64)> {
+    store.events(device, None, 100, before).await.expect("events").iter().map(|e| (e.epoch, e.seq)).collect()
 }
 
 async fn cmd(store: &Store, id: &str) -> CommandRow {
@@ -319,9 +338,10 @@ async fn hubs_starting_at_once_share_one_schema(store: Store, url: String) {
         s.close().await;
     }
     let mut conn = AnyConnection::connect(&url).await.expect("connect");
-    let versions: Vec<i64> =
+    let mut versions: Vec<i64> =
         sqlx::query_scalar("SELECT version FROM fieldlink_schema").fetch_all(&mut conn).await.expect("versions");
-    assert_eq!(versions, [super::schema::LATEST]);
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=super::schema::LATEST).collect::<Vec<_>>(), "each migration recorded once");
     let _ = conn.close().await; // test connection; nothing to flush
 }
 
@@ -367,6 +387,86 @@ async fn two_hubs_writing_the_same_messages_at_once_store_each_once(store: Store
     other.close().await;
 }
 
+async fn a_device_whose_epoch_changed_has_its_new_messages_stored_and_its_newest_state_is_the_new_one(
+    store: Store,
+    _: String,
+) {
+    let old = [relay("pi", 5, "pump", "on", None), heartbeat("pi", 6, 60.0), button("pi", 7, "pressed")];
+    assert_eq!(write(&store, &old).await, [true, true, true]);
+    // seq.floor was lost: seqs restart at 1 under a greater epoch.
+    let new = [
+        in_epoch(NEW_EPOCH, relay("pi", 1, "pump", "off", None)),
+        in_epoch(NEW_EPOCH, heartbeat("pi", 2, 20.0)),
+        in_epoch(NEW_EPOCH, button("pi", 7, "released")),
+    ];
+    assert_eq!(write(&store, &new).await, [true, true, true], "new messages, not duplicates");
+    assert_eq!(write(&store, &new).await, [false, false, false], "a replay of them is");
+    let pi = device(&store, "pi").await;
+    assert_eq!(pi.relays.get("pump").map(String::as_str), Some("off"), "the new epoch's state is the newest");
+    let hb = pi.heartbeat.expect("a heartbeat");
+    assert_eq!((&hb["epoch"], &hb["seq"]), (&json!(NEW_EPOCH), &json!(2)));
+    // A late message of the old epoch is stored but is not newer.
+    let late = [relay("pi", 8, "pump", "on", None), heartbeat("pi", 9, 90.0)];
+    assert_eq!(write(&store, &late).await, [true, true]);
+    let pi = device(&store, "pi").await;
+    assert_eq!(pi.relays.get("pump").map(String::as_str), Some("off"));
+    assert_eq!(pi.heartbeat.expect("a heartbeat")["temp_c"], 20.0);
+    assert_eq!(
+        identities(&store, "pi", None).await,
+        [(NEW_EPOCH, 7), (NEW_EPOCH, 2), (NEW_EPOCH, 1), (0, 9), (0, 8), (0, 7), (0, 6), (0, 5)]
+    );
+    let before = Some(Before { epoch: Some(NEW_EPOCH), seq: 2 });
+    assert_eq!(identities(&store, "pi", before).await, [(NEW_EPOCH, 1), (0, 9), (0, 8), (0, 7), (0, 6), (0, 5)]);
+    let before = Some(Before { epoch: None, seq: 1 });
+    assert_eq!(identities(&store, "pi", before).await, [(0, 9), (0, 8), (0, 7), (0, 6), (0, 5)]);
+    assert_eq!(identities(&store, "nobody", before).await, []);
+}
+
+/// Rows as schema version 1 held them: a relay state, a heartbeat, a device.
+const V1_ROWS: [&str; 4] = [
+    "INSERT INTO messages (device, seq, ts, kind, name, payload, received_at) VALUES ('pi', 3, \
+     '2025-11-21T10:00:03.000Z', 'relay', 'pump', \
+     '{\"device\":\"pi\",\"seq\":3,\"relay\":\"pump\",\"state\":\"on\"}', '2025-11-21T10:00:03.000Z')",
+    "INSERT INTO messages (device, seq, ts, kind, name, payload, received_at) VALUES ('pi', 4, \
+     '2025-11-21T10:00:04.000Z', 'heartbeat', NULL, '{\"device\":\"pi\",\"seq\":4,\"temp_c\":40.0}', \
+     '2025-11-21T10:00:04.000Z')",
+    "INSERT INTO devices (device, online, last_seen, heartbeat_seq, heartbeat) VALUES ('pi', 1, \
+     '2025-11-21T10:00:04.000Z', 4, '{\"device\":\"pi\",\"seq\":4,\"temp_c\":40.0}')",
+    "INSERT INTO relays (device, relay, state, seq) VALUES ('pi', 'pump', 'on', 3)",
+];
+
+async fn a_version_1_database_is_migrated_with_its_rows_in_epoch_0(url: String) {
+    let dialect = super::Dialect::from_url(&url).expect("a test url");
+    // As `Store::connect` does: SQLite creates the file only when asked.
+    let create = if dialect == super::Dialect::Sqlite { format!("{url}?mode=rwc") } else { url.clone() };
+    super::schema::migrate_upto(&create, dialect, 1).await.expect("schema version 1");
+    let mut conn = AnyConnection::connect(&url).await.expect("connect");
+    for row in V1_ROWS {
+        sqlx::query(row).execute(&mut conn).await.expect("a version-1 row");
+    }
+    let _ = conn.close().await; // test connection; nothing to flush
+    let store = Store::connect(&url).await.expect("connect and migrate");
+    assert_eq!(identities(&store, "pi", None).await, [(0, 4), (0, 3)], "old rows are epoch 0");
+    assert_eq!(write(&store, &[relay("pi", 3, "pump", "off", None)]).await, [false], "(pi, 0, 3) is stored");
+    assert_eq!(device(&store, "pi").await.heartbeat.expect("kept")["temp_c"], 40.0);
+    let new = [in_epoch(NEW_EPOCH, relay("pi", 1, "pump", "off", None)), in_epoch(NEW_EPOCH, heartbeat("pi", 2, 20.0))];
+    assert_eq!(write(&store, &new).await, [true, true]);
+    let pi = device(&store, "pi").await;
+    assert_eq!(pi.relays.get("pump").map(String::as_str), Some("off"));
+    assert_eq!(pi.heartbeat.expect("a heartbeat")["temp_c"], 20.0);
+    store.close().await;
+    // Connecting again migrates nothing more.
+    let again = Store::connect(&url).await.expect("reconnect");
+    assert_eq!(identities(&again, "pi", None).await, [(NEW_EPOCH, 2), (NEW_EPOCH, 1), (0, 4), (0, 3)]);
+    again.close().await;
+    let mut conn = AnyConnection::connect(&url).await.expect("connect");
+    let mut versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM fieldlink_schema").fetch_all(&mut conn).await.expect("versions");
+    versions.sort_unstable();
+    assert_eq!(versions, [1, super::schema::LATEST]);
+    let _ = conn.close().await; // as above
+}
+
 /// One test per case per backend.
 macro_rules! suite {
     ($($case:ident),* $(,)?) => {
@@ -399,7 +499,46 @@ suite!(
     a_batch_with_an_update_the_schema_cannot_hold_writes_nothing,
     hubs_starting_at_once_share_one_schema,
     two_hubs_writing_the_same_messages_at_once_store_each_once,
+    a_device_whose_epoch_changed_has_its_new_messages_stored_and_its_newest_state_is_the_new_one,
 );
+
+mod migrations {
+    use super::backends::{Backend, run_unmigrated};
+
+    #[tokio::test]
+    async fn sqlite_a_version_1_database_is_migrated_with_its_rows_in_epoch_0() {
+        run_unmigrated(Backend::Sqlite, super::a_version_1_database_is_migrated_with_its_rows_in_epoch_0).await
+    }
+
+    #[tokio::test]
+    async fn mariadb_a_version_1_database_is_migrated_with_its_rows_in_epoch_0() {
+        run_unmigrated(Backend::MariaDb, super::a_version_1_database_is_migrated_with_its_rows_in_epoch_0).await
+    }
+
+    #[tokio::test]
+    async fn postgres_a_version_1_database_is_migrated_with_its_rows_in_epoch_0() {
+        run_unmigrated(Backend::Postgres, super::a_version_1_database_is_migrated_with_its_rows_in_epoch_0).await
+    }
+
+    /// MySQL commits each DDL statement: a migration cut short runs again
+    /// from its start, and must then change nothing twice.
+    #[tokio::test]
+    async fn mariadb_a_version_2_migration_that_ran_before_its_row_was_written_runs_again_harmlessly() {
+        run_unmigrated(Backend::MariaDb, |url| async move {
+            let store = crate::hub::store::Store::connect(&url).await.expect("migrate");
+            let new = [super::in_epoch(super::NEW_EPOCH, super::button("pi", 1, "pressed"))];
+            assert_eq!(super::write(&store, &new).await, [true]);
+            store.close().await;
+            let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.expect("connect");
+            sqlx::query("DELETE FROM fieldlink_schema WHERE version = 2").execute(&mut conn).await.expect("forget v2");
+            let _ = sqlx::Connection::close(conn).await; // test connection; nothing to flush
+            let store = crate::hub::store::Store::connect(&url).await.expect("migrate again");
+            assert_eq!(super::identities(&store, "pi", None).await, [(super::NEW_EPOCH, 1)]);
+            store.close().await;
+        })
+        .await
+    }
+}
 
 // ------------------------------------------------------- SQLite specifics
 
