@@ -860,7 +860,7 @@ fn three_hundred_toggles_queued_while_offline_do_not_flap_the_relay() {
 //
 // * It keeps a received QoS 2 PUBLISH only in the connection's `AckLog`
 //   (`router/logs.rs:403-407`), which is created per connection
-//   (`router/routing.rs:337`) and removed at the disconnect
+//   (`router/routing.rs:336`) and removed at the disconnect
 //   (`router/routing.rs:459`); the session it saves keeps only *outgoing*
 //   PUBRELs (`router/routing.rs:518-523`, `router/graveyard.rs:26-40`).
 // * A PUBREL pops the front of that log whatever its packet id
