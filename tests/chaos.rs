@@ -776,7 +776,6 @@ fn command_states(rig: &Rig) -> Vec<Value> {
 }
 
 #[test]
-#[ignore = "fails until #6 fixes land: redelivered commands are applied again (item 6)"]
 fn several_unacked_commands_redelivered_after_a_reconnect_are_each_applied_once() {
     let Some(mut rig) = Rig::new("chaos-redeliver", false, |b| b) else { return };
     rig.start_online();
