@@ -245,18 +245,19 @@ fn wait_depth(agent: &Agent, depth: u64) -> Value {
 }
 
 /// In batch mode a record is promised only once flushed: waits for the
-/// status dump's `outbox.durable_seq` to reach the newest record, where the
-/// agent reports it; otherwise waits 20 flush intervals.
+/// status dump's `outbox.durable_seq` to reach the newest record (below
+/// `outbox.next_seq`), where the agent reports both; otherwise waits 20
+/// flush intervals.
 fn wait_flushed(agent: &Agent, flush_interval: Duration) {
     let status = agent.status();
-    if status["outbox"].get("durable_seq").is_some() {
-        let want = status["outbox"]["next_seq"].as_u64().map_or(0, |n| n.saturating_sub(1));
+    if let Some(next) = status["outbox"]["next_seq"].as_u64().filter(|_| status["outbox"]["durable_seq"].is_u64()) {
+        let want = next.saturating_sub(1);
         agent.wait_status(
             |s| s["outbox"]["durable_seq"].as_u64().is_some_and(|d| d >= want),
             &format!("outbox.durable_seq >= {want}"),
         );
     } else {
-        eprintln!("chaos: the status dump has no outbox.durable_seq; waiting 20 flush intervals instead");
+        eprintln!("chaos: the status dump has no outbox.durable_seq and next_seq; waiting 20 flush intervals instead");
         thread::sleep(flush_interval * 20);
     }
 }
