@@ -246,7 +246,7 @@ fn wait_depth(agent: &Agent, depth: u64) -> Value {
 
 /// In batch mode a record is promised only once flushed: waits for the
 /// status dump's `outbox.durable_seq` to reach the newest record (below
-/// `outbox.next_seq`), where the agent reports both; otherwise waits 20
+/// `outbox.next_seq`), where the agent reports both; otherwise waits 10
 /// flush intervals.
 fn wait_flushed(agent: &Agent, flush_interval: Duration) {
     let status = agent.status();
@@ -257,8 +257,8 @@ fn wait_flushed(agent: &Agent, flush_interval: Duration) {
             &format!("outbox.durable_seq >= {want}"),
         );
     } else {
-        eprintln!("chaos: the status dump has no outbox.durable_seq and next_seq; waiting 20 flush intervals instead");
-        thread::sleep(flush_interval * 20);
+        eprintln!("chaos: the status dump has no outbox.durable_seq and next_seq; waiting 10 flush intervals instead");
+        thread::sleep(flush_interval * 10);
     }
 }
 
@@ -589,17 +589,12 @@ fn a_full_disk_is_survived_without_a_restart_and_every_loss_is_counted() {
     let ballast = rig.agent.state_dir().join("ballast");
     let size = fill(&ballast);
     edges(&mut sim, 20, PACE);
-    // Let the agent run into the full disk for a while. The status dump is
-    // a file in state_dir, so it may fail while the disk is full.
-    let mut full = Err("no status yet".to_string());
-    soft_wait(Duration::from_secs(3), || {
-        full = rig.agent.try_status();
-        full.as_ref().is_ok_and(|s| s["outbox"]["dropped"].as_u64().is_some_and(|d| d > 0))
-    });
-    let full = full.map_or_else(|e| format!("no status dump ({e})"), |s| s["outbox"].to_string());
+    // Let the agent run into the full disk for a while. (No status dump
+    // meanwhile: it is a file in state_dir, which cannot be written now.)
+    thread::sleep(Duration::from_secs(1));
     fs::remove_file(&ballast).unwrap_or_else(|e| panic!("remove {}: {e}", ballast.display()));
     let (freed, freed_at) = (Instant::now(), SystemTime::now());
-    eprintln!("chaos: disk full: {size} bytes of ballast; while full: outbox {full}");
+    eprintln!("chaos: disk full: {size} bytes of ballast");
 
     // Recovered once an edge made after the space came back arrives.
     let device = rig.device().to_string();
