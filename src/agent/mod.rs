@@ -24,6 +24,8 @@
 mod backoff;
 mod button;
 mod delivery;
+#[cfg(test)]
+mod delivery_model;
 mod heartbeat;
 mod inbox;
 mod lifecycle;
