@@ -195,6 +195,8 @@ struct Conn {
     up: bool,
     /// The broker answered something we sent on it.
     healthy: bool,
+    /// Commands that arrived as backlog on it.
+    backlog: u64,
     sync_timer: Option<SpawnHandle>,
 }
 
@@ -274,7 +276,7 @@ impl Link {
         eventloop.pending.extend(self.delivery.connecting());
         tracing::debug!(generation, resends = eventloop.pending.len(), "connecting");
         let stream = ctx.add_stream(connection_events(generation, eventloop));
-        self.conn = Some(Conn { generation, client, stream, up: false, healthy: false, sync_timer: None });
+        self.conn = Some(Conn { generation, client, stream, up: false, healthy: false, backlog: 0, sync_timer: None });
         self.report();
     }
 
@@ -361,6 +363,9 @@ impl Link {
         let was_waiting = self.inbox.waiting();
         match self.inbox.arrived(publish, command, sync) {
             Arrival::Command { id, backlog } => {
+                if backlog && let Some(conn) = self.conn.as_mut() {
+                    conn.backlog += 1;
+                }
                 let (done, rx) = oneshot::channel();
                 self.relay.do_send(RelayCommand {
                     relay: self.topics.relay_of_set_topic(&topic).map(str::to_string),
@@ -374,10 +379,18 @@ impl Link {
                 ctx.spawn(rx.into_actor(self).map(move |res, act, _| act.command_done(id, res.is_ok())));
             }
             Arrival::Echo { caught_up: true } => {
-                if let Some(t) = self.conn.as_mut().and_then(|c| c.sync_timer.take()) {
-                    ctx.cancel_future(t);
+                let mut backlog = 0;
+                if let Some(conn) = self.conn.as_mut() {
+                    backlog = conn.backlog;
+                    if let Some(t) = conn.sync_timer.take() {
+                        ctx.cancel_future(t);
+                    }
                 }
-                tracing::info!("caught up: every command queued while offline has arrived");
+                if backlog > 0 {
+                    tracing::info!("caught up: {backlog} commands queued while offline have arrived");
+                } else {
+                    tracing::debug!("caught up: no command was queued while offline");
+                }
                 self.relay.do_send(CaughtUp);
             }
             Arrival::Echo { caught_up: false } => {}
