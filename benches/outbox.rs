@@ -370,8 +370,9 @@ fn delivery_round_trips(n: u64, window: usize) -> u64 {
     while let Some(action) = todo.pop_front() {
         match action {
             Action::Read { token, from, upto, limit } => {
-                let last = upto.min(from + limit as u64 - 1);
-                let records = (from.max(1)..=last)
+                let first = from.max(1);
+                let last = upto.min(first + limit as u64 - 1);
+                let records = (first..=last)
                     .map(|seq| outbox::Record {
                         seq,
                         ts_ms: seq,

@@ -20,9 +20,11 @@
 //!   jitter) and connects at once when a probe succeeds. After a long spell
 //!   of flapping the back-off has grown to `reconnect_max`, yet the agent is
 //!   back within about [`PROBE_EVERY`] of the link healing. A probe costs a
-//!   TCP handshake, no TLS or MQTT. After a *refusal* (the broker answered
-//!   with a ConnAck error, or TLS failed) there is no probing: the broker is
-//!   reachable and said no, and only the back-off paces the retries.
+//!   TCP handshake, no TLS or MQTT. After a *refusal* there is no probing:
+//!   the broker answered with a ConnAck error, TLS failed, or the broker
+//!   accepted the connection and dropped it before answering anything we
+//!   sent (it is reachable and does not want us); only the back-off paces
+//!   those retries, so they cannot become a reconnect storm.
 
 use std::time::Duration;
 

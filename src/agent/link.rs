@@ -30,7 +30,8 @@
 //!   from `reconnect_min` to `reconnect_max`, reset only once a connection
 //!   proved healthy (a SUBACK, PUBACK or PUBCOMP on it), and after a network
 //!   failure a TCP probe of the broker every 2 s while waiting, connecting at
-//!   once when it answers.
+//!   once when it answers (not after a connection the broker dropped before
+//!   it proved healthy: that is paced by the back-off alone).
 //! * A blackhole (bytes stop, the socket stays open) is noticed by rumqttc's
 //!   keep-alive: a PINGREQ every `keep_alive` whatever the traffic, and an
 //!   unanswered one fails the next (`state.rs` `outgoing_ping`:
@@ -518,6 +519,9 @@ impl Link {
             self.finish_closing(false, ctx);
             return;
         }
+        // A broker that accepted the connection and dropped it before
+        // answering anything is not a network outage: no probing.
+        let failure = if conn.up && !conn.healthy { Failure::Refused } else { failure };
         let wait = self.reconnect.failed(failure, fastrand::f64());
         tracing::debug!(?wait, "next connection attempt");
         let fut = wait_for_next_attempt(wait, self.cfg.url.host.clone(), self.cfg.url.port);
