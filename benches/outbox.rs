@@ -1,5 +1,5 @@
-//! Benchmarks of the outbox's write, replay and ack paths and of the
-//! [`Inflight`] packet-id tracker, timed with `std::time::Instant` (no bench
+//! Benchmarks of the outbox's write, replay and ack paths and of the Link's
+//! [`Delivery`] state, timed with `std::time::Instant` (no bench
 //! framework). Run with `cargo bench --bench outbox`; the printed table is
 //! the one recorded in `BENCHMARKS.md`.
 //!
@@ -15,7 +15,9 @@
 //!   store, so its one-at-a-time rows grow with the store's size);
 //! * replay: 20,000 stored records read 32 at a time as the Link does, with
 //!   and without acking each one, and acks alone;
-//! * [`Inflight`] bookkeeping for 1,000,000 QoS 1 records, window 32.
+//! * [`Delivery`] bookkeeping for 1,000,000 QoS 1 records, window 32: read
+//!   result in, publish out, write confirmed, PUBACK in, remove out (the
+//!   records are built in the timed part too).
 //!
 //! Append rows start after one untimed append (which writes the seq floor)
 //! and show `commits`: the fsyncs (MemStore: flushes) that made appends
@@ -36,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use fieldlink::agent::{Inflight, Slot};
+use fieldlink::agent::{Action, Delivery};
 use fieldlink::config::{Durability, OutboxConfig};
 use fieldlink::outbox::{self, Class, Draft, MemStore, OutboxHandle, OutboxReader};
 use fieldlink::proto::{self, Body, ButtonBody, ButtonState, Qos};
@@ -52,7 +54,7 @@ const SERIAL_APPENDS: u64 = 1_000;
 const REPLAY_RECORDS: u64 = 20_000;
 /// Records per read, as the Link's window.
 const WINDOW: usize = 32;
-/// Records through the Inflight tracker per run.
+/// Records through the Delivery state per run.
 const INFLIGHT_RECORDS: u64 = 1_000_000;
 
 const DEVICE: &str = "greenhouse-north-pi-017";
@@ -150,9 +152,9 @@ fn main() {
         t
     });
 
-    report("inflight: submit + publish + puback, window 32", INFLIGHT_RECORDS, || {
+    report("delivery: read + publish + write + puback + remove, window 32", INFLIGHT_RECORDS, || {
         let start = Instant::now();
-        let acked = inflight_round_trips(INFLIGHT_RECORDS, WINDOW);
+        let acked = delivery_round_trips(INFLIGHT_RECORDS, WINDOW);
         let t = start.elapsed();
         assert_eq!(acked, INFLIGHT_RECORDS, "every record came back acked");
         t
@@ -350,34 +352,63 @@ fn replay(h: &OutboxHandle, r: &OutboxReader, ack: bool) -> u64 {
     read
 }
 
-/// Feeds the tracker what the Link sees for `n` QoS 1 records in steady
-/// state: each record is submitted and written (pkids 1..=65535, wrapping),
-/// and once `window` are in flight the oldest is acked. Returns how many
-/// acks mapped back to a record.
-fn inflight_round_trips(n: u64, window: usize) -> u64 {
-    let mut t = Inflight::new();
+/// Feeds the Delivery state what the Link sees for `n` QoS 1 records in
+/// steady state: read results, each publish written under the packet id
+/// rumqttc gives it, and once `window` are in flight the oldest acked.
+/// Returns how many records it said to remove.
+fn delivery_round_trips(n: u64, window: usize) -> u64 {
+    use rumqttc::{Event, Outgoing, Packet, PubAck};
+    let window_u16 = u16::try_from(window).expect("a small window");
+    let mut d = Delivery::new(window_u16);
+    let cycle = d.rumqttc_inflight();
+    let mut counter: u16 = 0;
+    let payload = vec![b'x'; 200];
+    d.connecting();
+    let mut todo: VecDeque<Action> = d.connected(false, vec![]).actions.into();
+    todo.extend(d.durable(n));
     let mut in_flight: VecDeque<u16> = VecDeque::with_capacity(window);
-    let mut pkid: u16 = 0;
-    let mut acked = 0;
-    let mut complete = |t: &mut Inflight, pkid: u16| {
-        if let Some(Slot::Record(seq)) = t.on_puback(pkid) {
-            black_box(seq);
-            acked += 1;
+    let mut removed = 0;
+    while let Some(action) = todo.pop_front() {
+        match action {
+            Action::Read { token, from, upto, limit } => {
+                let first = from.max(1);
+                let last = upto.min(first + limit as u64 - 1);
+                let records = (first..=last)
+                    .map(|seq| outbox::Record {
+                        seq,
+                        ts_ms: seq,
+                        class: Class::Event,
+                        qos: Qos::AtLeastOnce,
+                        retain: false,
+                        topic: "fieldlink/d/button/b".to_string(),
+                        payload: payload.clone(),
+                    })
+                    .collect();
+                todo.extend(d.records(token, records));
+            }
+            Action::Submit(_) => {
+                // rumqttc's next_pkid: 1..=cycle, wrapping.
+                counter = if counter + 1 >= cycle { 0 } else { counter + 1 };
+                let pkid = if counter == 0 { cycle } else { counter };
+                todo.extend(d.event(&Event::Outgoing(Outgoing::Publish(pkid))));
+                in_flight.push_back(pkid);
+                if in_flight.len() == window {
+                    let oldest = in_flight.pop_front().expect("the window is full");
+                    todo.extend(d.event(&Event::Incoming(Packet::PubAck(PubAck::new(oldest)))));
+                }
+            }
+            Action::Remove(seq) => {
+                black_box(seq);
+                removed += 1;
+            }
+            other => panic!("unexpected action {other:?}"),
         }
-    };
-    for seq in 1..=n {
-        t.submitted(Slot::Record(seq));
-        pkid = pkid.checked_add(1).unwrap_or(1);
-        t.on_outgoing_publish(pkid).expect("each written publish was submitted");
-        in_flight.push_back(pkid);
-        if in_flight.len() == window {
-            let oldest = in_flight.pop_front().expect("the window is full");
-            complete(&mut t, oldest);
+        if todo.is_empty() {
+            while let Some(pkid) = in_flight.pop_front() {
+                todo.extend(d.event(&Event::Incoming(Packet::PubAck(PubAck::new(pkid)))));
+            }
         }
     }
-    for pkid in in_flight {
-        complete(&mut t, pkid);
-    }
-    assert_eq!(t.outstanding(), 0, "nothing is left in flight");
-    acked
+    assert_eq!(d.in_flight(), 0, "nothing is left in flight");
+    removed
 }

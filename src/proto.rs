@@ -117,6 +117,12 @@ impl Topics {
         format!("{}/error", self.base())
     }
 
+    /// The catch-up topic: the agent publishes a nonce here after each
+    /// connect and receives it back on its own subscription.
+    pub fn sync(&self) -> String {
+        format!("{}/sync", self.base())
+    }
+
     /// Whether `topic` matches the command filter `P/D/relay/+/set` (an
     /// empty level matches `+`, so `P/D/relay//set` does).
     pub fn is_relay_set_topic(&self, topic: &str) -> bool {

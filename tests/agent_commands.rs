@@ -524,7 +524,6 @@ fn a_plain_toggle_redelivered_with_dup_after_a_reconnect_is_applied_once() {
 }
 
 #[test]
-#[ignore = "needs the Link's backlog flag and P/D/sync catch-up (delivery branch); passes once both are on main"]
 fn three_hundred_plain_toggles_queued_while_the_agent_is_offline_switch_the_relay_at_most_once() {
     let Some(mut rig) = Rig::new("cmd-backlog", false, |b| b) else { return };
     rig.start_online();

@@ -1,81 +1,114 @@
-//! The Link actor: owns the MQTT connection (rumqttc) and delivers the outbox.
+//! The Link actor: owns the MQTT connection and performs what the sans-IO
+//! delivery state ([`Delivery`]) and inbox ([`Inbox`]) decide. It decides
+//! nothing about packet ids, order or acknowledgements itself; it must never
+//! remove a record except on [`Action::Remove`], never acknowledge a command
+//! except when the inbox says so, never do disk I/O on its own thread (reads
+//! go through `OutboxReader::read_async`), and never await a rumqttc request
+//! (that deadlocks the task that polls the event loop), only `try_*`.
 //!
-//! * One stream polls rumqttc's `EventLoop` without pause; its items are
-//!   handled synchronously in this actor. When `poll()` fails, rumqttc has
-//!   already moved everything unacked into `pending` (`eventloop.rs`
-//!   `clean()`), and this actor marks itself disconnected in the same turn,
-//!   so nothing is submitted into a dead connection's queue.
-//! * Reconnects back off with jitter between `reconnect_min` and
-//!   `reconnect_max`; rumqttc has none (rumqtt #703, #918).
-//! * On every ConnAck: publish retained `online`, re-subscribe (rumqttc never
-//!   does), tell the Relay (`reconnect` states), then send. With
-//!   `session_present = false` rumqttc silently drops its pending publishes
-//!   (`eventloop.rs`: `pending.clear()`), so the cursor goes back to the
-//!   oldest record still in the outbox and everything is replayed.
-//! * Records are sent in `seq` order, only once durable, keeping up to
-//!   `max_inflight` in flight; each is removed from the outbox only on PUBACK
-//!   (QoS 1) or PUBCOMP (QoS 2), correlated through [`Inflight`].
-//! * Incoming commands are acked manually, only when the Relay says the pin
-//!   switched and the state is recorded, and only on the connection they
-//!   came in on.
+//! # Connections
 //!
-//! It runs on its own arbiter and never does disk writes or fsyncs itself
-//! (the outbox writer thread does); it never awaits `publish()` (that
-//! deadlocks the task that polls the event loop), only `try_*`.
+//! * Each connection attempt gets a fresh rumqttc `AsyncClient`/`EventLoop`
+//!   and a new generation number. The attempt's events reach this actor as
+//!   `(generation, event)`; anything from an older generation is ignored, so
+//!   no stale rumqttc event (an `Outgoing::Publish` after a failed write, a
+//!   late ack) can touch the delivery state. The stream ends with the
+//!   attempt's first error; rumqttc's own reconnect and its `pending`
+//!   bookkeeping are never used across connections.
+//! * Before the first poll the Link puts [`Delivery::connecting`]'s resends
+//!   into the EventLoop's `pending` (same packet ids, DUP set; PUBRELs for
+//!   QoS 2 records past PUBREC). rumqttc drops them itself if the ConnAck says
+//!   `session_present = false`, and the delivery state then replays from the
+//!   oldest outbox record.
+//! * rumqttc's `max_inflight` is [`rumqttc_inflight`] (far above the Link's
+//!   window), so its request gate never closes. A desync between rumqttc and
+//!   the delivery state (`Outgoing::AwaitAck`, a write under an unexpected
+//!   packet id, an ack for an empty slot) is logged at error level and the
+//!   connection is dropped and resent; it does not restart the actor and
+//!   nothing is removed.
+//! * Reconnects follow [`Reconnect`] (see `backoff.rs`): back-off with jitter
+//!   from `reconnect_min` to `reconnect_max`, reset only once a connection
+//!   proved healthy (a SUBACK, PUBACK or PUBCOMP on it), and after a network
+//!   failure a TCP probe of the broker every 2 s while waiting, connecting at
+//!   once when it answers (not after a connection the broker dropped before
+//!   it proved healthy: that is paced by the back-off alone).
+//! * A blackhole (bytes stop, the socket stays open) is noticed by rumqttc's
+//!   keep-alive: a PINGREQ every `keep_alive` whatever the traffic, and an
+//!   unanswered one fails the next (`state.rs` `outgoing_ping`:
+//!   `AwaitPingResp`), within 2 × `keep_alive` of the first lost byte.
+//!   Nothing in the write path waits longer: every branch of rumqttc's
+//!   `select` writes at most a few packets into an empty `Framed` buffer
+//!   (`framed.rs` `write` only buffers below the 8 KiB back-pressure mark)
+//!   and then flushes under a 5 s time-out (`eventloop.rs`:
+//!   `FlushTimeout`); connecting (TCP, TLS, CONNECT/CONNACK) has the same
+//!   time-out (`NetworkTimeout`).
+//!
+//! # On every ConnAck, in this order
+//!
+//! 1. SUBSCRIBE `P/D/relay/+/set` and `P/D/sync` (QoS 1, one packet; rumqttc
+//!    never re-subscribes);
+//! 2. PUBLISH `online` (retained, QoS 1) to `P/D/status`;
+//! 3. PUBLISH a random 16-hex-digit nonce (QoS 1, not retained) to `P/D/sync`;
+//! 4. tell the Relay `LinkUp { session_present }`; with no session also
+//!    `CaughtUp` at once (nothing can be queued for a session that did not
+//!    exist), otherwise `CaughtUp` when the nonce comes back, or after
+//!    `keep_alive` without it (a warning names the topic; the wait restarts
+//!    with every message that arrives meanwhile);
+//! 5. send records: resends first (already in `pending`), then from the
+//!    cursor in seq order, at most `max_inflight` in flight, a QoS 1 record
+//!    never overtaking a QoS 2 one that waits for PUBREC.
+//!
+//! Commands that arrive on a resumed session before the nonce carry
+//! `backlog = true`. Every incoming QoS 1 message is acknowledged in arrival
+//! order ([`Inbox`]), a command once its `done` handle fires, anything else at
+//! once; a dropped `done` skips that one and never blocks later acks.
 
-use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS,
-    SubscribeReasonCode,
+    AsyncClient, ClientError, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS,
+    SubscribeReasonCode, TlsError,
 };
 use tokio::sync::oneshot;
 
-use super::backoff::Backoff;
-use super::inflight::{Inflight, Slot};
-use super::relay::{LinkDown, LinkUp, Relay, RelayCommand};
+use super::backoff::{Failure, Reconnect, Wait, probe_pause};
+use super::delivery::{Action, Control, Delivery, Desync, Submit, Tag, rumqttc_inflight, subscribe_filters};
+use super::inbox::{Arrival, Inbox};
+use super::relay::{CaughtUp, LinkDown, LinkUp, Relay, RelayCommand};
 use super::supervisor::{self, SupervisedActor, Supervision};
 use crate::config::MqttConfig;
 use crate::mqtt_options;
-use crate::outbox::{OutboxHandle, OutboxReader};
-use crate::proto::{self, Qos, Topics};
+use crate::outbox::{OutboxError, OutboxHandle, OutboxReader, Record};
+use crate::proto::{self, Topics};
 
 /// How long SIGTERM waits for the broker to acknowledge `offline`.
 const OFFLINE_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a TCP probe of the broker may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long to wait before reading again after a failed outbox read.
+const READ_RETRY: Duration = Duration::from_secs(1);
+
+/// Room in rumqttc's request channel beyond its inflight: the SUBSCRIBE, the
+/// `status` and sync publishes and command acks, so `try_*` never finds it
+/// full.
+const CHANNEL_SLACK: usize = 1024;
 
 /// The outbox has records up to this seq durable.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Durable(pub u64);
 
-/// A command handed to the Relay, waiting for its turn to be acknowledged:
-/// PUBACKs go out in the order the commands arrived (MQTT-4.6.0-2).
-struct PendingAck {
-    id: u64,
-    /// The connection it arrived on; an ack is only valid there.
-    generation: u64,
-    publish: Publish,
-    /// `Some(true)`: done, ack it; `Some(false)`: the Relay gave up on it,
-    /// leave it unacknowledged (the broker redelivers it); `None`: waiting.
-    outcome: Option<bool>,
-}
-
 /// Publish `offline`, wait for its ack (bounded), and disconnect cleanly.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
 
-pub fn qos(q: Qos) -> QoS {
-    match q {
-        Qos::AtLeastOnce => QoS::AtLeastOnce,
-        Qos::ExactlyOnce => QoS::ExactlyOnce,
-    }
-}
-
 /// rumqttc options from the config: the shared client options (persistent
-/// session, manual acks, TLS), plus the last will and the inflight window.
+/// session, manual acks, TLS), plus the last will and rumqttc's inflight
+/// (see [`rumqttc_inflight`]).
 pub fn mqtt_options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, String> {
     let mut o = mqtt_options::options(mqtt_options::Client {
         client_id: &cfg.client_id,
@@ -89,7 +122,7 @@ pub fn mqtt_options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, St
         key_file: cfg.key_file.as_ref(),
     })
     .map_err(|e| format!("mqtt: {e}"))?;
-    o.set_inflight(cfg.max_inflight).set_last_will(LastWill::new(
+    o.set_inflight(rumqttc_inflight(cfg.max_inflight)).set_last_will(LastWill::new(
         topics.status(),
         proto::OFFLINE,
         QoS::AtLeastOnce,
@@ -98,21 +131,74 @@ pub fn mqtt_options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, St
     Ok(o)
 }
 
-/// Polls the event loop forever, backing off after each error. The error is
-/// yielded first and the sleep happens before the next poll, so the actor
-/// learns of a disconnect in the same turn rumqttc cleaned up.
-fn events(el: EventLoop, min: Duration, max: Duration) -> impl Stream<Item = Result<Event, ConnectionError>> {
-    futures_util::stream::unfold((el, Backoff::new(min, max), false), |(mut el, mut backoff, failed)| async move {
-        if failed {
-            actix::clock::sleep(backoff.next_delay(fastrand::f64())).await;
+/// Whether the wait after this error may probe the broker (see `backoff.rs`).
+pub fn failure_of(e: &ConnectionError) -> Failure {
+    match e {
+        ConnectionError::ConnectionRefused(_) | ConnectionError::NotConnAck(_) | ConnectionError::RequestsDone => {
+            Failure::Refused
         }
+        ConnectionError::Tls(TlsError::Io(_)) => Failure::Network,
+        ConnectionError::Tls(_) => Failure::Refused,
+        _ => Failure::Network,
+    }
+}
+
+/// One connection attempt's events, tagged with its generation; the stream
+/// ends after the first error (the EventLoop is dropped with it).
+type Item = (u64, Result<Event, ConnectionError>);
+
+fn connection_events(generation: u64, el: EventLoop) -> impl Stream<Item = Item> {
+    futures_util::stream::unfold(Some(el), move |el| async move {
+        let mut el = el?;
         let r = el.poll().await;
-        if matches!(r, Ok(Event::Incoming(Packet::ConnAck(_)))) {
-            backoff.reset();
-        }
-        let failed = r.is_err();
-        Some((r, (el, backoff, failed)))
+        let next = r.is_ok().then_some(el);
+        Some(((generation, r), next))
     })
+}
+
+/// Waits as `wait` says; true when a probe found the broker reachable before
+/// the delay ran out.
+async fn wait_for_next_attempt(wait: Wait, host: String, port: u16) -> bool {
+    let deadline = actix::clock::Instant::now() + wait.delay;
+    let Some(every) = wait.probe_every else {
+        actix::clock::sleep_until(deadline).await;
+        return false;
+    };
+    loop {
+        let next = actix::clock::Instant::now() + probe_pause(every, fastrand::f64());
+        if next >= deadline {
+            actix::clock::sleep_until(deadline).await;
+            return false;
+        }
+        actix::clock::sleep_until(next).await;
+        let probe = actix::clock::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port))).await;
+        if matches!(probe, Ok(Ok(_))) {
+            return true;
+        }
+    }
+}
+
+fn submit(client: &AsyncClient, s: &Submit) -> Result<(), ClientError> {
+    match s {
+        Submit::Publish { topic, qos, retain, payload } => {
+            client.try_publish(topic.as_str(), *qos, *retain, payload.clone())
+        }
+        Submit::Subscribe(filters) => client.try_subscribe_many(subscribe_filters(filters)),
+    }
+}
+
+/// The current connection attempt.
+struct Conn {
+    generation: u64,
+    client: AsyncClient,
+    stream: SpawnHandle,
+    /// Its ConnAck came.
+    up: bool,
+    /// The broker answered something we sent on it.
+    healthy: bool,
+    /// Commands that arrived as backlog on it.
+    backlog: u64,
+    sync_timer: Option<SpawnHandle>,
 }
 
 pub struct Link {
@@ -122,21 +208,20 @@ pub struct Link {
     reader: OutboxReader,
     relay: Addr<Relay>,
     sup: Supervision,
-    client: Option<AsyncClient>,
-    tracker: Inflight,
-    /// The next seq to submit.
-    cursor: u64,
-    /// The highest durable seq; nothing above it is sent.
-    durable: u64,
-    connected: bool,
-    /// Counts connections; command acks carry it.
+    options: Option<MqttOptions>,
+    delivery: Delivery,
+    inbox: Inbox,
+    reconnect: Reconnect,
     generation: u64,
-    next_tag: u64,
-    /// Commands in arrival order, until acknowledged or given up.
-    acks: VecDeque<PendingAck>,
-    next_command: u64,
-    /// SIGTERM: the tag of the `offline` publish and who waits for it.
-    closing: Option<(u64, Option<oneshot::Sender<()>>)>,
+    conn: Option<Conn>,
+    /// The wait before the next attempt.
+    wait: Option<SpawnHandle>,
+    /// Failed attempts since the last connection, and since when.
+    failures: u32,
+    down_since: Option<Instant>,
+    /// SIGTERM: no more reconnects; who waits for the goodbye.
+    closing: bool,
+    closing_reply: Option<oneshot::Sender<()>>,
 }
 
 impl Link {
@@ -148,6 +233,8 @@ impl Link {
         relay: Addr<Relay>,
         sup: Supervision,
     ) -> Link {
+        let delivery = Delivery::new(cfg.max_inflight);
+        let reconnect = Reconnect::new(cfg.reconnect_min, cfg.reconnect_max);
         Link {
             cfg,
             topics,
@@ -155,196 +242,332 @@ impl Link {
             reader,
             relay,
             sup,
-            client: None,
-            tracker: Inflight::new(),
-            cursor: 0,
-            durable: 0,
-            connected: false,
+            options: None,
+            delivery,
+            inbox: Inbox::new(),
+            reconnect,
             generation: 0,
-            next_tag: 0,
-            acks: VecDeque::new(),
-            next_command: 0,
-            closing: None,
+            conn: None,
+            wait: None,
+            failures: 0,
+            down_since: Some(Instant::now()),
+            closing: false,
+            closing_reply: None,
         }
     }
 
-    fn window(&self) -> usize {
-        usize::from(self.cfg.max_inflight.max(1))
+    fn report(&self) {
+        self.sup.board().link_delivery(self.delivery.in_flight(), self.generation);
     }
 
-    fn publish_status(&mut self, payload: &'static [u8]) -> Option<u64> {
-        let client = self.client.as_ref()?;
-        match client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, payload) {
-            Ok(()) => {
-                self.next_tag += 1;
-                self.tracker.submitted(Slot::Other(self.next_tag));
-                Some(self.next_tag)
-            }
-            Err(e) => {
-                tracing::warn!("status not published: {e}");
-                None
-            }
+    fn up(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.up)
+    }
+
+    /// Starts a connection attempt with a fresh client.
+    fn attempt(&mut self, ctx: &mut Context<Self>) {
+        if self.closing || self.conn.is_some() {
+            return;
         }
-    }
-
-    fn on_connack(&mut self, session_present: bool) {
-        self.connected = true;
+        let Some(options) = self.options.clone() else { return };
         self.generation += 1;
+        let generation = self.generation;
+        let capacity = usize::from(self.delivery.rumqttc_inflight()) + CHANNEL_SLACK;
+        let (client, mut eventloop) = AsyncClient::new(options, capacity);
+        eventloop.pending.extend(self.delivery.connecting());
+        tracing::debug!(generation, resends = eventloop.pending.len(), "connecting");
+        let stream = ctx.add_stream(connection_events(generation, eventloop));
+        self.conn = Some(Conn { generation, client, stream, up: false, healthy: false, backlog: 0, sync_timer: None });
+        self.report();
+    }
+
+    fn on_connack(&mut self, session_present: bool, ctx: &mut Context<Self>) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        conn.up = true;
+        let generation = conn.generation;
         self.sup.board().link_up();
-        if session_present {
-            self.tracker.session_resumed();
-        } else {
-            let forgotten = self.tracker.session_lost();
-            if forgotten > 0 {
-                tracing::warn!(
-                    "broker has no session for us: replaying {forgotten} unacknowledged publishes from the outbox"
-                );
-            }
-            self.cursor = 0;
-        }
-        tracing::info!(session_present, "connected to {}:{}", self.cfg.url.host, self.cfg.url.port);
-        self.publish_status(proto::ONLINE);
-        if let Some(client) = &self.client
-            && let Err(e) = client.try_subscribe(self.topics.relay_set_filter(), QoS::AtLeastOnce)
-        {
-            tracing::error!("subscribe not sent: {e}");
+        let after = match (self.failures, self.down_since.take()) {
+            (0, _) => String::new(),
+            (n, Some(t)) => format!(" after {n} failed attempts over {:.1} s", t.elapsed().as_secs_f64()),
+            (n, None) => format!(" after {n} failed attempts"),
+        };
+        self.failures = 0;
+        tracing::info!(session_present, generation, "connected to {}:{}{after}", self.cfg.url.host, self.cfg.url.port);
+
+        let nonce = format!("{:016x}", fastrand::u64(..));
+        let status = Submit::Publish {
+            topic: self.topics.status(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            payload: proto::ONLINE.to_vec(),
+        };
+        let sync = Submit::Publish {
+            topic: self.topics.sync(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            payload: nonce.clone().into_bytes(),
+        };
+        let control = vec![
+            Control::Subscribe(vec![self.topics.relay_set_filter(), self.topics.sync()]),
+            Control::Publish(Tag::Online, status),
+            Control::Publish(Tag::Sync, sync),
+        ];
+        let connected = self.delivery.connected(session_present, control);
+        if connected.forgotten > 0 {
+            tracing::warn!(
+                "the broker has no session for us: replaying {} unacknowledged records from the outbox",
+                connected.forgotten
+            );
         }
         self.relay.do_send(LinkUp { session_present });
-        self.pump();
+        if self.inbox.connected(generation, session_present, nonce.into_bytes()) {
+            self.relay.do_send(CaughtUp);
+        }
+        self.arm_sync_timer(ctx);
+        self.perform(connected.actions, ctx);
     }
 
-    fn on_error(&mut self, e: ConnectionError) {
-        let error = e.to_string();
-        if self.connected {
-            tracing::warn!("connection lost: {error}");
-            self.connected = false;
-            self.relay.do_send(LinkDown);
-        } else {
-            tracing::debug!("connect failed: {error}");
+    /// (Re)starts the wait for the sync echo.
+    fn arm_sync_timer(&mut self, ctx: &mut Context<Self>) {
+        let wait = self.cfg.keep_alive;
+        let Some(conn) = self.conn.as_mut() else { return };
+        if let Some(t) = conn.sync_timer.take() {
+            ctx.cancel_future(t);
         }
-        self.sup.board().link_down(error);
-        if self.closing.is_some() {
-            self.finish_closing();
+        let generation = conn.generation;
+        conn.sync_timer = Some(ctx.run_later(wait, move |act, _| act.sync_timed_out(generation)));
+    }
+
+    fn sync_timed_out(&mut self, generation: u64) {
+        match self.conn.as_mut() {
+            Some(conn) if conn.generation == generation && conn.up => conn.sync_timer = None,
+            _ => return,
+        }
+        if self.inbox.echo_missing() {
+            tracing::warn!(
+                topic = %self.topics.sync(),
+                "the sync nonce did not come back within keep_alive ({}): may the agent publish and subscribe to '{}'? Commands queued while offline are applied without knowing the backlog has ended",
+                humantime::format_duration(self.cfg.keep_alive),
+                self.topics.sync()
+            );
+        }
+        if self.inbox.give_up_waiting() {
+            self.relay.do_send(CaughtUp);
         }
     }
 
     fn on_publish(&mut self, publish: Publish, ctx: &mut Context<Self>) {
-        match self.topics.is_relay_set_topic(&publish.topic) {
-            true => {
+        let command = self.topics.is_relay_set_topic(&publish.topic);
+        let sync = publish.topic == self.topics.sync();
+        let topic = publish.topic.clone();
+        let (payload, pkid, dup) = (publish.payload.to_vec(), publish.pkid, publish.dup);
+        let was_waiting = self.inbox.waiting();
+        match self.inbox.arrived(publish, command, sync) {
+            Arrival::Command { id, backlog } => {
+                if backlog && let Some(conn) = self.conn.as_mut() {
+                    conn.backlog += 1;
+                }
                 let (done, rx) = oneshot::channel();
-                self.next_command += 1;
-                let id = self.next_command;
                 self.relay.do_send(RelayCommand {
-                    topic: publish.topic.clone(),
-                    relay: self.topics.relay_of_set_topic(&publish.topic).map(str::to_string),
-                    payload: publish.payload.to_vec(),
-                    pkid: publish.pkid,
-                    dup: publish.dup,
-                    backlog: false,
+                    relay: self.topics.relay_of_set_topic(&topic).map(str::to_string),
+                    topic,
+                    payload,
+                    pkid,
+                    dup,
+                    backlog,
                     done,
                 });
-                self.acks.push_back(PendingAck { id, generation: self.generation, publish, outcome: None });
                 ctx.spawn(rx.into_actor(self).map(move |res, act, _| act.command_done(id, res.is_ok())));
             }
-            false => {
-                tracing::warn!(topic = %publish.topic, "message on a topic the agent does not handle; acknowledged and ignored");
-                if let Some(client) = &self.client
-                    && let Err(e) = client.try_ack(&publish)
-                {
-                    tracing::warn!("ack not sent: {e}");
-                }
-            }
-        }
-    }
-
-    /// The Relay is done with command `id`: acknowledge every command at the
-    /// head of the queue that is done, in arrival order.
-    fn command_done(&mut self, id: u64, applied: bool) {
-        if let Some(p) = self.acks.iter_mut().find(|p| p.id == id) {
-            p.outcome = Some(applied);
-        }
-        while let Some(outcome) = self.acks.front().and_then(|p| p.outcome) {
-            let Some(p) = self.acks.pop_front() else { break };
-            let current = self.connected && p.generation == self.generation;
-            match (outcome, &self.client, current) {
-                (true, Some(client), true) => {
-                    if let Err(e) = client.try_ack(&p.publish) {
-                        tracing::warn!("command ack not sent: {e}");
+            Arrival::Echo { caught_up: true } => {
+                let mut backlog = 0;
+                if let Some(conn) = self.conn.as_mut() {
+                    backlog = conn.backlog;
+                    if let Some(t) = conn.sync_timer.take() {
+                        ctx.cancel_future(t);
                     }
                 }
-                (true, _, _) => {
-                    tracing::debug!(topic = %p.publish.topic, "command came in on an earlier connection; the broker delivers it again")
+                if backlog > 0 {
+                    tracing::info!("caught up: {backlog} commands queued while offline have arrived");
+                } else {
+                    tracing::debug!("caught up: no command was queued while offline");
                 }
-                (false, _, _) => tracing::warn!(
-                    topic = %p.publish.topic,
-                    "command not recorded; left unacknowledged so the broker delivers it again"
-                ),
+                self.relay.do_send(CaughtUp);
+            }
+            Arrival::Echo { caught_up: false } => {}
+            Arrival::Other => {
+                tracing::warn!(topic = %topic, "message on a topic the agent does not handle; acknowledged and ignored")
+            }
+        }
+        if was_waiting && self.inbox.waiting() {
+            // The backlog is still coming: restart the wait.
+            self.arm_sync_timer(ctx);
+        }
+        let acks = self.inbox.ready();
+        self.send_acks(acks);
+    }
+
+    /// The Relay is done with command `id`.
+    fn command_done(&mut self, id: u64, applied: bool) {
+        let acks = self.inbox.finished(id, applied);
+        self.send_acks(acks);
+    }
+
+    fn send_acks(&self, acks: Vec<Publish>) {
+        let Some(conn) = self.conn.as_ref() else { return };
+        for p in acks {
+            if let Err(e) = conn.client.try_ack(&p) {
+                tracing::warn!(topic = %p.topic, "ack not sent: {e}");
             }
         }
     }
 
-    fn completed(&mut self, slot: Option<Slot>) {
-        match slot {
-            Some(Slot::Record(seq)) => self.outbox.ack(vec![seq]),
-            Some(Slot::Other(tag)) => {
-                if matches!(self.closing, Some((t, _)) if t == tag) {
-                    self.finish_closing();
+    fn perform(&mut self, actions: Vec<Action>, ctx: &mut Context<Self>) {
+        let mut removed = Vec::new();
+        for action in actions {
+            match action {
+                Action::Submit(s) => {
+                    let sent = match self.conn.as_ref() {
+                        Some(conn) => submit(&conn.client, &s).map_err(|e| e.to_string()),
+                        None => Err("no connection".to_string()),
+                    };
+                    if let Err(e) = sent {
+                        tracing::debug!("submission refused: {e}");
+                        let more = self.delivery.submit_failed();
+                        self.flush_removed(&mut removed);
+                        return self.perform(more, ctx);
+                    }
+                }
+                Action::Read { token, from, upto, limit } => {
+                    let read = self.reader.read_async(from, upto, limit);
+                    ctx.spawn(read.into_actor(self).map(move |res, act, ctx| act.on_records(token, res, ctx)));
+                }
+                Action::Remove(seq) => removed.push(seq),
+                Action::Done(Tag::Offline) => self.finish_closing(true, ctx),
+                Action::Done(Tag::Online | Tag::Sync) => {}
+                Action::Reconnect(desync) => {
+                    self.flush_removed(&mut removed);
+                    return self.desync(desync, ctx);
+                }
+            }
+        }
+        self.flush_removed(&mut removed);
+        self.report();
+    }
+
+    fn flush_removed(&self, removed: &mut Vec<u64>) {
+        if !removed.is_empty() {
+            self.outbox.ack(std::mem::take(removed));
+        }
+    }
+
+    fn on_records(&mut self, token: u64, res: Result<Vec<Record>, OutboxError>, ctx: &mut Context<Self>) {
+        match res {
+            Ok(records) => {
+                let actions = self.delivery.records(token, records);
+                self.perform(actions, ctx);
+            }
+            Err(e) => {
+                tracing::error!("outbox read failed: {e}; reading again in {}", humantime::format_duration(READ_RETRY));
+                self.delivery.read_failed(token);
+                ctx.run_later(READ_RETRY, |act, ctx| {
+                    let actions = act.delivery.pump_now();
+                    act.perform(actions, ctx);
+                });
+            }
+        }
+    }
+
+    fn desync(&mut self, desync: Desync, ctx: &mut Context<Self>) {
+        tracing::error!(
+            "delivery desync: {desync}; dropping the connection and resending (nothing was removed from the outbox)"
+        );
+        self.end_connection(format!("desync: {desync}"), Failure::Refused, true, ctx);
+    }
+
+    /// The current attempt or connection is over.
+    fn end_connection(&mut self, error: String, failure: Failure, cancel: bool, ctx: &mut Context<Self>) {
+        let Some(conn) = self.conn.take() else { return };
+        if cancel {
+            // Drops the EventLoop and with it the socket.
+            ctx.cancel_future(conn.stream);
+        }
+        if let Some(t) = conn.sync_timer {
+            ctx.cancel_future(t);
+        }
+        self.delivery.disconnected();
+        self.inbox.disconnected();
+        self.sup.board().link_down(error.clone());
+        if conn.up {
+            tracing::warn!("connection lost: {error}");
+            self.relay.do_send(LinkDown);
+            self.down_since = Some(Instant::now());
+        } else {
+            self.failures += 1;
+            if self.failures == 1 {
+                tracing::warn!(
+                    "cannot connect to {}:{}: {error}; retrying with back-off",
+                    self.cfg.url.host,
+                    self.cfg.url.port
+                );
+            } else {
+                tracing::debug!(attempts = self.failures, "connect failed: {error}");
+            }
+        }
+        self.report();
+        if self.closing {
+            self.finish_closing(false, ctx);
+            return;
+        }
+        // A broker that accepted the connection and dropped it before
+        // answering anything is not a network outage: no probing.
+        let failure = if conn.up && !conn.healthy { Failure::Refused } else { failure };
+        let wait = self.reconnect.failed(failure, fastrand::f64());
+        tracing::debug!(?wait, "next connection attempt");
+        let fut = wait_for_next_attempt(wait, self.cfg.url.host.clone(), self.cfg.url.port);
+        let handle = ctx.spawn(fut.into_actor(self).map(|probed, act, ctx| {
+            act.wait = None;
+            if probed {
+                tracing::info!("the broker answers again: connecting now");
+            }
+            act.attempt(ctx);
+        }));
+        self.wait = Some(handle);
+    }
+
+    fn healthy(&mut self) {
+        if let Some(conn) = self.conn.as_mut()
+            && !conn.healthy
+        {
+            conn.healthy = true;
+            self.reconnect.healthy();
+        }
+    }
+
+    /// Ends the goodbye: a clean DISCONNECT once `offline` was acknowledged;
+    /// otherwise the socket is just dropped so that the broker publishes the
+    /// last will (`offline`) for us.
+    fn finish_closing(&mut self, acked: bool, ctx: &mut Context<Self>) {
+        // Once only: the time-out may fire after the ack.
+        let Some(reply) = self.closing_reply.take() else { return };
+        match self.conn.as_ref() {
+            Some(conn) if acked => {
+                if let Err(e) = conn.client.try_disconnect() {
+                    tracing::debug!("disconnect not sent: {e}");
+                }
+            }
+            Some(conn) => {
+                if conn.up {
+                    tracing::warn!("offline was not acknowledged in time; the broker's last will says offline");
+                }
+                if let Some(conn) = self.conn.take() {
+                    ctx.cancel_future(conn.stream);
                 }
             }
             None => {}
         }
-        self.pump();
-    }
-
-    /// Submits durable records from the cursor until the window is full.
-    fn pump(&mut self) {
-        if !self.connected || self.closing.is_some() {
-            return;
-        }
-        let Some(client) = self.client.clone() else {
-            return;
-        };
-        let window = self.window();
-        while self.tracker.outstanding() < window && self.cursor <= self.durable {
-            let room = window - self.tracker.outstanding();
-            let records = match self.reader.read(self.cursor, self.durable, room) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!("outbox read failed: {e}");
-                    return;
-                }
-            };
-            if records.is_empty() {
-                // Everything up to `durable` is acked or dropped.
-                self.cursor = self.durable + 1;
-                return;
-            }
-            for r in records {
-                if let Err(e) = client.try_publish(r.topic, qos(r.qos), r.retain, r.payload) {
-                    // The request channel is sized above the window, so
-                    // this is a closed client; the next event retries.
-                    tracing::warn!("publish not submitted: {e}");
-                    return;
-                }
-                self.tracker.submitted(Slot::Record(r.seq));
-                self.cursor = r.seq + 1;
-            }
-        }
-    }
-
-    fn finish_closing(&mut self) {
-        if let Some((_, reply)) = self.closing.as_mut() {
-            if let Some(client) = &self.client {
-                // A failed disconnect leaves the last will to say `offline`.
-                if let Err(e) = client.try_disconnect() {
-                    tracing::debug!("disconnect not sent: {e}");
-                }
-            }
-            if let Some(tx) = reply.take() {
-                // The waiter may have given up already; nothing to do then.
-                let _ = tx.send(());
-            }
-        }
+        // The waiter may have given up already; nothing to do then.
+        let _ = reply.send(());
     }
 }
 
@@ -358,11 +581,15 @@ impl Actor for Link {
 
 impl Supervised for Link {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.client = None;
-        if self.connected {
-            self.connected = false;
+        // actix cancelled the streams and timers with the old context.
+        if let Some(conn) = self.conn.take()
+            && conn.up
+        {
             self.relay.do_send(LinkDown);
         }
+        self.wait = None;
+        self.delivery.disconnected();
+        self.inbox.disconnected();
         self.sup.restarting();
     }
 }
@@ -373,63 +600,55 @@ impl SupervisedActor for Link {
     }
 
     fn init(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
-        let options = mqtt_options(&self.cfg, &self.topics)?;
-        // Room for a full window of publishes plus status, subscribe and
-        // command acks, so `try_*` never finds the channel full.
-        let capacity = self.window() + 64;
-        let (client, eventloop) = AsyncClient::new(options, capacity);
-        self.client = Some(client);
-        self.tracker.session_lost();
-        self.cursor = 0;
-        self.durable = self.durable.max(self.outbox.stats().durable_seq);
-        ctx.add_stream(events(eventloop, self.cfg.reconnect_min, self.cfg.reconnect_max));
+        self.options = Some(mqtt_options(&self.cfg, &self.topics)?);
+        // Not connected yet: this only records the mark.
+        let actions = self.delivery.durable(self.outbox.stats().durable_seq);
+        self.perform(actions, ctx);
+        self.attempt(ctx);
         Ok(())
     }
 }
 
-impl StreamHandler<Result<Event, ConnectionError>> for Link {
-    fn handle(&mut self, item: Result<Event, ConnectionError>, ctx: &mut Context<Self>) {
+impl StreamHandler<Item> for Link {
+    fn handle(&mut self, (generation, item): Item, ctx: &mut Context<Self>) {
+        if self.conn.as_ref().map(|c| c.generation) != Some(generation) {
+            return;
+        }
         match item {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => self.on_connack(ack.session_present),
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => self.on_connack(ack.session_present, ctx),
             Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(p, ctx),
-            Ok(Event::Incoming(Packet::PubAck(a))) => {
-                let slot = self.tracker.on_puback(a.pkid);
-                self.completed(slot);
-            }
-            Ok(Event::Incoming(Packet::PubRec(r))) => self.tracker.on_pubrec(r.pkid),
-            Ok(Event::Incoming(Packet::PubComp(c))) => {
-                let slot = self.tracker.on_pubcomp(c.pkid);
-                self.completed(slot);
-            }
-            Ok(Event::Incoming(Packet::SubAck(s))) => {
-                if s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+            Ok(event) => {
+                if let Event::Incoming(Packet::SubAck(s)) = &event
+                    && s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
                     tracing::error!(
-                        "the broker refused the subscription to {}: commands will not arrive",
-                        self.topics.relay_set_filter()
+                        "the broker refused a subscription to {} or {}: commands (or catch-up) will not work",
+                        self.topics.relay_set_filter(),
+                        self.topics.sync()
                     );
                 }
-            }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if let Err(d) = self.tracker.on_outgoing_publish(pkid) {
-                    supervisor::fail(self, ctx, format!("{d}; reconnecting and replaying from the outbox"));
+                if matches!(event, Event::Incoming(Packet::SubAck(_) | Packet::PubAck(_) | Packet::PubComp(_))) {
+                    self.healthy();
                 }
+                let actions = self.delivery.event(&event);
+                self.perform(actions, ctx);
             }
-            Ok(_) => {}
-            Err(e) => self.on_error(e),
+            Err(e) => self.end_connection(e.to_string(), failure_of(&e), false, ctx),
         }
     }
 
     fn finished(&mut self, _: &mut Context<Self>) {
-        // The event stream never ends on its own; a restart replaces it.
+        // Each attempt's stream ends after its first error; that error
+        // already scheduled the next attempt.
     }
 }
 
 impl Handler<Durable> for Link {
     type Result = ();
 
-    fn handle(&mut self, msg: Durable, _: &mut Context<Self>) {
-        self.durable = self.durable.max(msg.0);
-        self.pump();
+    fn handle(&mut self, msg: Durable, ctx: &mut Context<Self>) {
+        let actions = self.delivery.durable(msg.0);
+        self.perform(actions, ctx);
     }
 }
 
@@ -438,21 +657,46 @@ impl Handler<Shutdown> for Link {
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> ResponseFuture<()> {
         let (tx, rx) = oneshot::channel();
-        let tag = if self.connected { self.publish_status(proto::OFFLINE) } else { None };
-        match tag {
-            Some(tag) => {
-                self.closing = Some((tag, Some(tx)));
-                ctx.run_later(OFFLINE_ACK_TIMEOUT, |act, _| act.finish_closing());
-            }
-            None => {
-                self.closing = Some((0, None));
-                // Not connected: the broker has published the last will.
-                let _ = tx.send(());
-            }
+        self.closing = true;
+        self.closing_reply = Some(tx);
+        self.delivery.closing();
+        if let Some(w) = self.wait.take() {
+            ctx.cancel_future(w);
+        }
+        if self.up() {
+            let offline = Submit::Publish {
+                topic: self.topics.status(),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                payload: proto::OFFLINE.to_vec(),
+            };
+            let actions = self.delivery.control(Control::Publish(Tag::Offline, offline));
+            self.perform(actions, ctx);
+            ctx.run_later(OFFLINE_ACK_TIMEOUT, |act, ctx| act.finish_closing(false, ctx));
+        } else {
+            // Not connected: the broker has published the last will.
+            self.finish_closing(false, ctx);
         }
         Box::pin(async move {
             // A dropped sender also means "done".
             let _ = rx.await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::ConnectReturnCode;
+
+    #[test]
+    fn only_network_failures_let_the_wait_probe_the_broker() {
+        let io = || std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(failure_of(&ConnectionError::Io(io())), Failure::Network);
+        assert_eq!(failure_of(&ConnectionError::NetworkTimeout), Failure::Network);
+        assert_eq!(failure_of(&ConnectionError::MqttState(rumqttc::StateError::AwaitPingResp)), Failure::Network);
+        assert_eq!(failure_of(&ConnectionError::Tls(TlsError::Io(io()))), Failure::Network);
+        assert_eq!(failure_of(&ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)), Failure::Refused);
+        assert_eq!(failure_of(&ConnectionError::Tls(TlsError::NoValidCertInChain)), Failure::Refused);
     }
 }

@@ -1,8 +1,8 @@
 //! The field agent: its actors and how they are wired (DESIGN: The system,
 //! Supervision). Owns the process lifecycle of `fieldlink agent`: state
 //! directory, pid file, panic policy, actor start-up order and the exit code.
-//! Protocol decisions live in the sans-IO modules (`proto`, `inflight`,
-//! `restart_policy`, `backoff`), not here.
+//! Protocol decisions live in the sans-IO modules (`proto`, `delivery`,
+//! `inbox`, `restart_policy`, `backoff`), not here.
 //!
 //! # Actors and threads
 //!
@@ -24,8 +24,11 @@
 mod backoff;
 mod button;
 mod command_gate;
+mod delivery;
+#[cfg(test)]
+mod delivery_model;
 mod heartbeat;
-mod inflight;
+mod inbox;
 mod lifecycle;
 mod link;
 mod recorder;
@@ -40,8 +43,9 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-pub use backoff::Backoff;
-pub use inflight::{Desync, Inflight, Slot};
+pub use backoff::{Backoff, Failure, PROBE_EVERY, Reconnect, Wait};
+pub use delivery::{Action, Connected, Control, Delivery, Desync, Pkid, Submit, Tag, rumqttc_inflight};
+pub use inbox::{Arrival, Inbox};
 pub use restart_policy::{Decision, RestartPolicy};
 pub use status::{Dump, StatusBoard};
 

@@ -25,6 +25,10 @@ pub struct LinkStatus {
     pub connects: u64,
     pub disconnects: u64,
     pub last_error: Option<String>,
+    /// Records sent and not yet acknowledged.
+    pub in_flight: usize,
+    /// Connection attempts since start (each gets a fresh MQTT client).
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -135,6 +139,13 @@ impl StatusBoard {
         }
         b.link.connected = false;
         b.link.last_error = Some(error);
+    }
+
+    /// The Link's delivery numbers.
+    pub fn link_delivery(&self, in_flight: usize, generation: u64) {
+        let mut b = self.lock();
+        b.link.in_flight = in_flight;
+        b.link.generation = generation;
     }
 
     pub fn link_counters(&self) -> LinkCounters {

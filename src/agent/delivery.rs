@@ -1,0 +1,866 @@
+//! The delivery state of the Link, sans-IO: which records are in flight under
+//! which MQTT packet id, what to send next, and when a record may leave the
+//! outbox. Driven by events (a connection attempt, its ConnAck, rumqttc's
+//! events, durable marks, read results) and returning [`Action`]s for the Link
+//! to perform. It never touches the network, the outbox, a clock or a thread,
+//! and it must never return [`Action::Remove`] for a record the broker has not
+//! acknowledged under the packet id that record was written with.
+//!
+//! # Packet ids are ours
+//!
+//! rumqttc 0.25.1 numbers a publish itself (`state.rs` `outgoing_publish`:
+//! `if publish.pkid == 0 { publish.pkid = self.next_pkid() }`), and
+//! `AsyncClient::try_publish` cannot hand it a packet id (`client.rs`
+//! `try_publish` builds `Publish::new`, packet id 0; the request channel is
+//! private). So this state keeps its own counter that `next_pkid`
+//! (`state.rs` 486-498: `1, 2, ..., max_inflight, 1, ...`, advanced by each
+//! numbered QoS 1/2 publish and each SUBSCRIBE) follows step for step, on a
+//! fresh rumqttc `MqttState` per connection (its counter starts at 0). A
+//! submission's packet id is fixed when it is handed to the request channel,
+//! and it is *checked*: rumqttc reports every write as `Outgoing::Publish(p)` /
+//! `Outgoing::Subscribe(p)` in write order, and each must match the next
+//! expected packet id. An acknowledgement is trusted only for a slot whose
+//! write was confirmed on the current connection, in the phase that expects it.
+//! Anything else (a wrong id, `Outgoing::AwaitAck`, an ack for an empty slot)
+//! is a [`Desync`]: the Link drops the connection and resends from this state;
+//! nothing is removed.
+//!
+//! * A packet id is used again only after its PUBACK (QoS 1), PUBCOMP (QoS 2)
+//!   or SUBACK. When the counter's next id is still in use, submissions wait
+//!   until it is free (rumqttc would otherwise park the publish as a
+//!   collision, `state.rs` `outgoing_publish`).
+//! * rumqttc's own window (`max_inflight`, [`rumqttc_inflight`]) is set far
+//!   above what this state ever has outstanding, so its request gate
+//!   (`eventloop.rs` `select`: `!inflight_full && !collision`) never closes.
+//!
+//! # Sessions
+//!
+//! Before each connection attempt the Link asks [`Delivery::connecting`] for
+//! the requests to put into the new EventLoop's `pending`: in seq order, a
+//! `Publish` with the same packet id (DUP set if it was written before) for
+//! each record awaiting PUBACK/PUBREC, and a `PubRel` for each awaiting
+//! PUBCOMP (MQTT-4.4.0-1). rumqttc drops `pending` itself when the ConnAck
+//! says `session_present = false` (`eventloop.rs` `poll`); this state then
+//! forgets every slot and replays from the oldest record in the outbox. The
+//! `status` and sync publishes and the SUBSCRIBE belong to one connection:
+//! they are not resent (the next connection sends fresh ones), and their
+//! packet ids are free again at the next attempt (a QoS 1 publish leaves no
+//! state in the broker).
+//!
+//! # Order
+//!
+//! Records are read from the outbox at the cursor, in seq order, up to the
+//! durable mark, and submitted in that order with at most `window` records in
+//! flight. Reads go through the Link ([`Action::Read`]), one at a time; a
+//! result is used only if its token is still current (a lost session
+//! invalidates it). No record is submitted while a QoS 2 record waits for its
+//! PUBREC: brokers such as mosquitto deliver a QoS 2 message only on PUBREL,
+//! which rumqttc sends as soon as the PUBREC arrives, so a later record
+//! written earlier would overtake it (a QoS 1 one at once; a QoS 2 one if
+//! the PUBRECs come back out of order). First deliveries are therefore in
+//! seq order whatever the mix of QoS and the order of acks; the price is one
+//! round trip per QoS 2 record, QoS 1 records keep the whole window.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rumqttc::{Event, Outgoing, Packet, PubRel, Publish, QoS, Request, Subscribe, SubscribeFilter};
+
+use crate::outbox::Record;
+use crate::proto::Qos;
+
+/// An MQTT packet identifier (1..=65535).
+pub type Pkid = u16;
+
+/// rumqttc's `max_inflight` for a Link window of `window` records: the
+/// length of the packet-id cycle, and far above anything outstanding (the
+/// window plus one SUBSCRIBE and the `status`/sync publishes), so rumqttc's
+/// request gate never closes and its counter seldom comes back to an id
+/// still in use.
+pub fn rumqttc_inflight(window: u16) -> u16 {
+    let w = u32::from(window.max(1));
+    u16::try_from((4 * (w + 4)).max(64)).unwrap_or(u16::MAX)
+}
+
+/// A publish that is not an outbox record. It lives only on the connection
+/// it was submitted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tag {
+    /// The retained `online` status.
+    Online,
+    /// The retained `offline` status at shutdown.
+    Offline,
+    /// The catch-up nonce on `P/D/sync`.
+    Sync,
+}
+
+/// Something to put into rumqttc's request channel. rumqttc numbers it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submit {
+    Publish {
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    },
+    /// One SUBSCRIBE for all these filters, each at QoS 1.
+    Subscribe(Vec<String>),
+}
+
+impl Submit {
+    /// The request `AsyncClient::try_publish` / `try_subscribe_many` put into
+    /// the channel for this (`client.rs`): packet id 0, DUP clear.
+    pub fn to_request(&self) -> Request {
+        match self {
+            Submit::Publish { topic, qos, retain, payload } => {
+                let mut p = Publish::new(topic.as_str(), *qos, payload.clone());
+                p.retain = *retain;
+                Request::Publish(p)
+            }
+            Submit::Subscribe(filters) => Request::Subscribe(Subscribe::new_many(subscribe_filters(filters))),
+        }
+    }
+}
+
+/// The filters of a [`Submit::Subscribe`], as rumqttc takes them.
+pub fn subscribe_filters(filters: &[String]) -> Vec<SubscribeFilter> {
+    filters.iter().map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)).collect()
+}
+
+/// What the Link does after the first things of a connection are queued.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    Subscribe(Vec<String>),
+    Publish(Tag, Submit),
+}
+
+/// What the Link must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Put this into the current connection's request channel.
+    Submit(Submit),
+    /// Read up to `limit` records with `from <= seq <= upto` and hand them to
+    /// [`Delivery::records`] with this token.
+    Read { token: u64, from: u64, upto: u64, limit: usize },
+    /// The broker acknowledged this record: remove it from the outbox.
+    Remove(u64),
+    /// The broker acknowledged this tagged publish.
+    Done(Tag),
+    /// Drop the current connection (log the reason at error level) and
+    /// connect again; nothing is lost.
+    Reconnect(Desync),
+}
+
+/// rumqttc and this state disagree: the connection is dropped and resent
+/// from this state. Should never happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Desync {
+    #[error("rumqttc wrote {kind} with packet id {written} where {expected} was expected")]
+    WrongWrite { kind: &'static str, written: Pkid, expected: String },
+    #[error("rumqttc parked the publish with packet id {0} behind a packet-id collision")]
+    Collision(Pkid),
+    #[error("{kind} for packet id {pkid}, which holds nothing waiting for it")]
+    UnexpectedAck { kind: &'static str, pkid: Pkid },
+    #[error("the request channel did not take a submission")]
+    NotSubmitted,
+}
+
+/// What [`Delivery::connected`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Connected {
+    /// Records that were in flight and are replayed from the outbox because
+    /// the broker kept no session.
+    pub forgotten: usize,
+    pub actions: Vec<Action>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for PUBACK (QoS 1), PUBREC (QoS 2) or SUBACK.
+    Ack,
+    /// QoS 2: PUBREC came, PUBREL is (re)sent, waiting for PUBCOMP.
+    Comp,
+}
+
+#[derive(Debug, Clone)]
+enum What {
+    Record(Record),
+    Tag(Tag),
+    Subscribe,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    what: What,
+    qos: QoS,
+    phase: Phase,
+    /// Its write was confirmed on the current connection.
+    written: bool,
+    /// It was written on some connection (the DUP flag of a resend).
+    sent: bool,
+}
+
+/// A submission waiting for its packet id.
+#[derive(Debug, Clone)]
+enum Queued {
+    Record(Record),
+    Control(Control),
+}
+
+/// See the module doc.
+#[derive(Debug)]
+pub struct Delivery {
+    window: usize,
+    cycle: Pkid,
+    /// rumqttc's `last_pkid` on the current connection.
+    counter: Pkid,
+    slots: BTreeMap<Pkid, Slot>,
+    /// Packet ids of the writes still to be confirmed, in write order.
+    expected: VecDeque<Pkid>,
+    /// Connection-scoped submissions, sent before records.
+    control: VecDeque<Control>,
+    /// Records read but not submitted, in seq order.
+    ready: VecDeque<Record>,
+    /// The next seq to read.
+    cursor: u64,
+    /// The highest durable seq; nothing above it is sent.
+    durable: u64,
+    up: bool,
+    closing: bool,
+    token: u64,
+    /// The read in flight: its token, `upto` and `limit`.
+    reading: Option<(u64, u64, usize)>,
+    records_out: usize,
+    /// QoS 2 records still waiting for PUBREC.
+    qos2_unreceived: usize,
+}
+
+fn mqtt_qos(q: Qos) -> QoS {
+    match q {
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+        Qos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn publish_of(record: &Record) -> Submit {
+    Submit::Publish {
+        topic: record.topic.clone(),
+        qos: mqtt_qos(record.qos),
+        retain: record.retain,
+        payload: record.payload.clone(),
+    }
+}
+
+impl Delivery {
+    /// A state with nothing in flight, reading from the oldest record.
+    /// `window`: records in flight at most (`mqtt.max_inflight`).
+    pub fn new(window: u16) -> Delivery {
+        Delivery {
+            window: usize::from(window.max(1)),
+            cycle: rumqttc_inflight(window),
+            counter: 0,
+            slots: BTreeMap::new(),
+            expected: VecDeque::new(),
+            control: VecDeque::new(),
+            ready: VecDeque::new(),
+            cursor: 0,
+            durable: 0,
+            up: false,
+            closing: false,
+            token: 0,
+            reading: None,
+            records_out: 0,
+            qos2_unreceived: 0,
+        }
+    }
+
+    /// A state whose packet-id cycle is `cycle` instead of
+    /// [`rumqttc_inflight`] (the model test uses short cycles to make the
+    /// counter come back to ids still in use). `cycle` must exceed
+    /// `window + 3`, or rumqttc's request gate can close.
+    #[cfg(test)]
+    pub(crate) fn with_cycle(window: u16, cycle: u16) -> Delivery {
+        Delivery { cycle, ..Delivery::new(window) }
+    }
+
+    /// The packet ids this state holds (test cross-checks).
+    #[cfg(test)]
+    pub(crate) fn pkids_in_use(&self) -> Vec<Pkid> {
+        self.slots.keys().copied().collect()
+    }
+
+    /// rumqttc's `max_inflight` to configure for this state.
+    pub fn rumqttc_inflight(&self) -> u16 {
+        self.cycle
+    }
+
+    /// Records in flight (submitted, not yet acknowledged).
+    pub fn in_flight(&self) -> usize {
+        self.records_out
+    }
+
+    /// Whether a ConnAck was handled and the connection has not ended since.
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// A new connection attempt starts (a fresh rumqttc EventLoop): the
+    /// requests to put into its `pending`, in order.
+    pub fn connecting(&mut self) -> Vec<Request> {
+        self.down();
+        self.counter = 0;
+        // Connection-scoped slots end with their connection.
+        self.slots.retain(|_, s| matches!(s.what, What::Record(_)));
+        let mut resend: Vec<(u64, Pkid)> = self
+            .slots
+            .iter()
+            .filter_map(|(&pkid, s)| match &s.what {
+                What::Record(r) => Some((r.seq, pkid)),
+                _ => None,
+            })
+            .collect();
+        resend.sort_unstable();
+        let mut pending = Vec::with_capacity(resend.len());
+        for (_, pkid) in resend {
+            let Some(slot) = self.slots.get_mut(&pkid) else { continue };
+            slot.written = false;
+            let What::Record(record) = &slot.what else { continue };
+            match slot.phase {
+                Phase::Ack => {
+                    let mut p = Publish::new(record.topic.as_str(), slot.qos, record.payload.clone());
+                    p.retain = record.retain;
+                    p.pkid = pkid;
+                    p.dup = slot.sent;
+                    pending.push(Request::Publish(p));
+                    self.expected.push_back(pkid);
+                }
+                Phase::Comp => pending.push(Request::PubRel(PubRel::new(pkid))),
+            }
+        }
+        pending
+    }
+
+    /// The ConnAck came. `control` is queued ahead of any record (the
+    /// subscription and the `status` and sync publishes).
+    pub fn connected(&mut self, session_present: bool, control: Vec<Control>) -> Connected {
+        let mut forgotten = 0;
+        if !session_present {
+            // rumqttc cleared `pending`; the broker knows none of our ids.
+            forgotten = self.records_out;
+            self.slots.clear();
+            self.records_out = 0;
+            self.qos2_unreceived = 0;
+            self.expected.clear();
+            self.ready.clear();
+            self.cursor = 0;
+            self.token += 1;
+        }
+        self.up = true;
+        self.control.extend(control);
+        let mut actions = Vec::new();
+        self.pump(&mut actions);
+        Connected { forgotten, actions }
+    }
+
+    /// The connection (or the attempt) ended. Records in flight stay in
+    /// flight: they are resent by the next [`Delivery::connecting`].
+    pub fn disconnected(&mut self) {
+        self.down();
+    }
+
+    fn down(&mut self) {
+        self.up = false;
+        self.expected.clear();
+        self.control.clear();
+    }
+
+    /// SIGTERM: submit no more records (the `offline` status still goes).
+    pub fn closing(&mut self) {
+        self.closing = true;
+    }
+
+    /// Queues a connection-scoped submission.
+    pub fn control(&mut self, c: Control) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.up {
+            self.control.push_back(c);
+            self.pump(&mut actions);
+        }
+        actions
+    }
+
+    /// The outbox has everything up to `seq` durable.
+    pub fn durable(&mut self, seq: u64) -> Vec<Action> {
+        self.durable = self.durable.max(seq);
+        let mut actions = Vec::new();
+        self.pump(&mut actions);
+        actions
+    }
+
+    /// The result of [`Action::Read`] with this token.
+    pub fn records(&mut self, token: u64, records: Vec<Record>) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some((asked, upto, limit)) = self.reading else {
+            return actions;
+        };
+        if asked != token {
+            // Not the read in flight (there is only one): nothing to do.
+            return actions;
+        }
+        self.reading = None;
+        if token == self.token {
+            let n = records.len();
+            let last = records.last().map(|r| r.seq);
+            self.ready.extend(records.into_iter().filter(|r| r.seq >= self.cursor));
+            self.cursor = match last {
+                Some(last) if n >= limit => last + 1,
+                _ => self.cursor.max(upto.saturating_add(1)),
+            };
+        }
+        self.pump(&mut actions);
+        actions
+    }
+
+    /// [`Action::Read`] failed; the next call to [`Delivery::pump`] reads
+    /// again.
+    pub fn read_failed(&mut self, token: u64) {
+        if matches!(self.reading, Some((t, _, _)) if t == token) {
+            self.reading = None;
+        }
+    }
+
+    /// The Link could not hand over a submission: drop the connection.
+    pub fn submit_failed(&mut self) -> Vec<Action> {
+        self.down();
+        vec![Action::Reconnect(Desync::NotSubmitted)]
+    }
+
+    /// Submits what may go, and reads when there is room.
+    pub fn pump_now(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.pump(&mut actions);
+        actions
+    }
+
+    /// A rumqttc event of the current connection.
+    pub fn event(&mut self, event: &Event) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let result = match event {
+            Event::Incoming(Packet::PubAck(a)) => self.ack(a.pkid, "PUBACK", &mut actions),
+            Event::Incoming(Packet::PubRec(r)) => self.ack(r.pkid, "PUBREC", &mut actions),
+            Event::Incoming(Packet::PubComp(c)) => self.ack(c.pkid, "PUBCOMP", &mut actions),
+            Event::Incoming(Packet::SubAck(s)) => self.ack(s.pkid, "SUBACK", &mut actions),
+            Event::Outgoing(Outgoing::Publish(0)) => Ok(()), // QoS 0: not ours
+            Event::Outgoing(Outgoing::Publish(p)) => self.written(*p, "PUBLISH"),
+            Event::Outgoing(Outgoing::Subscribe(p)) => self.written(*p, "SUBSCRIBE"),
+            Event::Outgoing(Outgoing::AwaitAck(p)) => Err(Desync::Collision(*p)),
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => self.pump(&mut actions),
+            Err(d) => {
+                self.down();
+                actions.push(Action::Reconnect(d));
+            }
+        }
+        actions
+    }
+
+    fn written(&mut self, pkid: Pkid, kind: &'static str) -> Result<(), Desync> {
+        let wrong = |expected: String| Desync::WrongWrite { kind, written: pkid, expected };
+        let Some(expected) = self.expected.pop_front() else {
+            return Err(wrong("no write".into()));
+        };
+        if expected != pkid {
+            return Err(wrong(format!("packet id {expected}")));
+        }
+        let slot = self.slots.get_mut(&pkid).ok_or_else(|| wrong(format!("packet id {expected} (now free)")))?;
+        let is_subscribe = matches!(slot.what, What::Subscribe);
+        if is_subscribe != (kind == "SUBSCRIBE") {
+            return Err(wrong(format!("packet id {expected} on another kind of packet")));
+        }
+        slot.written = true;
+        slot.sent = true;
+        Ok(())
+    }
+
+    fn ack(&mut self, pkid: Pkid, kind: &'static str, actions: &mut Vec<Action>) -> Result<(), Desync> {
+        let unexpected = Desync::UnexpectedAck { kind, pkid };
+        let Some(slot) = self.slots.get_mut(&pkid) else {
+            return Err(unexpected);
+        };
+        let fits = match (kind, &slot.what, slot.qos, slot.phase) {
+            ("SUBACK", What::Subscribe, _, Phase::Ack) => slot.written,
+            ("PUBACK", What::Record(_) | What::Tag(_), QoS::AtLeastOnce, Phase::Ack) => slot.written,
+            ("PUBREC", What::Record(_) | What::Tag(_), QoS::ExactlyOnce, Phase::Ack) => slot.written,
+            // The PUBREL may be a resend from `pending`, whose write rumqttc
+            // reports like the one it answers a PUBREC with.
+            ("PUBCOMP", What::Record(_) | What::Tag(_), QoS::ExactlyOnce, Phase::Comp) => true,
+            _ => false,
+        };
+        if !fits {
+            return Err(unexpected);
+        }
+        if kind == "PUBREC" {
+            slot.phase = Phase::Comp;
+            if matches!(slot.what, What::Record(_)) {
+                self.qos2_unreceived -= 1;
+            }
+            return Ok(());
+        }
+        let Some(slot) = self.slots.remove(&pkid) else {
+            return Err(unexpected);
+        };
+        match slot.what {
+            What::Record(r) => {
+                self.records_out -= 1;
+                actions.push(Action::Remove(r.seq));
+            }
+            What::Tag(tag) => actions.push(Action::Done(tag)),
+            What::Subscribe => {}
+        }
+        Ok(())
+    }
+
+    /// The packet id rumqttc gives the next numbered request.
+    fn next_pkid(&self) -> Pkid {
+        self.counter + 1
+    }
+
+    fn advance(&mut self) -> Pkid {
+        let next = self.next_pkid();
+        self.counter = if next >= self.cycle { 0 } else { next };
+        next
+    }
+
+    fn pump(&mut self, actions: &mut Vec<Action>) {
+        if !self.up {
+            return;
+        }
+        loop {
+            let queued = if let Some(c) = self.control.front() {
+                Queued::Control(c.clone())
+            } else {
+                let Some(r) = self.ready.front() else { break };
+                // After a QoS 2 record nothing goes until its PUBREC.
+                let barred = self.qos2_unreceived > 0;
+                if self.closing || self.records_out >= self.window || barred {
+                    break;
+                }
+                Queued::Record(r.clone())
+            };
+            if self.slots.contains_key(&self.next_pkid()) {
+                // rumqttc would park it as a collision: wait for that ack.
+                break;
+            }
+            match &queued {
+                Queued::Control(_) => {
+                    self.control.pop_front();
+                }
+                Queued::Record(_) => {
+                    self.ready.pop_front();
+                }
+            }
+            let pkid = self.advance();
+            let (what, qos, submit) = match queued {
+                Queued::Record(r) => {
+                    let submit = publish_of(&r);
+                    let qos = mqtt_qos(r.qos);
+                    self.records_out += 1;
+                    if qos == QoS::ExactlyOnce {
+                        self.qos2_unreceived += 1;
+                    }
+                    (What::Record(r), qos, submit)
+                }
+                Queued::Control(Control::Subscribe(filters)) => {
+                    (What::Subscribe, QoS::AtLeastOnce, Submit::Subscribe(filters))
+                }
+                Queued::Control(Control::Publish(tag, submit)) => {
+                    let qos = match &submit {
+                        Submit::Publish { qos, .. } => *qos,
+                        Submit::Subscribe(_) => QoS::AtLeastOnce,
+                    };
+                    (What::Tag(tag), qos, submit)
+                }
+            };
+            self.slots.insert(pkid, Slot { what, qos, phase: Phase::Ack, written: false, sent: false });
+            self.expected.push_back(pkid);
+            actions.push(Action::Submit(submit));
+        }
+        self.read(actions);
+    }
+
+    fn read(&mut self, actions: &mut Vec<Action>) {
+        if !self.up || self.closing || self.reading.is_some() || self.durable == 0 || self.cursor > self.durable {
+            return;
+        }
+        let room = self.window.saturating_sub(self.records_out + self.ready.len());
+        if room == 0 {
+            return;
+        }
+        self.reading = Some((self.token, self.durable, room));
+        actions.push(Action::Read { token: self.token, from: self.cursor, upto: self.durable, limit: room });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Class;
+    use rumqttc::{PubAck, PubComp, PubRec, SubAck, SubscribeReasonCode};
+
+    fn rec(seq: u64, qos: Qos) -> Record {
+        Record {
+            seq,
+            ts_ms: seq,
+            class: Class::Event,
+            qos,
+            retain: false,
+            topic: format!("p/d/button/b{seq}"),
+            payload: format!("{{\"seq\":{seq}}}").into_bytes(),
+        }
+    }
+
+    fn puback(p: Pkid) -> Event {
+        Event::Incoming(Packet::PubAck(PubAck::new(p)))
+    }
+    fn pubrec(p: Pkid) -> Event {
+        Event::Incoming(Packet::PubRec(PubRec::new(p)))
+    }
+    fn pubcomp(p: Pkid) -> Event {
+        Event::Incoming(Packet::PubComp(PubComp::new(p)))
+    }
+    fn wrote(p: Pkid) -> Event {
+        Event::Outgoing(Outgoing::Publish(p))
+    }
+
+    fn reads(actions: &[Action]) -> Vec<(u64, u64, u64, usize)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Read { token, from, upto, limit } => Some((*token, *from, *upto, *limit)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn submitted_payloads(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Submit(Submit::Publish { payload, .. }) => Some(String::from_utf8_lossy(payload).into_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn removed(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Remove(s) => Some(*s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A state connected on a fresh session with records 1..=n durable and
+    /// read, their writes confirmed.
+    fn sending(window: u16, records: &[Record]) -> (Delivery, Vec<Action>) {
+        let mut d = Delivery::new(window);
+        assert!(d.connecting().is_empty());
+        let c = d.connected(false, vec![]);
+        assert!(c.actions.is_empty(), "nothing durable yet: {:?}", c.actions);
+        let last = records.last().map_or(0, |r| r.seq);
+        let read = d.durable(last);
+        let (token, ..) = reads(&read)[0];
+        let actions = d.records(token, records.to_vec());
+        (d, actions)
+    }
+
+    #[test]
+    fn records_go_out_in_seq_order_numbered_like_rumqttc_and_leave_only_on_their_own_ack() {
+        let recs: Vec<_> = (1..=3).map(|s| rec(s, Qos::AtLeastOnce)).collect();
+        let (mut d, actions) = sending(8, &recs);
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}", "{\"seq\":2}", "{\"seq\":3}"]);
+        for p in 1..=3 {
+            assert!(d.event(&wrote(p)).iter().all(|a| !matches!(a, Action::Reconnect(_))));
+        }
+        assert_eq!(removed(&d.event(&puback(2))), vec![2], "PUBACK 2 removes the record written as 2");
+        assert_eq!(removed(&d.event(&puback(1))), vec![1]);
+        assert_eq!(d.in_flight(), 1);
+    }
+
+    #[test]
+    fn an_ack_before_its_write_is_confirmed_is_a_desync_and_removes_nothing() {
+        let (mut d, _) = sending(8, &[rec(1, Qos::AtLeastOnce)]);
+        let actions = d.event(&puback(1));
+        assert!(removed(&actions).is_empty());
+        assert!(matches!(actions.as_slice(), [Action::Reconnect(Desync::UnexpectedAck { pkid: 1, .. })]));
+        assert!(!d.is_up());
+    }
+
+    #[test]
+    fn a_write_under_another_packet_id_than_assigned_is_a_desync() {
+        let (mut d, _) = sending(8, &[rec(1, Qos::AtLeastOnce), rec(2, Qos::AtLeastOnce)]);
+        let actions = d.event(&wrote(2));
+        assert!(matches!(actions.as_slice(), [Action::Reconnect(Desync::WrongWrite { written: 2, .. })]));
+    }
+
+    #[test]
+    fn a_collision_reported_by_rumqttc_is_a_desync() {
+        let (mut d, _) = sending(8, &[rec(1, Qos::AtLeastOnce)]);
+        let actions = d.event(&Event::Outgoing(Outgoing::AwaitAck(1)));
+        assert_eq!(actions, vec![Action::Reconnect(Desync::Collision(1))]);
+    }
+
+    #[test]
+    fn the_window_bounds_records_in_flight_and_an_ack_lets_the_next_one_go() {
+        let recs: Vec<_> = (1..=3).map(|s| rec(s, Qos::AtLeastOnce)).collect();
+        let mut d = Delivery::new(2);
+        d.connecting();
+        d.connected(false, vec![]);
+        let read = d.durable(3);
+        assert_eq!(reads(&read), vec![(1, 0, 3, 2)], "reads only what fits the window");
+        let actions = d.records(1, recs[..2].to_vec());
+        assert_eq!(submitted_payloads(&actions).len(), 2);
+        assert!(reads(&actions).is_empty(), "no room: no read");
+        d.event(&wrote(1));
+        d.event(&wrote(2));
+        let actions = d.event(&puback(1));
+        assert_eq!(reads(&actions), vec![(1, 3, 3, 1)], "the cursor moved past the records read");
+        let actions = d.records(1, recs[2..].to_vec());
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":3}"]);
+    }
+
+    #[test]
+    fn a_resumed_session_resends_with_the_same_packet_ids_in_seq_order_with_dup_set() {
+        let recs = vec![rec(1, Qos::ExactlyOnce), rec(2, Qos::AtLeastOnce), rec(3, Qos::AtLeastOnce)];
+        let (mut d, _) = sending(8, &recs);
+        d.event(&wrote(1));
+        d.event(&pubrec(1));
+        d.event(&wrote(2));
+        d.event(&wrote(3));
+        d.disconnected();
+        let pending = d.connecting();
+        let shape: Vec<String> = pending
+            .iter()
+            .map(|r| match r {
+                Request::PubRel(r) => format!("pubrel {}", r.pkid),
+                Request::Publish(p) => format!("publish {} dup={}", p.pkid, p.dup),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(shape, vec!["pubrel 1", "publish 2 dup=true", "publish 3 dup=true"]);
+        let c = d.connected(true, vec![]);
+        assert_eq!(c.forgotten, 0);
+        d.event(&wrote(2));
+        d.event(&wrote(3));
+        assert_eq!(removed(&d.event(&pubcomp(1))), vec![1], "the resent PUBREL's PUBCOMP completes record 1");
+    }
+
+    #[test]
+    fn a_lost_session_forgets_the_window_and_reads_again_from_the_oldest_record() {
+        let recs: Vec<_> = (1..=2).map(|s| rec(s, Qos::AtLeastOnce)).collect();
+        let (mut d, _) = sending(8, &recs);
+        d.event(&wrote(1));
+        let stale_token = 1;
+        d.disconnected();
+        assert_eq!(d.connecting().len(), 2);
+        let c = d.connected(false, vec![]);
+        assert_eq!(c.forgotten, 2);
+        assert_eq!(reads(&c.actions), vec![(2, 0, 2, 8)]);
+        assert!(d.records(stale_token, recs.clone()).is_empty(), "a stale read result is dropped");
+        assert_eq!(d.event(&puback(1)), vec![Action::Reconnect(Desync::UnexpectedAck { kind: "PUBACK", pkid: 1 })]);
+    }
+
+    #[test]
+    fn no_record_overtakes_a_qos2_record_that_waits_for_pubrec() {
+        let recs = vec![rec(1, Qos::ExactlyOnce), rec(2, Qos::ExactlyOnce), rec(3, Qos::AtLeastOnce)];
+        let (mut d, actions) = sending(8, &recs);
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}"]);
+        d.event(&wrote(1));
+        let actions = d.event(&pubrec(1));
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":2}"], "after PUBREC (and rumqttc's PUBREL) it goes");
+        d.event(&wrote(2));
+        let actions = d.event(&pubrec(2));
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":3}"]);
+    }
+
+    #[test]
+    fn a_packet_id_still_in_use_holds_the_next_submission_until_its_ack() {
+        // A resumed session resends record 1 as packet id 1, and the fresh
+        // rumqttc state numbers its first request 1 too.
+        let mut d = Delivery::new(1);
+        d.connecting();
+        d.connected(false, vec![]);
+        let read = d.durable(2);
+        let (token, ..) = reads(&read)[0];
+        d.records(token, vec![rec(1, Qos::AtLeastOnce)]);
+        d.disconnected();
+        assert_eq!(d.connecting().len(), 1, "record 1 resent as packet id 1");
+        let c = d.connected(true, vec![Control::Subscribe(vec!["p/d/relay/+/set".into()])]);
+        assert!(
+            !c.actions.iter().any(|a| matches!(a, Action::Submit(_))),
+            "the SUBSCRIBE would get packet id 1, which record 1 still holds: {:?}",
+            c.actions
+        );
+        d.event(&wrote(1));
+        let actions = d.event(&puback(1));
+        assert_eq!(removed(&actions), vec![1]);
+        assert!(actions.iter().any(|a| matches!(a, Action::Submit(Submit::Subscribe(_)))));
+        d.event(&Event::Outgoing(Outgoing::Subscribe(1)));
+        let suback = SubAck::new(1, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+        assert!(d.event(&Event::Incoming(Packet::SubAck(suback))).iter().all(|a| !matches!(a, Action::Reconnect(_))));
+    }
+
+    #[test]
+    fn tagged_publishes_are_reported_done_and_are_not_resent_on_the_next_connection() {
+        let mut d = Delivery::new(4);
+        d.connecting();
+        let online = Submit::Publish {
+            topic: "p/d/status".into(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            payload: b"online".to_vec(),
+        };
+        let c = d.connected(false, vec![Control::Publish(Tag::Online, online.clone())]);
+        assert_eq!(c.actions, vec![Action::Submit(online)]);
+        d.event(&wrote(1));
+        assert_eq!(d.event(&puback(1)), vec![Action::Done(Tag::Online)]);
+        let sync =
+            Submit::Publish { topic: "p/d/sync".into(), qos: QoS::AtLeastOnce, retain: false, payload: b"n".to_vec() };
+        d.control(Control::Publish(Tag::Sync, sync));
+        d.disconnected();
+        assert!(d.connecting().is_empty(), "the sync publish belonged to the old connection");
+    }
+
+    #[test]
+    fn nothing_is_read_or_sent_while_down_or_closing() {
+        let mut d = Delivery::new(4);
+        assert!(d.durable(5).is_empty(), "down");
+        d.connecting();
+        let c = d.connected(false, vec![]);
+        let (token, ..) = reads(&c.actions)[0];
+        d.closing();
+        let actions = d.records(token, vec![rec(1, Qos::AtLeastOnce)]);
+        assert!(submitted_payloads(&actions).is_empty());
+    }
+
+    #[test]
+    fn an_empty_read_moves_the_cursor_past_upto() {
+        let mut d = Delivery::new(4);
+        d.connecting();
+        d.connected(false, vec![]);
+        let read = d.durable(5);
+        let (token, ..) = reads(&read)[0];
+        assert!(d.records(token, vec![]).is_empty(), "nothing left up to 5: no read until more is durable");
+        assert_eq!(reads(&d.durable(6)), vec![(token, 6, 6, 4)]);
+    }
+
+    #[test]
+    fn the_rumqttc_window_is_far_above_the_link_window() {
+        assert_eq!(rumqttc_inflight(1), 64);
+        assert_eq!(rumqttc_inflight(32), 144);
+        assert_eq!(rumqttc_inflight(1000), 4016);
+    }
+}
