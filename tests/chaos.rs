@@ -323,7 +323,6 @@ fn flapping_run(name: &str, run: &FlapRun) {
 }
 
 #[test]
-#[ignore = "fails until #6 fixes land: the Link stalls, connected, with a record in flight after flapping (item 1)"]
 fn flapping_every_200ms_with_latency_and_a_small_window_loses_and_reorders_nothing() {
     flapping_run("chaos-flap", &FlapRun { bursts: 3, burst: Duration::from_secs(1), reconnect: ("500ms", "5s") });
 }
@@ -455,7 +454,6 @@ fn qos2_run(name: &str, agent: &mut Agent, watcher: &Watcher, proxy: &Proxy, wha
 }
 
 #[test]
-#[ignore = "fails until #6 fixes land: first deliveries reordered after a cut between PUBREC and PUBREL"]
 fn qos2_cut_between_pubrec_and_pubrel_with_mosquitto_loses_nothing_and_does_not_storm() {
     let Some(mut rig) =
         Rig::new("chaos-qos2", false, |b| b.door_qos(2).door_debounce("0ms").mqtt_line("max_inflight = 4"))
@@ -809,7 +807,6 @@ fn several_unacked_commands_redelivered_after_a_reconnect_are_each_applied_once(
 }
 
 #[test]
-#[ignore = "fails until #6 fixes land: queued plain toggles flap the relay (item 6)"]
 fn three_hundred_toggles_queued_while_offline_do_not_flap_the_relay() {
     let Some(mut rig) = Rig::new("chaos-queued-toggles", false, |b| b) else { return };
     rig.start_online();
