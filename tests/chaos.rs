@@ -324,7 +324,7 @@ fn flapping_run(name: &str, run: &FlapRun) {
 
 #[test]
 fn flapping_every_200ms_with_latency_and_a_small_window_loses_and_reorders_nothing() {
-    flapping_run("chaos-flap", &FlapRun { bursts: 3, burst: Duration::from_secs(1), reconnect: ("500ms", "5s") });
+    flapping_run("chaos-flap", &FlapRun { bursts: 3, burst: Duration::from_secs(1), reconnect: ("100ms", "1s") });
 }
 
 #[test]
