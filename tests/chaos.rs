@@ -425,8 +425,9 @@ fn pubrec_pubrel_cutter(severs: usize) -> Rule {
     })
 }
 
-/// Presses through a QoS 2 link that is cut between PUBREC and PUBREL, then
-/// checks: nothing lost, in order, and a bounded number of connections.
+/// Presses (QoS 2) and switches the relay (QoS 1 states) through a link
+/// that is cut between PUBREC and PUBREL, then checks: nothing lost, in
+/// order, and a bounded number of connections.
 fn qos2_run(name: &str, agent: &mut Agent, watcher: &Watcher, proxy: &Proxy, what: &str) {
     const SEVERS: usize = 6;
     proxy.set_latency(Dir::ToClient, Duration::from_millis(30));
@@ -436,8 +437,15 @@ fn qos2_run(name: &str, agent: &mut Agent, watcher: &Watcher, proxy: &Proxy, wha
     watcher.wait_for_since(mark, |m| has_status(m, &device, b"online"), DEADLINE, "the agent to go online");
     let before = proxy.connections();
     proxy.set_rule(Some(pubrec_pubrel_cutter(SEVERS)));
+    // QoS 1 relay states interleaved with the QoS 2 door edges: a QoS 1
+    // record must not overtake a QoS 2 one that waits for its release.
     let mut sim = agent.sim_socket();
-    edges(&mut sim, 60, Duration::from_millis(20));
+    let set = topic(&device, "relay/pump/set");
+    for i in 0..6 {
+        edges(&mut sim, 10, Duration::from_millis(20));
+        let state = if i % 2 == 0 { "on" } else { "off" };
+        watcher.publish(&set, json_command(state, &format!("mix-{i}")), 1, false);
+    }
     let drained = wait_drained(agent, what);
     proxy.set_rule(None);
     let connections = proxy.connections() - before;
@@ -464,7 +472,7 @@ fn qos2_cut_between_pubrec_and_pubrel_with_mosquitto_loses_nothing_and_does_not_
 }
 
 #[test]
-#[ignore = "fails until #6 fixes land: rumqttd 0.20 disconnects on every resent PUBREL, a reconnect storm (item 3)"]
+#[ignore = "rumqttd 0.20 forgets a received QoS 2 message at a disconnect and drops the client on the resent PUBREL (see section 9); holds only once the Link resends the PUBLISH instead"]
 fn qos2_cut_between_pubrec_and_pubrel_with_the_embedded_broker_loses_nothing_and_does_not_storm() {
     let _serial = serial();
     let hub = Hub::builder_embedded().start();
