@@ -162,9 +162,13 @@
 //! close. (A crash between that fsync and the removal would count a loss
 //! found at this open once more at the next; a failed removal is logged.)
 
+mod fault;
+mod ledger;
 mod open;
+mod panics;
 mod reader;
 mod record;
+mod salvage;
 mod store;
 mod writer;
 
@@ -182,7 +186,9 @@ use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
+pub use ledger::LedgerError;
 pub use open::{open, open_in_memory};
+pub use panics::is_caught_here as panic_is_caught;
 pub use reader::OutboxReader;
 pub use record::{FORMAT_VERSION, MAX_RECORD_BYTES, RecordError};
 pub use store::{MemStore, StoreError};
@@ -257,6 +263,16 @@ pub struct OpenReport {
     pub depth: u64,
     /// The seq the next append gets.
     pub next_seq: u64,
+    /// The epoch of this state_dir's seqs (see the module doc: Epoch).
+    pub epoch: u64,
+    /// Whether this open started the epoch (a new state_dir, or a lost or
+    /// unreadable `seq.floor`).
+    pub new_epoch: bool,
+    /// Records this open found missing (damage, a crash during a disk
+    /// fault) and counted in `dropped`.
+    pub lost: u64,
+    /// Records read from a database moved aside and replayed.
+    pub replayed: u64,
 }
 
 /// Everything that can go wrong in the outbox.
@@ -291,6 +307,15 @@ pub enum OutboxError {
     Flush(#[source] Arc<StoreError>),
     #[error("cannot read the outbox: {0}")]
     Read(#[source] StoreError),
+    #[error("the outbox database is being reopened after a disk fault; try again later")]
+    Unavailable,
+    #[error(
+        "record {seq} is not durable yet: the outbox cannot write to its disk ({cause}); it is kept in memory and \
+         written when the disk recovers"
+    )]
+    KeptInMemory { seq: u64, cause: String },
+    #[error("heartbeat {seq} dropped: the outbox cannot write to its disk ({cause}); heartbeats are shed meanwhile")]
+    Shed { seq: u64, cause: String },
 }
 
 /// Counters shared by the writer (the only one that changes them, except
@@ -305,6 +330,10 @@ pub(crate) struct Shared {
     pub written_seq: AtomicU64,
     /// Set by `shutdown` and when the writer exits; appends then fail.
     pub closed: AtomicBool,
+    /// Set while the writer rides out a disk fault.
+    pub fault: AtomicBool,
+    /// The epoch of this open's seqs.
+    pub epoch: u64,
 }
 
 /// What every handle clone shares: the writer's channel and thread.
@@ -364,6 +393,19 @@ impl OutboxHandle {
             sent?;
             rx.await.map_err(|_| OutboxError::Closed)?
         }
+    }
+
+    /// The epoch of the seqs this outbox hands out: a message is identified
+    /// by (device, epoch, seq). Fixed for the life of the state_dir unless
+    /// its `seq.floor` is lost (see the module doc: Epoch).
+    pub fn epoch(&self) -> u64 {
+        self.inner.shared.epoch
+    }
+
+    /// Whether the outbox is riding out a disk fault right now (heartbeats
+    /// shed, events kept in memory).
+    pub fn disk_fault(&self) -> bool {
+        self.inner.shared.fault.load(Ordering::Acquire)
     }
 
     /// Current counters (atomics; no call to the writer).

@@ -827,3 +827,4 @@ fn without_a_summary_a_truncated_database_opens_as_before() {
     assert!(!logs.contains("OUTBOX DAMAGED"), "{logs}");
     close(h, r);
 }
+
