@@ -88,7 +88,9 @@ fn exit_on_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if outbox::panic_is_caught() {
-            tracing::warn!("sled panicked inside the outbox ({info}); caught: the outbox treats the database as damaged");
+            tracing::warn!(
+                "sled panicked inside the outbox ({info}); caught: the outbox treats the database as damaged"
+            );
             return;
         }
         default(info);

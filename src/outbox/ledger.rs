@@ -24,7 +24,9 @@
 //!   48   u64  live_from: every seq below it is acked or dropped
 //!   56   u64  dropped: records dropped, ever
 //!   64   u64  unsaved: records accepted but held in memory (the disk failed)
-//!   72   48 bytes zero
+//!   72   u64  handed_out: the seq the next append gets, as of this write (during a disk
+//!             fault seqs are handed out without a commit; they must not repeat either)
+//!   80   40 bytes zero
 //!   120  u64  checksum: FNV-1a 64 of bytes 0..120
 //! ```
 
@@ -54,6 +56,7 @@ pub(crate) struct Ledger {
     pub live_from: u64,
     pub dropped: u64,
     pub unsaved: u64,
+    pub handed_out: u64,
     pub clean: bool,
 }
 
@@ -76,7 +79,7 @@ pub(crate) fn encode(l: &Ledger) -> [u8; SLOT] {
     let mut out = [0u8; SLOT];
     out[0] = LEDGER_VERSION;
     out[1] = if l.clean { FLAG_CLEAN } else { 0 };
-    let words = [l.write_no, l.commit, l.next_seq, l.depth, l.bytes, l.live_from, l.dropped, l.unsaved];
+    let words = [l.write_no, l.commit, l.next_seq, l.depth, l.bytes, l.live_from, l.dropped, l.unsaved, l.handed_out];
     for (i, w) in words.iter().enumerate() {
         out[8 + 8 * i..16 + 8 * i].copy_from_slice(&w.to_be_bytes());
     }
@@ -107,6 +110,7 @@ pub(crate) fn decode(slot: &[u8]) -> Option<Ledger> {
         live_from: word(48),
         dropped: word(56),
         unsaved: word(64),
+        handed_out: word(72),
         clean: slot[1] & FLAG_CLEAN != 0,
     })
 }
@@ -201,6 +205,7 @@ mod tests {
             live_from: 999_990,
             dropped: 3,
             unsaved: 2,
+            handed_out: 1_000_044,
             clean: true,
         }
     }

@@ -293,8 +293,6 @@ pub enum OutboxError {
     Spawn(#[source] io::Error),
     #[error("the outbox is shut down; it accepts no more records")]
     Closed,
-    #[error("record dropped: cannot raise the seq floor: {0}")]
-    Floor(#[source] Arc<StoreError>),
     #[error("record {seq} dropped: its payload builder panicked")]
     PayloadPanicked { seq: u64 },
     #[error("record {seq} dropped: cannot encode it: {source}")]

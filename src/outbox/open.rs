@@ -109,9 +109,8 @@ pub fn open(state_dir: &Path, cfg: &OutboxConfig) -> Result<(OutboxHandle, Outbo
     let existed = dir.exists();
     let side: Arc<dyn Side> = Arc::new(SledSide::new(side_paths(state_dir)));
 
-    let first = open_sled(&dir, &lock)
-        .map_err(Failure::from)
-        .and_then(|s| guarded_load(Arc::new(s), &*side, existed, None));
+    let first =
+        open_sled(&dir, &lock).map_err(Failure::from).and_then(|s| guarded_load(Arc::new(s), &*side, existed, None));
     let (store, loaded, moved_aside) = match first {
         Ok((s, loaded)) => (s, loaded, None),
         Err(Failure::Store(e)) => return Err(store_error(state_dir, &dir, e)),
@@ -216,7 +215,7 @@ fn salvage_aside(aside: &Path) -> Salvage {
 }
 
 /// How long to wait for sled's own file lock once we hold `outbox.lock`.
-const SLED_LOCK_WAIT: Duration = Duration::from_secs(2);
+const SLED_LOCK_WAIT: Duration = Duration::from_secs(10);
 const SLED_LOCK_RETRY: Duration = Duration::from_millis(10);
 
 /// Opens sled, waiting briefly for its file lock. sled finishes log writes
@@ -225,7 +224,8 @@ const SLED_LOCK_RETRY: Duration = Duration::from_millis(10);
 /// and so its flock, open for a moment after the last `Db` is dropped. We
 /// hold `outbox.lock`, so no other agent can be holding sled's lock; a
 /// reopen in the same process just has to wait. Back-off: every 10 ms, for
-/// up to 2 s, then the lock error stands.
+/// up to 10 s (a loaded machine has been seen to need more than 2 s), then the
+/// lock error stands.
 fn open_sled(dir: &Path, lock: &Arc<File>) -> Result<SledStore, StoreError> {
     let give_up = Instant::now() + SLED_LOCK_WAIT;
     loop {
@@ -307,6 +307,8 @@ struct Expect {
     live_from: u64,
     dropped: u64,
     unsaved: u64,
+    /// Every seq below this may have been handed out.
+    handed_out: u64,
 }
 
 impl From<Ledger> for Expect {
@@ -319,6 +321,7 @@ impl From<Ledger> for Expect {
             live_from: l.live_from,
             dropped: l.dropped,
             unsaved: l.unsaved,
+            handed_out: l.handed_out,
         }
     }
 }
@@ -333,6 +336,7 @@ impl From<CloseSummary> for Expect {
             live_from: 0,
             dropped: s.dropped,
             unsaved: 0,
+            handed_out: s.next_seq,
         }
     }
 }
@@ -486,7 +490,7 @@ pub(crate) fn load(
     }
     let mut dropped = meta_dropped.max(expect.map_or(0, |e| e.dropped)).saturating_add(bad_keys).saturating_add(lost);
     if let Some(e) = expect {
-        next_seq = next_seq.max(e.next_seq);
+        next_seq = next_seq.max(e.next_seq).max(e.handed_out);
     }
     // After a crash or damage, seqs handed out but never made durable may
     // be anywhere below the floor: resume at it.
@@ -581,6 +585,7 @@ pub(crate) fn load(
         live_from: first_seq.unwrap_or(next_seq),
         dropped,
         unsaved: 0,
+        handed_out: next_seq,
         clean: false,
     };
     let committed = [
@@ -650,6 +655,8 @@ struct SledReopen {
 }
 
 impl Reopen for SledReopen {
+    // The casts are no-ops on 64-bit Linux, not on a 32-bit Pi OS (u32 there).
+    #[allow(clippy::unnecessary_cast)]
     fn has_room(&self) -> bool {
         match nix::sys::statvfs::statvfs(&self.state_dir) {
             Ok(s) => (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64) >= REOPEN_ROOM_BYTES,
@@ -737,9 +744,12 @@ pub(crate) fn start(
         held_replies: Vec::new(),
         on_durable: None,
     };
+    // The writer logs to whatever subscriber its opener logs to (the
+    // global one in the agent; a test's own one in tests).
+    let dispatch = tracing::dispatcher::get_default(|d| d.clone());
     let thread = thread::Builder::new()
         .name("fieldlink-outbox".to_string())
-        .spawn(move || writer.run(rx))
+        .spawn(move || tracing::dispatcher::with_default(&dispatch, || writer.run(rx)))
         .map_err(OutboxError::Spawn)?;
     let inner = Arc::new(HandleInner { tx, shared: shared.clone(), thread: Mutex::new(Some(thread)) });
     let reader = OutboxReader { slot, shared, writer: Arc::downgrade(&inner), thread: read_thread };

@@ -42,10 +42,13 @@ impl ReadThread {
     /// Starts the thread (named `fieldlink-outbox-read`).
     pub(crate) fn start() -> std::io::Result<Arc<ReadThread>> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         thread::Builder::new().name("fieldlink-outbox-read".to_string()).spawn(move || {
-            while let Ok(job) = rx.recv() {
-                job();
-            }
+            tracing::dispatcher::with_default(&dispatch, || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
         })?;
         Ok(Arc::new(ReadThread { tx: Mutex::new(tx) }))
     }

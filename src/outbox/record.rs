@@ -31,7 +31,9 @@ const MAX_BODY_BYTES: usize = MAX_RECORD_BYTES - 1;
 pub enum RecordError {
     #[error("empty value (expected a version byte)")]
     Empty,
-    #[error("unknown format version {found} (this build reads version {FORMAT_VERSION}, and {FLOOR_VERSION} for seq.floor)")]
+    #[error(
+        "unknown format version {found} (this build reads version {FORMAT_VERSION}, and {FLOOR_VERSION} for seq.floor)"
+    )]
     UnknownVersion { found: u8 },
     #[error("body does not decode: {0}")]
     Decode(#[from] bincode::error::DecodeError),

@@ -412,7 +412,9 @@ impl Side for SledSide {
     fn floor(&self) -> Result<Option<Floor>, StoreError> {
         let path = &self.paths.floor;
         read_if_exists(path, "cannot read seq floor")?
-            .map(|bytes| record::decode_floor(&bytes).map_err(|source| StoreError::BadFloor { path: path.clone(), source }))
+            .map(|bytes| {
+                record::decode_floor(&bytes).map_err(|source| StoreError::BadFloor { path: path.clone(), source })
+            })
             .transpose()
     }
 
@@ -784,12 +786,6 @@ pub(crate) mod tests {
             store
         }
 
-        /// A new store that lost its whole database but kept the files
-        /// beside it: `outbox/` deleted by hand.
-        pub(crate) fn database_deleted(&self) -> MemStore {
-            self.rolled_back_to(&MemStore::new())
-        }
-
         /// Writes a legacy close summary, as a build before the ledger did at
         /// a clean close.
         pub(crate) fn put_close_summary(&self, summary: CloseSummary) {
@@ -846,7 +842,8 @@ pub(crate) mod tests {
         assert_eq!(store.remove(256).expect("remove"), Some((Class::Heartbeat, 11)));
         assert_eq!(store.remove(256).expect("remove"), None);
         let scan = store.scan(Class::Event, 2, 4).expect("scan");
-        let want = Scan { records: 2, bytes: 22, first_seq: Some(1), last_seq: Some(3), live: 1, after: 0, bad_keys: 0 };
+        let want =
+            Scan { records: 2, bytes: 22, first_seq: Some(1), last_seq: Some(3), live: 1, after: 0, bad_keys: 0 };
         assert_eq!(scan, want);
     }
 

@@ -194,18 +194,19 @@ impl Writer {
     /// due (at once when someone waits on a flush); then answer whoever
     /// cannot be answered with "durable".
     fn end_group(&mut self, stop: bool) {
+        if self.fault.is_none() && (stop || self.flush_due()) {
+            self.commit_and_resolve();
+        }
         if let Some(f) = &self.fault
             && (stop || !self.flush_waiters.is_empty() || f.due(Instant::now()))
         {
             self.try_recover();
         }
-        if self.fault.is_none() && (stop || self.flush_due()) {
-            self.commit_and_resolve();
-        }
         if let Some(f) = &self.fault {
             let cause = f.cause.clone();
-            self.resolve(Err(Arc::new(StoreError::Fault(cause))));
+            // The ledger first: whoever hears back can rely on it.
             self.write_fault_ledger();
+            self.resolve(Err(Arc::new(StoreError::Fault(cause))));
         }
         for (reply, e) in self.held_replies.drain(..) {
             // The appender may have given up waiting; the outcome stands.
@@ -230,9 +231,14 @@ impl Writer {
 
     /// Assigns a seq, builds and stores the record, applies the bound.
     fn try_append(&mut self, draft: Draft) -> Outcome {
-        if let Err(e) = self.reserve(1) {
-            tracing::error!(error = %e, "outbox: cannot raise the seq floor; record dropped");
-            return Outcome::Dropped(OutboxError::Floor(Arc::new(e)));
+        if self.fault.is_none()
+            && let Err(e) = self.reserve(1)
+        {
+            // Most likely the disk is full. The seq is still handed out: a
+            // record is only sent once committed, and the recovery raises
+            // the floor before it commits (see `reconcile`), so a crash
+            // before that can only repeat seqs that never left memory.
+            self.enter_fault(&e);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -297,6 +303,8 @@ impl Writer {
             return Outcome::Dropped(OutboxError::Closed);
         };
         let cause = f.cause.clone();
+        // The ledger records the seq handed out, so it never repeats.
+        self.ledger_dirty = true;
         match f.admit(class) {
             Admit::Shed => {
                 self.count_dropped();
@@ -374,7 +382,11 @@ impl Writer {
             if let Some(f) = self.fault.as_mut() {
                 f.shed += 1;
             }
-            tracing::warn!(seq, limit, "outbox: the disk still fails and too much is kept in memory; dropped the oldest");
+            tracing::warn!(
+                seq,
+                limit,
+                "outbox: the disk still fails and too much is kept in memory; dropped the oldest"
+            );
         }
     }
 
@@ -481,6 +493,7 @@ impl Writer {
             live_from: self.live_from(&*store),
             dropped,
             unsaved: 0,
+            handed_out: self.next_seq,
             clean,
         };
         self.side.set_ledger(&ledger)?;
@@ -524,11 +537,13 @@ impl Writer {
         self.resolve(Ok(()));
     }
 
+    /// Answers every waiter. On failure the appended records are kept (in
+    /// `unsaved`) and written again after the reopen.
     fn resolve(&mut self, result: Result<(), Arc<StoreError>>) {
         for (seq, reply) in self.append_waiters.drain(..) {
             let r = match &result {
                 Ok(()) => Ok(seq),
-                Err(e) => Err(OutboxError::Flush(e.clone())),
+                Err(e) => Err(OutboxError::KeptInMemory { seq, cause: e.to_string() }),
             };
             // The appender may have given up waiting; the record is stored regardless.
             let _gone = reply.send(r);
@@ -565,8 +580,9 @@ impl Writer {
     }
 
     /// During a fault: the ledger keeps the last commit's view and records
-    /// `dropped` and how many records only live in memory (the ledger file
-    /// is rewritten in place, which works on a full disk).
+    /// `dropped`, how many records only live in memory, and the seqs handed
+    /// out meanwhile (the ledger file is rewritten in place, which works on
+    /// a full disk).
     fn write_fault_ledger(&mut self) {
         if !self.ledger_dirty {
             return;
@@ -575,6 +591,7 @@ impl Writer {
             write_no: self.ledger.write_no + 1,
             dropped: self.shared.dropped.load(Ordering::Relaxed),
             unsaved: self.unsaved.len() as u64,
+            handed_out: self.next_seq,
             clean: false,
             ..self.ledger
         };
@@ -626,6 +643,14 @@ impl Writer {
                          are on disk now"
                     );
                 }
+                // Over the bound after writing back what was kept: drop, commit again.
+                self.enforce_bound();
+                if self.dirty_since.is_some()
+                    && let Err(e) = self.commit(false)
+                {
+                    self.enter_fault(&e);
+                    return;
+                }
                 self.committed();
             }
             Err(e) => self.enter_fault(&e),
@@ -664,12 +689,13 @@ impl Writer {
         for seq in self.removed.clone() {
             let _gone_or_absent = store.remove(seq)?;
         }
+        // Seqs handed out while the floor could not be raised: raise it first.
+        self.reserve(1)?;
         for (seq, (class, value)) in &self.unsaved {
             store.insert(*class, *seq, value)?;
         }
         if let Some(aside) = &r.moved_aside {
-            let records: Vec<Record> =
-                r.salvage.records.into_iter().filter(|rec| rec.seq >= last.live_from).collect();
+            let records: Vec<Record> = r.salvage.records.into_iter().filter(|rec| rec.seq >= last.live_from).collect();
             let n = records.len() as u64;
             if n > 0 {
                 self.reserve(n)?;
@@ -698,13 +724,7 @@ impl Writer {
         self.shared.depth.store(depth, Ordering::Relaxed);
         self.shared.bytes.store(bytes, Ordering::Relaxed);
         self.mark_dirty();
-        self.commit(false)?;
-        // Over the bound after writing back what was kept: drop, then commit again.
-        self.enforce_bound();
-        if self.dirty_since.is_some() {
-            self.commit(false)?;
-        }
-        Ok(())
+        self.commit(false)
     }
 
     /// After the final commit: mark the shutdown clean (a commit with
