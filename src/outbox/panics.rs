@@ -19,7 +19,7 @@ thread_local! {
     static CATCHING: Cell<u32> = const { Cell::new(0) };
 }
 
-/// Whether a panic on this thread right now would be caught by [`catch`]:
+/// Whether a panic on this thread right now would be caught by `catch`:
 /// the panic hook must then let it unwind instead of ending the process.
 pub fn is_caught_here() -> bool {
     CATCHING.with(|c| c.get() > 0)

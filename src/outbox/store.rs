@@ -1,9 +1,11 @@
-//! Storage behind a trait, so the queue logic (writer, reader, open) is the
-//! same code over the real disk and over memory. Owns the [`Store`] trait, the
-//! sled implementation ([`SledStore`]: three trees, and the `seq.floor`,
-//! `outbox.ledger` and legacy `outbox.closed` files beside them) and the
-//! in-memory one ([`MemStore`]: used by unit tests and benches, with a flush
-//! counter, simulated crashes and fault injection that is sticky like
+//! Storage behind traits, so the queue logic (writer, reader, open) is the
+//! same code over the real disk and over memory. Owns the [`Store`] trait
+//! (the database), the [`Side`] trait (the files beside it, which outlive a
+//! reopen of the database), [`StoreSlot`] (how the writer swaps the database
+//! under the readers), the sled implementations ([`SledStore`]: three trees;
+//! [`SledSide`]: `seq.floor`, `outbox.ledger`, the legacy `outbox.closed`)
+//! and the in-memory one ([`MemStore`]: used by unit tests and benches, with
+//! a flush counter, simulated crashes and fault injection that is sticky like
 //! sled's).
 //!
 //! A store moves bytes and nothing else: it never decodes a record value,
