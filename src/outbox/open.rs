@@ -404,9 +404,14 @@ pub(crate) fn load(
         && ledger.is_none()
         && !ledger_lost
         && !summary_found;
-    if existed && meta_next.is_none() && (floor.is_some() || ledger.is_some()) {
+    // Used before: a ledger exists only after a commit (which writes the
+    // meta values), and a version-1 floor (epoch 0) only after an append by
+    // a build before the ledger. (A version-2 floor alone is written at the
+    // first open, before its commit, which a full disk may have failed.)
+    let used_before = ledger.is_some() || ledger_lost || floor.is_some_and(|f| f.epoch == 0);
+    if existed && meta_next.is_none() && used_before {
         return Err(Failure::Corrupt(
-            "the database has no meta values although seq.floor and the ledger show it was used before \
+            "the database has no meta values although the ledger (or seq.floor) shows it was used before \
              (sled could not read its log)"
                 .to_string(),
         ));

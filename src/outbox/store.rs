@@ -196,8 +196,29 @@ impl StoreSlot {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Option<Arc<dyn Store>>> {
         self.0.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The write lock, waiting at most `patience` for reads in progress (a
+    /// read stuck inside a failing sled must not stop the writer for good).
+    /// Polls every 5 ms.
+    pub(crate) fn write_within(
+        &self,
+        patience: std::time::Duration,
+    ) -> Option<RwLockWriteGuard<'_, Option<Arc<dyn Store>>>> {
+        let give_up = std::time::Instant::now() + patience;
+        loop {
+            match self.0.try_write() {
+                Ok(g) => return Some(g),
+                Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(TryLockError::WouldBlock) => return None,
+            }
+        }
     }
 }
 

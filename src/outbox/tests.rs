@@ -17,6 +17,7 @@ use super::*;
 use crate::config::{Durability, OutboxConfig};
 
 fn cfg(durability: Durability) -> OutboxConfig {
+    no_callsite_is_ever_off();
     OutboxConfig { max_bytes: 64 << 20, durability, flush_interval: Duration::from_millis(5) }
 }
 
@@ -790,9 +791,42 @@ impl std::io::Write for Logs {
     }
 }
 
+/// Tests run in parallel, some capturing logs with their own thread-local
+/// subscriber and some with none. tracing caches, per log statement, whether
+/// any subscriber wants it; a statement first reached on a thread with no
+/// subscriber, at the moment another test installs one, can be cached as
+/// wanted by nobody, and the capturing test then misses the line. A global
+/// subscriber that wants everything "sometimes" (and records nothing) keeps
+/// every statement asking the current thread's subscriber.
+fn no_callsite_is_ever_off() {
+    struct Sometimes;
+    impl tracing::Subscriber for Sometimes {
+        fn register_callsite(&self, _: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+            tracing::subscriber::Interest::sometimes()
+        }
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            false
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {}
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another test module may have set one first; then that one decides.
+        let _already_set = tracing::subscriber::set_global_default(Sometimes);
+    });
+}
+
 impl Logs {
     /// Installs a subscriber for this thread until the guard is dropped.
     fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        no_callsite_is_ever_off();
         let logs = Logs::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();

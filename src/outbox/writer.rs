@@ -38,6 +38,9 @@ pub const FLOOR_STEP: u64 = 1_000_000;
 /// hold the first waiter of a group back for long.
 const MAX_GROUP: usize = 4096;
 
+/// How long a reopen waits for reads of the old database to finish.
+const READS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 type AppendReply = oneshot::Sender<Result<u64, OutboxError>>;
 type FlushReply = oneshot::Sender<Result<(), OutboxError>>;
 
@@ -618,7 +621,10 @@ impl Writer {
         }
         let reopened = {
             // Readers wait on this lock; none holds the old database now.
-            let mut slot = self.slot.write();
+            let Some(mut slot) = self.slot.write_within(READS_PATIENCE) else {
+                self.enter_fault(&StoreError::Fault("a read of the old database did not finish".into()));
+                return;
+            };
             *slot = None;
             self.store = None;
             let r = self.reopen.reopen();
