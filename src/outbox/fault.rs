@@ -12,8 +12,9 @@
 //!   commit, and written when the database is reopened; if what is kept
 //!   grows past [`Fault::retain_limit`], the oldest kept heartbeat is
 //!   dropped first, then the oldest kept event;
-//! * a reopen is tried once the disk seems to have room, with back-off
-//!   from max(`flush_interval`, 100 ms), doubling up to 30 s, and at once
+//! * whether the disk has room is checked every max(`flush_interval`,
+//!   100 ms); a reopen is tried once it seems to, with back-off from that
+//!   interval, doubling up to 30 s after each failed reopen, and at once
 //!   when someone asks for a flush.
 
 use std::time::{Duration, Instant};
@@ -66,6 +67,12 @@ impl Fault {
         wait
     }
 
+    /// The disk has no room yet: look again after the base interval (a
+    /// `statvfs` is cheap; only failed reopens back off).
+    pub(crate) fn no_room_yet(&mut self, now: Instant) {
+        self.next_try = now + self.base;
+    }
+
     /// What a new record of `class` becomes while the disk fails.
     pub(crate) fn admit(&mut self, class: Class) -> Admit {
         match class {
@@ -116,8 +123,11 @@ mod tests {
         assert_eq!(waits[1], Duration::from_millis(400));
         assert_eq!(*waits.last().expect("waits"), MAX_RETRY);
         assert!(waits.windows(2).all(|w| w[0] <= w[1]));
-        let slow = Fault::new(t0, "x".into(), Duration::from_secs(1));
+        let mut slow = Fault::new(t0, "x".into(), Duration::from_secs(1));
         assert_eq!(slow.next_try, t0 + Duration::from_secs(1), "a long flush_interval is the base");
+        let _wait = slow.failed(t0);
+        slow.no_room_yet(t0);
+        assert_eq!(slow.next_try, t0 + Duration::from_secs(1), "waiting for room does not back off");
     }
 
     #[test]

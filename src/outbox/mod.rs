@@ -181,7 +181,9 @@
 //!   opens it again, counts what it lost against the ledger, redoes the
 //!   removals, writes back what it kept, raises the floor if needed, commits
 //!   and applies the bound: one WARN line (`the disk can be written again`).
-//!   Tries back off from max(`flush_interval`, 100 ms), doubling to 30 s; a
+//!   Free space is checked every max(`flush_interval`, 100 ms); a failed
+//!   reopen backs off from that interval, doubling to 30 s (readers wait at
+//!   most 5 s, and a read still running then postpones the reopen); an
 //!   [`OutboxHandle::flush`] tries at once.
 //!
 //! A shutdown during a fault tries one last reopen; what it still cannot

@@ -614,8 +614,8 @@ impl Writer {
         let now = Instant::now();
         if !self.reopen.has_room() {
             if let Some(f) = self.fault.as_mut() {
-                let wait = f.failed(now);
-                tracing::debug!(?wait, "outbox: the disk is still full; not reopening yet");
+                f.no_room_yet(now);
+                tracing::debug!("outbox: the disk is still full; not reopening yet");
             }
             return;
         }
@@ -683,6 +683,10 @@ impl Writer {
         };
         if r.moved_aside.is_some() || disk_commit < last.commit {
             let lost = last.depth.saturating_sub(present);
+            // Counted once: a later reopen (if this one fails further on)
+            // and the next open compare with what is left.
+            self.ledger.depth = self.ledger.depth.min(present);
+            self.ledger_dirty = true;
             if lost > 0 {
                 self.shared.dropped.fetch_add(lost, Ordering::Relaxed);
                 tracing::error!(
