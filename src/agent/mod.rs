@@ -83,9 +83,21 @@ pub enum AgentError {
 /// A panic anywhere ends the process with exit code 1 (DESIGN: Supervision):
 /// actix would otherwise drop the panicked actor silently and keep running
 /// without it. systemd restarts the process; the outbox makes that safe.
+///
+/// One exception: a panic from sled inside the outbox's guarded calls
+/// (opening or scanning the database, also when the writer reopens it after
+/// a disk fault, and reading one moved aside). sled 0.34.7 panics on some
+/// damaged files; the outbox catches that and moves the database aside, so
+/// exiting would turn a damaged file into a crash loop.
 fn exit_on_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if outbox::panic_is_caught() {
+            tracing::warn!(
+                "sled panicked inside the outbox ({info}); caught: the outbox treats the database as damaged"
+            );
+            return;
+        }
         default(info);
         tracing::error!("panic: {info}; exiting with code 1");
         std::process::exit(1);
@@ -99,13 +111,21 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
     std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::StateDir { path: state_dir.clone(), source })?;
     exit_on_panic();
 
+    // The hook above lets a sled panic caught by the outbox unwind, so a
+    // damaged database is moved aside here instead of crash-looping.
     let (outbox, reader, report) = outbox::open(&state_dir, &cfg.outbox)?;
     if let Some(aside) = &report.moved_aside {
-        tracing::error!("THE OUTBOX WAS CORRUPT and was moved to '{}'; started a fresh one", aside.display());
+        tracing::error!(
+            replayed = report.replayed,
+            lost = report.lost,
+            "THE OUTBOX WAS CORRUPT and was moved to '{}'; started a fresh one",
+            aside.display()
+        );
     }
     tracing::info!(
         depth = report.depth,
         next_seq = report.next_seq,
+        epoch = report.epoch,
         "outbox open at {}",
         state_dir.join("outbox").display()
     );
@@ -154,8 +174,7 @@ fn start(
 ) -> Result<(), AgentError> {
     let board = Arc::new(StatusBoard::new(&cfg.device_id));
     let topics = Topics::new(&cfg.mqtt.topic_prefix, &cfg.device_id);
-    // TODO(#6 outbox branch): outbox.epoch()
-    let recorder = Recorder::new(&cfg.device_id, 0, outbox.clone());
+    let recorder = Recorder::new(&cfg.device_id, outbox.epoch(), outbox.clone());
     let sup = |name| Supervision::new(name, board.clone(), &cfg.supervisor);
 
     let relay_arbiter = Arbiter::new();

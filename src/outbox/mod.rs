@@ -2,73 +2,112 @@
 //! recorded here before it is sent, and removed only once the broker has
 //! acknowledged it (DESIGN: Delivery promises). This module doc is the
 //! design document. The module owns the on-disk queue under
-//! `<state_dir>/outbox`; it must not know about MQTT, packet ids or payload
-//! contents (payloads are opaque bytes built by the caller).
+//! `<state_dir>/outbox` and the files beside it; it must not know about
+//! MQTT, packet ids or payload contents (payloads are opaque bytes built by
+//! the caller).
 //!
 //! # Layout
 //!
 //! * `mod.rs`: this document, the public types, [`OutboxHandle`].
 //! * `open.rs`: opening, the state_dir lock, recovery (move a corrupt
-//!   database aside), the check against the last clean close, where seqs
-//!   resume.
-//! * `writer.rs`: the writer thread: seqs, group commit, the bound, removals.
-//! * `reader.rs`: [`OutboxReader`]: merged, seq-ordered replay reads.
-//! * `record.rs`: the byte layouts (record, meta value, floor file, close
-//!   summary).
-//! * `store.rs`: the storage trait, its sled implementation and
-//!   [`MemStore`] (tests and benches).
+//!   database aside, salvage and replay it), the check against the ledger,
+//!   where seqs resume, the epoch, reopening after a disk fault.
+//! * `writer.rs`: the writer thread: seqs, group commit, the bound,
+//!   removals, riding out a disk fault.
+//! * `fault.rs`: the disk fault's rules (shed, keep, back-off), sans-IO.
+//! * `reader.rs`: [`OutboxReader`]: merged, seq-ordered replay reads, and
+//!   the reader thread.
+//! * `ledger.rs`: the ledger file beside sled (layout and I/O).
+//! * `salvage.rs`: reading what is readable from a database moved aside.
+//! * `panics.rs`: catching sled's panics (and telling the agent's panic hook).
+//! * `record.rs`: the byte layouts (record, meta value, floor file, legacy
+//!   close summary).
+//! * `store.rs`: the storage traits (the database, the files beside it),
+//!   the sled implementation and [`MemStore`] (tests and benches).
 //!
 //! # Invariants
 //!
-//! 1. **Seqs never repeat.** A seq is assigned by the writer, from 1, strictly
-//!    increasing for the life of the state_dir, even across crashes and a
-//!    corrupt database being moved aside. Every seq ever assigned is below
-//!    the reservation `R` in `seq.floor`, because `R` is raised (durably, by
-//!    [`FLOOR_STEP`]) before a seq `>= R` is handed out.
-//! 2. **Every assigned seq is accounted for:** it is stored until acked, or it
-//!    is counted in `dropped` (bound, failed insert, undecodable, lost from a
-//!    damaged database, ...). sled opens a `db` file that lost its tail as an
-//!    older state, without an error; after a clean close, `outbox.closed`
-//!    (outside sled) tells the next open how many records there were, so the
-//!    missing ones are logged and counted (see Open and recovery). After a
-//!    crash there is no such file and no such check.
-//! 3. **Removal only by:** an ack, the `max_bytes` bound, or the record being
-//!    undecodable. Reading never removes.
+//! 1. **Seqs never repeat within an epoch.** A seq is assigned by the writer,
+//!    from 1, strictly increasing for the life of the state_dir, even across
+//!    crashes, disk faults and a corrupt database being moved aside. Every
+//!    seq ever assigned is below the reservation `R` in `seq.floor`, because
+//!    `R` is raised (durably, by [`FLOOR_STEP`]) before a seq `>= R` is
+//!    handed out; during a disk fault, when `R` cannot be written, the
+//!    ledger's `handed_out` records the seqs handed out instead (they are
+//!    never sent before the fault ends, and the floor is raised then, before
+//!    anything is committed). If `seq.floor` is lost, a new epoch starts
+//!    (see Epoch), so `(epoch, seq)` never repeats.
+//! 2. **Every assigned seq is accounted for:** it is stored until acked, or
+//!    it is counted in `dropped` (the bound, a record too large, undecodable,
+//!    a heartbeat shed during a disk fault, lost from a damaged database, kept
+//!    in memory when the process stopped during a disk fault, ...). The
+//!    ledger, fdatasync'ed with every commit, is what lets open count records
+//!    that a damaged database lost (see Open and recovery), after a crash as
+//!    much as after a clean close. Not counted: records appended but never
+//!    committed before a crash or power cut (their appends never resolved
+//!    `Ok`; in `batch` mode that is at most `flush_interval` of records).
+//! 3. **Removal only by:** an ack, the `max_bytes` bound, the record being
+//!    undecodable, or, during a disk fault, the retain limit. Reading never
+//!    removes.
 //! 4. **Durable before acknowledged.** `append` resolves `Ok(seq)` only after
-//!    an fsync covering the record; `durable_seq` is the highest seq assigned
-//!    before the last successful fsync.
+//!    a commit covering the record: sled's flush, then `fdatasync` of sled's
+//!    `db` file (and `fsync` of new blob files), then the ledger written and
+//!    `fdatasync`'ed (see Write path: sled's own flush is not an fsync).
+//!    `durable_seq` is the highest seq assigned before the last successful
+//!    commit.
 //! 5. **One writer.** All mutations happen on the writer thread, in the order
-//!    the messages were sent. Readers read on their own thread and never
-//!    write or fsync.
+//!    the messages were sent. Reads run on the reader thread (or the
+//!    caller's, for [`OutboxReader::read`]) and never fsync; sled may write
+//!    on a read (see `reader.rs`), which is why the Link reads through
+//!    [`OutboxReader::read_async`].
 //! 6. **No read skips ahead.** A read returns no seq above `written_seq` (the
 //!    last seq the writer finished with), so resuming from the last returned
-//!    seq + 1 never passes over a record still being written.
+//!    seq + 1 never passes over a record still being written. A read that
+//!    cannot be served (the database is being reopened) is an error, never an
+//!    empty result.
 //! 7. **Bounded.** After every append, `bytes <= max_bytes` (oldest heartbeat
-//!    dropped first, then oldest event). `bytes` is logical: Σ (8 + value
-//!    length); sled's files are larger (log, page overhead).
+//!    dropped first, then oldest event), except during a disk fault, when
+//!    nothing can be removed from disk and what is kept in memory has its own
+//!    limit (min(`max_bytes`, 4 MiB)); the bound applies again as soon as
+//!    the fault ends. `bytes` is logical: Σ (8 + value length); sled's files
+//!    are larger (log, page overhead).
 //! 8. **No panics on bad data.** A value that does not decode is a typed
-//!    [`RecordError`]; sled corruption at open moves the database aside.
+//!    [`RecordError`]; a ledger slot that does not check out is ignored;
+//!    sled corruption at open, including a panic inside sled while opening
+//!    or scanning (sled 0.34.7 panics on some damaged files), moves the
+//!    database aside. The agent's exit-on-panic hook asks
+//!    [`panic_is_caught`] and lets such a panic unwind to the outbox.
+//! 9. **A full disk is survived.** sled's I/O error is sticky; the writer
+//!    reopens the database with back-off once the disk has room again,
+//!    without a restart; meanwhile heartbeats are shed and events kept in
+//!    memory, and `dropped` keeps counting (the ledger is rewritten in place,
+//!    which works on a full disk).
 //!
 //! # On-disk format
 //!
 //! ```text
 //! <state_dir>/
 //!   outbox.lock              empty; flock'd while an outbox is open on this state_dir
-//!   seq.floor                9 bytes: 0x01, then R as u64 big-endian; every seq ever
-//!                            assigned is < R. Replaced atomically: seq.floor.tmp,
-//!                            fsync, rename, fsync the directory.
-//!   outbox.closed            33 bytes: 0x01, then next_seq, depth, bytes, dropped, each
-//!                            u64 big-endian: the outbox at its last clean close. Written
-//!                            after the final fsync that set `clean` (atomically, like
-//!                            seq.floor: outbox.closed.tmp, ...); removed (and the
-//!                            directory fsynced) at open, after the meta values; absent
-//!                            while an outbox is open and after a crash.
+//!   seq.floor                17 bytes: 0x02, then R and the epoch, each u64 big-endian;
+//!                            every seq ever assigned in this epoch is < R. Replaced
+//!                            atomically: seq.floor.tmp, fsync, rename, fsync the
+//!                            directory. A 9-byte version-1 file (0x01, then R) is read
+//!                            as epoch 0 and rewritten as version 2 at the next raise.
+//!   outbox.ledger            256 bytes: two 128-byte slots, rewritten in place and
+//!                            fdatasync'ed after every commit (layout in ledger.rs):
+//!                            commit number, next_seq, depth, bytes, live_from,
+//!                            dropped, unsaved, handed_out, clean flag, checksum.
+//!   outbox.closed            legacy (builds before the ledger): 33 bytes, 0x01, then
+//!                            next_seq, depth, bytes, dropped at a clean close. Checked
+//!                            like a ledger at the first open, then removed.
 //!   outbox/                  sled 0.34 database (conf, db, blobs/, snap.*)
 //!     tree "heartbeats"      key: seq, u64 big-endian (8 bytes)   value: record
 //!     tree "events"          key: seq, u64 big-endian (8 bytes)   value: record
 //!     tree "meta"            key: "next_seq"  value: 0x01, u64 BE: the seq the next append gets
 //!                            key: "dropped"   value: 0x01, u64 BE: records dropped, ever
 //!                            key: "clean"     value: 0x01, u64 BE: 1 = last run closed cleanly
+//!                            key: "commit"    value: 0x01, u64 BE: the commit number; the
+//!                                             ledger names the commit it describes
 //!   outbox.corrupt-<unix secs>[-n]/   a database that could not be used, kept for inspection
 //!
 //! record value (at most 1 MiB):
@@ -92,79 +131,161 @@
 //! returns a future on a oneshot. The writer takes one message, then drains
 //! everything queued (up to 4096) into a *group*. For each append it raises
 //! `R` if needed, assigns the seq, calls `draft.payload(seq)`, encodes,
-//! inserts into the class tree and applies the bound. After the group it
-//! writes the meta values, then:
+//! inserts into the class tree and applies the bound. Then it *commits*:
 //!
-//! * `durability = "always"`: one fsync for the whole group, then every
+//! * `durability = "always"`: one commit for the whole group, then every
 //!   waiter is resolved;
-//! * `durability = "batch"`: no fsync per message; the fsync happens once
-//!   `flush_interval` has passed since the first unflushed change (the
-//!   writer waits on its channel with that deadline), then waiters resolve.
+//! * `durability = "batch"`: one commit once `flush_interval` has passed
+//!   since the first uncommitted change (the writer waits on its channel
+//!   with that deadline), then waiters resolve.
 //!
-//! [`OutboxHandle::flush`] and [`OutboxHandle::shutdown`] force an fsync.
-//! After each successful fsync that moves `durable_seq`, the `on_durable`
+//! A commit writes the meta values (`next_seq`, `dropped`, `commit` + 1,
+//! `clean`), calls sled's `Db::flush`, then `fdatasync`s the `db` file and
+//! `fsync`s blob files sled wrote since the last commit, then writes and
+//! `fdatasync`s the ledger. sled 0.34.7 alone is not durable: its flush ends
+//! in `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)`
+//! (`pagecache/iobuf.rs:733-752`), which flushes neither the file's metadata
+//! nor the device's write cache, and blob files are never synced at all
+//! (`pagecache/blob_io.rs:65-95`). The test
+//! `always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group`
+//! runs 10 awaited `always` appends under `strace -f -y` and finds 10
+//! `fdatasync`s of `outbox/db` and 10 of `outbox.ledger` (and sled's 10
+//! `sync_file_range`s).
+//!
+//! [`OutboxHandle::flush`] and [`OutboxHandle::shutdown`] force a commit.
+//! After each successful commit that moves `durable_seq`, the `on_durable`
 //! callback runs on the writer thread, before the waiters are resolved.
 //!
-//! Failures: a failed insert (disk full) drops that record (counted) and
-//! fails its waiter; a failed fsync fails the group's waiters and is retried
-//! after max(`flush_interval`, 100 ms), doubling per consecutive failure up
-//! to 30 s (their records stay stored and become durable with a later
-//! fsync). The writer never stops on a storage error.
+//! # Disk faults
+//!
+//! Any failed write, removal or commit starts a *disk fault* (one ERROR line,
+//! `OUTBOX DISK FAULT`): sled keeps the first I/O error of its log and
+//! returns it from every later write (`pagecache/iobuf.rs:1184-1195`), so
+//! only a new `Db` can write again. During the fault:
+//!
+//! * every waiter hears at once that its record is not durable: appends
+//!   stored but not committed, and new events, get
+//!   [`OutboxError::KeptInMemory`] (the record is kept and written later; a
+//!   caller holding its mailbox on an append is never stuck); new heartbeats
+//!   get [`OutboxError::Shed`] and are counted as dropped;
+//! * the writer keeps in memory every record written since the last commit
+//!   and every new event (up to min(`max_bytes`, 4 MiB); over that, the
+//!   oldest kept heartbeat goes first, then the oldest kept event, counted),
+//!   and every removal (acks keep coming while the Link delivers what the
+//!   old database can still read);
+//! * the ledger is rewritten (in place: no new blocks) with `dropped`,
+//!   `unsaved` (records only in memory) and `handed_out`;
+//! * once the state_dir's filesystem has 1 MiB free (`statvfs`; sled needs
+//!   room for a new 512 KiB segment to open), the writer closes the database
+//!   (readers wait on a lock meanwhile, and see the new database afterwards),
+//!   opens it again, counts what it lost against the ledger, redoes the
+//!   removals, writes back what it kept, raises the floor if needed, commits
+//!   and applies the bound: one WARN line (`the disk can be written again`).
+//!   Free space is checked every max(`flush_interval`, 100 ms); a failed
+//!   reopen backs off from that interval, doubling to 30 s (readers wait at
+//!   most 5 s, and a read still running then postpones the reopen); an
+//!   [`OutboxHandle::flush`] tries at once.
+//!
+//! A shutdown during a fault tries one last reopen; what it still cannot
+//! write is counted as dropped (ERROR line). A crash during a fault loses
+//! what was kept in memory; the next open counts it from the ledger's
+//! `unsaved`.
 //!
 //! # Read path
 //!
-//! [`OutboxReader::read`] reads both trees directly with sled on the caller's
-//! thread (no fsync, no channel), merges by seq, decodes. A record that does
-//! not decode is skipped and logged, and its seq is sent to the writer,
-//! which removes it and counts it as dropped.
+//! [`OutboxReader::read_async`] queues the read to the outbox reader thread
+//! (`fieldlink-outbox-read`, one per open, reads in call order) and returns
+//! a future; [`OutboxReader::read`] does the same read on the caller's
+//! thread (tests, benches). A read takes the database's read lock, reads both
+//! trees, merges by seq, decodes. A record that does not decode is skipped
+//! and logged, and its seq is sent to the writer, which removes it and counts
+//! it as dropped.
 //!
 //! # Ack path
 //!
 //! [`OutboxHandle::ack`] sends seqs to the writer, which removes them (a seq
-//! already gone is a no-op). Removals are not fsynced on their own: they
-//! ride on the next fsync, at most `flush_interval` later. An ack lost to a
-//! power cut means a resend, which `(device, seq)` deduplicates.
+//! already gone is a no-op). Removals are not committed on their own: they
+//! ride on the next commit, at most `flush_interval` later. An ack lost to a
+//! power cut means a resend, which `(device, epoch, seq)` deduplicates.
 //!
 //! # Open and recovery
 //!
 //! [`open`] creates the state_dir, takes `outbox.lock` (held: "is another
 //! fieldlink agent running ...?", nothing is moved), opens sled with
 //! `flush_every_ms(None)` (we own every fsync) and an 8 MiB cache, reads the
-//! meta values, scans both trees for depth and bytes, and decodes the head
-//! record of each tree. sled `Corruption`/`Unsupported`/`ReportableBug` (or a
-//! panic), an undecodable meta value or head record, or a database that has
-//! lost its meta values although `seq.floor` shows it was used: the
-//! directory is renamed to `outbox.corrupt-<secs>`, an error is logged, and a
-//! fresh database is opened.
+//! meta values, the floor and the ledger, scans both trees for depth and
+//! bytes, and decodes the head record of each tree. sled
+//! `Corruption`/`Unsupported`/`ReportableBug` or a panic (while opening or
+//! scanning), an undecodable meta value or head record, or a database that
+//! has lost its meta values although `seq.floor` or the ledger shows it was
+//! used: the directory is renamed to `outbox.corrupt-<secs>`, an ERROR line
+//! (`OUTBOX CORRUPT`) is logged, and a fresh database is opened.
 //!
-//! Then, if `outbox.closed` exists (the previous run closed cleanly and
-//! nothing has run since), open compares the database with it. Nothing can
-//! have changed in between, so a database *behind* it (fewer records, a lower
-//! next seq or a lower `dropped`) is one sled silently opened in an older
-//! state because its files were damaged (e.g. a truncated `db` file, or an
-//! `outbox/` deleted by hand): one error line says how many records were
-//! lost, they are added to `dropped` (which also never goes below the
-//! summary's), and seqs resume at least at `max(closed next_seq, R)`. Lost
-//! means missing by count, `closed depth - depth`: a lower bound when the
-//! older state still holds records that were acked before the close (those
-//! are sent again). A database moved aside is not counted (its records are
-//! kept, and its error line was logged). An unreadable `outbox.closed` is
-//! logged and ignored. An undamaged database matches the summary and nothing
-//! changes.
+//! *Salvage.* sled then opens the database moved aside once more (its panic
+//! caught) and reads both record trees up to the first error. Records that
+//! decode and were not acked (seq >= the ledger's `live_from`) are replayed
+//! into the fresh database, in their original order, under new outbox seqs
+//! from `next_seq` on (so after every seq of the old database: the outbox
+//! key and the record's `seq` are the new one), with their payload bytes
+//! unchanged: the `seq` (and epoch) inside each payload, which the hub uses
+//! to identify a message, stays the original. So a replayed message is
+//! deduplicated by the hub if it got there before, and on the wire it is
+//! sent before anything recorded after the open; a hub ordering by the
+//! payload's seq sees it in its original place. (A database that has to be
+//! moved aside while the writer reopens it after a disk fault is salvaged the
+//! same way; its replayed records then come after the ones kept in memory.)
 //!
-//! Seqs resume at `max(meta next_seq, highest stored key + 1)`; and at `R`
-//! too unless the previous run closed cleanly (its final fsync succeeded and
-//! set `clean`). So after a crash or a move-aside, seqs jump to `R` and can
-//! never repeat one that was handed out but not yet durable; after a clean
-//! shutdown they continue without a gap. `clean` is cleared (and fsynced) at
-//! every open, before any seq is assigned, and then `outbox.closed` is
-//! removed, so that a crash later in this run is never compared with this
-//! close. (A crash between that fsync and the removal would count a loss
-//! found at this open once more at the next; a failed removal is logged.)
+//! *The ledger check.* The ledger names the commit it describes, and every
+//! commit also writes that number into the database (`commit` meta value),
+//! synced before the ledger. A database whose `commit` is below the ledger's
+//! went back to an older state: sled opens a `db` file that lost its tail
+//! (truncated, overwritten, after a crash or not) that way, without an
+//! error, and a deleted `outbox/` opens as an empty one. Then the records
+//! missing are the ledger's `depth` minus the records found with seq >=
+//! `live_from` (for a database moved aside: minus those salvaged); they are
+//! logged at ERROR (`N records lost from a damaged outbox`) and counted in
+//! `dropped`, which the next heartbeat reports. This is exact when acks came
+//! in seq order (as the Link sends them) and a lower bound otherwise (a
+//! record acked out of order that the older state still holds is found, not
+//! missed; it is sent again and deduplicated). Records the ledger's
+//! `unsaved` says were only in memory during a disk fault, minus any found
+//! with seq >= its `next_seq`, are counted too. Without a ledger (a new
+//! state_dir, or an unreadable one: ERROR line) nothing can be checked; a
+//! database moved aside then counts only its undecodable records, and says
+//! when it could not be read in full. `dropped` never goes below the larger
+//! of the database's and the ledger's.
+//!
+//! *Where seqs resume:* `max(meta next_seq, highest stored key + 1, the
+//! ledger's next_seq and handed_out)`, and at `R` too unless the previous run
+//! closed cleanly (its final commit set `clean`) and the database is neither
+//! behind the ledger nor replaced. So after a crash, damage or a move-aside,
+//! seqs jump to `R` and can never repeat one that was handed out but not yet
+//! durable; after a clean shutdown they continue without a gap. Open then
+//! commits what it decided: `clean` cleared (a crash from now on resumes at
+//! the floor), the counts, a new ledger entry; a legacy `outbox.closed` is
+//! removed after it was checked.
+//!
+//! # Epoch
+//!
+//! The epoch names the numbering the seqs belong to: the hub identifies a
+//! message by `(device, epoch, seq)`. It is stored with `R` in `seq.floor`
+//! and fixed for the life of the state_dir. A new state_dir, or one whose
+//! `seq.floor` is missing or unreadable, gets a new epoch: the current unix
+//! time in milliseconds (a random one if the clock says before 2020, as a Pi
+//! without a real-time clock may before NTP), written at open; a WARN line
+//! says so unless it is a first start. Without it, a lost floor would let
+//! seqs restart below ones the hub already has, and the hub would discard
+//! new messages as duplicates. A version-1 floor (before epochs) is epoch 0,
+//! so existing deployments keep their identity. [`OutboxHandle::epoch`] and
+//! [`OpenReport::epoch`] expose it.
 
+mod fault;
+mod ledger;
 mod open;
+mod panics;
 mod reader;
 mod record;
+mod salvage;
 mod store;
 mod writer;
 
@@ -182,7 +303,9 @@ use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
+pub use ledger::LedgerError;
 pub use open::{open, open_in_memory};
+pub use panics::is_caught_here as panic_is_caught;
 pub use reader::OutboxReader;
 pub use record::{FORMAT_VERSION, MAX_RECORD_BYTES, RecordError};
 pub use store::{MemStore, StoreError};
@@ -257,6 +380,16 @@ pub struct OpenReport {
     pub depth: u64,
     /// The seq the next append gets.
     pub next_seq: u64,
+    /// The epoch of this state_dir's seqs (see the module doc: Epoch).
+    pub epoch: u64,
+    /// Whether this open started the epoch (a new state_dir, or a lost or
+    /// unreadable `seq.floor`).
+    pub new_epoch: bool,
+    /// Records this open found missing (damage, a crash during a disk
+    /// fault) and counted in `dropped`.
+    pub lost: u64,
+    /// Records read from a database moved aside and replayed.
+    pub replayed: u64,
 }
 
 /// Everything that can go wrong in the outbox.
@@ -277,8 +410,6 @@ pub enum OutboxError {
     Spawn(#[source] io::Error),
     #[error("the outbox is shut down; it accepts no more records")]
     Closed,
-    #[error("record dropped: cannot raise the seq floor: {0}")]
-    Floor(#[source] Arc<StoreError>),
     #[error("record {seq} dropped: its payload builder panicked")]
     PayloadPanicked { seq: u64 },
     #[error("record {seq} dropped: cannot encode it: {source}")]
@@ -291,6 +422,15 @@ pub enum OutboxError {
     Flush(#[source] Arc<StoreError>),
     #[error("cannot read the outbox: {0}")]
     Read(#[source] StoreError),
+    #[error("the outbox database is being reopened after a disk fault; try again later")]
+    Unavailable,
+    #[error(
+        "record {seq} is not durable yet: the outbox cannot write to its disk ({cause}); it is kept in memory and \
+         written when the disk recovers"
+    )]
+    KeptInMemory { seq: u64, cause: String },
+    #[error("heartbeat {seq} dropped: the outbox cannot write to its disk ({cause}); heartbeats are shed meanwhile")]
+    Shed { seq: u64, cause: String },
 }
 
 /// Counters shared by the writer (the only one that changes them, except
@@ -305,6 +445,10 @@ pub(crate) struct Shared {
     pub written_seq: AtomicU64,
     /// Set by `shutdown` and when the writer exits; appends then fail.
     pub closed: AtomicBool,
+    /// Set while the writer rides out a disk fault.
+    pub fault: AtomicBool,
+    /// The epoch of this open's seqs.
+    pub epoch: u64,
 }
 
 /// What every handle clone shares: the writer's channel and thread.
@@ -364,6 +508,19 @@ impl OutboxHandle {
             sent?;
             rx.await.map_err(|_| OutboxError::Closed)?
         }
+    }
+
+    /// The epoch of the seqs this outbox hands out: a message is identified
+    /// by (device, epoch, seq). Fixed for the life of the state_dir unless
+    /// its `seq.floor` is lost (see the module doc: Epoch).
+    pub fn epoch(&self) -> u64 {
+        self.inner.shared.epoch
+    }
+
+    /// Whether the outbox is riding out a disk fault right now (heartbeats
+    /// shed, events kept in memory).
+    pub fn disk_fault(&self) -> bool {
+        self.inner.shared.fault.load(Ordering::Acquire)
     }
 
     /// Current counters (atomics; no call to the writer).

@@ -1,47 +1,104 @@
-//! The read path: replay reads for the Link, on the caller's thread. Owns
-//! merging the two class trees into one seq-ordered stream, capping reads at
-//! what the writer has finished writing, and reporting records that do not
-//! decode. It must not mutate the store or fsync: a corrupt record is handed
-//! to the writer for removal (and counted there), and skipped here.
+//! The read path: replay reads for the Link. Owns merging the two class
+//! trees into one seq-ordered stream, capping reads at what the writer has
+//! finished writing, reporting records that do not decode, and the outbox
+//! reader thread that runs [`OutboxReader::read_async`]. It must not mutate
+//! the store or fsync: a corrupt record is handed to the writer for removal
+//! (and counted there), and skipped here.
+//!
+//! # Why reads get their own thread
+//!
+//! A sled read is not a pure read (sled 0.34.7): a page that is not cached is
+//! read from disk (`pagecache/mod.rs:1715`, `PageCache::get` pulls it); and
+//! on the way down the tree a reader helps finish splits and merges and
+//! splits or merges nodes itself (`tree.rs:1602-1770`, `view_for_key`), which
+//! reserves log space (`pagecache/logger.rs:120`) and may write a blob file
+//! synchronously (`pagecache/iobuf.rs:545`) or spin until a sealed log
+//! buffer is written (`pagecache/logger.rs:241`). Sealed buffers are written
+//! and `sync_file_range`d on sled's own thread pool (`iobuf.rs:1180-1190`),
+//! and only `flush` waits for an fsync, which readers never call. So a read
+//! can block on the disk and can write, but never fsyncs; the Link's thread
+//! must do neither, hence [`OutboxReader::read_async`].
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak, mpsc};
+use std::thread;
 
 use super::record;
-use super::store::Store;
+use super::store::{Store, StoreSlot};
 use super::writer::Msg;
 use super::{Class, HandleInner, OutboxError, Record, Shared};
 
-/// Reads records straight from the store. Cheap to clone; `Send + Sync`.
+/// A read queued for the reader thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The outbox reader thread, shared by every clone of one [`OutboxReader`].
+/// It stops when the last clone is dropped (its channel closes); it holds
+/// nothing between jobs, so it never keeps the database open on its own.
+pub(crate) struct ReadThread {
+    tx: Mutex<mpsc::Sender<Job>>,
+}
+
+impl ReadThread {
+    /// Starts the thread (named `fieldlink-outbox-read`).
+    pub(crate) fn start() -> std::io::Result<Arc<ReadThread>> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+        thread::Builder::new().name("fieldlink-outbox-read".to_string()).spawn(move || {
+            tracing::dispatcher::with_default(&dispatch, || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+        })?;
+        Ok(Arc::new(ReadThread { tx: Mutex::new(tx) }))
+    }
+
+    fn run(&self, job: Job) -> Result<(), OutboxError> {
+        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        tx.send(job).map_err(|_| OutboxError::Closed)
+    }
+}
+
+/// Reads records from the store. Cheap to clone; `Send + Sync`.
 ///
 /// Holding a reader keeps the database open (and its lock held) after the
 /// writer has stopped; drop every clone before reopening the same state_dir.
 #[derive(Clone)]
 pub struct OutboxReader {
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) slot: Arc<StoreSlot>,
     pub(crate) shared: Arc<Shared>,
     /// To hand corrupt records to the writer. Weak, so that a reader alone
     /// does not keep the writer thread alive.
     pub(crate) writer: Weak<HandleInner>,
+    pub(crate) thread: Arc<ReadThread>,
 }
 
 impl OutboxReader {
     /// Up to `limit` records with `from <= seq <= upto`, both classes merged,
-    /// in seq order. Records that do not decode are skipped, logged and
-    /// handed to the writer, which removes them and counts them as dropped.
+    /// in seq order, read on the caller's thread (tests, benches, tools; the
+    /// Link uses [`OutboxReader::read_async`]). Records that do not decode
+    /// are skipped, logged and handed to the writer, which removes them and
+    /// counts them as dropped.
     ///
     /// `upto` is capped at the last seq the writer has finished writing, so a
     /// read never returns a seq while a smaller one is still on its way in:
     /// resuming from the last returned seq + 1 skips nothing. To send only
     /// durable records, pass `upto = stats().durable_seq`.
+    ///
+    /// While the writer reopens the database after a disk fault this waits;
+    /// while the reopen has not succeeded it fails with
+    /// [`OutboxError::Unavailable`] (never an empty result, which would mean
+    /// "nothing stored up to `upto`").
     pub fn read(&self, from: u64, upto: u64, limit: usize) -> Result<Vec<Record>, OutboxError> {
+        let guard = self.slot.read();
+        let store = guard.as_ref().ok_or(OutboxError::Unavailable)?;
         let upto = upto.min(self.shared.written_seq.load(Ordering::Acquire));
         let mut out = Vec::new();
         let mut cursor = from;
         while out.len() < limit && cursor <= upto {
             let want = limit - out.len();
-            let heartbeats = self.store.range(Class::Heartbeat, cursor, upto, want).map_err(OutboxError::Read)?;
-            let events = self.store.range(Class::Event, cursor, upto, want).map_err(OutboxError::Read)?;
+            let heartbeats = store.range(Class::Heartbeat, cursor, upto, want).map_err(OutboxError::Read)?;
+            let events = store.range(Class::Event, cursor, upto, want).map_err(OutboxError::Read)?;
             // Each class returned everything in range and all of it fits: this
             // pass reaches the end.
             let complete = heartbeats.len() + events.len() <= want && heartbeats.len() < want && events.len() < want;
@@ -63,9 +120,10 @@ impl OutboxReader {
         Ok(out)
     }
 
-    /// [`OutboxReader::read`] off the caller's thread: the Link must never do
-    /// sled I/O on its own thread (a cache miss can page in, and a page-in can
-    /// make sled write). Resolves with what `read` returns.
+    /// [`OutboxReader::read`] on the outbox reader thread, never on the
+    /// caller's (see the module doc: a sled read can block on the disk and
+    /// write). Reads run one at a time, in call order. Resolves with what
+    /// `read` returns; the future needs no runtime to be created.
     pub fn read_async(
         &self,
         from: u64,
@@ -74,23 +132,25 @@ impl OutboxReader {
     ) -> impl std::future::Future<Output = Result<Vec<Record>, OutboxError>> + Send + 'static {
         let reader = self.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new().name("outbox-read".into()).spawn(move || {
+        let queued = self.thread.run(Box::new(move || {
             // The caller may have stopped waiting; nothing to do then.
-            let _ = tx.send(reader.read(from, upto, limit));
-        });
+            let _gone = tx.send(reader.read(from, upto, limit));
+        }));
         async move {
-            if let Err(e) = spawned {
-                return Err(OutboxError::Spawn(e));
-            }
-            rx.await.unwrap_or_else(|_| Err(OutboxError::Closed))
+            queued?;
+            rx.await.unwrap_or(Err(OutboxError::Closed))
         }
     }
 
-    /// The `ts_ms` of the oldest stored record, if any.
+    /// The `ts_ms` of the oldest stored record, if any. Called from the
+    /// status dump on an actor's thread, so it does not wait for a reopen in
+    /// progress (`None` then).
     pub fn oldest_ts_ms(&self) -> Option<u64> {
+        let guard = self.slot.try_read()?;
+        let store: &dyn Store = guard.as_deref()?;
         [Class::Heartbeat, Class::Event]
             .into_iter()
-            .filter_map(|class| match self.store.first(class) {
+            .filter_map(|class| match store.first(class) {
                 Ok(Some((seq, value))) => match record::decode(seq, class, &value) {
                     Ok(r) => Some(r.ts_ms),
                     Err(e) => {

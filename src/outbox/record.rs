@@ -1,6 +1,6 @@
 //! The byte layouts of the outbox: a record value, a meta value, the
-//! `seq.floor` file and the `outbox.closed` file (all described in the module
-//! doc of [`crate::outbox`]).
+//! `seq.floor` file and the legacy `outbox.closed` file (all described in the
+//! module doc of [`crate::outbox`]; the ledger's layout is in `ledger.rs`).
 //! Owns encoding and decoding, and every check that a stored value is one we
 //! wrote: version byte, size limit, no trailing bytes, known enum values,
 //! key and body agree. It must not touch storage, threads or clocks; a value
@@ -11,9 +11,12 @@ use serde::{Deserialize, Serialize};
 use super::{Class, Record};
 use crate::proto::Qos;
 
-/// The version byte that starts every record value, meta value, the
-/// `seq.floor` file and the `outbox.closed` file.
+/// The version byte that starts every record value, meta value and the
+/// `outbox.closed` file (and the `seq.floor` file of builds without epochs).
 pub const FORMAT_VERSION: u8 = 1;
+
+/// The version byte of the `seq.floor` file since it holds an epoch.
+pub const FLOOR_VERSION: u8 = 2;
 
 /// The largest record value (version byte included) the outbox writes or
 /// reads. Decoding uses it as bincode's limit, so a corrupt length prefix
@@ -28,7 +31,9 @@ const MAX_BODY_BYTES: usize = MAX_RECORD_BYTES - 1;
 pub enum RecordError {
     #[error("empty value (expected a version byte)")]
     Empty,
-    #[error("unknown format version {found} (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "unknown format version {found} (this build reads version {FORMAT_VERSION}, and {FLOOR_VERSION} for seq.floor)"
+    )]
     UnknownVersion { found: u8 },
     #[error("body does not decode: {0}")]
     Decode(#[from] bincode::error::DecodeError),
@@ -140,13 +145,43 @@ pub fn encode_u64(v: u64) -> [u8; 9] {
 
 /// The inverse of [`encode_u64`].
 pub fn decode_u64(value: &[u8]) -> Result<u64, RecordError> {
-    let [v] = decode_words::<1>(value)?;
+    let [v] = decode_words::<1>(value, FORMAT_VERSION)?;
     Ok(v)
 }
 
+/// The `seq.floor` file: the seq reservation and the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Floor {
+    /// Every seq ever assigned in this epoch is below `r`.
+    pub r: u64,
+    /// Which numbering the seqs belong to (see the module doc: Epoch).
+    pub epoch: u64,
+}
+
+/// Encodes the `seq.floor` file: 0x02, then R and the epoch, u64 big-endian
+/// (17 bytes).
+pub(crate) fn encode_floor(f: &Floor) -> [u8; 17] {
+    let mut out = [0u8; 17];
+    out[0] = FLOOR_VERSION;
+    out[1..9].copy_from_slice(&f.r.to_be_bytes());
+    out[9..].copy_from_slice(&f.epoch.to_be_bytes());
+    out
+}
+
+/// The inverse of [`encode_floor`]; a version-1 file (0x01, then R: written
+/// before epochs existed) reads as epoch 0, so an existing deployment keeps
+/// its identity.
+pub(crate) fn decode_floor(value: &[u8]) -> Result<Floor, RecordError> {
+    match value.first() {
+        Some(&FORMAT_VERSION) => decode_words::<1>(value, FORMAT_VERSION).map(|[r]| Floor { r, epoch: 0 }),
+        _ => decode_words::<2>(value, FLOOR_VERSION).map(|[r, epoch]| Floor { r, epoch }),
+    }
+}
+
 /// What the outbox held at its last clean close: the `outbox.closed` file,
-/// written outside sled so that the next open can tell whether sled lost
-/// records since.
+/// written outside sled by builds before the ledger, so that the next open
+/// could tell whether sled lost records since. This build only reads it
+/// (once, the first open after an upgrade) and removes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CloseSummary {
     /// The seq the next append would have got.
@@ -161,6 +196,7 @@ pub(crate) struct CloseSummary {
 
 /// Encodes the `outbox.closed` file: version byte, then next_seq, depth,
 /// bytes and dropped, each u64 big-endian (33 bytes).
+#[cfg(test)]
 pub(crate) fn encode_close_summary(s: &CloseSummary) -> Vec<u8> {
     let mut out = Vec::with_capacity(33);
     out.push(FORMAT_VERSION);
@@ -172,14 +208,14 @@ pub(crate) fn encode_close_summary(s: &CloseSummary) -> Vec<u8> {
 
 /// The inverse of [`encode_close_summary`].
 pub(crate) fn decode_close_summary(value: &[u8]) -> Result<CloseSummary, RecordError> {
-    let [next_seq, depth, bytes, dropped] = decode_words::<4>(value)?;
+    let [next_seq, depth, bytes, dropped] = decode_words::<4>(value, FORMAT_VERSION)?;
     Ok(CloseSummary { next_seq, depth, bytes, dropped })
 }
 
-/// A version byte followed by exactly `N` u64s, big-endian.
-fn decode_words<const N: usize>(value: &[u8]) -> Result<[u64; N], RecordError> {
+/// The version byte `expected` followed by exactly `N` u64s, big-endian.
+fn decode_words<const N: usize>(value: &[u8], expected: u8) -> Result<[u64; N], RecordError> {
     let (&version, rest) = value.split_first().ok_or(RecordError::Empty)?;
-    if version != FORMAT_VERSION {
+    if version != expected {
         return Err(RecordError::UnknownVersion { found: version });
     }
     if rest.len() != 8 * N {
@@ -317,6 +353,19 @@ mod tests {
         future[0] = 2;
         assert!(matches!(decode_close_summary(&future), Err(RecordError::UnknownVersion { found: 2 })));
         assert!(matches!(decode_close_summary(&[]), Err(RecordError::Empty)));
+    }
+
+    #[test]
+    fn a_floor_round_trips_with_its_epoch_and_a_version_1_floor_reads_as_epoch_0() {
+        let f = Floor { r: 2_000_001, epoch: 1_763_719_200_123 };
+        let bytes = encode_floor(&f);
+        assert_eq!((bytes.len(), bytes[0]), (17, FLOOR_VERSION));
+        assert_eq!(decode_floor(&bytes).expect("decode"), f);
+        let v1 = encode_u64(1_000_001);
+        assert_eq!(decode_floor(&v1).expect("decode v1"), Floor { r: 1_000_001, epoch: 0 });
+        assert!(matches!(decode_floor(&bytes[..9]), Err(RecordError::BadLength { .. })));
+        assert!(matches!(decode_floor(&[3, 0]), Err(RecordError::UnknownVersion { found: 3 })));
+        assert!(matches!(decode_floor(&[]), Err(RecordError::Empty)));
     }
 
     #[test]

@@ -1,22 +1,39 @@
-//! Storage behind a trait, so the queue logic (writer, reader, open) is the
-//! same code over the real disk and over memory. Owns the [`Store`] trait, the
-//! sled implementation ([`SledStore`]: three trees, and the `seq.floor` and
-//! `outbox.closed` files beside them)
+//! Storage behind traits, so the queue logic (writer, reader, open) is the
+//! same code over the real disk and over memory. Owns the [`Store`] trait
+//! (the database), the [`Side`] trait (the files beside it, which outlive a
+//! reopen of the database), [`StoreSlot`] (how the writer swaps the database
+//! under the readers), the sled implementations ([`SledStore`]: three trees;
+//! [`SledSide`]: `seq.floor`, `outbox.ledger`, the legacy `outbox.closed`)
 //! and the in-memory one ([`MemStore`]: used by unit tests and benches, with
-//! a flush counter, simulated crashes and fault injection).
+//! a flush counter, simulated crashes and fault injection that is sticky like
+//! sled's).
 //!
 //! A store moves bytes and nothing else: it never decodes a record value,
 //! never decides what to drop, and never flushes on its own (sled is opened
 //! with `flush_every_ms(None)`; the writer owns every fsync).
+//!
+//! # What `flush` makes durable
+//!
+//! sled 0.34.7 writes its log with `pwrite` and then `sync_file_range(WAIT_BEFORE
+//! | WRITE | WAIT_AFTER)` (`pagecache/iobuf.rs:733-752`, `write_to_log`): that
+//! pushes the pages to the device but flushes neither the file's metadata (its
+//! size, for a log that grew) nor the device's write cache, so a power cut can
+//! still lose what `Db::flush` reported as durable. Large pages go to
+//! `blobs/<lsn>` files, written with no sync at all (`pagecache/blob_io.rs:65-95`).
+//! So [`SledStore::flush`] is `Db::flush`, then `fdatasync` of the `db` file,
+//! then `fsync` of every blob file not synced before (and of `blobs/`). Only
+//! then does a record count as durable.
 
-use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use super::Class;
-use super::record::{self, CloseSummary, RecordError};
+use super::ledger::{Ledger, LedgerError, LedgerFile};
+use super::panics;
+use super::record::{self, CloseSummary, Floor, RecordError};
 use crate::fsutil;
 
 /// sled's page cache. The default (1 GiB) is far too much for a Pi; the queue
@@ -27,6 +44,8 @@ const SLED_CACHE_BYTES: u64 = 8 << 20;
 pub(crate) const META_NEXT_SEQ: &str = "next_seq";
 pub(crate) const META_DROPPED: &str = "dropped";
 pub(crate) const META_CLEAN: &str = "clean";
+/// Counts commits (fsyncs); the ledger names the one it describes.
+pub(crate) const META_COMMIT: &str = "commit";
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +58,16 @@ pub enum StoreError {
     BadFloor { path: PathBuf, source: RecordError },
     #[error("'{}' is not an outbox close summary: {source}", path.display())]
     BadCloseSummary { path: PathBuf, source: RecordError },
-    #[error("sled panicked while opening the database: {0}")]
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("sled panicked: {0}")]
     Panicked(String),
+    #[error("the outbox database is not open (it is being reopened after a disk fault)")]
+    NotOpen,
+    #[error("the outbox cannot write to its disk: {0}")]
+    Fault(String),
+    #[error("cannot encode a replayed record: {0}")]
+    Replay(RecordError),
     /// A failure injected into a [`MemStore`].
     #[error("{0}")]
     Injected(&'static str),
@@ -65,7 +92,23 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// Whether the database is unusable for writing until it is reopened.
+    /// sled keeps the first I/O error of its log in `Config::global_error`
+    /// and returns it from every later write and flush
+    /// (`pagecache/iobuf.rs:1184-1195`, `config.rs:730-765`); only a new
+    /// `Db` clears it (`pagecache/mod.rs:583`). A failed `fdatasync` of the
+    /// `db` file counts too: after it, the kernel may have dropped the dirty
+    /// pages, so what sled believes is on disk is not.
+    pub(crate) fn needs_reopen(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sled(_) | StoreError::Injected(_) | StoreError::NotOpen | StoreError::Io { what: SYNC_DB, .. }
+        )
+    }
 }
+
+const SYNC_DB: &str = "cannot fdatasync the outbox database file";
 
 /// Counts found by [`Store::scan`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +116,12 @@ pub(crate) struct Scan {
     pub records: u64,
     /// Σ (8 + value length): the logical size the bound applies to.
     pub bytes: u64,
+    pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
+    /// Records with a seq at or above the scan's `live_from`.
+    pub live: u64,
+    /// Records with a seq at or above the scan's `after_from`.
+    pub after: u64,
     /// Keys that are not 8 bytes long; `scan` removes them.
     pub bad_keys: u64,
 }
@@ -84,7 +132,7 @@ pub(crate) fn stored_size(value_len: usize) -> u64 {
 }
 
 /// What the queue needs from storage. All methods take `&self`: the writer
-/// thread mutates, readers read from their own threads.
+/// thread mutates, the reader thread reads.
 pub(crate) trait Store: Send + Sync + 'static {
     fn insert(&self, class: Class, seq: u64, value: &[u8]) -> Result<(), StoreError>;
     /// Removes `seq` from whichever tree holds it: its class and stored size,
@@ -94,72 +142,164 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn first(&self, class: Class) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// Up to `limit` entries with `from <= seq <= upto`, in seq order.
     fn range(&self, class: Class, from: u64, upto: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
-    /// Counts a tree and removes keys that are not 8 bytes long.
-    fn scan(&self, class: Class) -> Result<Scan, StoreError>;
+    /// Counts a tree (and, in `live` and `after`, its records with seq >=
+    /// `live_from` and >= `after_from`) and removes keys that are not 8
+    /// bytes long.
+    fn scan(&self, class: Class, live_from: u64, after_from: u64) -> Result<Scan, StoreError>;
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
-    /// Makes every change so far durable (fsync).
+    /// Makes every change so far durable (see the module doc).
     fn flush(&self) -> Result<(), StoreError>;
-    /// The seq reservation `R`, if one was ever written.
-    fn floor(&self) -> Result<Option<u64>, StoreError>;
-    /// Durably replaces `R` (atomic: a crash leaves the old or the new value).
-    fn set_floor(&self, r: u64) -> Result<(), StoreError>;
-    /// What the last clean close recorded outside the database, if anything.
+}
+
+/// The files beside the database: `seq.floor`, `outbox.ledger` and the
+/// legacy `outbox.closed`. They outlive the database handle (the writer
+/// keeps writing the ledger while it reopens the database after a fault).
+pub(crate) trait Side: Send + Sync + 'static {
+    /// The seq reservation and epoch, if a floor was ever written.
+    fn floor(&self) -> Result<Option<Floor>, StoreError>;
+    /// Durably replaces the floor (atomic: a crash leaves the old or the new value).
+    fn set_floor(&self, floor: &Floor) -> Result<(), StoreError>;
+    /// The newest valid ledger entry, if there is a ledger.
+    fn ledger(&self) -> Result<Option<Ledger>, StoreError>;
+    /// Writes a ledger entry and fdatasyncs it. Works on a full disk.
+    fn set_ledger(&self, ledger: &Ledger) -> Result<(), StoreError>;
+    /// What a clean close of a build before the ledger recorded, if anything.
     fn close_summary(&self) -> Result<Option<CloseSummary>, StoreError>;
-    /// Durably replaces the close summary (atomic, like the floor).
-    fn set_close_summary(&self, summary: &CloseSummary) -> Result<(), StoreError>;
-    /// Durably removes the close summary; absent is fine.
+    /// Durably removes the legacy close summary; absent is fine.
     fn remove_close_summary(&self) -> Result<(), StoreError>;
+}
+
+/// The store in use, shared by the writer (the only one that replaces it:
+/// after a disk fault it closes the database and opens it again) and the
+/// readers, which hold the read lock for the length of a read, so a reopen
+/// happens between reads. Empty while a reopen has not succeeded yet.
+pub(crate) struct StoreSlot(RwLock<Option<Arc<dyn Store>>>);
+
+impl StoreSlot {
+    pub(crate) fn new(store: Arc<dyn Store>) -> Arc<StoreSlot> {
+        Arc::new(StoreSlot(RwLock::new(Some(store))))
+    }
+
+    /// Waits for a reopen in progress. A poisoned lock still holds a usable
+    /// `Option` (the writer never panics while holding it).
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Option<Arc<dyn Store>>> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Like [`StoreSlot::read`], but `None` instead of waiting.
+    pub(crate) fn try_read(&self) -> Option<RwLockReadGuard<'_, Option<Arc<dyn Store>>>> {
+        match self.0.try_read() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Option<Arc<dyn Store>>> {
+        self.0.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The write lock, waiting at most `patience` for reads in progress (a
+    /// read stuck inside a failing sled must not stop the writer for good).
+    /// Polls every 5 ms.
+    pub(crate) fn write_within(
+        &self,
+        patience: std::time::Duration,
+    ) -> Option<RwLockWriteGuard<'_, Option<Arc<dyn Store>>>> {
+        let give_up = std::time::Instant::now() + patience;
+        loop {
+            match self.0.try_write() {
+                Ok(g) => return Some(g),
+                Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(TryLockError::WouldBlock) => return None,
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
 // sled
 
 /// Where a [`SledStore`] keeps the files beside the database.
+#[derive(Debug, Clone)]
 pub(crate) struct SidePaths {
     /// `<state_dir>/seq.floor`.
     pub floor: PathBuf,
-    /// `<state_dir>/outbox.closed`.
+    /// `<state_dir>/outbox.ledger`.
+    pub ledger: PathBuf,
+    /// `<state_dir>/outbox.closed` (legacy, read and removed only).
     pub close_summary: PathBuf,
 }
 
-/// The outbox on disk: a sled database plus the `seq.floor` and
-/// `outbox.closed` files beside it.
+/// The outbox on disk: a sled database plus the files beside it.
 pub(crate) struct SledStore {
     db: sled::Db,
     heartbeats: sled::Tree,
     events: sled::Tree,
     meta: sled::Tree,
-    side: SidePaths,
+    /// sled's log file, `<dir>/db`, for `fdatasync`.
+    db_file: File,
+    db_path: PathBuf,
+    blobs_dir: PathBuf,
+    /// Blob files already fsynced (by name).
+    synced_blobs: Mutex<HashSet<std::ffi::OsString>>,
     /// The `outbox.lock` flock; held as long as the database is open.
     _lock: Arc<File>,
+}
+
+/// The files beside a sled database, by path.
+pub(crate) struct SledSide {
+    paths: SidePaths,
+    ledger: LedgerFile,
+}
+
+impl SledSide {
+    pub(crate) fn new(paths: SidePaths) -> SledSide {
+        let ledger = LedgerFile::new(paths.ledger.clone());
+        SledSide { paths, ledger }
+    }
 }
 
 impl SledStore {
     /// Opens (or creates) the database in `dir`. A panic inside sled is
     /// caught and reported as [`StoreError::Panicked`] (treated as
     /// corruption) so that a damaged file cannot take the agent down.
-    pub(crate) fn open(dir: &Path, side: SidePaths, lock: Arc<File>) -> Result<SledStore, StoreError> {
+    pub(crate) fn open(dir: &Path, lock: Arc<File>) -> Result<SledStore, StoreError> {
         let config = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).flush_every_ms(None);
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let opened = panics::catch(move || {
             let db = config.open()?;
             let heartbeats = db.open_tree("heartbeats")?;
             let events = db.open_tree("events")?;
             let meta = db.open_tree("meta")?;
             Ok::<_, sled::Error>((db, heartbeats, events, meta))
-        }));
-        let (db, heartbeats, events, meta) = match opened {
-            Ok(result) => result?,
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic".to_string());
-                return Err(StoreError::Panicked(msg));
-            }
-        };
-        Ok(SledStore { db, heartbeats, events, meta, side, _lock: lock })
+        });
+        let (db, heartbeats, events, meta) = opened.map_err(StoreError::Panicked)??;
+        let db_path = dir.join("db");
+        let db_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&db_path)
+            .map_err(io_err("cannot open the outbox database file", &db_path))?;
+        // sled never fsyncs the directories it creates files in.
+        fsutil::sync_parent(&db_path)
+            .and_then(|()| fsutil::sync_parent(dir))
+            .map_err(io_err("cannot fsync the directory of", dir))?;
+        Ok(SledStore {
+            db,
+            heartbeats,
+            events,
+            meta,
+            db_file,
+            db_path,
+            blobs_dir: dir.join("blobs"),
+            synced_blobs: Mutex::new(HashSet::new()),
+            _lock: lock,
+        })
     }
 
     fn tree(&self, class: Class) -> &sled::Tree {
@@ -168,11 +308,43 @@ impl SledStore {
             Class::Event => &self.events,
         }
     }
+
+    /// fsyncs blob files written since the last call (sled writes them
+    /// without any sync), then the blob directory if there were any.
+    fn sync_new_blobs(&self) -> Result<(), StoreError> {
+        let entries = match fs::read_dir(&self.blobs_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(io_err("cannot list", &self.blobs_dir)(source)),
+        };
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut present = HashSet::new();
+        let mut any_new = false;
+        for entry in entries {
+            let entry = entry.map_err(io_err("cannot list", &self.blobs_dir))?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match File::open(entry.path()).and_then(|f| f.sync_all()) {
+                    Ok(()) => any_new = true,
+                    // sled removed it meanwhile (blob GC).
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(io_err("cannot fsync blob", &entry.path())(source)),
+                }
+            }
+            present.insert(name);
+        }
+        *synced = present;
+        if any_new {
+            File::open(&self.blobs_dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync", &self.blobs_dir))?;
+        }
+        Ok(())
+    }
 }
 
 impl Store for SledStore {
     fn insert(&self, class: Class, seq: u64, value: &[u8]) -> Result<(), StoreError> {
-        // The old value is None: seqs are never reused.
+        // The old value is None, or the same bytes when a record kept in
+        // memory through a disk fault is written again.
         let _old = self.tree(class).insert(record::key(seq), value)?;
         Ok(())
     }
@@ -214,7 +386,7 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn scan(&self, class: Class) -> Result<Scan, StoreError> {
+    fn scan(&self, class: Class, live_from: u64, after_from: u64) -> Result<Scan, StoreError> {
         let tree = self.tree(class);
         let mut scan = Scan::default();
         let mut bad = Vec::new();
@@ -224,7 +396,10 @@ impl Store for SledStore {
                 Some(seq) => {
                     scan.records += 1;
                     scan.bytes += stored_size(v.len());
+                    scan.first_seq.get_or_insert(seq);
                     scan.last_seq = Some(seq);
+                    scan.live += u64::from(seq >= live_from);
+                    scan.after += u64::from(seq >= after_from);
                 }
                 None => bad.push(k),
             }
@@ -248,26 +423,38 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        // Flushing the Db flushes the shared log, so every tree.
+        // Flushing the Db flushes the shared log, so every tree; it ends
+        // with sync_file_range only (see the module doc), hence the rest.
         let _bytes_written = self.db.flush()?;
-        Ok(())
+        self.db_file.sync_data().map_err(io_err(SYNC_DB, &self.db_path))?;
+        self.sync_new_blobs()
     }
+}
 
-    fn floor(&self) -> Result<Option<u64>, StoreError> {
-        let path = &self.side.floor;
+impl Side for SledSide {
+    fn floor(&self) -> Result<Option<Floor>, StoreError> {
+        let path = &self.paths.floor;
         read_if_exists(path, "cannot read seq floor")?
             .map(|bytes| {
-                record::decode_u64(&bytes).map_err(|source| StoreError::BadFloor { path: path.clone(), source })
+                record::decode_floor(&bytes).map_err(|source| StoreError::BadFloor { path: path.clone(), source })
             })
             .transpose()
     }
 
-    fn set_floor(&self, r: u64) -> Result<(), StoreError> {
-        write_atomically(&self.side.floor, &record::encode_u64(r))
+    fn set_floor(&self, floor: &Floor) -> Result<(), StoreError> {
+        write_atomically(&self.paths.floor, &record::encode_floor(floor))
+    }
+
+    fn ledger(&self) -> Result<Option<Ledger>, StoreError> {
+        Ok(self.ledger.read()?)
+    }
+
+    fn set_ledger(&self, ledger: &Ledger) -> Result<(), StoreError> {
+        Ok(self.ledger.write(ledger)?)
     }
 
     fn close_summary(&self) -> Result<Option<CloseSummary>, StoreError> {
-        let path = &self.side.close_summary;
+        let path = &self.paths.close_summary;
         read_if_exists(path, "cannot read outbox close summary")?
             .map(|bytes| {
                 record::decode_close_summary(&bytes)
@@ -276,12 +463,8 @@ impl Store for SledStore {
             .transpose()
     }
 
-    fn set_close_summary(&self, summary: &CloseSummary) -> Result<(), StoreError> {
-        write_atomically(&self.side.close_summary, &record::encode_close_summary(summary))
-    }
-
     fn remove_close_summary(&self) -> Result<(), StoreError> {
-        remove_durably(&self.side.close_summary)
+        remove_durably(&self.paths.close_summary)
     }
 }
 
@@ -327,6 +510,12 @@ fn fsync_parent(path: &Path) -> Result<(), StoreError> {
 /// simulate a power cut ([`MemStore::crashed`]) and count fsyncs
 /// ([`MemStore::flush_count`]). Clones share the same data; open an outbox
 /// over it with [`super::open_in_memory`].
+///
+/// [`MemStore::set_fail_writes`] simulates a full disk the way sled reacts
+/// to one: the first failed write or flush makes every later one fail too,
+/// until the outbox reopens the store (which, as with sled, keeps only what
+/// had been flushed). The ledger is a preallocated file rewritten in place,
+/// so its writes keep working on a full disk.
 #[derive(Clone, Default)]
 pub struct MemStore {
     inner: Arc<Mutex<MemInner>>,
@@ -339,16 +528,20 @@ struct MemInner {
     written: MemState,
     durable: MemState,
     flushes: u64,
+    reopens: u64,
     fail_writes: bool,
+    /// A write failed: every write fails until [`MemStore::reopen`].
+    sticky: bool,
 }
 
 #[derive(Clone, Default)]
 struct MemState {
     trees: [BTreeMap<u64, Vec<u8>>; 2],
     meta: BTreeMap<String, Vec<u8>>,
-    /// The floor and the close summary are separate files, written (and
-    /// removed) durably at once.
-    floor: Option<u64>,
+    /// The floor, the ledger and the close summary are separate files,
+    /// written (and removed) durably at once.
+    floor: Option<Floor>,
+    ledger: Option<Ledger>,
     close_summary: Option<CloseSummary>,
 }
 
@@ -359,6 +552,8 @@ fn idx(class: Class) -> usize {
     }
 }
 
+const DISK_FULL: StoreError = StoreError::Injected("no space left on device (injected)");
+
 impl MemStore {
     /// An empty store.
     pub fn new() -> MemStore {
@@ -368,6 +563,11 @@ impl MemStore {
     /// How many times the outbox has flushed this store.
     pub fn flush_count(&self) -> u64 {
         self.lock().flushes
+    }
+
+    /// How many times the outbox has reopened this store after a fault.
+    pub fn reopen_count(&self) -> u64 {
+        self.lock().reopens
     }
 
     /// A new store holding only what had been flushed: the state a power cut
@@ -384,9 +584,28 @@ impl MemStore {
     }
 
     /// Makes every later write and flush fail, as a full disk would (until
-    /// called again with `false`).
+    /// called again with `false`; the store then works again once the
+    /// outbox has reopened it, as sled does).
     pub fn set_fail_writes(&self, fail: bool) {
         self.lock().fail_writes = fail;
+    }
+
+    /// Whether the simulated disk has room (no injected failure).
+    pub(crate) fn has_room(&self) -> bool {
+        !self.lock().fail_writes
+    }
+
+    /// What reopening the database does: forget everything not flushed and
+    /// clear the sticky error. Fails while the disk is still full.
+    pub(crate) fn reopen(&self) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.fail_writes {
+            return Err(DISK_FULL);
+        }
+        inner.written = inner.durable.clone();
+        inner.sticky = false;
+        inner.reopens += 1;
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, MemInner> {
@@ -394,10 +613,22 @@ impl MemStore {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn writable(&self) -> Result<MutexGuard<'_, MemInner>, StoreError> {
+    /// The database, for a write: fails (and stays failed) like sled.
+    fn db_writable(&self) -> Result<MutexGuard<'_, MemInner>, StoreError> {
+        let mut inner = self.lock();
+        if inner.fail_writes || inner.sticky {
+            inner.sticky = true;
+            return Err(DISK_FULL);
+        }
+        Ok(inner)
+    }
+
+    /// A file beside the database (floor, close summary): fails while the
+    /// disk is full, and only then.
+    fn file_writable(&self) -> Result<MutexGuard<'_, MemInner>, StoreError> {
         let inner = self.lock();
         if inner.fail_writes {
-            return Err(StoreError::Injected("no space left on device (injected)"));
+            return Err(DISK_FULL);
         }
         Ok(inner)
     }
@@ -405,13 +636,12 @@ impl MemStore {
 
 impl Store for MemStore {
     fn insert(&self, class: Class, seq: u64, value: &[u8]) -> Result<(), StoreError> {
-        // The old value is None: seqs are never reused.
-        let _old = self.writable()?.written.trees[idx(class)].insert(seq, value.to_vec());
+        let _old = self.db_writable()?.written.trees[idx(class)].insert(seq, value.to_vec());
         Ok(())
     }
 
     fn remove(&self, seq: u64) -> Result<Option<(Class, u64)>, StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.db_writable()?;
         for class in [Class::Event, Class::Heartbeat] {
             if let Some(old) = inner.written.trees[idx(class)].remove(&seq) {
                 return Ok(Some((class, stored_size(old.len()))));
@@ -432,13 +662,16 @@ impl Store for MemStore {
         Ok(inner.written.trees[idx(class)].range(from..=upto).take(limit).map(|(k, v)| (*k, v.clone())).collect())
     }
 
-    fn scan(&self, class: Class) -> Result<Scan, StoreError> {
+    fn scan(&self, class: Class, live_from: u64, after_from: u64) -> Result<Scan, StoreError> {
         let inner = self.lock();
         let tree = &inner.written.trees[idx(class)];
         Ok(Scan {
             records: tree.len() as u64,
             bytes: tree.values().map(|v| stored_size(v.len())).sum(),
+            first_seq: tree.first_key_value().map(|(k, _)| *k),
             last_seq: tree.last_key_value().map(|(k, _)| *k),
+            live: tree.range(live_from..).count() as u64,
+            after: tree.range(after_from..).count() as u64,
             bad_keys: 0,
         })
     }
@@ -449,7 +682,7 @@ impl Store for MemStore {
 
     fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         // The previous value is superseded; nothing to do with it.
-        let _previous = self.writable()?.written.meta.insert(key.to_string(), value.to_vec());
+        let _previous = self.db_writable()?.written.meta.insert(key.to_string(), value.to_vec());
         Ok(())
     }
 
@@ -461,20 +694,34 @@ impl Store for MemStore {
                 gate.pass();
             }
         }
-        let mut inner = self.writable()?;
-        inner.durable = inner.written.clone();
+        let mut inner = self.db_writable()?;
+        inner.durable.trees = inner.written.trees.clone();
+        inner.durable.meta = inner.written.meta.clone();
         inner.flushes += 1;
         Ok(())
     }
+}
 
-    fn floor(&self) -> Result<Option<u64>, StoreError> {
+impl Side for MemStore {
+    fn floor(&self) -> Result<Option<Floor>, StoreError> {
         Ok(self.lock().written.floor)
     }
 
-    fn set_floor(&self, r: u64) -> Result<(), StoreError> {
-        let mut inner = self.writable()?;
-        inner.written.floor = Some(r);
-        inner.durable.floor = Some(r);
+    fn set_floor(&self, floor: &Floor) -> Result<(), StoreError> {
+        let mut inner = self.file_writable()?;
+        inner.written.floor = Some(*floor);
+        inner.durable.floor = Some(*floor);
+        Ok(())
+    }
+
+    fn ledger(&self) -> Result<Option<Ledger>, StoreError> {
+        Ok(self.lock().written.ledger)
+    }
+
+    fn set_ledger(&self, ledger: &Ledger) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.written.ledger = Some(*ledger);
+        inner.durable.ledger = Some(*ledger);
         Ok(())
     }
 
@@ -482,15 +729,8 @@ impl Store for MemStore {
         Ok(self.lock().written.close_summary)
     }
 
-    fn set_close_summary(&self, summary: &CloseSummary) -> Result<(), StoreError> {
-        let mut inner = self.writable()?;
-        inner.written.close_summary = Some(*summary);
-        inner.durable.close_summary = Some(*summary);
-        Ok(())
-    }
-
     fn remove_close_summary(&self) -> Result<(), StoreError> {
-        let mut inner = self.writable()?;
+        let mut inner = self.file_writable()?;
         inner.written.close_summary = None;
         inner.durable.close_summary = None;
         Ok(())
@@ -549,7 +789,7 @@ pub(crate) mod tests {
         }
 
         /// A new store whose database is what `older` had flushed while the
-        /// files beside it (floor, close summary) are this store's: a
+        /// files beside it (floor, ledger, close summary) are this store's: a
         /// database that went back to an older state, as sled does when its
         /// `db` file lost its tail.
         pub(crate) fn rolled_back_to(&self, older: &MemStore) -> MemStore {
@@ -557,6 +797,7 @@ pub(crate) mod tests {
             {
                 let inner = self.lock();
                 state.floor = inner.durable.floor;
+                state.ledger = inner.durable.ledger;
                 state.close_summary = inner.durable.close_summary;
             }
             let store = MemStore::new();
@@ -566,6 +807,22 @@ pub(crate) mod tests {
                 inner.durable = state;
             }
             store
+        }
+
+        /// Writes a legacy close summary, as a build before the ledger did at
+        /// a clean close.
+        pub(crate) fn put_close_summary(&self, summary: CloseSummary) {
+            let mut inner = self.lock();
+            inner.written.close_summary = Some(summary);
+            inner.durable.close_summary = Some(summary);
+        }
+
+        /// Removes the ledger, as a build before the ledger would have left
+        /// the state_dir.
+        pub(crate) fn forget_ledger(&self) {
+            let mut inner = self.lock();
+            inner.written.ledger = None;
+            inner.durable.ledger = None;
         }
 
         /// Overwrites a stored value in place, as bit rot would.
@@ -580,8 +837,15 @@ pub(crate) mod tests {
     }
 
     fn scratch_store(dir: &Path) -> SledStore {
-        let side = SidePaths { floor: dir.join("seq.floor"), close_summary: dir.join("outbox.closed") };
-        SledStore::open(&dir.join("outbox"), side, scratch_lock(dir)).expect("open")
+        SledStore::open(&dir.join("outbox"), scratch_lock(dir)).expect("open")
+    }
+
+    fn scratch_side(dir: &Path) -> SledSide {
+        SledSide::new(SidePaths {
+            floor: dir.join("seq.floor"),
+            ledger: dir.join("outbox.ledger"),
+            close_summary: dir.join("outbox.closed"),
+        })
     }
 
     #[test]
@@ -600,8 +864,10 @@ pub(crate) mod tests {
         assert_eq!(store.first(Class::Heartbeat).expect("first").map(|e| e.0), Some(2));
         assert_eq!(store.remove(256).expect("remove"), Some((Class::Heartbeat, 11)));
         assert_eq!(store.remove(256).expect("remove"), None);
-        let scan = store.scan(Class::Event).expect("scan");
-        assert_eq!(scan, Scan { records: 2, bytes: 22, last_seq: Some(3), bad_keys: 0 });
+        let scan = store.scan(Class::Event, 2, 4).expect("scan");
+        let want =
+            Scan { records: 2, bytes: 22, first_seq: Some(1), last_seq: Some(3), live: 1, after: 0, bad_keys: 0 };
+        assert_eq!(scan, want);
     }
 
     #[test]
@@ -610,37 +876,38 @@ pub(crate) mod tests {
         let store = scratch_store(dir.path());
         store.insert(Class::Event, 5, b"x").expect("insert");
         let _old = store.events.insert(b"odd", b"y".as_slice()).expect("insert");
-        let scan = store.scan(Class::Event).expect("scan");
+        let scan = store.scan(Class::Event, 0, 0).expect("scan");
         assert_eq!((scan.records, scan.bad_keys, scan.last_seq), (1, 1, Some(5)));
-        assert_eq!(store.scan(Class::Event).expect("scan").bad_keys, 0);
+        assert_eq!(store.scan(Class::Event, 0, 0).expect("scan").bad_keys, 0);
     }
 
     #[test]
-    fn the_floor_file_is_written_atomically_and_read_back() {
+    fn the_floor_file_is_written_atomically_with_its_epoch_and_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let floor = dir.path().join("seq.floor");
-        let store = scratch_store(dir.path());
+        let store = scratch_side(dir.path());
         assert_eq!(store.floor().expect("floor"), None);
-        store.set_floor(2_000_001).expect("set floor");
-        assert_eq!(store.floor().expect("floor"), Some(2_000_001));
-        assert_eq!(fs::read(&floor).expect("read").len(), 9);
+        let f = Floor { r: 2_000_001, epoch: 1_763_719_200_123 };
+        store.set_floor(&f).expect("set floor");
+        assert_eq!(store.floor().expect("floor"), Some(f));
+        assert_eq!(fs::read(&floor).expect("read").len(), 17);
         assert!(!dir.path().join("seq.floor.tmp").exists());
+        fs::write(&floor, record::encode_u64(1_000_001)).expect("write a version-1 floor");
+        assert_eq!(store.floor().expect("floor"), Some(Floor { r: 1_000_001, epoch: 0 }));
         fs::write(&floor, b"garbage").expect("write");
         assert!(matches!(store.floor(), Err(StoreError::BadFloor { .. })));
     }
 
     #[test]
-    fn the_close_summary_file_is_written_atomically_read_back_and_removed() {
+    fn a_legacy_close_summary_file_is_read_and_removed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("outbox.closed");
-        let store = scratch_store(dir.path());
+        let store = scratch_side(dir.path());
         assert_eq!(store.close_summary().expect("read"), None);
         store.remove_close_summary().expect("removing an absent summary is fine");
         let summary = CloseSummary { next_seq: 42, depth: 41, bytes: 2_460, dropped: 3 };
-        store.set_close_summary(&summary).expect("write");
+        fs::write(&path, record::encode_close_summary(&summary)).expect("write");
         assert_eq!(store.close_summary().expect("read"), Some(summary));
-        assert_eq!(fs::read(&path).expect("read").len(), 33);
-        assert!(!dir.path().join("outbox.closed.tmp").exists());
         store.remove_close_summary().expect("remove");
         assert!(!path.exists());
         assert_eq!(store.close_summary().expect("read"), None);
@@ -649,15 +916,45 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_sled_flush_syncs_blob_files_sled_itself_never_syncs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = scratch_store(dir.path());
+        // A page over sled's blob threshold (segment size / 4) goes to blobs/.
+        store.insert(Class::Event, 1, &vec![7u8; 300 << 10]).expect("insert");
+        store.flush().expect("flush");
+        let blobs = store.synced_blobs.lock().expect("lock").len();
+        assert!(blobs > 0, "the large page was written as a blob and fsynced");
+        store.flush().expect("a second flush has nothing new to sync");
+    }
+
+    #[test]
     fn a_mem_store_crash_keeps_only_what_was_flushed() {
         let store = MemStore::new();
         store.insert(Class::Event, 1, b"a").expect("insert");
         store.flush().expect("flush");
         store.insert(Class::Event, 2, b"b").expect("insert");
-        store.set_floor(7).expect("floor");
+        store.set_floor(&Floor { r: 7, epoch: 1 }).expect("floor");
         let after = store.crashed();
-        assert_eq!(after.scan(Class::Event).expect("scan").last_seq, Some(1));
-        assert_eq!(after.floor().expect("floor"), Some(7));
+        assert_eq!(after.scan(Class::Event, 0, 0).expect("scan").last_seq, Some(1));
+        assert_eq!(after.floor().expect("floor"), Some(Floor { r: 7, epoch: 1 }));
         assert_eq!(store.flush_count(), 1);
+    }
+
+    #[test]
+    fn a_mem_store_fault_is_sticky_until_reopened_and_the_reopen_keeps_only_what_was_flushed() {
+        let store = MemStore::new();
+        store.insert(Class::Event, 1, b"a").expect("insert");
+        store.flush().expect("flush");
+        store.insert(Class::Event, 2, b"b").expect("insert");
+        store.set_fail_writes(true);
+        assert!(store.insert(Class::Event, 3, b"c").is_err());
+        assert!(store.reopen().is_err(), "the disk is still full");
+        store.set_ledger(&Ledger { write_no: 1, ..Ledger::default() }).expect("the ledger is written in place");
+        store.set_fail_writes(false);
+        assert!(store.insert(Class::Event, 3, b"c").is_err(), "sticky, as sled's global error");
+        store.reopen().expect("reopen");
+        assert_eq!(store.scan(Class::Event, 0, 0).expect("scan").records, 1, "seq 2 was never flushed");
+        store.insert(Class::Event, 3, b"c").expect("works again");
+        assert_eq!(store.reopen_count(), 1);
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use futures_util::FutureExt;
 
@@ -17,6 +17,7 @@ use super::*;
 use crate::config::{Durability, OutboxConfig};
 
 fn cfg(durability: Durability) -> OutboxConfig {
+    no_callsite_is_ever_off();
     OutboxConfig { max_bytes: 64 << 20, durability, flush_interval: Duration::from_millis(5) }
 }
 
@@ -158,10 +159,13 @@ fn append_flushed(h: &OutboxHandle) -> u64 {
 fn the_floor_is_raised_before_a_seq_reaches_it() {
     let store = MemStore::new();
     let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
-    assert_eq!(super::store::Store::floor(&store).expect("floor"), None);
+    let floor = || super::store::Side::floor(&store).expect("floor");
+    let at_open = floor().expect("a new state_dir writes its epoch (with the floor) at open");
+    assert_eq!(at_open.r, 1, "nothing assigned yet");
     assert_eq!(append(&h, Class::Event), 1);
-    let r = super::store::Store::floor(&store).expect("floor").expect("a floor was written");
-    assert!(r > 1);
+    let raised = floor().expect("a floor was written");
+    assert!(raised.r > 1);
+    assert_eq!(raised.epoch, at_open.epoch);
     h.shutdown();
 }
 
@@ -395,22 +399,6 @@ fn read_skips_an_undecodable_record_and_the_writer_removes_and_counts_it() {
 }
 
 #[test]
-fn a_full_disk_drops_the_record_fails_its_waiter_and_the_writer_keeps_running() {
-    let store = MemStore::new();
-    let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
-    assert_eq!(append(&h, Class::Event), 1);
-    store.set_fail_writes(true);
-    let err = wait(h.append(draft(Class::Event))).expect_err("disk full");
-    assert!(matches!(err, OutboxError::Insert { seq: 2, .. }), "{err}");
-    assert_eq!(h.stats().dropped, 1);
-    assert!(wait(h.flush()).is_err(), "flush reports the failed fsync");
-    store.set_fail_writes(false);
-    assert_eq!(append(&h, Class::Event), 3);
-    assert_eq!(seqs(&all(&r)), vec![1, 3]);
-    h.shutdown();
-}
-
-#[test]
 fn shutdown_flushes_and_later_appends_fail_with_a_clear_error() {
     let store = MemStore::new();
     let (h, r, _) = open_in_memory(&store, &batch_never()).expect("open");
@@ -485,7 +473,7 @@ fn an_undecodable_head_record_moves_the_dir_aside() {
     }
     let (h, r, report) = open(dir.path(), &cfg(Durability::Always)).expect("open");
     assert!(report.moved_aside.is_some());
-    assert_eq!(report.depth, 0);
+    assert_eq!((report.depth, report.replayed, report.lost), (1, 1, 1), "seq 2 is replayed, seq 1 is counted");
     assert!(report.next_seq > 2);
     close(h, r);
 }
@@ -528,16 +516,82 @@ fn append_futures_need_no_runtime_to_be_created_and_are_send() {
 impl MemStore {
     fn scan_len(&self) -> u64 {
         use super::store::Store;
-        [Class::Heartbeat, Class::Event].into_iter().map(|c| self.scan(c).expect("scan").records).sum()
+        [Class::Heartbeat, Class::Event].into_iter().map(|c| self.scan(c, 0, 0).expect("scan").records).sum()
     }
 }
 
-/// Random append / ack / flush / shutdown-reopen / crash-reopen steps against
-/// the real queue logic (over a [`MemStore`]) and a plain model side by side.
+/// The seq an append reported, also when it was kept in memory or shed
+/// during a disk fault.
+fn seq_of(result: &Result<u64, OutboxError>) -> Option<u64> {
+    match result {
+        Ok(seq) => Some(*seq),
+        Err(OutboxError::KeptInMemory { seq, .. } | OutboxError::Shed { seq, .. }) => Some(*seq),
+        Err(_) => None,
+    }
+}
+
+/// Random append / ack / flush / shutdown-reopen / crash-reopen steps, and a
+/// disk that fills up and frees again, against the real queue logic (over a
+/// [`MemStore`]) and a plain model side by side.
 #[test]
 fn the_outbox_matches_a_plain_model_over_random_steps() {
-    for seed in 0..20 {
+    for seed in 0..40 {
         run_model(seed);
+    }
+}
+
+/// The model's view of the outbox.
+#[derive(Default)]
+struct Model {
+    /// seq -> (class, stored size)
+    live: BTreeMap<u64, (Class, u64)>,
+    /// Acked since the last commit: a crash brings them back.
+    unflushed_acks: BTreeMap<u64, (Class, u64)>,
+    /// Kept in memory during a disk fault (not on disk yet).
+    volatile: BTreeMap<u64, (Class, u64)>,
+    dropped: u64,
+    /// The disk is full (and the writer has noticed).
+    fault: bool,
+}
+
+impl Model {
+    fn bytes(&self) -> u64 {
+        self.live.values().map(|v| v.1).sum()
+    }
+
+    /// The `max_bytes` bound: the oldest heartbeat first, then the oldest.
+    fn bound(&mut self, max: u64) {
+        while self.bytes() > max {
+            let victim = self
+                .live
+                .iter()
+                .find(|(_, v)| v.0 == Class::Heartbeat)
+                .or_else(|| self.live.iter().next())
+                .map(|(k, _)| *k)
+                .expect("over the bound means not empty");
+            let _gone = self.live.remove(&victim);
+            self.dropped += 1;
+        }
+    }
+
+    /// During a fault, what is kept in memory has its own limit.
+    fn retain(&mut self, limit: u64) {
+        while self.volatile.values().map(|v| v.1).sum::<u64>() > limit {
+            let victim = *self.volatile.keys().next().expect("over the limit means not empty");
+            let _gone = self.volatile.remove(&victim);
+            let _gone = self.live.remove(&victim);
+            self.dropped += 1;
+        }
+    }
+
+    /// A power cut or an exit while the disk fails: what was only in memory
+    /// is gone (and counted), acks not committed come back.
+    fn lose_memory(&mut self) {
+        for seq in std::mem::take(&mut self.volatile).into_keys() {
+            let _gone = self.live.remove(&seq);
+            self.dropped += 1;
+        }
+        self.live.append(&mut self.unflushed_acks);
     }
 }
 
@@ -560,11 +614,7 @@ fn run_model(seed: u64) {
 
     let mut store = MemStore::new();
     let (mut h, mut r, _) = open_in_memory(&store, &config).expect("open");
-    // seq -> (class, stored size)
-    let mut model: BTreeMap<u64, (Class, u64)> = BTreeMap::new();
-    // Acked since the last fsync: a crash brings them back.
-    let mut unflushed_acks: BTreeMap<u64, (Class, u64)> = BTreeMap::new();
-    let mut dropped = 0u64;
+    let mut m = Model::default();
     let mut last_seq = 0u64;
     // The seq the writer hands out next: last_seq + 1, or R after a crash.
     let mut next_seq = 1u64;
@@ -574,108 +624,244 @@ fn run_model(seed: u64) {
         // Acks are fire and forget: the queue is only comparable after a
         // step that waited on the writer.
         let mut synced = true;
-        match rng.u32(0..100) {
+        let roll = rng.u32(0..100);
+        // To debug a failing seed: FIELDLINK_TRACE_MODEL=1 prints every step.
+        if std::env::var_os("FIELDLINK_TRACE_MODEL").is_some() {
+            let keys = |m: &BTreeMap<u64, (Class, u64)>| m.keys().copied().collect::<Vec<_>>();
+            eprintln!(
+                "{ctx}: roll {roll} fault {} live {:?} volatile {:?} unflushed {:?} dropped {}",
+                m.fault,
+                keys(&m.live),
+                keys(&m.volatile),
+                keys(&m.unflushed_acks),
+                m.dropped
+            );
+        }
+        match roll {
             0..55 => {
                 let class = if rng.bool() { Class::Heartbeat } else { Class::Event };
                 let pad = rng.usize(0..120);
-                let seq = wait(h.append(draft_padded(class, pad))).expect("append");
+                let result = wait(h.append(draft_padded(class, pad)));
+                let seq = seq_of(&result).unwrap_or_else(|| panic!("{ctx}: {result:?}"));
                 assert!(seq > last_seq, "{ctx}: seq {seq} after {last_seq}");
                 assert_eq!(seq, next_seq, "{ctx}");
                 last_seq = seq;
                 next_seq = seq + 1;
-                // The fsync for this append covered every earlier ack.
-                unflushed_acks.clear();
-                let _new = model.insert(seq, (class, record_size(seq, class, pad)));
-                while model.values().map(|v| v.1).sum::<u64>() > config.max_bytes {
-                    let victim = model
-                        .iter()
-                        .find(|(_, v)| v.0 == Class::Heartbeat)
-                        .or_else(|| model.iter().next())
-                        .map(|(k, _)| *k)
-                        .expect("over the bound means not empty");
-                    let _gone = model.remove(&victim);
-                    dropped += 1;
+                let size = record_size(seq, class, pad);
+                match (m.fault, class, &result) {
+                    (false, _, Ok(_)) => {
+                        // The commit for this append covered every earlier ack.
+                        m.unflushed_acks.clear();
+                        let _new = m.live.insert(seq, (class, size));
+                        m.bound(config.max_bytes);
+                    }
+                    (true, Class::Heartbeat, Err(OutboxError::Shed { .. })) => m.dropped += 1,
+                    (true, Class::Event, Err(OutboxError::KeptInMemory { .. })) => {
+                        let _new = m.live.insert(seq, (class, size));
+                        let _new = m.volatile.insert(seq, (class, size));
+                        m.retain(config.max_bytes);
+                    }
+                    other => panic!("{ctx}: fault {}, {other:?}", m.fault),
                 }
             }
-            55..75 => {
-                let mut acks: Vec<u64> = model.keys().copied().filter(|_| rng.u32(0..3) == 0).collect();
+            55..72 => {
+                let mut acks: Vec<u64> = m.live.keys().copied().filter(|_| rng.u32(0..3) == 0).collect();
                 acks.push(rng.u64(0..=last_seq + 2));
                 for seq in &acks {
-                    if let Some(v) = model.remove(seq) {
-                        let _new = unflushed_acks.insert(*seq, v);
+                    if let Some(v) = m.live.remove(seq)
+                        && m.volatile.remove(seq).is_none()
+                    {
+                        let _new = m.unflushed_acks.insert(*seq, v);
                     }
                 }
                 h.ack(acks);
                 synced = false;
             }
-            75..85 => {
-                wait(h.flush()).expect("flush");
-                unflushed_acks.clear();
+            72..80 => {
+                let flushed = wait(h.flush());
+                assert_eq!(flushed.is_ok(), !m.fault, "{ctx}: {flushed:?}");
+                if !m.fault {
+                    m.unflushed_acks.clear();
+                }
             }
-            85..93 => {
+            80..86 => {
+                // Shut down, and open again. During a fault whose disk is
+                // still full, what was kept in memory is lost and counted,
+                // and acks since the last commit come back.
+                let result = if m.fault { wait(h.flush()).err() } else { None };
+                assert!(result.is_some() == m.fault, "{ctx}");
                 h.shutdown();
                 drop(r);
-                unflushed_acks.clear();
+                if m.fault {
+                    m.lose_memory();
+                } else {
+                    m.unflushed_acks.clear();
+                }
                 let (h2, r2, report) = open_in_memory(&store, &config).expect("reopen");
-                assert_eq!(report.next_seq, next_seq, "{ctx}: a clean reopen continues without a gap");
+                if m.fault {
+                    assert!(report.next_seq > last_seq, "{ctx}: seqs must not repeat");
+                    next_seq = report.next_seq;
+                } else {
+                    assert_eq!(report.next_seq, next_seq, "{ctx}: a clean reopen continues without a gap");
+                }
                 (h, r) = (h2, r2);
             }
-            _ => {
-                // Cut the power: only what the last fsync covered survives,
-                // so acks since then come back (nothing else flushes: the
-                // interval is an hour and appends are what trigger fsyncs).
+            86..92 => {
+                // Cut the power: only what the last commit covered survives
+                // (nothing else commits: the interval is an hour and appends
+                // are what trigger commits), and the disk is fine afterwards.
+                if m.fault {
+                    // Let the writer take in every ack first, so the ledger
+                    // knows what is kept in memory.
+                    assert!(wait(h.flush()).is_err(), "{ctx}");
+                }
                 let crashed = store.crashed();
                 h.shutdown();
                 drop(r);
-                model.append(&mut unflushed_acks);
+                m.lose_memory();
+                m.fault = false;
                 store = crashed;
                 let (h2, r2, report) = open_in_memory(&store, &config).expect("reopen after crash");
                 assert!(report.next_seq > last_seq, "{ctx}: seqs must not repeat after a crash");
                 next_seq = report.next_seq;
                 (h, r) = (h2, r2);
             }
+            92..96 if !m.fault => {
+                // The disk fills up; the next write (an event) notices.
+                wait(h.flush()).expect("flush");
+                m.unflushed_acks.clear();
+                store.set_fail_writes(true);
+                let pad = rng.usize(0..120);
+                let result = wait(h.append(draft_padded(Class::Event, pad)));
+                let Err(OutboxError::KeptInMemory { seq, .. }) = result else {
+                    panic!("{ctx}: the first write on a full disk: {result:?}")
+                };
+                assert_eq!(seq, next_seq, "{ctx}");
+                last_seq = seq;
+                next_seq = seq + 1;
+                let size = record_size(seq, Class::Event, pad);
+                let _new = m.live.insert(seq, (Class::Event, size));
+                let _new = m.volatile.insert(seq, (Class::Event, size));
+                m.retain(config.max_bytes);
+                m.fault = true;
+            }
+            _ => {
+                // The disk has room again; a flush makes the writer reopen
+                // at once and write back what it kept.
+                store.set_fail_writes(false);
+                wait(h.flush()).unwrap_or_else(|e| panic!("{ctx}: recovery: {e}"));
+                m.fault = false;
+                m.volatile.clear();
+                m.unflushed_acks.clear();
+                m.bound(config.max_bytes);
+            }
         }
-        if synced {
+        if synced && !m.fault {
             let got: Vec<(u64, Class)> = all(&r).iter().map(|x| (x.seq, x.class)).collect();
-            let want: Vec<(u64, Class)> = model.iter().map(|(k, v)| (*k, v.0)).collect();
+            let want: Vec<(u64, Class)> = m.live.iter().map(|(k, v)| (*k, v.0)).collect();
             assert_eq!(got, want, "{ctx}");
             let stats = h.stats();
-            assert_eq!(stats.depth, model.len() as u64, "{ctx}");
-            assert_eq!(stats.bytes, model.values().map(|v| v.1).sum::<u64>(), "{ctx}");
-            assert_eq!(stats.dropped, dropped, "{ctx}");
+            assert_eq!(stats.depth, m.live.len() as u64, "{ctx}");
+            assert_eq!(stats.bytes, m.bytes(), "{ctx}");
+            assert_eq!(stats.dropped, m.dropped, "{ctx}");
+            assert!(!h.disk_fault(), "{ctx}");
+        }
+        if synced && m.fault {
+            assert_eq!(h.stats().dropped, m.dropped, "{ctx}");
         }
     }
     h.shutdown();
 }
 
 // ---------------------------------------------------------------------------
-// The close summary (`outbox.closed`): records a damaged database lost since
-// a clean close are counted.
+// Log capture.
 
-/// The log lines emitted on this thread while `f` runs (open logs on the
-/// caller's thread), and `f`'s result.
-fn with_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
-    #[derive(Clone)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("log lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+/// Collects log lines from the current thread and from the outbox threads
+/// started while it is installed (they inherit the dispatcher).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(buf);
+        Ok(buf.len())
     }
-    let sink = Sink(Arc::new(Mutex::new(Vec::new())));
-    let writer = sink.clone();
-    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
-    let logs = String::from_utf8_lossy(&sink.0.lock().expect("log lock")).into_owned();
-    (out, logs)
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
-fn close_summary_path(state: &Path) -> PathBuf {
-    state.join("outbox.closed")
+/// Tests run in parallel, some capturing logs with their own thread-local
+/// subscriber and some with none. tracing caches, per log statement, whether
+/// any subscriber wants it; a statement first reached on a thread with no
+/// subscriber, at the moment another test installs one, can be cached as
+/// wanted by nobody, and the capturing test then misses the line. A global
+/// subscriber that wants everything "sometimes" (and records nothing) keeps
+/// every statement asking the current thread's subscriber.
+fn no_callsite_is_ever_off() {
+    struct Sometimes;
+    impl tracing::Subscriber for Sometimes {
+        fn register_callsite(&self, _: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+            tracing::subscriber::Interest::sometimes()
+        }
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            false
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {}
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another test module may have set one first; then that one decides.
+        let _already_set = tracing::subscriber::set_global_default(Sometimes);
+    });
+}
+
+impl Logs {
+    /// Installs a subscriber for this thread until the guard is dropped.
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        no_callsite_is_ever_off();
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
+    }
+
+    /// How many lines at `level` (e.g. "ERROR") contain `what`.
+    fn count(&self, level: &str, what: &str) -> usize {
+        count_lines(&self.text(), level, what)
+    }
+}
+
+/// How many lines of `logs` at `level` (e.g. "ERROR") contain `what`.
+fn count_lines(logs: &str, level: &str, what: &str) -> usize {
+    logs.lines().filter(|l| l.contains(level) && l.contains(what)).count()
+}
+
+/// The log lines emitted while `f` runs (on this thread and by the outbox
+/// threads it starts), and `f`'s result.
+fn with_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    let (logs, guard) = Logs::capture();
+    let out = f();
+    drop(guard);
+    (out, logs.text())
+}
+
+// ---------------------------------------------------------------------------
+// The ledger: records a damaged database lost are counted and logged.
+
+fn ledger_path(state: &Path) -> PathBuf {
+    state.join("outbox.ledger")
 }
 
 /// Cuts the sled `db` file to `len` bytes, as a damaged disk or a careless
@@ -686,56 +872,85 @@ fn truncate_db(state: &Path, len: u64) {
     fs::OpenOptions::new().write(true).open(&db).expect("open db").set_len(len).expect("truncate");
 }
 
-/// 41 records, closed cleanly, then the `db` file cut to 3000 bytes: sled
-/// opens it without an error, in an older state with fewer records.
-fn closed_cleanly_then_truncated(state: &Path, keep_summary: bool) -> (u64, u64) {
-    let (h, r, _) = open(state, &cfg(Durability::Always)).expect("open");
-    let stored: Vec<u64> = (0..41).map(|_| append(&h, Class::Event)).collect();
-    let next_seq = stored.last().expect("appended") + 1;
-    close(h, r);
-    assert!(close_summary_path(state).exists(), "a clean close writes the close summary");
-    if !keep_summary {
-        fs::remove_file(close_summary_path(state)).expect("remove summary");
+/// Copies a directory tree (the files as they are on disk right now).
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("mkdir");
+    for e in fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            let _bytes = fs::copy(&p, to.join(e.file_name())).expect("copy");
+        }
     }
-    truncate_db(state, 3000);
-    (stored.len() as u64, next_seq)
 }
 
 #[test]
 fn records_lost_from_sled_after_a_clean_close_are_counted_as_dropped_and_logged() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (before, closed_next) = closed_cleanly_then_truncated(dir.path(), true);
+    let (h, r, _) = open(dir.path(), &cfg(Durability::Always)).expect("open");
+    let before: Vec<u64> = (0..41).map(|_| append(&h, Class::Event)).collect();
+    let closed_next = before.last().expect("appended") + 1;
+    close(h, r);
+    assert!(ledger_path(dir.path()).exists(), "every commit writes the ledger");
+    truncate_db(dir.path(), 3000);
 
     let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("reopen"));
     assert_eq!(report.moved_aside, None, "sled opened the damaged file without an error");
     let after = report.depth;
-    assert!(after < before, "the truncation made sled recover an older state ({after} of {before} records)");
-    let lost = before - after;
-    assert!(lost > 0);
-    assert_eq!(h.stats().dropped, lost, "every record missing since the clean close is counted");
+    assert!(after < 41, "the truncation made sled recover an older state ({after} of 41 records)");
+    let lost = 41 - after;
+    assert_eq!((report.lost, h.stats().dropped), (lost, lost), "every record missing is counted");
     assert_eq!(all(&r).len() as u64, after);
-    let line = format!("the outbox lost {lost} records since it was closed cleanly; its files were damaged");
-    assert!(logs.contains(&line) && logs.contains("ERROR"), "{logs}");
-    assert_eq!(logs.matches("OUTBOX DAMAGED").count(), 1, "one loud line: {logs}");
-    assert!(
-        report.next_seq > closed_next,
-        "next_seq {} could repeat a seq handed out before the close",
-        report.next_seq
-    );
+    let line = format!("{lost} records lost from a damaged outbox");
+    assert_eq!(count_lines(&logs, "ERROR", &line), 1, "one loud line: {logs}");
+    assert!(report.next_seq > closed_next, "next_seq {} could repeat a seq handed out", report.next_seq);
     assert!(report.next_seq >= FLOOR_STEP, "resumes at the floor");
     assert_eq!(append(&h, Class::Event), report.next_seq);
-    assert!(!close_summary_path(dir.path()).exists(), "the summary is spent at open");
     close(h, r);
 
     let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("reopen again"));
     assert_eq!(h.stats().dropped, lost, "the drops are persisted, and counted once");
-    assert_eq!(report.depth, after + 1);
+    assert_eq!((report.depth, report.lost), (after + 1, 0));
     assert!(!logs.contains("OUTBOX DAMAGED"), "{logs}");
     close(h, r);
 }
 
 #[test]
-fn a_database_rolled_back_behind_its_clean_close_counts_the_loss_and_never_repeats_seqs() {
+fn records_lost_to_damage_after_a_crash_are_counted_as_dropped() {
+    let live = tempfile::tempdir().expect("tempdir");
+    let (h, r, _) = open(live.path(), &cfg(Durability::Always)).expect("open");
+    let stored: Vec<u64> =
+        (0..300).map(|_| append(&h, if rng_is_heartbeat() { Class::Heartbeat } else { Class::Event })).collect();
+    h.ack(stored[..100].to_vec());
+    wait(h.flush()).expect("flush");
+    // A power cut now: the files as they are on disk, with the outbox open.
+    let crashed = tempfile::tempdir().expect("tempdir");
+    copy_dir(live.path(), crashed.path());
+    close(h, r);
+    let _lock = fs::remove_file(crashed.path().join("outbox.lock"));
+    truncate_db(crashed.path(), fs::metadata(crashed.path().join("outbox/db")).expect("db").len() / 2);
+
+    let ((h, r, report), logs) = with_logs(|| open(crashed.path(), &cfg(Durability::Always)).expect("open"));
+    let found: Vec<u64> = seqs(&all(&r)).into_iter().filter(|s| *s > stored[99]).collect();
+    let missing = 200 - found.len() as u64;
+    assert!(missing > 0, "half the db file is gone: some records are missing");
+    assert_eq!(report.lost, missing, "exactly the missing ones are counted (acks were in order)");
+    assert_eq!(h.stats().dropped, missing);
+    assert_eq!(count_lines(&logs, "ERROR", &format!("{missing} records lost from a damaged outbox")), 1, "{logs}");
+    close(h, r);
+}
+
+/// Every seventh record is a heartbeat.
+fn rng_is_heartbeat() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed).is_multiple_of(7)
+}
+
+#[test]
+fn a_database_rolled_back_behind_its_last_commit_counts_the_loss_and_never_repeats_seqs() {
     let store = MemStore::new();
     let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
     for _ in 0..5 {
@@ -750,8 +965,7 @@ fn a_database_rolled_back_behind_its_clean_close_counts_the_loss_and_never_repea
     for _ in 0..5 {
         append(&h, Class::Event);
     }
-    // A record too large to encode: refused and counted, so the close
-    // summary's `dropped` is 1.
+    // A record too large to encode: refused and counted, so `dropped` is 1.
     assert!(wait(h.append(draft_padded(Class::Event, MAX_RECORD_BYTES))).is_err());
     let stats = h.stats();
     assert_eq!((stats.depth, stats.dropped), (10, 1));
@@ -762,29 +976,26 @@ fn a_database_rolled_back_behind_its_clean_close_counts_the_loss_and_never_repea
     let damaged = store.rolled_back_to(&older);
     let ((h, r, report), logs) = with_logs(|| open_in_memory(&damaged, &cfg(Durability::Always)).expect("open"));
     assert_eq!(report.depth, 5);
-    assert_eq!(h.stats().dropped, 1 + 5, "the summary's drops, plus the 5 records lost");
-    assert!(logs.contains("the outbox lost 5 records since it was closed cleanly; its files were damaged"), "{logs}");
+    assert_eq!(h.stats().dropped, 1 + 5, "the ledger's drops, plus the 5 records lost");
+    assert!(logs.contains("5 records lost from a damaged outbox"), "{logs}");
     assert_eq!(seqs(&all(&r)), vec![1, 2, 3, 4, 5]);
-    assert_eq!(report.next_seq, FLOOR_STEP + 1, "at least max(closed next_seq 12, the floor)");
+    assert_eq!(report.next_seq, FLOOR_STEP + 1, "at least max(the ledger's next_seq 12, the floor)");
     assert_eq!(append(&h, Class::Event), FLOOR_STEP + 1);
     h.shutdown();
 }
 
 #[test]
-fn a_clean_close_followed_by_an_undamaged_reopen_counts_nothing_and_removes_the_summary() {
+fn a_clean_close_followed_by_an_undamaged_reopen_counts_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (h, r, _) = open(dir.path(), &cfg(Durability::Always)).expect("open");
     let stored: Vec<u64> = (0..41).map(|_| append(&h, Class::Event)).collect();
     h.ack(stored[..10].to_vec());
     wait(h.flush()).expect("flush");
     let before = h.stats();
-    assert!(!close_summary_path(dir.path()).exists(), "no summary while the outbox is open");
     close(h, r);
-    assert!(close_summary_path(dir.path()).exists());
 
     let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("reopen"));
-    assert!(!close_summary_path(dir.path()).exists(), "the summary is spent at open");
-    assert_eq!((report.depth, report.next_seq, report.moved_aside.clone()), (31, 42, None));
+    assert_eq!((report.depth, report.next_seq, report.lost, report.moved_aside.clone()), (31, 42, 0, None));
     let stats = h.stats();
     assert_eq!((stats.depth, stats.bytes, stats.dropped), (before.depth, before.bytes, 0));
     assert!(!logs.contains("OUTBOX DAMAGED") && !logs.contains("ERROR"), "{logs}");
@@ -793,37 +1004,551 @@ fn a_clean_close_followed_by_an_undamaged_reopen_counts_nothing_and_removes_the_
 }
 
 #[test]
-fn a_crash_leaves_no_summary_and_reopens_as_before() {
+fn a_crash_without_damage_counts_nothing_and_resumes_at_the_floor() {
     let store = MemStore::new();
     let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
     append(&h, Class::Event);
     h.shutdown();
     let (h, _r, _) = open_in_memory(&store, &batch_never()).expect("reopen");
-    assert_eq!(super::store::Store::close_summary(&store).expect("summary"), None, "removed at open");
     assert_eq!(append_flushed(&h), 2);
+    // Appended, not committed: lost by the crash, but never durable either.
+    let _pending = h.append(draft(Class::Event));
     let crashed = store.crashed();
     h.shutdown();
 
     let ((h, r, report), logs) = with_logs(|| open_in_memory(&crashed, &batch_never()).expect("reopen after crash"));
-    assert_eq!(report.next_seq, FLOOR_STEP + 1, "a crash resumes at the floor, as before");
-    assert_eq!((report.depth, h.stats().dropped), (2, 0));
+    assert_eq!(report.next_seq, FLOOR_STEP + 1, "a crash resumes at the floor");
+    assert_eq!((report.depth, report.lost, h.stats().dropped), (2, 0, 0));
     assert_eq!(seqs(&all(&r)), vec![1, 2]);
     assert!(!logs.contains("OUTBOX DAMAGED"), "{logs}");
     h.shutdown();
 }
 
 #[test]
-fn without_a_summary_a_truncated_database_opens_as_before() {
-    // The last run could not leave a summary (it crashed, or writing it
-    // failed): nothing to compare with, so the loss goes unnoticed as it
-    // did before the summary existed.
+fn deleting_the_database_directory_counts_every_record_it_held_and_keeps_the_epoch() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (before, _) = closed_cleanly_then_truncated(dir.path(), false);
-    let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("reopen"));
-    assert_eq!(report.moved_aside, None);
-    assert!(report.depth < before);
-    assert_eq!(h.stats().dropped, 0);
-    assert!(report.next_seq > before, "seqs still never repeat: they jump to the floor");
-    assert!(!logs.contains("OUTBOX DAMAGED"), "{logs}");
+    let (h, r, first) = open(dir.path(), &cfg(Durability::Always)).expect("open");
+    let stored: Vec<u64> = (0..30).map(|_| append(&h, Class::Event)).collect();
     close(h, r);
+    fs::remove_dir_all(dir.path().join("outbox")).expect("rm -r outbox");
+
+    let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("open"));
+    assert_eq!((report.depth, report.lost, h.stats().dropped), (0, 30, 30));
+    assert!(logs.contains("30 records lost from a damaged outbox"), "{logs}");
+    assert_eq!((report.epoch, report.new_epoch), (first.epoch, false), "seq.floor survived: same epoch");
+    assert!(append(&h, Class::Event) > *stored.last().expect("stored"), "seqs never repeat");
+    close(h, r);
+}
+
+#[test]
+fn a_legacy_close_summary_is_checked_once_and_removed() {
+    let store = MemStore::new();
+    let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    for _ in 0..3 {
+        append(&h, Class::Event);
+    }
+    h.shutdown();
+    let older = store.crashed();
+    let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("reopen");
+    for _ in 0..4 {
+        append(&h, Class::Event);
+    }
+    h.shutdown();
+    // As a build before the ledger left it: a close summary, no ledger;
+    // then the database went back to `older`.
+    store.forget_ledger();
+    store.put_close_summary(record::CloseSummary { next_seq: 8, depth: 7, bytes: 0, dropped: 0 });
+    let damaged = store.rolled_back_to(&older);
+    let ((h, _r, report), logs) = with_logs(|| open_in_memory(&damaged, &cfg(Durability::Always)).expect("open"));
+    assert_eq!((report.depth, report.lost, h.stats().dropped), (3, 4, 4));
+    assert!(logs.contains("4 records lost from a damaged outbox"), "{logs}");
+    assert_eq!(super::store::Side::close_summary(&damaged).expect("summary"), None, "removed at open");
+    h.shutdown();
+}
+
+#[test]
+fn a_database_moved_aside_is_salvaged_and_its_records_replayed_with_their_original_payloads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (h, r, _) = open(dir.path(), &cfg(Durability::Always)).expect("open");
+    let stored: Vec<u64> = (0..6).map(|i| append(&h, if i == 2 { Class::Heartbeat } else { Class::Event })).collect();
+    h.ack(vec![stored[0]]);
+    wait(h.flush()).expect("flush");
+    close(h, r);
+    {
+        // The oldest live event no longer decodes: the database is moved aside.
+        let db = sled::open(dir.path().join("outbox")).expect("raw open");
+        let events = db.open_tree("events").expect("tree");
+        let _old = events.insert(stored[1].to_be_bytes(), b"\x02from a future version".as_slice()).expect("insert");
+        let _bytes = db.flush().expect("flush");
+    }
+
+    let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("open"));
+    assert!(report.moved_aside.is_some(), "{logs}");
+    assert_eq!((report.replayed, report.lost), (4, 1), "4 readable live records replayed, the bad one counted");
+    assert_eq!(h.stats().dropped, 1);
+    let got = all(&r);
+    let original: Vec<u64> = got
+        .iter()
+        .map(|rec| {
+            let v: serde_json::Value = serde_json::from_slice(&rec.payload).expect("payload");
+            v["seq"].as_u64().expect("seq in the payload")
+        })
+        .collect();
+    assert_eq!(original, stored[2..].to_vec(), "original payloads (and their seqs), in their original order");
+    assert_eq!(got[0].class, Class::Heartbeat);
+    assert!(got.iter().all(|rec| rec.seq >= FLOOR_STEP), "new outbox seqs, above every old one");
+    assert_eq!(count_lines(&logs, "ERROR", "OUTBOX CORRUPT"), 1, "{logs}");
+    assert!(logs.contains("1 records lost from a damaged outbox"), "{logs}");
+    let next = append(&h, Class::Event);
+    assert!(next > got.last().expect("replayed").seq, "new records come after the replayed ones");
+    close(h, r);
+}
+
+#[test]
+fn an_unreadable_database_moved_aside_counts_its_records_as_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (h, r, first) = open(dir.path(), &cfg(Durability::Always)).expect("open");
+    for _ in 0..3 {
+        append(&h, Class::Event);
+    }
+    close(h, r);
+    garbage_over_files(&dir.path().join("outbox"), None);
+
+    let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("open"));
+    assert!(report.moved_aside.is_some(), "{logs}");
+    assert_eq!((report.replayed, report.lost, h.stats().dropped), (0, 3, 3));
+    assert_eq!(report.epoch, first.epoch);
+    assert!(logs.contains("3 records lost from a damaged outbox"), "{logs}");
+    close(h, r);
+}
+
+/// Random byte damage to a real sled `db` file, many times over: open never
+/// panics (sled does, e.g. `serialization.rs:662`, and it is caught), it
+/// either opens or moves the database aside, and a record that is gone is
+/// counted: the records still there plus `dropped` cover every record that
+/// was live.
+#[test]
+fn random_damage_to_the_sled_db_file_never_panics_and_never_loses_records_silently() {
+    let template = tempfile::tempdir().expect("tempdir");
+    let live: Vec<u64> = {
+        let (h, r, _) = open(template.path(), &cfg(Durability::Batch)).expect("open");
+        let pending: Vec<_> = (0..3000)
+            .map(|i| h.append(draft_padded(if i % 5 == 0 { Class::Heartbeat } else { Class::Event }, 150)))
+            .collect();
+        wait(h.flush()).expect("flush");
+        let stored: Vec<u64> = pending.into_iter().map(|f| wait(f).expect("append")).collect();
+        // Acked in order, as the Link does.
+        h.ack(stored[..1000].to_vec());
+        wait(h.flush()).expect("flush");
+        close(h, r);
+        stored[1000..].to_vec()
+    };
+    let (mut opened, mut aside, mut counted) = (0, 0, 0);
+    for seed in 0..64u64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        copy_dir(template.path(), dir.path());
+        let db = dir.path().join("outbox/db");
+        let mut bytes = fs::read(&db).expect("read");
+        let mut rng = fastrand::Rng::with_seed(seed);
+        for _ in 0..3 {
+            let at = rng.usize(0..bytes.len() - 32);
+            rng.fill(&mut bytes[at..at + 32]);
+        }
+        fs::write(&db, &bytes).expect("write");
+
+        let (h, r, report) = open(dir.path(), &cfg(Durability::Always))
+            .unwrap_or_else(|e| panic!("seed {seed}: open must recover, not fail: {e}"));
+        if report.moved_aside.is_some() {
+            aside += 1;
+        } else {
+            opened += 1;
+        }
+        let got = r.read(0, u64::MAX, usize::MAX).unwrap_or_else(|e| panic!("seed {seed}: read: {e}"));
+        let found: std::collections::BTreeSet<u64> = got
+            .iter()
+            .filter_map(|rec| serde_json::from_slice::<serde_json::Value>(&rec.payload).ok()?["seq"].as_u64())
+            .filter(|s| live.binary_search(s).is_ok())
+            .collect();
+        let dropped = h.stats().dropped;
+        assert!(
+            found.len() as u64 + dropped >= live.len() as u64,
+            "seed {seed}: {} of {} live records found and {dropped} dropped (moved aside: {:?})",
+            found.len(),
+            live.len(),
+            report.moved_aside
+        );
+        if (found.len() as u64) < live.len() as u64 {
+            counted += 1;
+        }
+        assert!(seq_of(&wait(h.append(draft(Class::Event)))).is_some(), "seed {seed}: the outbox works");
+        close(h, r);
+    }
+    println!("random damage: {opened} opened in place, {aside} moved aside, {counted} with counted losses");
+    assert!(aside > 0 && opened > 0, "both outcomes were exercised: {opened} opened, {aside} moved aside");
+}
+
+// ---------------------------------------------------------------------------
+// Disk faults: sled's I/O error is sticky; the writer reopens the database.
+
+#[test]
+fn a_full_disk_keeps_events_in_memory_sheds_heartbeats_and_recovers_without_a_restart() {
+    let (logs, _guard) = Logs::capture();
+    let store = MemStore::new();
+    let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    assert_eq!(append(&h, Class::Event), 1);
+    store.set_fail_writes(true);
+
+    let kept = wait(h.append(draft(Class::Event)));
+    assert!(matches!(kept, Err(OutboxError::KeptInMemory { seq: 2, .. })), "{kept:?}");
+    assert!(kept.as_ref().err().is_some_and(|e| e.to_string().contains("kept in memory")));
+    let shed = wait(h.append(draft(Class::Heartbeat)));
+    assert!(matches!(shed, Err(OutboxError::Shed { seq: 3, .. })), "{shed:?}");
+    assert!(h.disk_fault());
+    assert_eq!(h.stats().dropped, 1, "the shed heartbeat");
+    assert!(wait(h.flush()).is_err(), "nothing can be made durable while the disk is full");
+    assert_eq!(h.stats().durable_seq, 1);
+    assert_eq!(logs.count("ERROR", "OUTBOX DISK FAULT"), 1, "one loud line: {}", logs.text());
+
+    store.set_fail_writes(false);
+    wait(h.flush()).expect("the flush reopens the database and writes back what was kept");
+    assert!(!h.disk_fault());
+    assert_eq!(store.reopen_count(), 1);
+    assert_eq!(seqs(&all(&r)), vec![1, 2], "the event kept in memory is on disk now");
+    assert_eq!(h.stats().durable_seq, 3);
+    assert_eq!(append(&h, Class::Event), 4, "appends are durable again");
+    assert_eq!(logs.count("WARN", "the disk can be written again"), 1, "{}", logs.text());
+    h.shutdown();
+    drop(r);
+
+    let (h, r, report) = open_in_memory(&store, &cfg(Durability::Always)).expect("reopen");
+    assert_eq!(h.stats().dropped, 1, "the drop count survives the reopen and the restart");
+    assert_eq!((report.lost, seqs(&all(&r))), (0, vec![1, 2, 4]));
+    h.shutdown();
+}
+
+#[test]
+fn without_a_flush_the_writer_reopens_on_its_own_with_back_off() {
+    let store = MemStore::new();
+    let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    store.set_fail_writes(true);
+    assert!(matches!(wait(h.append(draft(Class::Event))), Err(OutboxError::KeptInMemory { seq: 1, .. })));
+    store.set_fail_writes(false);
+    // The first reopen is due after max(flush_interval, 100 ms); poll.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.disk_fault() {
+        assert!(Instant::now() < deadline, "the writer never reopened the database");
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(seqs(&all(&r)), vec![1]);
+    assert_eq!(store.crashed().scan_len(), 1, "and it is durable");
+    h.shutdown();
+}
+
+#[test]
+fn acks_during_a_disk_fault_are_applied_after_the_reopen() {
+    let store = MemStore::new();
+    let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    let stored: Vec<u64> = (0..3).map(|_| append(&h, Class::Event)).collect();
+    store.set_fail_writes(true);
+    let kept = seq_of(&wait(h.append(draft(Class::Event)))).expect("kept");
+    h.ack(vec![stored[0], stored[1], kept]);
+    assert!(wait(h.flush()).is_err());
+    store.set_fail_writes(false);
+    wait(h.flush()).expect("recovered");
+    assert_eq!(seqs(&all(&r)), vec![stored[2]]);
+    assert_eq!(h.stats().depth, 1);
+    h.shutdown();
+}
+
+#[test]
+fn a_crash_during_a_disk_fault_counts_the_events_kept_in_memory_as_dropped() {
+    let store = MemStore::new();
+    let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    append(&h, Class::Event);
+    store.set_fail_writes(true);
+    for _ in 0..2 {
+        assert!(matches!(wait(h.append(draft(Class::Event))), Err(OutboxError::KeptInMemory { .. })));
+    }
+    assert!(matches!(wait(h.append(draft(Class::Heartbeat))), Err(OutboxError::Shed { .. })));
+    let crashed = store.crashed();
+    h.shutdown();
+
+    let ((h, r, report), logs) = with_logs(|| open_in_memory(&crashed, &cfg(Durability::Always)).expect("open"));
+    assert_eq!((report.lost, h.stats().dropped), (2, 1 + 2), "the shed heartbeat, and the 2 kept events");
+    assert!(logs.contains("2 records kept in memory during a disk fault were lost"), "{logs}");
+    assert_eq!(seqs(&all(&r)), vec![1]);
+    h.shutdown();
+}
+
+#[test]
+fn shutting_down_during_a_disk_fault_counts_what_it_could_not_write() {
+    let store = MemStore::new();
+    let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    store.set_fail_writes(true);
+    assert!(matches!(wait(h.append(draft(Class::Event))), Err(OutboxError::KeptInMemory { .. })));
+    let (_, logs) = with_logs(|| h.shutdown());
+    let _ = logs; // the writer thread logs to the subscriber it was started with
+    store.set_fail_writes(false);
+    let (h, _r, report) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    assert_eq!((report.depth, h.stats().dropped), (0, 1));
+    h.shutdown();
+}
+
+#[test]
+fn over_the_retain_limit_during_a_fault_the_oldest_kept_records_are_dropped() {
+    let store = MemStore::new();
+    let probe = cfg(Durability::Always);
+    let (h, _r, _) = open_in_memory(&store, &probe).expect("open");
+    let first = append(&h, Class::Event);
+    let size = h.stats().bytes;
+    h.ack(vec![first]);
+    h.shutdown();
+
+    let small = OutboxConfig { max_bytes: 3 * size, ..probe };
+    let (h, r, _) = open_in_memory(&store, &small).expect("reopen");
+    store.set_fail_writes(true);
+    let kept: Vec<u64> = (0..5).map(|_| seq_of(&wait(h.append(draft(Class::Event)))).expect("seq")).collect();
+    assert_eq!(h.stats().dropped, 2, "only 3 records fit in the limit");
+    store.set_fail_writes(false);
+    wait(h.flush()).expect("recovered");
+    assert_eq!(seqs(&all(&r)), kept[2..].to_vec(), "the newest 3 survive");
+    h.shutdown();
+}
+
+/// Unmounts a tmpfs when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "4m"), or says why it cannot.
+    fn mount(size: &str) -> Result<Tmpfs, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount refused: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Best effort: a failed unmount leaves a small tmpfs behind, nothing worse.
+        let _status = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// A real sled on a real full disk (a 4 MiB tmpfs filled up), then space
+/// freed: the writer reopens the database without a restart, every event is
+/// on disk afterwards and nothing was dropped but shed heartbeats.
+#[test]
+fn a_real_full_disk_is_recovered_once_space_returns() {
+    let fs = match Tmpfs::mount("4m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("SKIPPED a_real_full_disk_is_recovered_once_space_returns: {why}");
+            return;
+        }
+    };
+    let state = fs.path().join("state");
+    let (h, r, _) = open(&state, &cfg(Durability::Always)).expect("open");
+    // Leave about 100 KiB free.
+    let filler = fs.path().join("filler");
+    let free = nix::sys::statvfs::statvfs(fs.path()).expect("statvfs");
+    let avail = free.blocks_available() as u64 * free.fragment_size() as u64;
+    fs::write(&filler, vec![0u8; avail.saturating_sub(100 << 10) as usize]).expect("filler");
+
+    let mut events = Vec::new();
+    let mut shed = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !h.disk_fault() {
+        assert!(Instant::now() < deadline, "the disk never filled up");
+        let result = wait(h.append(draft_padded(Class::Event, 400)));
+        events.push(seq_of(&result).unwrap_or_else(|| panic!("{result:?}")));
+    }
+    // A few more while it is full: kept in memory, heartbeats shed.
+    for _ in 0..5 {
+        events.push(seq_of(&wait(h.append(draft_padded(Class::Event, 400)))).expect("seq"));
+        assert!(matches!(wait(h.append(draft(Class::Heartbeat))), Err(OutboxError::Shed { .. })));
+        shed += 1;
+    }
+    fs::remove_file(&filler).expect("free the space");
+    while wait(h.flush()).is_err() {
+        assert!(Instant::now() < deadline, "the outbox never recovered");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!h.disk_fault());
+    assert_eq!(seqs(&all(&r)), events, "every event is stored, none lost");
+    assert_eq!(h.stats().dropped, shed);
+    assert!(append(&h, Class::Event) > *events.last().expect("events"));
+    close(h, r);
+    let (h, r, report) = open(&state, &cfg(Durability::Always)).expect("reopen");
+    assert_eq!((report.lost, h.stats().dropped, all(&r).len()), (0, shed, events.len() + 1));
+    close(h, r);
+}
+
+// ---------------------------------------------------------------------------
+// The epoch.
+
+#[test]
+fn a_new_state_dir_gets_an_epoch_that_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("open"));
+    let now_ms = std::time::SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis() as u64;
+    assert!(report.new_epoch);
+    assert!(report.epoch <= now_ms && report.epoch > now_ms - 60_000, "unix ms at open: {}", report.epoch);
+    assert_eq!(h.epoch(), report.epoch);
+    assert!(!logs.contains("WARN"), "a first start is no warning: {logs}");
+    append(&h, Class::Event);
+    close(h, r);
+    let (h, r, again) = open(dir.path(), &cfg(Durability::Always)).expect("reopen");
+    assert_eq!((again.epoch, again.new_epoch), (report.epoch, false));
+    close(h, r);
+}
+
+#[test]
+fn a_version_1_floor_keeps_epoch_0_so_an_existing_deployment_keeps_its_identity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (h, r, _) = open(dir.path(), &cfg(Durability::Always)).expect("open");
+    append(&h, Class::Event);
+    close(h, r);
+    // What a build before epochs wrote: 0x01, then R.
+    fs::write(dir.path().join("seq.floor"), record::encode_u64(FLOOR_STEP + 1)).expect("v1 floor");
+    let (h, r, report) = open(dir.path(), &cfg(Durability::Always)).expect("open");
+    assert_eq!((report.epoch, report.new_epoch, h.epoch()), (0, false, 0));
+    assert_eq!(append(&h, Class::Event), 2);
+    close(h, r);
+}
+
+#[test]
+fn a_lost_floor_starts_a_new_epoch_logged_at_warn_and_seqs_still_do_not_restart() {
+    for damage in ["delete", "garbage"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (h, r, first) = open(dir.path(), &cfg(Durability::Always)).expect("open");
+        let last = (0..3).map(|_| append(&h, Class::Event)).max().expect("appended");
+        close(h, r);
+        let floor = dir.path().join("seq.floor");
+        match damage {
+            "delete" => fs::remove_file(&floor).expect("rm"),
+            _ => fs::write(&floor, b"garbage").expect("garbage"),
+        }
+        // A new epoch is the clock in ms: make sure it moved.
+        thread::sleep(Duration::from_millis(2));
+        let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("open"));
+        assert!(report.new_epoch, "{damage}");
+        assert_ne!(report.epoch, first.epoch, "{damage}");
+        assert_eq!(count_lines(&logs, "WARN", "starting a new epoch"), 1, "{damage}: {logs}");
+        assert!(report.next_seq > last, "{damage}: the ledger still knows where seqs were");
+        close(h, r);
+        let (h, r, again) = open(dir.path(), &cfg(Durability::Always)).expect("reopen");
+        assert_eq!((again.epoch, again.new_epoch), (report.epoch, false), "{damage}: the new epoch is kept");
+        close(h, r);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The reader thread.
+
+#[test]
+fn read_async_reads_on_the_outbox_reader_thread_not_the_callers() {
+    let store = MemStore::new();
+    let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    append(&h, Class::Event);
+    // Hold the database as a reopen would: a read must wait for it, and
+    // only the reader thread may be the one waiting.
+    let slot = r.slot.clone();
+    let held = slot.write();
+    let mut pending = Box::pin(r.read_async(0, u64::MAX, 10));
+    assert!(pending.as_mut().now_or_never().is_none(), "the caller's thread did not block on the read");
+    drop(held);
+    assert_eq!(seqs(&wait(pending).expect("read")), vec![1]);
+    h.shutdown();
+}
+
+#[test]
+fn a_read_while_the_database_is_closed_for_a_reopen_fails_instead_of_returning_nothing() {
+    let store = MemStore::new();
+    let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    append(&h, Class::Event);
+    let saved = r.slot.write().take();
+    assert!(matches!(r.read(0, u64::MAX, 10), Err(OutboxError::Unavailable)));
+    assert!(matches!(wait(r.read_async(0, u64::MAX, 10)), Err(OutboxError::Unavailable)));
+    assert_eq!(r.oldest_ts_ms(), None);
+    *r.slot.write() = saved;
+    assert_eq!(seqs(&all(&r)), vec![1]);
+    h.shutdown();
+}
+
+// ---------------------------------------------------------------------------
+// `always` is an fsync: checked with strace.
+
+/// Env var that turns the child test below into a workload.
+const STRACE_CHILD_DIR: &str = "FIELDLINK_OUTBOX_STRACE_DIR";
+const STRACE_APPENDS: usize = 10;
+
+/// The workload the strace test traces: 10 `always` appends, each awaited
+/// (so each is its own group commit). Does nothing unless run by that test.
+#[test]
+#[ignore = "run by always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group under strace"]
+fn strace_child_appends_in_always_mode() {
+    let Some(dir) = std::env::var_os(STRACE_CHILD_DIR) else { return };
+    let (h, r, _) = open(Path::new(&dir), &cfg(Durability::Always)).expect("open");
+    append(&h, Class::Event); // writes the floor: not counted
+    println!("STRACE-MARK-BEGIN");
+    for _ in 0..STRACE_APPENDS {
+        append(&h, Class::Event);
+    }
+    println!("STRACE-MARK-END");
+    close(h, r);
+}
+
+#[test]
+fn always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group() {
+    let Some(strace) = ["/usr/bin/strace", "/bin/strace"].into_iter().map(Path::new).find(|p| p.exists()) else {
+        println!("SKIPPED always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group: strace is not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = dir.path().join("trace");
+    let state = dir.path().join("state");
+    let out = std::process::Command::new(strace)
+        .args(["-f", "-y", "-e", "trace=fsync,fdatasync,sync_file_range,write", "-o"])
+        .arg(&trace)
+        .arg(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "outbox::tests::strace_child_appends_in_always_mode", "--ignored", "--nocapture"])
+        .args(["--test-threads", "1"])
+        .env(STRACE_CHILD_DIR, &state)
+        .output()
+        .expect("run strace");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && (stderr.contains("ptrace") || stderr.contains("Operation not permitted")) {
+        println!("SKIPPED always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group: {}", stderr.trim());
+        return;
+    }
+    assert!(out.status.success(), "the traced workload failed: {stderr}");
+    let text = fs::read_to_string(&trace).expect("trace");
+    // Only the timed appends: between the two marks the workload printed.
+    let begin = text.find("STRACE-MARK-BEGIN").expect("begin mark in the trace");
+    let end = text.find("STRACE-MARK-END").expect("end mark in the trace");
+    let window = &text[begin..end];
+    let count = |call: &str, file: &str| {
+        window.lines().filter(|l| l.contains(&format!("{call}(")) && l.contains(file) && l.contains("= 0")).count()
+    };
+    let db = count("fdatasync", "/outbox/db>");
+    let ledger = count("fdatasync", "/outbox.ledger>");
+    let sfr = count("sync_file_range", "/outbox/db>");
+    println!(
+        "{STRACE_APPENDS} always appends: {db} fdatasync of outbox/db, {ledger} of outbox.ledger, {sfr} sync_file_range"
+    );
+    assert!(db >= STRACE_APPENDS, "one fdatasync of the sled db file per group: {db}\n{window}");
+    assert!(ledger >= STRACE_APPENDS, "one fdatasync of the ledger per group: {ledger}\n{window}");
 }

@@ -1,23 +1,31 @@
 //! The writer thread: the one place that mutates the outbox. Owns seq
-//! assignment and the seq floor, group commit and fsync, the `max_bytes`
-//! bound, ack and corrupt-record removals, the meta values, and resolving the
-//! waiters of `append` and `flush`.
+//! assignment and the seq floor, group commit (sled flush, fdatasync, the
+//! ledger), the `max_bytes` bound, ack and corrupt-record removals, the meta
+//! values, resolving the waiters of `append` and `flush`, and riding out a
+//! disk fault: reopening the database with back-off and writing again what
+//! the fault kept in memory (see `fault.rs` for the rules).
 //!
-//! It must never stop because of a storage error: a failed insert is a
-//! dropped record and an error for its waiter, a failed flush is an error for
-//! the waiters of that group and a retry one `flush_interval` later. It must
-//! not block on anything but its channel and the disk.
+//! It must never stop because of a storage error: a failed write or commit
+//! starts a disk fault (sled's error is sticky, so only a reopen clears it),
+//! during which heartbeats are shed, events are kept in memory and every
+//! waiter hears at once that its record is not durable. It must not block on
+//! anything but its channel and the disk.
 
+use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::record::{self, CloseSummary};
-use super::store::{self, Store, StoreError};
+use super::fault::{self, Admit, Fault};
+use super::ledger::Ledger;
+use super::record::{self, Floor};
+use super::salvage::Salvage;
+use super::store::{self, Side, Store, StoreError, StoreSlot};
 use super::{Class, Draft, OutboxError, Record, Shared};
 use crate::config::{Durability, OutboxConfig};
 use crate::timefmt;
@@ -30,16 +38,17 @@ pub const FLOOR_STEP: u64 = 1_000_000;
 /// hold the first waiter of a group back for long.
 const MAX_GROUP: usize = 4096;
 
-/// Retry back-off after a failed fsync: from max(flush_interval, this)...
-const MIN_FLUSH_RETRY: Duration = Duration::from_millis(100);
-/// ... doubling up to this.
-const MAX_FLUSH_RETRY: Duration = Duration::from_secs(30);
+/// How long a reopen waits for reads of the old database to finish.
+const READS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+type AppendReply = oneshot::Sender<Result<u64, OutboxError>>;
+type FlushReply = oneshot::Sender<Result<(), OutboxError>>;
 
 /// What the handles and readers ask of the writer.
 pub(crate) enum Msg {
     Append {
         draft: Draft,
-        reply: oneshot::Sender<Result<u64, OutboxError>>,
+        reply: AppendReply,
     },
     Ack(Vec<u64>),
     /// A reader found a record it cannot decode.
@@ -47,36 +56,92 @@ pub(crate) enum Msg {
         seq: u64,
         reason: String,
     },
-    Flush(oneshot::Sender<Result<(), OutboxError>>),
+    Flush(FlushReply),
     OnDurable(Box<dyn Fn(u64) + Send>),
     Shutdown,
 }
 
+/// How the writer gets a usable database back after a fault.
+pub(crate) trait Reopen: Send {
+    /// Whether the disk seems to have room again (no writes; cheap).
+    fn has_room(&self) -> bool;
+    /// Opens the database again. The caller has dropped every handle to the
+    /// old one. A database found corrupt is moved aside and salvaged.
+    fn reopen(&self) -> Result<Reopened, StoreError>;
+}
+
+/// A database opened again after a fault.
+pub(crate) struct Reopened {
+    pub store: Arc<dyn Store>,
+    /// Where the old database went, if it had to be moved aside.
+    pub moved_aside: Option<PathBuf>,
+    /// What could be read from it then.
+    pub salvage: Salvage,
+}
+
+/// What became of one append.
+enum Outcome {
+    /// Stored; the reply waits for the commit.
+    Stored(u64),
+    /// Shed or kept in memory during a disk fault: replied to at the end of
+    /// the group, once the ledger says so.
+    Held(OutboxError),
+    /// Dropped (and counted) before it was stored.
+    Dropped(OutboxError),
+}
+
+/// How a removal went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    Removed,
+    Absent,
+    /// The database cannot be written now; removed after the reopen.
+    Deferred,
+}
+
 /// The writer's state; [`Writer::run`] consumes it on its own thread.
 pub(crate) struct Writer {
-    pub store: Arc<dyn Store>,
+    /// The database; `None` while a reopen has not succeeded.
+    pub store: Option<Arc<dyn Store>>,
+    /// Where readers find the database.
+    pub slot: Arc<StoreSlot>,
+    pub side: Arc<dyn Side>,
+    pub reopen: Box<dyn Reopen>,
     pub shared: Arc<Shared>,
     pub cfg: OutboxConfig,
     /// The seq the next append gets.
     pub next_seq: u64,
     /// The reservation `R`: no seq >= `floor` is assigned before `floor` is raised.
     pub floor: u64,
-    /// Meta values not yet written to the store.
-    pub meta_dirty: bool,
-    /// Mutations not yet flushed, and when the first of them happened.
+    pub epoch: u64,
+    /// The last commit number handed to the database's "commit" meta value.
+    pub commit: u64,
+    /// The last ledger entry written.
+    pub ledger: Ledger,
+    /// Mutations not yet committed, and when the first of them happened.
     pub dirty_since: Option<Instant>,
-    /// Consecutive failed fsyncs, and when to try again (see `flush`).
-    pub flush_failures: u32,
-    pub retry_at: Option<Instant>,
-    pub append_waiters: Vec<(u64, oneshot::Sender<Result<u64, OutboxError>>)>,
-    pub flush_waiters: Vec<oneshot::Sender<Result<(), OutboxError>>>,
+    /// Records stored (or kept in memory) since the last commit, with their
+    /// values: written again after a reopen, which keeps only committed data.
+    pub unsaved: BTreeMap<u64, (Class, Vec<u8>)>,
+    /// Σ stored size of `unsaved`.
+    pub unsaved_bytes: u64,
+    /// Seqs removed since the last commit or while the disk fails: removed
+    /// again after a reopen.
+    pub removed: Vec<u64>,
+    pub fault: Option<Fault>,
+    /// The ledger's `dropped`/`unsaved` changed during a fault.
+    pub ledger_dirty: bool,
+    pub append_waiters: Vec<(u64, AppendReply)>,
+    pub flush_waiters: Vec<FlushReply>,
+    pub held_replies: Vec<(AppendReply, OutboxError)>,
     pub on_durable: Option<Box<dyn Fn(u64) + Send>>,
 }
 
 impl Writer {
     /// The writer loop: take one message, drain what is queued behind it,
-    /// apply the group, then flush if the group needs it. Returns when
-    /// shut down or when every handle is gone, after a final flush.
+    /// apply the group, then commit if the group needs it (or, during a
+    /// disk fault, try to reopen when due). Returns when shut down or when
+    /// every handle is gone, after a final commit.
     pub(crate) fn run(mut self, rx: Receiver<Msg>) {
         // max_bytes may have shrunk since the last run.
         self.enforce_bound();
@@ -101,10 +166,7 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => stop = true,
             }
-            self.write_meta();
-            if stop || self.flush_due() {
-                self.flush();
-            }
+            self.end_group(stop);
         }
         self.close();
     }
@@ -119,7 +181,7 @@ impl Writer {
                 }
             }
             Msg::DropCorrupt { seq, reason } => {
-                if self.remove(seq, "corrupt") {
+                if self.remove(seq, "corrupt") != Removal::Absent {
                     self.count_dropped();
                     tracing::error!(seq, %reason, "outbox: removed a record that does not decode; counted as dropped");
                 }
@@ -131,13 +193,38 @@ impl Writer {
         false
     }
 
-    fn append(&mut self, draft: Draft, reply: oneshot::Sender<Result<u64, OutboxError>>) {
-        let result = self.try_append(draft);
-        // Every seq assigned so far is now stored or dropped: readers may see it.
+    /// After a group: commit if due, or during a fault try to recover if
+    /// due (at once when someone waits on a flush); then answer whoever
+    /// cannot be answered with "durable".
+    fn end_group(&mut self, stop: bool) {
+        if self.fault.is_none() && (stop || self.flush_due()) {
+            self.commit_and_resolve();
+        }
+        if let Some(f) = &self.fault
+            && (stop || !self.flush_waiters.is_empty() || f.due(Instant::now()))
+        {
+            self.try_recover();
+        }
+        if let Some(f) = &self.fault {
+            let cause = f.cause.clone();
+            // The ledger first: whoever hears back can rely on it.
+            self.write_fault_ledger();
+            self.resolve(Err(Arc::new(StoreError::Fault(cause))));
+        }
+        for (reply, e) in self.held_replies.drain(..) {
+            // The appender may have given up waiting; the outcome stands.
+            let _gone = reply.send(Err(e));
+        }
+    }
+
+    fn append(&mut self, draft: Draft, reply: AppendReply) {
+        let outcome = self.try_append(draft);
+        // Every seq assigned so far is now stored, kept or dropped: readers may see it.
         self.shared.written_seq.store(self.next_seq - 1, Ordering::Release);
-        match result {
-            Ok(seq) => self.append_waiters.push((seq, reply)),
-            Err(e) => {
+        match outcome {
+            Outcome::Stored(seq) => self.append_waiters.push((seq, reply)),
+            Outcome::Held(e) => self.held_replies.push((reply, e)),
+            Outcome::Dropped(e) => {
                 self.count_dropped();
                 // The appender may have given up waiting; the drop is counted either way.
                 let _gone = reply.send(Err(e));
@@ -146,50 +233,121 @@ impl Writer {
     }
 
     /// Assigns a seq, builds and stores the record, applies the bound.
-    fn try_append(&mut self, draft: Draft) -> Result<u64, OutboxError> {
-        if self.next_seq >= self.floor {
-            let r = self.next_seq.max(self.floor).saturating_add(FLOOR_STEP);
-            self.store.set_floor(r).map_err(|e| {
-                tracing::error!(error = %e, "outbox: cannot raise the seq floor; record dropped");
-                OutboxError::Floor(Arc::new(e))
-            })?;
-            self.floor = r;
+    fn try_append(&mut self, draft: Draft) -> Outcome {
+        if self.fault.is_none()
+            && let Err(e) = self.reserve(1)
+        {
+            // Most likely the disk is full. The seq is still handed out: a
+            // record is only sent once committed, and the recovery raises
+            // the floor before it commits (see `reconcile`), so a crash
+            // before that can only repeat seqs that never left memory.
+            self.enter_fault(&e);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.meta_dirty = true;
         self.mark_dirty();
-        // From here on `seq` is spent: every outcome below stores it or counts a drop.
+        // From here on `seq` is spent: every outcome below stores it, keeps it or counts a drop.
 
         let Draft { topic, qos, retain, class, ts, payload } = draft;
-        let payload = catch_unwind(AssertUnwindSafe(move || payload(seq))).map_err(|_| {
-            tracing::error!(seq, %topic, "outbox: the payload builder panicked; record dropped");
-            OutboxError::PayloadPanicked { seq }
-        })?;
+        let payload = match catch_unwind(AssertUnwindSafe(move || payload(seq))) {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::error!(seq, %topic, "outbox: the payload builder panicked; record dropped");
+                return Outcome::Dropped(OutboxError::PayloadPanicked { seq });
+            }
+        };
         let record = Record { seq, ts_ms: timefmt::to_millis(ts), class, qos, retain, topic, payload };
-        let value = record::encode(&record).map_err(|source| OutboxError::Encode { seq, source })?;
+        let value = match record::encode(&record) {
+            Ok(v) => v,
+            Err(source) => return Outcome::Dropped(OutboxError::Encode { seq, source }),
+        };
         let size = store::stored_size(value.len());
         if size > self.cfg.max_bytes {
-            return Err(OutboxError::TooLarge { seq, size, max: self.cfg.max_bytes });
+            return Outcome::Dropped(OutboxError::TooLarge { seq, size, max: self.cfg.max_bytes });
         }
-        self.store.insert(class, seq, &value).map_err(|e| {
-            tracing::error!(seq, error = %e, "outbox: insert failed (disk full?); record dropped");
-            OutboxError::Insert { seq, source: Arc::new(e) }
-        })?;
-        self.shared.depth.fetch_add(1, Ordering::Relaxed);
-        self.shared.bytes.fetch_add(size, Ordering::Relaxed);
-        self.enforce_bound();
-        Ok(seq)
+        if self.fault.is_some() {
+            return self.admit_during_fault(seq, class, value);
+        }
+        match self.store().and_then(|s| s.insert(class, seq, &value)) {
+            Ok(()) => {
+                self.track_unsaved(seq, class, value);
+                self.shared.depth.fetch_add(1, Ordering::Relaxed);
+                self.shared.bytes.fetch_add(size, Ordering::Relaxed);
+                self.enforce_bound();
+                Outcome::Stored(seq)
+            }
+            Err(e) if e.needs_reopen() => {
+                self.enter_fault(&e);
+                self.admit_during_fault(seq, class, value)
+            }
+            Err(e) => {
+                tracing::error!(seq, error = %e, "outbox: insert failed; record dropped");
+                Outcome::Dropped(OutboxError::Insert { seq, source: Arc::new(e) })
+            }
+        }
     }
 
-    /// While over `max_bytes`: drop the oldest heartbeat, else the oldest event.
+    /// Makes sure the next `n` seqs are below the floor, raising it (durably)
+    /// if needed.
+    fn reserve(&mut self, n: u64) -> Result<(), StoreError> {
+        let last = self.next_seq.saturating_add(n - 1);
+        if last < self.floor {
+            return Ok(());
+        }
+        let r = last.max(self.floor).saturating_add(FLOOR_STEP);
+        self.side.set_floor(&Floor { r, epoch: self.epoch })?;
+        self.floor = r;
+        Ok(())
+    }
+
+    /// A new record while the disk fails: shed a heartbeat, keep an event.
+    fn admit_during_fault(&mut self, seq: u64, class: Class, value: Vec<u8>) -> Outcome {
+        let Some(f) = self.fault.as_mut() else {
+            return Outcome::Dropped(OutboxError::Closed);
+        };
+        let cause = f.cause.clone();
+        // The ledger records the seq handed out, so it never repeats.
+        self.ledger_dirty = true;
+        match f.admit(class) {
+            Admit::Shed => {
+                self.count_dropped();
+                Outcome::Held(OutboxError::Shed { seq, cause })
+            }
+            Admit::Keep => {
+                let size = store::stored_size(value.len());
+                self.track_unsaved(seq, class, value);
+                self.shared.depth.fetch_add(1, Ordering::Relaxed);
+                self.shared.bytes.fetch_add(size, Ordering::Relaxed);
+                self.ledger_dirty = true;
+                self.enforce_retention();
+                Outcome::Held(OutboxError::KeptInMemory { seq, cause })
+            }
+        }
+    }
+
+    fn track_unsaved(&mut self, seq: u64, class: Class, value: Vec<u8>) {
+        self.unsaved_bytes += store::stored_size(value.len());
+        if let Some((_, old)) = self.unsaved.insert(seq, (class, value)) {
+            self.unsaved_bytes -= store::stored_size(old.len());
+        }
+    }
+
+    fn untrack_unsaved(&mut self, seq: u64) -> Option<u64> {
+        let (_, value) = self.unsaved.remove(&seq)?;
+        let size = store::stored_size(value.len());
+        self.unsaved_bytes -= size;
+        Some(size)
+    }
+
+    /// While over `max_bytes`: drop the oldest heartbeat, else the oldest
+    /// event. Not during a fault (nothing can be removed then; what is kept
+    /// in memory has its own limit, see [`Writer::enforce_retention`]).
     fn enforce_bound(&mut self) {
-        while self.shared.bytes.load(Ordering::Relaxed) > self.cfg.max_bytes {
-            let oldest = match self.store.first(Class::Heartbeat) {
-                Ok(Some(hb)) => Ok(Some(hb)),
-                Ok(None) => self.store.first(Class::Event),
-                Err(e) => Err(e),
-            };
+        while self.fault.is_none() && self.shared.bytes.load(Ordering::Relaxed) > self.cfg.max_bytes {
+            let oldest = self.store().and_then(|s| match s.first(Class::Heartbeat)? {
+                Some(hb) => Ok(Some(hb)),
+                None => s.first(Class::Event),
+            });
             let seq = match oldest {
                 Ok(Some((seq, _))) => seq,
                 Ok(None) => break,
@@ -198,7 +356,7 @@ impl Writer {
                     break;
                 }
             };
-            if !self.remove(seq, "bound") {
+            if self.remove(seq, "bound") == Removal::Absent {
                 break;
             }
             self.count_dropped();
@@ -211,27 +369,67 @@ impl Writer {
         }
     }
 
-    /// Removes `seq` if it is stored; `true` if it was. Absent seqs (already
-    /// acked or dropped) are a no-op.
-    fn remove(&mut self, seq: u64, why: &'static str) -> bool {
-        match self.store.remove(seq) {
+    /// During a fault: while what is kept in memory is over the retain
+    /// limit, drop the oldest kept heartbeat, else the oldest kept event.
+    fn enforce_retention(&mut self) {
+        let limit = fault::retain_limit(self.cfg.max_bytes);
+        while self.unsaved_bytes > limit {
+            let Some(seq) = fault::victim(self.unsaved.iter().map(|(s, (c, _))| (*s, *c))) else {
+                break;
+            };
+            if let Some(size) = self.untrack_unsaved(seq) {
+                self.shared.depth.fetch_sub(1, Ordering::Relaxed);
+                self.shared.bytes.fetch_sub(size, Ordering::Relaxed);
+            }
+            self.count_dropped();
+            if let Some(f) = self.fault.as_mut() {
+                f.shed += 1;
+            }
+            tracing::warn!(
+                seq,
+                limit,
+                "outbox: the disk still fails and too much is kept in memory; dropped the oldest"
+            );
+        }
+    }
+
+    /// Removes `seq` wherever it is. Absent seqs (already acked or dropped)
+    /// are a no-op.
+    fn remove(&mut self, seq: u64, why: &'static str) -> Removal {
+        if self.fault.is_some() {
+            if let Some(size) = self.untrack_unsaved(seq) {
+                self.shared.depth.fetch_sub(1, Ordering::Relaxed);
+                self.shared.bytes.fetch_sub(size, Ordering::Relaxed);
+                self.ledger_dirty = true;
+            }
+            // It may be in the database too, which cannot be written now.
+            self.removed.push(seq);
+            return Removal::Deferred;
+        }
+        match self.store().and_then(|s| s.remove(seq)) {
             Ok(Some((_class, size))) => {
                 self.shared.depth.fetch_sub(1, Ordering::Relaxed);
                 self.shared.bytes.fetch_sub(size, Ordering::Relaxed);
+                let _committed_or_not = self.untrack_unsaved(seq);
+                self.removed.push(seq);
                 self.mark_dirty();
-                true
+                Removal::Removed
             }
-            Ok(None) => false,
+            Ok(None) => Removal::Absent,
+            Err(e) if e.needs_reopen() => {
+                self.enter_fault(&e);
+                self.remove(seq, why)
+            }
             Err(e) => {
                 tracing::warn!(seq, why, error = %e, "outbox: cannot remove a record");
-                false
+                Removal::Absent
             }
         }
     }
 
     fn count_dropped(&mut self) {
         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-        self.meta_dirty = true;
+        self.ledger_dirty = true;
         self.mark_dirty();
     }
 
@@ -241,9 +439,17 @@ impl Writer {
         }
     }
 
-    /// When the pending mutations must be flushed at the latest.
+    fn store(&self) -> Result<Arc<dyn Store>, StoreError> {
+        self.store.clone().ok_or(StoreError::NotOpen)
+    }
+
+    /// When the writer must wake up at the latest: the next reopen try
+    /// during a fault, else the commit deadline of pending mutations.
     fn deadline(&self) -> Option<Instant> {
-        self.retry_at.or_else(|| self.dirty_since.map(|t| t + self.cfg.flush_interval))
+        match &self.fault {
+            Some(f) => Some(f.next_try),
+            None => self.dirty_since.map(|t| t + self.cfg.flush_interval),
+        }
     }
 
     fn flush_due(&self) -> bool {
@@ -252,73 +458,95 @@ impl Writer {
             || self.deadline().is_some_and(|at| at <= Instant::now())
     }
 
-    fn write_meta(&mut self) {
-        if !self.meta_dirty {
-            return;
-        }
-        let dropped = self.shared.dropped.load(Ordering::Relaxed);
-        let result = self
-            .store
-            .set_meta(store::META_NEXT_SEQ, &record::encode_u64(self.next_seq))
-            .and_then(|()| self.store.set_meta(store::META_DROPPED, &record::encode_u64(dropped)));
-        match result {
-            Ok(()) => self.meta_dirty = false,
-            // Kept dirty: retried with the next group. The seq floor still
-            // protects seq uniqueness meanwhile.
-            Err(e) => tracing::warn!(error = %e, "outbox: cannot write meta values"),
-        }
-    }
-
-    /// Flushes if anything is pending, then resolves every waiter.
-    fn flush(&mut self) {
+    /// Commits if anything is pending, then resolves every waiter; a failed
+    /// commit starts a fault.
+    fn commit_and_resolve(&mut self) {
         if self.dirty_since.is_none() {
             self.resolve(Ok(()));
             return;
         }
-        match self.store.flush() {
-            Ok(()) => {
-                if self.flush_failures > 0 {
-                    tracing::info!(failures = self.flush_failures, "outbox: flush works again");
-                }
-                self.flush_failures = 0;
-                self.retry_at = None;
-                self.dirty_since = if self.meta_dirty { Some(Instant::now()) } else { None };
-                let durable = self.next_seq - 1;
-                let before = self.shared.durable_seq.swap(durable, Ordering::AcqRel);
-                // Before the waiters: whoever sees an append resolve can rely
-                // on on_durable having seen its seq.
-                if durable > before
-                    && let Some(f) = &self.on_durable
-                    && catch_unwind(AssertUnwindSafe(|| f(durable))).is_err()
-                {
-                    tracing::error!(durable, "outbox: the on_durable callback panicked");
-                }
-                self.resolve(Ok(()));
-            }
-            Err(e) => {
-                // Back-off: max(flush_interval, 100 ms), doubling per
-                // consecutive failure, capped at 30 s. Appends in `always`
-                // mode still try at once, so their waiters hear promptly.
-                let base = self.cfg.flush_interval.max(MIN_FLUSH_RETRY);
-                let retry_in = base.saturating_mul(1 << self.flush_failures.min(16)).min(MAX_FLUSH_RETRY);
-                self.flush_failures = self.flush_failures.saturating_add(1);
-                self.retry_at = Some(Instant::now() + retry_in);
-                tracing::error!(
-                    error = %e,
-                    failures = self.flush_failures,
-                    ?retry_in,
-                    "outbox: flush (fsync) failed; waiters get an error, retrying"
-                );
-                self.resolve(Err(Arc::new(e)));
-            }
+        match self.commit(false) {
+            Ok(()) => self.committed(),
+            Err(e) => self.enter_fault(&e),
         }
     }
 
+    /// One group commit: the meta values, sled's flush, fdatasync of the
+    /// `db` file and new blobs (`Store::flush`), then the ledger, written
+    /// and fdatasync'ed. Only then is anything in it durable.
+    fn commit(&mut self, clean: bool) -> Result<(), StoreError> {
+        let store = self.store()?;
+        self.commit += 1;
+        let dropped = self.shared.dropped.load(Ordering::Relaxed);
+        for (key, v) in [
+            (store::META_NEXT_SEQ, self.next_seq),
+            (store::META_DROPPED, dropped),
+            (store::META_COMMIT, self.commit),
+            (store::META_CLEAN, u64::from(clean)),
+        ] {
+            store.set_meta(key, &record::encode_u64(v))?;
+        }
+        store.flush()?;
+        let ledger = Ledger {
+            write_no: self.ledger.write_no + 1,
+            commit: self.commit,
+            next_seq: self.next_seq,
+            depth: self.shared.depth.load(Ordering::Relaxed),
+            bytes: self.shared.bytes.load(Ordering::Relaxed),
+            live_from: self.live_from(&*store),
+            dropped,
+            unsaved: 0,
+            handed_out: self.next_seq,
+            clean,
+        };
+        self.side.set_ledger(&ledger)?;
+        self.ledger = ledger;
+        self.unsaved.clear();
+        self.unsaved_bytes = 0;
+        self.removed.clear();
+        self.dirty_since = None;
+        self.ledger_dirty = false;
+        Ok(())
+    }
+
+    /// Every seq below this is acked or dropped: the lowest stored seq, or
+    /// `next_seq` when nothing is stored (0 if that cannot be read: a lower
+    /// bound only makes a later loss count smaller, never larger).
+    fn live_from(&self, store: &dyn Store) -> u64 {
+        let mut low = self.next_seq;
+        for class in [Class::Heartbeat, Class::Event] {
+            match store.first(class) {
+                Ok(Some((seq, _))) => low = low.min(seq),
+                Ok(None) => {}
+                Err(_) => return 0,
+            }
+        }
+        low
+    }
+
+    /// After a successful commit: move `durable_seq`, tell `on_durable`,
+    /// resolve every waiter.
+    fn committed(&mut self) {
+        let durable = self.next_seq - 1;
+        let before = self.shared.durable_seq.swap(durable, Ordering::AcqRel);
+        // Before the waiters: whoever sees an append resolve can rely on
+        // on_durable having seen its seq.
+        if durable > before
+            && let Some(f) = &self.on_durable
+            && catch_unwind(AssertUnwindSafe(|| f(durable))).is_err()
+        {
+            tracing::error!(durable, "outbox: the on_durable callback panicked");
+        }
+        self.resolve(Ok(()));
+    }
+
+    /// Answers every waiter. On failure the appended records are kept (in
+    /// `unsaved`) and written again after the reopen.
     fn resolve(&mut self, result: Result<(), Arc<StoreError>>) {
         for (seq, reply) in self.append_waiters.drain(..) {
             let r = match &result {
                 Ok(()) => Ok(seq),
-                Err(e) => Err(OutboxError::Flush(e.clone())),
+                Err(e) => Err(OutboxError::KeptInMemory { seq, cause: e.to_string() }),
             };
             // The appender may have given up waiting; the record is stored regardless.
             let _gone = reply.send(r);
@@ -330,34 +558,215 @@ impl Writer {
         }
     }
 
-    /// After the final flush: mark the shutdown clean, so the next open can
-    /// trust `next_seq` instead of jumping to the floor; then write the close
-    /// summary outside the database, so the next open can tell whether the
-    /// database lost records since.
+    /// A write or commit failed: start a fault (one error line), or, during
+    /// one, schedule the next reopen. Waiters hear about it at the end of
+    /// the group.
+    fn enter_fault(&mut self, e: &StoreError) {
+        let now = Instant::now();
+        match self.fault.as_mut() {
+            Some(f) => {
+                let wait = f.failed(now);
+                tracing::warn!(error = %e, attempts = f.attempts, ?wait, "outbox: the disk still cannot be written");
+            }
+            None => {
+                tracing::error!(
+                    error = %e,
+                    retain_limit = fault::retain_limit(self.cfg.max_bytes),
+                    "OUTBOX DISK FAULT: cannot write the outbox; heartbeats are shed and new events are kept in \
+                     memory until it can write again (the database is reopened with back-off)"
+                );
+                self.fault = Some(Fault::new(now, e.to_string(), self.cfg.flush_interval));
+                self.shared.fault.store(true, Ordering::Release);
+                self.ledger_dirty = true;
+            }
+        }
+    }
+
+    /// During a fault: the ledger keeps the last commit's view and records
+    /// `dropped`, how many records only live in memory, and the seqs handed
+    /// out meanwhile (the ledger file is rewritten in place, which works on
+    /// a full disk).
+    fn write_fault_ledger(&mut self) {
+        if !self.ledger_dirty {
+            return;
+        }
+        let ledger = Ledger {
+            write_no: self.ledger.write_no + 1,
+            dropped: self.shared.dropped.load(Ordering::Relaxed),
+            unsaved: self.unsaved.len() as u64,
+            handed_out: self.next_seq,
+            clean: false,
+            ..self.ledger
+        };
+        match self.side.set_ledger(&ledger) {
+            Ok(()) => {
+                self.ledger = ledger;
+                self.ledger_dirty = false;
+            }
+            Err(e) => tracing::warn!(error = %e, "outbox: cannot write the ledger during a disk fault"),
+        }
+    }
+
+    /// During a fault: if the disk seems to have room, close the database,
+    /// open it again and write back what was kept; leave the fault if that
+    /// and a commit succeed.
+    fn try_recover(&mut self) {
+        let now = Instant::now();
+        if !self.reopen.has_room() {
+            if let Some(f) = self.fault.as_mut() {
+                f.no_room_yet(now);
+                tracing::debug!("outbox: the disk is still full; not reopening yet");
+            }
+            return;
+        }
+        let reopened = {
+            // Readers wait on this lock; none holds the old database now.
+            let Some(mut slot) = self.slot.write_within(READS_PATIENCE) else {
+                self.enter_fault(&StoreError::Fault("a read of the old database did not finish".into()));
+                return;
+            };
+            *slot = None;
+            self.store = None;
+            let r = self.reopen.reopen();
+            if let Ok(r) = &r {
+                *slot = Some(r.store.clone());
+                self.store = Some(r.store.clone());
+            }
+            r
+        };
+        let result = reopened.and_then(|r| self.reconcile(r));
+        match result {
+            Ok(()) => {
+                let f = self.fault.take();
+                self.shared.fault.store(false, Ordering::Release);
+                if let Some(f) = f {
+                    tracing::warn!(
+                        after = ?f.since.elapsed(),
+                        attempts = f.attempts + 1,
+                        kept = f.kept,
+                        shed = f.shed,
+                        "outbox: the disk can be written again; reopened the outbox, the events kept in memory \
+                         are on disk now"
+                    );
+                }
+                // Over the bound after writing back what was kept: drop, commit again.
+                self.enforce_bound();
+                if self.dirty_since.is_some()
+                    && let Err(e) = self.commit(false)
+                {
+                    self.enter_fault(&e);
+                    return;
+                }
+                self.committed();
+            }
+            Err(e) => self.enter_fault(&e),
+        }
+    }
+
+    /// After a reopen: count what the database lost against the last ledger
+    /// entry, redo the removals and writes since the last commit, replay
+    /// what was salvaged from a database moved aside, recount, commit.
+    fn reconcile(&mut self, r: Reopened) -> Result<(), StoreError> {
+        let store = r.store;
+        let last = self.ledger;
+        let disk_commit = store.meta(store::META_COMMIT)?.and_then(|v| record::decode_u64(&v).ok()).unwrap_or(0);
+        self.commit = self.commit.max(disk_commit);
+        let present = match &r.moved_aside {
+            Some(_) => r.salvage.count_from(last.live_from),
+            None => {
+                let mut live = 0;
+                for class in [Class::Heartbeat, Class::Event] {
+                    live += store.scan(class, last.live_from, u64::MAX)?.live;
+                }
+                live
+            }
+        };
+        if r.moved_aside.is_some() || disk_commit < last.commit {
+            let lost = last.depth.saturating_sub(present);
+            // Counted once: a later reopen (if this one fails further on)
+            // and the next open compare with what is left.
+            self.ledger.depth = self.ledger.depth.min(present);
+            self.ledger_dirty = true;
+            if lost > 0 {
+                self.shared.dropped.fetch_add(lost, Ordering::Relaxed);
+                tracing::error!(
+                    lost,
+                    "OUTBOX DAMAGED: {lost} records lost from a damaged outbox (found when reopening it after a \
+                     disk fault; counted as dropped)"
+                );
+            }
+        }
+        for seq in self.removed.clone() {
+            let _gone_or_absent = store.remove(seq)?;
+        }
+        // Seqs handed out while the floor could not be raised: raise it first.
+        self.reserve(1)?;
+        for (seq, (class, value)) in &self.unsaved {
+            store.insert(*class, *seq, value)?;
+        }
+        if let Some(aside) = &r.moved_aside {
+            let records: Vec<Record> = r.salvage.records.into_iter().filter(|rec| rec.seq >= last.live_from).collect();
+            let n = records.len() as u64;
+            if n > 0 {
+                self.reserve(n)?;
+                for rec in records {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let value = super::salvage::rekey(rec, seq).map_err(StoreError::Replay)?;
+                    store.insert(value.0, seq, &value.1)?;
+                    self.track_unsaved(seq, value.0, value.1);
+                }
+                self.shared.written_seq.store(self.next_seq - 1, Ordering::Release);
+                tracing::warn!(
+                    replayed = n,
+                    from = %aside.display(),
+                    "outbox: replayed the records salvaged from the outbox moved aside (new outbox seqs; their \
+                     payloads keep their original seq)"
+                );
+            }
+        }
+        let (mut depth, mut bytes) = (0, 0);
+        for class in [Class::Heartbeat, Class::Event] {
+            let scan = store.scan(class, 0, u64::MAX)?;
+            depth += scan.records;
+            bytes += scan.bytes;
+        }
+        self.shared.depth.store(depth, Ordering::Relaxed);
+        self.shared.bytes.store(bytes, Ordering::Relaxed);
+        self.mark_dirty();
+        self.commit(false)
+    }
+
+    /// After the final commit: mark the shutdown clean (a commit with
+    /// `clean` set, in the database and in the ledger), so the next open can
+    /// trust `next_seq` instead of jumping to the floor. During a fault that
+    /// a last reopen cannot end, what is kept in memory is lost: counted.
     fn close(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
-        if self.dirty_since.is_some() || self.meta_dirty {
-            tracing::warn!("outbox: closing with unflushed changes; the next open starts seqs at the floor");
+        // The last group (`end_group` with `stop`) tried a last reopen.
+        if self.fault.is_some() {
+            let kept = self.unsaved.len() as u64;
+            if kept > 0 {
+                self.shared.dropped.fetch_add(kept, Ordering::Relaxed);
+                tracing::error!(
+                    lost = kept,
+                    "outbox: shutting down while the disk still cannot be written: {kept} records kept in memory \
+                     are lost (counted as dropped)"
+                );
+            }
+            self.unsaved.clear();
+            self.unsaved_bytes = 0;
+            self.ledger_dirty = true;
+            self.write_fault_ledger();
             return;
         }
-        let marked = self.store.set_meta(store::META_CLEAN, &record::encode_u64(1)).and_then(|()| self.store.flush());
-        if let Err(e) = marked {
-            tracing::warn!(error = %e, "outbox: cannot mark the shutdown clean");
+        if self.dirty_since.is_some() {
+            tracing::warn!("outbox: closing with uncommitted changes; the next open starts seqs at the floor");
             return;
         }
-        let summary = CloseSummary {
-            next_seq: self.next_seq,
-            depth: self.shared.depth.load(Ordering::Relaxed),
-            bytes: self.shared.bytes.load(Ordering::Relaxed),
-            dropped: self.shared.dropped.load(Ordering::Relaxed),
-        };
-        match self.store.set_close_summary(&summary) {
-            Ok(()) => tracing::debug!(next_seq = self.next_seq, depth = summary.depth, "outbox: closed cleanly"),
-            Err(e) => tracing::warn!(
-                error = %e,
-                "outbox: closed cleanly but cannot write the close summary; \
-                 the next open cannot check whether records were lost meanwhile"
-            ),
+        match self.commit(true) {
+            Ok(()) => tracing::debug!(next_seq = self.next_seq, "outbox: closed cleanly"),
+            Err(e) => tracing::warn!(error = %e, "outbox: cannot mark the shutdown clean"),
         }
     }
 }

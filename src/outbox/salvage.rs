@@ -1,0 +1,104 @@
+//! Salvage: reading what is still readable from a database that was moved
+//! aside as corrupt, so that its records can be replayed into the fresh
+//! outbox instead of being silently left behind. Owns opening the aside
+//! directory with sled (once, under [`panics::catch`]), walking both record
+//! trees until the first error, and decoding what it finds.
+//!
+//! It must not write to the fresh outbox or assign seqs (open and the writer
+//! replay what it returns), and it must never fail: an unreadable database
+//! is a [`Salvage`] with `unreadable` set, which the caller counts.
+//!
+//! sled may write to the aside directory while opening it (log recovery,
+//! a snapshot); it is kept for inspection only, so that is acceptable.
+
+use std::path::Path;
+
+use super::panics;
+use super::record;
+use super::{Class, Record};
+
+/// What could be read from a database moved aside.
+#[derive(Debug, Default)]
+pub(crate) struct Salvage {
+    /// Every record that decoded, in seq order (the seqs of the old database).
+    pub records: Vec<Record>,
+    /// Why the database (or part of it) could not be read, if it could not.
+    pub unreadable: Option<String>,
+    /// Entries that were found but did not decode.
+    pub undecodable: u64,
+}
+
+impl Salvage {
+    /// Records with a seq at or above `from`.
+    pub(crate) fn count_from(&self, from: u64) -> u64 {
+        self.records.iter().filter(|r| r.seq >= from).count() as u64
+    }
+}
+
+/// The sled page cache used for the one read of an aside database.
+const SALVAGE_CACHE_BYTES: u64 = 4 << 20;
+
+/// Reads every record that can be read from the sled database in `dir`.
+pub(crate) fn salvage(dir: &Path) -> Salvage {
+    let config = sled::Config::new().path(dir).cache_capacity(SALVAGE_CACHE_BYTES).flush_every_ms(None);
+    let opened = panics::catch(move || config.open());
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(e)) => return unreadable(format!("sled cannot open it: {e}")),
+        Err(panic) => return unreadable(format!("sled panicked while opening it: {panic}")),
+    };
+    let mut out = Salvage::default();
+    let walked = panics::catch(|| {
+        for (name, class) in [("heartbeats", Class::Heartbeat), ("events", Class::Event)] {
+            match db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes()) {
+                true => walk(&db, name, class, &mut out),
+                false => continue,
+            }
+        }
+    });
+    if let Err(panic) = walked {
+        out.unreadable = Some(format!("sled panicked while reading it: {panic}"));
+    }
+    // Dropping a damaged Db flushes it; a panic there changes nothing read.
+    if let Err(panic) = panics::catch(move || drop(db)) {
+        tracing::warn!(dir = %dir.display(), %panic, "outbox: sled panicked while closing a salvaged database");
+    }
+    out.records.sort_by_key(|r| r.seq);
+    out.records.dedup_by_key(|r| r.seq);
+    out
+}
+
+/// A salvaged record under its new outbox seq, encoded: its class and value.
+/// The payload bytes stay as they were (so the seq inside stays the original).
+pub(crate) fn rekey(mut rec: Record, seq: u64) -> Result<(Class, Vec<u8>), record::RecordError> {
+    rec.seq = seq;
+    Ok((rec.class, record::encode(&rec)?))
+}
+
+fn unreadable(reason: String) -> Salvage {
+    Salvage { unreadable: Some(reason), ..Salvage::default() }
+}
+
+/// Reads one tree until its end or its first error.
+fn walk(db: &sled::Db, name: &str, class: Class, out: &mut Salvage) {
+    let tree = match db.open_tree(name) {
+        Ok(t) => t,
+        Err(e) => {
+            out.unreadable = Some(format!("tree '{name}': {e}"));
+            return;
+        }
+    };
+    for entry in tree.iter() {
+        let (k, v) = match entry {
+            Ok(kv) => kv,
+            Err(e) => {
+                out.unreadable = Some(format!("tree '{name}' after {} records: {e}", out.records.len()));
+                return;
+            }
+        };
+        match record::seq_of_key(&k).map(|seq| record::decode(seq, class, &v)) {
+            Some(Ok(r)) => out.records.push(r),
+            _ => out.undecodable += 1,
+        }
+    }
+}

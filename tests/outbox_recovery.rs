@@ -1,0 +1,120 @@
+//! The outbox's recovery from damage, black-box: a database that makes sled
+//! panic is moved aside instead of crash-looping the agent (its exit-on-panic
+//! hook leaves a panic the outbox catches alone), and the records it held are
+//! counted and reach the hub in the next heartbeat (DESIGN: Delivery
+//! promises). The damage itself is unit-tested in `src/outbox/tests.rs`.
+
+mod common;
+
+use std::fs;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use common::{DEADLINE, Rig, first_occurrences, records};
+use fieldlink::config::{Durability, OutboxConfig};
+use fieldlink::outbox::{self, Class, Draft};
+use fieldlink::proto::Qos;
+
+const RECORDS: u64 = 3000;
+const ACKED: u64 = 1000;
+
+fn cfg() -> OutboxConfig {
+    OutboxConfig { max_bytes: 64 << 20, durability: Durability::Batch, flush_interval: Duration::from_millis(100) }
+}
+
+/// Fills `state_dir`'s outbox with [`RECORDS`] records and acks the oldest
+/// [`ACKED`], as an agent that was offline for a while would leave it.
+fn fill(state_dir: &Path) {
+    let (h, r, _) = outbox::open(state_dir, &cfg()).expect("open the outbox");
+    let pending: Vec<_> = (0..RECORDS)
+        .map(|i| {
+            h.append(Draft {
+                topic: "fieldlink/elsewhere/button/door".to_string(),
+                qos: Qos::AtLeastOnce,
+                retain: false,
+                class: if i % 5 == 0 { Class::Heartbeat } else { Class::Event },
+                ts: SystemTime::now(),
+                payload: Box::new(|seq| format!("{{\"seq\":{seq},\"pad\":\"{}\"}}", "x".repeat(150)).into_bytes()),
+            })
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    rt.block_on(h.flush()).expect("flush");
+    let seqs: Vec<u64> = pending.into_iter().map(|f| rt.block_on(f).expect("append")).collect();
+    h.ack(seqs[..ACKED as usize].to_vec());
+    rt.block_on(h.flush()).expect("flush");
+    h.shutdown();
+    drop(r);
+}
+
+/// Three seeded 32-byte overwrites of `db`.
+fn damage(db: &[u8], seed: u64) -> Vec<u8> {
+    let mut bytes = db.to_vec();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for _ in 0..3 {
+        let at = rng.usize(0..bytes.len() - 32);
+        rng.fill(&mut bytes[at..at + 32]);
+    }
+    bytes
+}
+
+/// Whether sled 0.34.7 panics opening `dir` (the issue's
+/// `serialization.rs:662 tried to serialize Uninitialized`).
+fn sled_panics_on(dir: &Path) -> bool {
+    let dir = dir.to_path_buf();
+    let opened = catch_unwind(AssertUnwindSafe(move || sled::Config::new().path(dir).open().map(drop)));
+    opened.is_err()
+}
+
+#[test]
+fn a_sled_panic_on_a_damaged_outbox_moves_it_aside_and_the_next_heartbeat_counts_the_lost_records() {
+    let Some(mut rig) = Rig::new("obx-panic", false, |b| b.heartbeat_interval("1s")) else { return };
+    let state = rig.agent.state_dir().to_path_buf();
+    fill(&state);
+    let db_path = state.join("outbox").join("db");
+    let db = fs::read(&db_path).expect("read the db file");
+
+    // The damage that makes sled panic: try seeds on a scratch copy.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let panicking = (0..200u64).find(|&seed| {
+        let copy = scratch.path().join(format!("try-{seed}"));
+        fs::create_dir_all(&copy).expect("mkdir");
+        fs::copy(state.join("outbox").join("conf"), copy.join("conf")).expect("copy conf");
+        fs::write(copy.join("db"), damage(&db, seed)).expect("write db");
+        sled_panics_on(&copy)
+    });
+    let Some(seed) = panicking else {
+        panic!("none of 200 seeded damages made sled panic; the premise of this test is gone (sled changed?)")
+    };
+    fs::write(&db_path, damage(&db, seed)).expect("damage the db file");
+
+    rig.start_online();
+    let log = rig.agent.log();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR") && l.contains("OUTBOX CORRUPT") && l.contains("moved it aside")),
+        "no ERROR line says the outbox was moved aside:\n{log}"
+    );
+    let live = RECORDS - ACKED;
+    let heartbeat = rig.topic("heartbeat");
+    let msgs = rig.watcher.wait_for(
+        |m| records(m).iter().any(|(t, v)| *t == heartbeat && v["outbox"]["dropped"].as_u64().is_some()),
+        DEADLINE,
+        "a heartbeat after the open",
+    );
+    let beat = first_occurrences(&records(&msgs)).into_iter().find(|(t, _)| *t == heartbeat).expect("a heartbeat").1;
+    assert_eq!(
+        beat["outbox"]["dropped"].as_u64(),
+        Some(live),
+        "the {live} live records of the unreadable outbox are counted in the first heartbeat: {beat}"
+    );
+    let log = rig.agent.log();
+    assert!(log.contains(&format!("{live} records lost from a damaged outbox")), "{log}");
+    assert!(rig.agent.exit_status_within(Duration::ZERO).is_none(), "the agent keeps running:\n{log}");
+    let aside = fs::read_dir(&state)
+        .expect("read state_dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("outbox.corrupt-"))
+        .count();
+    assert_eq!(aside, 1, "one outbox.corrupt-* directory");
+}
