@@ -575,7 +575,6 @@ fn fill(ballast: &Path) -> u64 {
 }
 
 #[test]
-#[ignore = "fails until #6 fixes land: sled stays failed after the disk was full (item 5)"]
 fn a_full_disk_is_survived_without_a_restart_and_every_loss_is_counted() {
     let Some(mut rig) = Rig::new("chaos-disk-full", false, |b| b.door_debounce("0ms")) else { return };
     let tmpfs = match Tmpfs::mount(rig.agent.state_dir(), "4m") {
@@ -749,7 +748,6 @@ fn damage_run(seed: u64) {
 }
 
 #[test]
-#[ignore = "fails until #6 fixes land: damage after kill -9 loses records silently (items 4, 7)"]
 fn random_damage_to_the_sled_files_after_kill_9_neither_crash_loops_the_agent_nor_loses_silently() {
     damage_run(6);
 }
