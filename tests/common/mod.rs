@@ -556,6 +556,21 @@ impl Watcher {
             });
         }
     }
+
+    /// Publishes every payload on `topic` at QoS 1, all queued at once, and
+    /// waits until the broker acknowledged them all (faster than one
+    /// [`Watcher::publish`] after the other).
+    pub fn publish_all(&self, topic: &str, payloads: impl IntoIterator<Item = Vec<u8>>) {
+        let before = self.shared.acks.load(Ordering::SeqCst);
+        let mut n = 0;
+        for payload in payloads {
+            self.client.publish(topic, QoS::AtLeastOnce, false, payload).expect("queue a publish");
+            n += 1;
+        }
+        wait_until(DEADLINE, &format!("the broker to acknowledge {n} publishes on {topic}"), || {
+            (self.shared.acks.load(Ordering::SeqCst) >= before + n).then_some(())
+        });
+    }
 }
 
 impl Drop for Watcher {
