@@ -19,7 +19,9 @@
 //! asserted. The CI run keeps each scenario short; `cargo test --test chaos
 //! -- --ignored --nocapture` runs the soaks, as long as
 //! `FIELDLINK_CHAOS_SOAK_SECS` says (default 600), and the damage soak over
-//! `FIELDLINK_CHAOS_SEEDS` seeds (default 50).
+//! `FIELDLINK_CHAOS_SEEDS` seeds (default 50). The disk-full scenario
+//! mounts a 4 MiB tmpfs (root only); where that is refused (or with
+//! `FIELDLINK_CHAOS_NO_TMPFS=1`) it bounds the outbox with `max_bytes`.
 
 mod common;
 
@@ -536,7 +538,11 @@ struct Tmpfs {
 }
 
 impl Tmpfs {
+    /// `FIELDLINK_CHAOS_NO_TMPFS=1` refuses, to exercise the fallback.
     fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
+        if std::env::var("FIELDLINK_CHAOS_NO_TMPFS").as_deref() == Ok("1") {
+            return Err("FIELDLINK_CHAOS_NO_TMPFS=1".to_string());
+        }
         fs::create_dir_all(path).map_err(|e| format!("create {}: {e}", path.display()))?;
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -580,7 +586,8 @@ fn a_full_disk_is_survived_without_a_restart_and_every_loss_is_counted() {
     let tmpfs = match Tmpfs::mount(rig.agent.state_dir(), "4m") {
         Ok(t) => t,
         Err(why) => {
-            eprintln!("skipping the tmpfs part: {why}; a_small_max_bytes_drops_are_counted covers the bound");
+            eprintln!("chaos: disk full: no tmpfs ({why}); bounding the outbox with a small max_bytes instead");
+            bounded_outbox_loses_nothing_silently(rig);
             return;
         }
     };
@@ -634,6 +641,37 @@ fn a_full_disk_is_survived_without_a_restart_and_every_loss_is_counted() {
     drop(sim);
     rig.agent.kill9();
     drop(tmpfs);
+}
+
+/// Where no tmpfs can be mounted: an outbox bounded at 64 KiB (the least
+/// `max_bytes` allows) overflows
+/// while the link is down; every record that does not arrive is counted in
+/// `dropped`, and the agent goes on delivering.
+fn bounded_outbox_loses_nothing_silently(mut rig: Rig) {
+    rig.agent.rewrite_config(|text| text.replacen("[outbox]\n", "[outbox]\nmax_bytes = 65536\n", 1));
+    rig.start_online();
+    rig.cut();
+    let mut sim = rig.agent.sim_socket();
+    edges(&mut sim, 600, Duration::from_millis(2));
+    let mark = rig.watcher.len();
+    rig.proxy.heal();
+    rig.wait_online_since(mark);
+    let healed = SystemTime::now();
+    thread::sleep(Duration::from_millis(5));
+    edges(&mut sim, 10, PACE);
+    let status = wait_drained(&rig.agent, "bounded outbox");
+    let device = rig.device().to_string();
+    soft_wait(SETTLE, || door_events_since(&rig.watcher, &device, healed).len() >= 10);
+    let got = delivered(&rig.watcher, &device, "bounded outbox");
+    let dropped = status["outbox"]["dropped"].as_u64().unwrap_or(0);
+    let missing = got.missing();
+    eprintln!("chaos: bounded outbox: {} missing, dropped {dropped}", missing.len());
+    assert!(dropped > 0, "600 edges overflow 64 KiB: some must be dropped (status: {status})");
+    assert!(
+        u64::try_from(missing.len()).expect("a count fits u64") <= dropped,
+        "records lost silently: {missing:?} never arrived but dropped is {dropped}"
+    );
+    assert_eq!(door_events_since(&rig.watcher, &device, healed).len(), 10, "the edges after the heal arrive");
 }
 
 /// The door edges that happened (by their `ts`) at or after `t`.
