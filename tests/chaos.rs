@@ -644,9 +644,8 @@ fn a_full_disk_is_survived_without_a_restart_and_every_loss_is_counted() {
 }
 
 /// Where no tmpfs can be mounted: an outbox bounded at 64 KiB (the least
-/// `max_bytes` allows) overflows
-/// while the link is down; every record that does not arrive is counted in
-/// `dropped`, and the agent goes on delivering.
+/// `max_bytes` allows) overflows while the link is down; every record that
+/// does not arrive is counted in `dropped`, and the agent goes on delivering.
 fn bounded_outbox_loses_nothing_silently(mut rig: Rig) {
     rig.agent.rewrite_config(|text| text.replacen("[outbox]\n", "[outbox]\nmax_bytes = 65536\n", 1));
     rig.start_online();
