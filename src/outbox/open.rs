@@ -1,8 +1,9 @@
-//! Opening the outbox. Owns the state_dir lock, recovery (a corrupt database
-//! is moved aside, salvaged and replaced by a fresh one), the check against
-//! the ledger (records the database lost are counted as dropped), where seqs
-//! resume, the epoch, the depth/bytes scan, reopening the database after a
-//! disk fault, and starting the writer and reader threads.
+//! Opening the outbox. Owns taking the state_dir lock (its rules are in
+//! `lock.rs`), recovery (a corrupt database is moved aside, salvaged and
+//! replaced by a fresh one), the check against the ledger (records the
+//! database lost are counted as dropped), where seqs resume, the epoch, the
+//! depth/bytes scan, reopening the database after a disk fault, and starting
+//! the writer and reader threads.
 //!
 //! Everything here runs before the writer starts; once it runs, only the
 //! writer mutates. Open replays salvaged records itself (the writer is not
