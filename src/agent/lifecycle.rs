@@ -8,6 +8,7 @@
 //! swallowed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -44,6 +45,10 @@ pub fn register_signals() -> std::io::Result<impl Stream<Item = Sig> + Unpin + '
 pub struct Lifecycle<S> {
     signals: Option<S>,
     dumper: Arc<StatusDump>,
+    /// A SIGUSR1 dump is queued and has not started yet: more signals meanwhile
+    /// add nothing (it renders the board when it starts), so a SIGUSR1 flood
+    /// cannot pile up blocked threads.
+    dump_queued: Arc<AtomicBool>,
     outbox: OutboxHandle,
     link: Addr<Link>,
     /// actix restarts a supervised actor only while some `Addr` to it is
@@ -62,14 +67,27 @@ impl<S: Stream<Item = Sig> + Unpin + 'static> Lifecycle<S> {
         link: Addr<Link>,
         supervised: Vec<Box<dyn std::any::Any>>,
     ) -> Lifecycle<S> {
-        Lifecycle { signals: Some(signals), dumper, outbox, link, _supervised: supervised, terminating: false }
+        Lifecycle {
+            signals: Some(signals),
+            dumper,
+            dump_queued: Arc::new(AtomicBool::new(false)),
+            outbox,
+            link,
+            _supervised: supervised,
+            terminating: false,
+        }
     }
 
     fn dump(&self) {
-        let dumper = self.dumper.clone();
+        if self.dump_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (dumper, queued) = (self.dumper.clone(), self.dump_queued.clone());
         // A dump reads the outbox and fsyncs: keep it off the actor's
         // thread. It logs its own outcome, so the result has nothing to add.
         tokio::task::spawn_blocking(move || {
+            // A signal from now on asks for a newer dump than this one.
+            queued.store(false, Ordering::Release);
             let _logged = dumper.take();
         });
     }
