@@ -1,8 +1,8 @@
 //! The small client commands of the `fieldlink` binary: `status` (ask the
 //! running agent for a status dump and print it), `sim` (drive the simulated
 //! GPIO of a running agent) and `check-config`. They talk to a running agent
-//! only through its pid file, a signal, its status file and its sim socket;
-//! they never open the outbox or the broker.
+//! only through its pid file, its status socket (or a signal and its status
+//! file) and its sim socket; they never open the outbox or the broker.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::agent::{pid_file, status_file};
+use crate::agent::{SocketError, pid_file, request_status, status_file, status_socket_file};
 use crate::config::AgentConfig;
 use crate::gpio::{GpioError, sim};
 
@@ -27,8 +27,18 @@ pub enum CliError {
     StalePid { pid: i32, path: PathBuf },
     #[error("cannot signal the agent (pid {pid}): {error}")]
     Signal { pid: i32, error: nix::Error },
-    #[error("the agent (pid {pid}) wrote no status dump to '{path}' within {secs} s")]
+    #[error(
+        "the agent (pid {pid}) wrote no status dump to '{path}' within {secs} s (it logs every dump's summary, and \
+         why a write failed)"
+    )]
     NoDump { pid: i32, path: PathBuf, secs: u64 },
+    #[error(
+        "the agent (pid {pid}) did not answer on '{path}' within {secs} s (is it stuck? a dump waits for the outbox \
+         and for the disk)"
+    )]
+    NoAnswer { pid: i32, path: PathBuf, secs: u64 },
+    #[error("the agent (pid {pid}) gave no status dump on '{path}': {error}")]
+    Socket { pid: i32, path: PathBuf, error: SocketError },
     #[error("cannot read '{path}': {error}")]
     Read { path: PathBuf, error: std::io::Error },
     #[error("{0}")]
@@ -54,8 +64,17 @@ fn dumped_at(path: &std::path::Path) -> Option<String> {
     v.get("dumped_at")?.as_str().map(str::to_string)
 }
 
-/// Signals the agent (SIGUSR1) and returns the fresh `status.json`.
-pub fn status(cfg: &AgentConfig) -> Result<String, CliError> {
+/// What `fieldlink status` prints: the dump on stdout, a warning on stderr.
+#[derive(Debug)]
+pub struct Status {
+    pub dump: String,
+    /// Set when `status.json` does not hold this dump.
+    pub warning: Option<String>,
+}
+
+/// Asks the agent for a fresh dump over its status socket; an agent without
+/// one is sent SIGUSR1 and its fresh `status.json` is read instead.
+pub fn status(cfg: &AgentConfig) -> Result<Status, CliError> {
     let pid_path = pid_file(&cfg.state_dir);
     let content = match std::fs::read_to_string(&pid_path) {
         Ok(c) => c,
@@ -71,7 +90,33 @@ pub fn status(cfg: &AgentConfig) -> Result<String, CliError> {
         Err(nix::Error::ESRCH) => return Err(CliError::StalePid { pid, path: pid_path }),
         Err(error) => return Err(CliError::Signal { pid, error }),
     }
-    let path = status_file(&cfg.state_dir);
+    let socket = status_socket_file(&cfg.state_dir);
+    match request_status(&socket, STATUS_TIMEOUT) {
+        Ok(answer) => {
+            let warning = answer.unwritten.map(|why| {
+                format!(
+                    "warning: the agent {why}; this dump came over '{}' instead, and the agent's log has its summary",
+                    socket.display()
+                )
+            });
+            return Ok(Status { dump: answer.dump, warning });
+        }
+        // No socket (bound by agents since #6; binding may have failed): the signal and the file.
+        Err(SocketError::Io(e))
+            if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {}
+        Err(SocketError::Io(e))
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+        {
+            return Err(CliError::NoAnswer { pid, path: socket, secs: STATUS_TIMEOUT.as_secs() });
+        }
+        Err(error) => return Err(CliError::Socket { pid, path: socket, error }),
+    }
+    let dump = dump_by_signal(pid, status_file(&cfg.state_dir))?;
+    Ok(Status { dump, warning: None })
+}
+
+/// Signals the agent (SIGUSR1) and returns the fresh `status.json`.
+fn dump_by_signal(pid: i32, path: PathBuf) -> Result<String, CliError> {
     let before = dumped_at(&path);
     kill(Pid::from_raw(pid), Signal::SIGUSR1).map_err(|error| CliError::Signal { pid, error })?;
     let deadline = Instant::now() + STATUS_TIMEOUT;

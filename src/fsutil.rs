@@ -19,15 +19,20 @@ pub fn sync_parent(path: &Path) -> std::io::Result<()> {
 
 /// Replaces `path` with `bytes` so that a reader (or a power cut) sees either
 /// the old content or the new, never a torn file. The temporary file is
-/// `<path>.tmp`.
+/// `<path>.tmp`; a failed write removes it again, so that on a full disk it
+/// does not keep the few blocks it got.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    {
-        let mut f = File::create(&tmp)?;
+    let written = File::create(&tmp).and_then(|mut f| {
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        // Best effort: it may not even exist, and the write's error is the one to report.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
     fs::rename(&tmp, path)?;
     // The rename is durable only once the directory entry is.
@@ -47,6 +52,24 @@ mod tests {
         assert_eq!(fs::read(&p).expect("read"), b"second");
         let names: Vec<_> = fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("x.json");
+        write_atomic(&p, b"old").expect("write");
+        // /dev/full fails every write with ENOSPC, like a full disk.
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            eprintln!("skipped: no /dev/full");
+            return;
+        }
+        std::os::unix::fs::symlink(full, dir.path().join("x.json.tmp")).expect("symlink");
+        let e = write_atomic(&p, b"new").expect_err("a full disk");
+        assert_eq!(e.raw_os_error(), Some(28), "{e}");
+        assert_eq!(fs::read(&p).expect("read"), b"old");
+        assert!(!dir.path().join("x.json.tmp").exists(), "the temp file is gone");
     }
 
     #[test]

@@ -135,7 +135,13 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            answer(fieldlink::cli::status(&cfg))
+            let status = fieldlink::cli::status(&cfg).map(|s| {
+                if let Some(warning) = s.warning {
+                    eprintln!("{warning}");
+                }
+                s.dump
+            });
+            answer(status)
         }
         Command::Sim { config, request } => {
             init_logging("warn");

@@ -6,6 +6,8 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::{
@@ -99,10 +101,12 @@ fn the_status_dump_reports_link_outbox_relays_buttons_and_actors_and_never_the_p
     assert!(s["uptime_s"].is_u64(), "uptime_s: {s}");
     assert_eq!(s["link"]["connected"], true, "link: {s}");
     assert!(s["link"]["connects"].as_u64().is_some_and(|n| n >= 1), "link.connects: {s}");
-    for key in ["depth", "bytes", "dropped"] {
+    for key in ["depth", "bytes", "dropped", "durable_seq", "next_seq"] {
         assert!(s["outbox"][key].is_u64(), "outbox.{key}: {s}");
     }
     assert!(s["outbox"].get("oldest_ts").is_some(), "outbox.oldest_ts (null when empty): {s}");
+    assert!(s["outbox"]["durable_seq"].as_u64() < s["outbox"]["next_seq"].as_u64(), "durable below next: {s}");
+    assert_eq!(s["outbox"]["disk_fault"], false, "outbox.disk_fault: {s}");
     assert_eq!(s["relays"]["pump"]["state"], "off", "relays.pump: {s}");
     for actor in ["button", "relay", "heartbeat", "link"] {
         let a = &s["actors"][actor];
@@ -306,4 +310,133 @@ fn sigusr1_in_a_tight_loop_from_the_moment_the_pid_file_exists_never_kills_the_a
         rig.agent.sigterm();
         assert_eq!(rig.agent.wait().code(), Some(0), "start #{start}: SIGTERM is a clean exit");
     }
+}
+
+/// A tmpfs mounted for one test (root only); lazily unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(path).map_err(|e| format!("create {}: {e}", path.display()))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount -t tmpfs refused: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(Tmpfs(path.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: the agent may still hold files. A failure leaves a tmpfs behind, nothing worse.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `ballast` until a write fails.
+fn fill(ballast: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(ballast).unwrap_or_else(|e| panic!("create {}: {e}", ballast.display()));
+    for chunk in [64 * 1024, 4096, 512, 1] {
+        let block = vec![0xa5u8; chunk];
+        while f.write_all(&block).is_ok() {}
+    }
+    // What sits in a buffer fails the same way: the disk is full.
+    let _ = f.sync_all();
+}
+
+/// `fieldlink status`, run to completion.
+fn status_cli(agent: &Agent) -> Output {
+    agent.cli(&["status", "-c", &agent.config_path().to_string_lossy()])
+}
+
+fn dumped_at(json: &[u8]) -> Value {
+    serde_json::from_slice::<Value>(json).map(|v| v["dumped_at"].clone()).unwrap_or(Value::Null)
+}
+
+/// A full disk under `state_dir` must not cost the user the status: the
+/// agent cannot write `status.json`, so `fieldlink status` gets the dump
+/// over the status socket, prints it (exit 0) and warns on stderr that the
+/// file could not be written and why; the agent logs the summary at warn
+/// with the reason. Once space is back, the file is written again. Where no
+/// tmpfs can be mounted (not root), `status.json.tmp` is pointed at
+/// `/dev/full`, which fails writes the same way (without the disk fault).
+#[test]
+fn fieldlink_status_prints_the_dump_and_says_why_while_status_json_cannot_be_written_on_a_full_disk() {
+    let mut agent = Agent::builder("life-full", 1).build();
+    let status_json = agent.state_dir().join("status.json");
+    let tmpfs = match Tmpfs::mount(agent.state_dir(), "4m") {
+        Ok(t) => Some(t),
+        Err(why) => {
+            eprintln!("no tmpfs ({why}): status.json.tmp -> /dev/full instead of a full disk");
+            None
+        }
+    };
+    agent.start();
+    let before = agent.status();
+    let ballast = agent.state_dir().join("ballast");
+    if tmpfs.is_some() {
+        fill(&ballast);
+        // Records made now cannot be written: the outbox rides out a disk fault.
+        common::wait_until(DEADLINE, "the status dump to show outbox.disk_fault", || {
+            agent.press();
+            agent.release();
+            agent.try_status().ok().filter(|s| s["outbox"]["disk_fault"] == true)
+        });
+    } else {
+        std::os::unix::fs::symlink("/dev/full", agent.state_dir().join("status.json.tmp")).expect("symlink");
+    }
+
+    let out = status_cli(&agent);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fieldlink status fails: {}: {stderr}", out.status);
+    let now: Value = serde_json::from_slice(&out.stdout).expect("fieldlink status prints the dump as JSON");
+    assert_eq!(now["pid"], agent.pid().expect("running"), "the running agent's dump");
+    assert_ne!(now["dumped_at"], before["dumped_at"], "a fresh dump");
+    assert!(
+        stderr.contains("status.json") && stderr.contains("No space left on device"),
+        "stderr names the file and why it could not be written: {stderr}"
+    );
+    let on_disk = std::fs::read(&status_json).expect("status.json from before the disk filled");
+    assert_eq!(dumped_at(&on_disk), before["dumped_at"], "status.json is the old dump");
+    let log = agent.log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("outbox depth")
+            && l.contains("NOT written")
+            && l.contains("No space left on device")),
+        "no warn line with the summary and the reason; log:\n{log}"
+    );
+
+    if tmpfs.is_some() {
+        std::fs::remove_file(&ballast).expect("free the space");
+        agent.wait_status(|s| s["outbox"]["disk_fault"] == false, "the disk fault to end once space is back");
+    }
+    let out = status_cli(&agent);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{}: {stderr}", out.status);
+    let on_disk = std::fs::read(&status_json).expect("status.json");
+    assert_eq!(dumped_at(&on_disk), dumped_at(&out.stdout), "status.json is written again, with what was printed");
+    agent.kill9();
+    drop(tmpfs);
+}
+
+/// An agent that could not bind its status socket (or an older one) still
+/// answers `fieldlink status`: SIGUSR1 and a fresh `status.json`.
+#[test]
+fn fieldlink_status_falls_back_to_sigusr1_when_the_agent_has_no_status_socket() {
+    let mut agent = Agent::builder("life-nosock", 1).build();
+    agent.start();
+    std::fs::remove_file(agent.state_dir().join("status.sock")).expect("the agent binds status.sock");
+    let out = status_cli(&agent);
+    assert!(out.status.success(), "{}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["pid"], agent.pid().expect("running"));
+    let on_disk = std::fs::read(agent.state_dir().join("status.json")).expect("status.json");
+    assert_eq!(dumped_at(&on_disk), v["dumped_at"], "the dump printed is the one SIGUSR1 wrote");
+    agent.kill9();
 }

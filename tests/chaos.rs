@@ -247,21 +247,16 @@ fn wait_depth(agent: &Agent, depth: u64) -> Value {
 }
 
 /// In batch mode a record is promised only once flushed: waits for the
-/// status dump's `outbox.durable_seq` to reach the newest record (below
-/// `outbox.next_seq`), where the agent reports both; otherwise waits 10
-/// flush intervals.
-fn wait_flushed(agent: &Agent, flush_interval: Duration) {
+/// status dump's `outbox.durable_seq` to reach the newest record made so far
+/// (`outbox.next_seq - 1`).
+fn wait_flushed(agent: &Agent) {
     let status = agent.status();
-    if let Some(next) = status["outbox"]["next_seq"].as_u64().filter(|_| status["outbox"]["durable_seq"].is_u64()) {
-        let want = next.saturating_sub(1);
-        agent.wait_status(
-            |s| s["outbox"]["durable_seq"].as_u64().is_some_and(|d| d >= want),
-            &format!("outbox.durable_seq >= {want}"),
-        );
-    } else {
-        eprintln!("chaos: the status dump has no outbox.durable_seq and next_seq; waiting 10 flush intervals instead");
-        thread::sleep(flush_interval * 10);
-    }
+    let next = status["outbox"]["next_seq"].as_u64().unwrap_or_else(|| panic!("no outbox.next_seq in {status}"));
+    let want = next.saturating_sub(1);
+    agent.wait_status(
+        |s| s["outbox"]["durable_seq"].as_u64().is_some_and(|d| d >= want),
+        &format!("outbox.durable_seq >= {want}"),
+    );
 }
 
 /// Waits until the watcher has had no new message for `quiet`.
@@ -492,7 +487,6 @@ fn qos2_cut_between_pubrec_and_pubrel_with_the_embedded_broker_loses_nothing_and
 // 5. kill -9 while offline
 
 fn kill9_offline_run(durability: &str) {
-    let flush = Duration::from_millis(100);
     let name = format!("chaos-kill9-{durability}");
     let Some(mut rig) =
         Rig::new(&name, false, |b| b.durability(durability).flush_interval("100ms").door_debounce("0ms"))
@@ -507,7 +501,7 @@ fn kill9_offline_run(durability: &str) {
     drop(sim);
     wait_depth(&rig.agent, 40);
     if durability == "batch" {
-        wait_flushed(&rig.agent, flush);
+        wait_flushed(&rig.agent);
     }
     rig.agent.kill9();
     rig.agent.start();
@@ -601,9 +595,13 @@ fn a_full_disk_is_survived_without_a_restart_and_every_loss_is_counted() {
     let ballast = rig.agent.state_dir().join("ballast");
     let size = fill(&ballast);
     edges(&mut sim, 20, PACE);
-    // Let the agent run into the full disk for a while. (No status dump
-    // meanwhile: it is a file in state_dir, which cannot be written now.)
-    thread::sleep(Duration::from_secs(1));
+    // Let the agent run into the full disk, with an edge at each look: the
+    // status dump (over the status socket: status.json cannot be written
+    // now) shows the disk fault.
+    wait_until(DEADLINE, "outbox.disk_fault while the disk is full", || {
+        sim.door_edge();
+        rig.agent.try_status().ok().filter(|s| s["outbox"]["disk_fault"] == true)
+    });
     fs::remove_file(&ballast).unwrap_or_else(|e| panic!("remove {}: {e}", ballast.display()));
     let (freed, freed_at) = (Instant::now(), SystemTime::now());
     eprintln!("chaos: disk full: {size} bytes of ballast");

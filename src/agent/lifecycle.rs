@@ -1,22 +1,22 @@
 //! The process lifecycle actor: owns the signal handlers (DESIGN: Status
-//! dump). SIGUSR1 writes `<state_dir>/status.json` atomically and logs a
-//! one-line summary; SIGTERM and SIGINT flush the outbox, publish `offline`,
+//! dump). SIGUSR1 takes a status dump (`status_dump`: writes
+//! `<state_dir>/status.json` atomically and logs a one-line summary, on a
+//! blocking thread); SIGTERM and SIGINT flush the outbox, publish `offline`,
 //! disconnect and stop the system (exit 0). It is not supervised and must
 //! never fail: tokio never restores a signal's default action once a handler
 //! is registered (crates.md §1), so if this actor died SIGTERM would be
 //! swallowed.
 
-use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::link::{Link, Shutdown};
-use super::status::StatusBoard;
-use crate::fsutil;
-use crate::outbox::{OutboxHandle, OutboxReader};
+use super::status_dump::StatusDump;
+use crate::outbox::OutboxHandle;
 
 /// The most SIGTERM waits for the Link to say goodbye.
 const LINK_GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -44,10 +44,12 @@ pub fn register_signals() -> std::io::Result<impl Stream<Item = Sig> + Unpin + '
 
 pub struct Lifecycle<S> {
     signals: Option<S>,
-    state_dir: PathBuf,
-    board: Arc<StatusBoard>,
+    dumper: Arc<StatusDump>,
+    /// A SIGUSR1 dump is queued and has not started yet: more signals meanwhile
+    /// add nothing (it renders the board when it starts), so a SIGUSR1 flood
+    /// cannot pile up blocked threads.
+    dump_queued: Arc<AtomicBool>,
     outbox: OutboxHandle,
-    reader: OutboxReader,
     link: Addr<Link>,
     /// actix restarts a supervised actor only while some `Addr` to it is
     /// alive (crates.md §1); an actor whose only addresses sat in the pins it
@@ -60,19 +62,16 @@ pub struct Lifecycle<S> {
 impl<S: Stream<Item = Sig> + Unpin + 'static> Lifecycle<S> {
     pub fn new(
         signals: S,
-        state_dir: PathBuf,
-        board: Arc<StatusBoard>,
+        dumper: Arc<StatusDump>,
         outbox: OutboxHandle,
-        reader: OutboxReader,
         link: Addr<Link>,
         supervised: Vec<Box<dyn std::any::Any>>,
     ) -> Lifecycle<S> {
         Lifecycle {
             signals: Some(signals),
-            state_dir,
-            board,
+            dumper,
+            dump_queued: Arc::new(AtomicBool::new(false)),
             outbox,
-            reader,
             link,
             _supervised: supervised,
             terminating: false,
@@ -80,20 +79,16 @@ impl<S: Stream<Item = Sig> + Unpin + 'static> Lifecycle<S> {
     }
 
     fn dump(&self) {
-        let dump = self.board.dump(self.outbox.stats(), self.reader.oldest_ts_ms());
-        let summary = dump.summary();
-        let path = self.state_dir.join("status.json");
-        let bytes = match serde_json::to_vec_pretty(&dump) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!("status dump not rendered: {e}");
-                return;
-            }
-        };
-        // The write fsyncs: keep it off the actor's thread.
-        tokio::task::spawn_blocking(move || match fsutil::write_atomic(&path, &bytes) {
-            Ok(()) => tracing::info!("{summary}; written to {}", path.display()),
-            Err(e) => tracing::error!("status dump not written to {}: {e}", path.display()),
+        if self.dump_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (dumper, queued) = (self.dumper.clone(), self.dump_queued.clone());
+        // A dump reads the outbox and fsyncs: keep it off the actor's
+        // thread. It logs its own outcome, so the result has nothing to add.
+        tokio::task::spawn_blocking(move || {
+            // A signal from now on asks for a newer dump than this one.
+            queued.store(false, Ordering::Release);
+            let _logged = dumper.take();
         });
     }
 

@@ -12,6 +12,7 @@
 //!  link arbiter      Link       (polls the rumqttc event loop without pause)
 //!  heartbeat arbiter Heartbeat  (sysinfo reads /proc and /sys)
 //!  outbox thread     the outbox writer (sled inserts, group-commit fsync)
+//!  status-socket     answers `fieldlink status` with a dump (status_socket)
 //! ```
 //!
 //! Button, Relay, Heartbeat --record--> outbox --Durable(seq)--> Link --> broker
@@ -36,6 +37,8 @@ mod relay;
 mod restart_policy;
 mod saved_relays;
 mod status;
+mod status_dump;
+mod status_socket;
 mod supervisor;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +51,7 @@ pub use delivery::{Action, Connected, Control, Delivery, Desync, Pkid, Submit, T
 pub use inbox::{Arrival, Inbox};
 pub use restart_policy::{Decision, RestartPolicy};
 pub use status::{Dump, StatusBoard};
+pub use status_socket::{Answer as StatusAnswer, SocketError, request as request_status};
 
 use crate::config::{AgentConfig, GpioBackend};
 use crate::gpio::Gpio;
@@ -64,6 +68,11 @@ pub fn pid_file(state_dir: &Path) -> PathBuf {
 /// `<state_dir>/status.json`: the status dump.
 pub fn status_file(state_dir: &Path) -> PathBuf {
     state_dir.join("status.json")
+}
+
+/// `<state_dir>/status.sock`: where `fieldlink status` asks for a dump.
+pub fn status_socket_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("status.sock")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,19 +151,32 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
         GpioBackend::Rppal => Arc::new(crate::gpio::rppal::RppalGpio::new()?),
     };
 
+    // Before the pid file too: a client that finds the pid file finds the
+    // socket. Without it `fieldlink status` falls back to SIGUSR1.
+    let mut status_socket = match status_socket::StatusSocket::bind(&status_socket_file(&state_dir)) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("{e}; `fieldlink status` falls back to SIGUSR1 and status.json");
+            None
+        }
+    };
+
     let pid_path = pid_file(&state_dir);
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .map_err(|source| AgentError::StateDir { path: pid_path.clone(), source })?;
 
-    let started = system.block_on(async { start(&cfg, signals, gpio, outbox.clone(), reader) });
+    let started = system.block_on(async { start(&cfg, signals, gpio, outbox.clone(), reader, status_socket.as_mut()) });
     let code = match started {
         Ok(()) => system.run_with_code().map_err(AgentError::System)?,
         Err(e) => {
+            drop(status_socket);
             outbox.shutdown();
             let _ = std::fs::remove_file(&pid_path);
             return Err(e);
         }
     };
+    // No more dumps (they read the outbox).
+    drop(status_socket);
     // Escalation and SIGTERM alike: whatever was appended becomes durable.
     outbox.shutdown();
     // A stale pid file only makes `fieldlink status` say the agent is not
@@ -171,10 +193,23 @@ fn start(
     gpio: Arc<dyn Gpio>,
     outbox: outbox::OutboxHandle,
     reader: outbox::OutboxReader,
+    status_socket: Option<&mut status_socket::StatusSocket>,
 ) -> Result<(), AgentError> {
     let board = Arc::new(StatusBoard::new(&cfg.device_id));
     let topics = Topics::new(&cfg.mqtt.topic_prefix, &cfg.device_id);
     let recorder = Recorder::new(&cfg.device_id, outbox.epoch(), outbox.clone());
+    let dumper = Arc::new(status_dump::StatusDump::new(
+        board.clone(),
+        recorder.clone(),
+        reader.clone(),
+        status_file(&cfg.state_dir),
+    ));
+    if let Some(socket) = status_socket {
+        let dumper = dumper.clone();
+        if let Err(e) = socket.serve(move || dumper.take()) {
+            tracing::warn!("{e}; `fieldlink status` falls back to SIGUSR1 and status.json");
+        }
+    }
     let sup = |name| Supervision::new(name, board.clone(), &cfg.supervisor);
 
     let relay_arbiter = Arbiter::new();
@@ -221,7 +256,7 @@ fn start(
     };
 
     let supervised: Vec<Box<dyn std::any::Any>> = vec![Box::new(button), Box::new(relay), Box::new(heartbeat)];
-    lifecycle::Lifecycle::new(signals, cfg.state_dir.clone(), board, outbox, reader, link, supervised).start();
+    lifecycle::Lifecycle::new(signals, dumper, outbox, link, supervised).start();
     tracing::info!(device = %cfg.device_id, "agent started");
     Ok(())
 }

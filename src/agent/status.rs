@@ -1,9 +1,11 @@
-//! The agent's shared status board and the status dump (DESIGN: Status dump).
-//! Actors report into the board (link state, relay and button states, actor
-//! health); SIGUSR1 renders it, with outbox numbers, into
-//! `<state_dir>/status.json` atomically. It holds no secrets by construction:
-//! nothing from `[mqtt]` credentials is ever put on the board. It must not
-//! block on anything but its own short mutex.
+//! The agent's shared status board and what a status dump holds (DESIGN:
+//! Status dump). Actors report into the board (link state, relay and button
+//! states, actor health); [`StatusBoard::dump`] renders it, with the outbox
+//! numbers its caller gathered, into a [`Dump`] and its one-line summary.
+//! Writing and serving the dump is `status_dump`'s and `status_socket`'s
+//! business. It holds no secrets by construction: nothing from `[mqtt]`
+//! credentials is ever put on the board. It must not block on anything but
+//! its own short mutex, and does no I/O.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
@@ -67,12 +69,32 @@ pub struct StatusBoard {
     board: Mutex<Board>,
 }
 
+/// The outbox numbers a dump shows, gathered by the caller (the outbox
+/// calls may touch the disk; the board does not).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OutboxView {
+    pub stats: Stats,
+    /// The seq the next record gets (`Recorder::next_seq`).
+    pub next_seq: u64,
+    /// Whether the outbox is riding out a disk fault.
+    pub disk_fault: bool,
+    pub oldest_ts_ms: Option<u64>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct OutboxStatus {
     pub depth: u64,
     pub bytes: u64,
     pub dropped: u64,
     pub oldest_ts: Option<String>,
+    /// Every record up to this seq is durable (0: none yet).
+    pub durable_seq: u64,
+    /// The seq the next record gets: `durable_seq + 1 == next_seq` means
+    /// every record made so far is durable.
+    pub next_seq: u64,
+    /// The outbox cannot write to its disk right now (full, failing):
+    /// heartbeats are shed, events kept in memory until it recovers.
+    pub disk_fault: bool,
 }
 
 /// What `status.json` holds.
@@ -95,14 +117,19 @@ impl Dump {
     pub fn summary(&self) -> String {
         let restarts: u64 = self.actors.values().map(|a| a.restarts).sum();
         let down: Vec<&str> = self.actors.iter().filter(|(_, a)| !a.running).map(|(n, _)| *n).collect();
+        let o = &self.outbox;
         format!(
-            "status: link {} ({} connects, {} disconnects); outbox depth {} ({} bytes, {} dropped); {} actor restarts{}",
+            "status: link {} ({} connects, {} disconnects); outbox depth {} ({} bytes, {} dropped, durable up to seq \
+             {}, next seq {}){}; {} actor restarts{}",
             if self.link.connected { "up" } else { "down" },
             self.link.connects,
             self.link.disconnects,
-            self.outbox.depth,
-            self.outbox.bytes,
-            self.outbox.dropped,
+            o.depth,
+            o.bytes,
+            o.dropped,
+            o.durable_seq,
+            o.next_seq,
+            if o.disk_fault { ", DISK FAULT: heartbeats shed, events kept in memory" } else { "" },
             restarts,
             if down.is_empty() { String::new() } else { format!("; not running: {}", down.join(", ")) },
         )
@@ -192,7 +219,7 @@ impl StatusBoard {
     }
 
     /// Everything the dump shows.
-    pub fn dump(&self, outbox: Stats, oldest_ts_ms: Option<u64>) -> Dump {
+    pub fn dump(&self, outbox: OutboxView) -> Dump {
         let b = self.lock();
         Dump {
             device: self.device.clone(),
@@ -202,10 +229,13 @@ impl StatusBoard {
             dumped_at: timefmt::rfc3339_millis(SystemTime::now()),
             link: b.link.clone(),
             outbox: OutboxStatus {
-                depth: outbox.depth,
-                bytes: outbox.bytes,
-                dropped: outbox.dropped,
-                oldest_ts: oldest_ts_ms.map(|ms| timefmt::rfc3339_millis(timefmt::from_millis(ms))),
+                depth: outbox.stats.depth,
+                bytes: outbox.stats.bytes,
+                dropped: outbox.stats.dropped,
+                oldest_ts: outbox.oldest_ts_ms.map(|ms| timefmt::rfc3339_millis(timefmt::from_millis(ms))),
+                durable_seq: outbox.stats.durable_seq,
+                next_seq: outbox.next_seq,
+                disk_fault: outbox.disk_fault,
             },
             relays: b.relays.clone(),
             buttons: b.buttons.clone(),
@@ -218,14 +248,21 @@ impl StatusBoard {
 mod tests {
     use super::*;
 
-    fn stats() -> Stats {
-        Stats { depth: 2, bytes: 300, dropped: 1, durable_seq: 9 }
+    // `..Stats::default()`: the outbox may add counters; this keeps compiling.
+    #[allow(clippy::needless_update)]
+    fn stats() -> OutboxView {
+        OutboxView {
+            stats: Stats { depth: 2, bytes: 300, dropped: 1, durable_seq: 9, ..Stats::default() },
+            next_seq: 11,
+            disk_fault: false,
+            oldest_ts_ms: None,
+        }
     }
 
     #[test]
     fn the_dump_lists_every_actor_even_before_it_starts() {
         let board = StatusBoard::new("pi");
-        let d = board.dump(stats(), None);
+        let d = board.dump(stats());
         assert_eq!(d.actors.keys().copied().collect::<Vec<_>>(), vec!["button", "heartbeat", "link", "relay"]);
         assert!(d.actors.values().all(|a| !a.running));
     }
@@ -238,7 +275,7 @@ mod tests {
         board.button("door", ButtonState::Pressed);
         board.button("door", ButtonState::Released);
         board.button("door", ButtonState::Pressed);
-        assert_eq!(board.dump(stats(), None).buttons["door"].presses, 2);
+        assert_eq!(board.dump(stats()).buttons["door"].presses, 2);
     }
 
     #[test]
@@ -247,7 +284,7 @@ mod tests {
         board.link_down("refused".into());
         board.link_up();
         board.link_down("reset".into());
-        let d = board.dump(stats(), None);
+        let d = board.dump(stats());
         assert_eq!((d.link.connects, d.link.disconnects), (1, 1));
         assert_eq!(d.link.last_error.as_deref(), Some("reset"));
     }
@@ -258,11 +295,23 @@ mod tests {
         board.actor_running("link");
         board.actor_failed("button", "pin 17: read failed".into());
         board.actor_restarted("button");
-        let d = board.dump(stats(), Some(1_000));
+        let d = board.dump(OutboxView { oldest_ts_ms: Some(1_000), ..stats() });
         assert_eq!(d.actors["button"].restarts, 1);
         assert_eq!(d.outbox.oldest_ts.as_deref(), Some("1970-01-01T00:00:01.000Z"));
         let s = d.summary();
         assert!(s.contains("1 actor restarts"), "{s}");
         assert!(s.contains("not running: button, heartbeat, relay"), "{s}");
+    }
+
+    #[test]
+    fn the_summary_says_how_far_the_outbox_is_durable_and_shouts_a_disk_fault() {
+        let board = StatusBoard::new("pi");
+        let calm = board.dump(stats()).summary();
+        assert!(calm.contains("durable up to seq 9, next seq 11"), "{calm}");
+        assert!(!calm.contains("DISK FAULT"), "{calm}");
+        let d = board.dump(OutboxView { disk_fault: true, ..stats() });
+        assert!(d.outbox.disk_fault);
+        let s = d.summary();
+        assert!(s.contains("DISK FAULT"), "{s}");
     }
 }
