@@ -57,11 +57,8 @@ impl StatusDump {
         // half-changed here (the file is replaced atomically or not at all).
         let _one_at_a_time = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let outbox = self.recorder.outbox();
-        // Stats before next_seq: then durable_seq < next_seq always holds.
-        let stats = outbox.stats();
         let view = OutboxView {
-            stats,
-            next_seq: self.recorder.next_seq(),
+            stats: outbox.stats(),
             disk_fault: outbox.disk_fault(),
             oldest_ts_ms: self.reader.oldest_ts_ms(),
         };

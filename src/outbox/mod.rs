@@ -386,6 +386,10 @@ pub struct Stats {
     pub dropped: u64,
     /// Highest seq that is durable (0 = none yet).
     pub durable_seq: u64,
+    /// The seq the next append gets: one above the last seq the writer has
+    /// finished with, so `durable_seq + 1 == next_seq` means every record
+    /// appended so far is durable.
+    pub next_seq: u64,
 }
 
 /// What [`open`] found.
@@ -547,6 +551,7 @@ impl OutboxHandle {
             bytes: s.bytes.load(Ordering::Relaxed),
             dropped: s.dropped.load(Ordering::Relaxed),
             durable_seq: s.durable_seq.load(Ordering::Acquire),
+            next_seq: s.written_seq.load(Ordering::Acquire).saturating_add(1),
         }
     }
 

@@ -297,6 +297,7 @@ fn batch_mode_resolves_appends_only_after_a_flush_and_groups_them() {
     }
     assert_eq!(store.flush_count(), base, "no fsync per message");
     assert_eq!(h.stats().durable_seq, 0);
+    assert_eq!(h.stats().next_seq, 101, "stats say a hundred records are not durable yet");
     for f in pending.iter_mut() {
         assert!(f.as_mut().now_or_never().is_none(), "resolved before any flush");
     }
@@ -304,6 +305,7 @@ fn batch_mode_resolves_appends_only_after_a_flush_and_groups_them() {
     wait(h.flush()).expect("flush");
     assert_eq!(store.flush_count(), base + 1, "one fsync for the whole batch");
     assert_eq!(h.stats().durable_seq, 100);
+    assert_eq!(h.stats().next_seq, h.stats().durable_seq + 1, "and now that all are");
     let got: Vec<u64> = pending.into_iter().map(|f| wait(f).expect("append")).collect();
     assert_eq!(got, (1..=100).collect::<Vec<u64>>());
 
