@@ -274,8 +274,8 @@ fn open_mem(cfg: &OutboxConfig) -> (OutboxHandle, OutboxReader) {
 /// dir is removed.
 fn close(h: OutboxHandle, r: OutboxReader, dir: TempDir) {
     close_mem(h, r);
-    // sled's background threads may still hold a file for a moment; a
-    // leftover temp dir under target/ is harmless.
+    // shutdown waited for sled to let go of its files; a leftover temp dir
+    // under target/ would be harmless anyway.
     if let Err(e) = dir.close() {
         eprintln!("warning: cannot remove a bench temp dir: {e}");
     }

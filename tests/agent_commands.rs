@@ -12,15 +12,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread;
 
+use common::proxy::{Rule, packet};
 use common::{
-    Agent, DEADLINE, Mosquitto, PUMP_PIN, Rig, Watcher, check_envelope, errors, has_status, records, relay_states,
-    require_mosquitto, rfc3339_from_now, seq, serial, topic, wait_until,
+    Agent, DEADLINE, Dir, Mosquitto, PUMP_PIN, Proxy, Rig, Verdict, Watcher, check_envelope, errors, has_status,
+    records, relay_states, require_mosquitto, rfc3339_from_now, seq, serial, topic, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -253,145 +251,36 @@ fn a_command_delivered_twice_with_the_same_id_is_applied_once() {
 // ---------------------------------------------------------------------------
 // At most once (DESIGN: Command rules, #6)
 
-/// A TCP proxy that understands just enough MQTT to lose the agent's
-/// PUBACKs on purpose (so the broker must deliver those commands again)
-/// and to count the broker's redeliveries (PUBLISH with DUP set). It can
-/// also cut every connection, like the harness's `Proxy`. (The chaos
-/// branch's `tests/common/proxy.rs` has packet rules too; this one is small
-/// and local so the two can merge without a conflict.)
-struct PubackFilter {
-    port: u16,
-    inner: Arc<FilterInner>,
-}
-
+/// Counts what the PUBACK filter saw (see [`puback_filter`]).
 #[derive(Default)]
-struct FilterInner {
-    upstream: u16,
-    down: AtomicBool,
-    stop: AtomicBool,
+struct FilterCounts {
+    /// Lose the agent's PUBACKs while set.
     drop_pubacks: AtomicBool,
     /// PUBACKs from the agent that were dropped / forwarded.
     dropped: AtomicUsize,
     forwarded: AtomicUsize,
     /// PUBLISH packets from the broker with the DUP flag set.
     redelivered: AtomicUsize,
-    conns: Mutex<Vec<TcpStream>>,
 }
 
-/// One MQTT control packet, whole: fixed header, remaining length, body.
-fn read_packet(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
-    let mut byte = [0u8; 1];
-    r.read_exact(&mut byte)?;
-    let mut packet = vec![byte[0]];
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        r.read_exact(&mut byte)?;
-        packet.push(byte[0]);
-        len |= usize::from(byte[0] & 0x7f) << shift;
-        shift += 7;
-        if byte[0] & 0x80 == 0 || shift > 21 {
-            break;
+/// A packet rule for the harness's [`Proxy`] that loses the agent's PUBACKs
+/// on purpose while told to (so the broker must deliver those commands
+/// again), and counts the broker's redeliveries (PUBLISH with DUP set).
+fn puback_filter(counts: Arc<FilterCounts>) -> Rule {
+    Box::new(move |dir, frame| {
+        let kind = packet::kind(frame);
+        if dir == Dir::ToBroker && kind == packet::PUBACK {
+            if counts.drop_pubacks.load(Ordering::SeqCst) {
+                counts.dropped.fetch_add(1, Ordering::SeqCst);
+                return Verdict::Drop;
+            }
+            counts.forwarded.fetch_add(1, Ordering::SeqCst);
         }
-    }
-    let at = packet.len();
-    packet.resize(at + len, 0);
-    r.read_exact(&mut packet[at..])?;
-    Ok(packet)
-}
-
-impl PubackFilter {
-    fn start(upstream: u16) -> PubackFilter {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the filter");
-        let port = listener.local_addr().expect("a bound listener has an address").port();
-        let inner = Arc::new(FilterInner { upstream, ..FilterInner::default() });
-        let accept = Arc::clone(&inner);
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                if accept.stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(client) = client else { continue };
-                FilterInner::accept(&accept, client);
-            }
-        });
-        PubackFilter { port, inner }
-    }
-
-    /// Closes every connection; new ones are closed at once until `heal`.
-    fn cut(&self) {
-        self.inner.down.store(true, Ordering::SeqCst);
-        let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
-        for c in conns.drain(..) {
-            // An error means it is closed already, which is all we want.
-            let _ = c.shutdown(Shutdown::Both);
+        if dir == Dir::ToClient && kind == packet::PUBLISH && frame[0] & 0x08 != 0 {
+            counts.redelivered.fetch_add(1, Ordering::SeqCst);
         }
-    }
-
-    fn heal(&self) {
-        self.inner.down.store(false, Ordering::SeqCst);
-    }
-
-    fn drop_pubacks(&self, on: bool) {
-        self.inner.drop_pubacks.store(on, Ordering::SeqCst);
-    }
-
-    fn count(&self, which: &AtomicUsize) -> usize {
-        which.load(Ordering::SeqCst)
-    }
-}
-
-impl FilterInner {
-    fn accept(inner: &Arc<FilterInner>, client: TcpStream) {
-        let upstream = match TcpStream::connect(("127.0.0.1", inner.upstream)) {
-            Ok(u) if !inner.down.load(Ordering::SeqCst) => u,
-            // Down, or no broker: the agent sees its connection closed.
-            _ => {
-                let _ = client.shutdown(Shutdown::Both); // closing is the point
-                return;
-            }
-        };
-        let clones = (client.try_clone(), upstream.try_clone(), client.try_clone(), upstream.try_clone());
-        let (Ok(c1), Ok(u1), Ok(c2), Ok(u2)) = clones else { return };
-        inner.conns.lock().unwrap_or_else(|p| p.into_inner()).extend([c1, u1]);
-        let up = Arc::clone(inner);
-        thread::spawn(move || up.pump(client, upstream, true));
-        let down = Arc::clone(inner);
-        thread::spawn(move || down.pump(u2, c2, false));
-    }
-
-    /// Copies packets `from` -> `to` until either side closes; the agent's
-    /// side (`from_agent`) loses its PUBACKs while told to.
-    fn pump(&self, from: TcpStream, mut to: TcpStream, from_agent: bool) {
-        let mut reader = std::io::BufReader::new(&from);
-        while let Ok(packet) = read_packet(&mut reader) {
-            let kind = packet[0] >> 4;
-            if from_agent && kind == 4 {
-                if self.drop_pubacks.load(Ordering::SeqCst) {
-                    self.dropped.fetch_add(1, Ordering::SeqCst);
-                    continue;
-                }
-                self.forwarded.fetch_add(1, Ordering::SeqCst);
-            }
-            if !from_agent && kind == 3 && packet[0] & 0x08 != 0 {
-                self.redelivered.fetch_add(1, Ordering::SeqCst);
-            }
-            if to.write_all(&packet).is_err() {
-                break;
-            }
-        }
-        // Either side closed: close both (errors mean already closed).
-        let _ = from.shutdown(Shutdown::Both);
-        let _ = to.shutdown(Shutdown::Both);
-    }
-}
-
-impl Drop for PubackFilter {
-    fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::SeqCst);
-        self.cut();
-        // Wakes the accept loop so it sees `stop`; failure means it is gone.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-    }
+        Verdict::Forward
+    })
 }
 
 /// Broker, filter, watcher and agent (fields drop in this order: agent
@@ -399,7 +288,8 @@ impl Drop for PubackFilter {
 struct FilterRig {
     agent: Agent,
     watcher: Watcher,
-    filter: PubackFilter,
+    filter: Proxy,
+    counts: Arc<FilterCounts>,
     _broker: Mosquitto,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
@@ -408,10 +298,12 @@ impl FilterRig {
     fn new(name: &str) -> Option<FilterRig> {
         let serial = serial();
         let broker = require_mosquitto(false)?;
-        let filter = PubackFilter::start(broker.port());
-        let agent = Agent::builder(name, filter.port).build();
+        let filter = Proxy::start(broker.port());
+        let counts = Arc::new(FilterCounts::default());
+        filter.set_rule(Some(puback_filter(Arc::clone(&counts))));
+        let agent = Agent::builder(name, filter.port()).build();
         let watcher = Watcher::for_device(broker.port(), agent.device());
-        let mut rig = FilterRig { agent, watcher, filter, _broker: broker, _serial: serial };
+        let mut rig = FilterRig { agent, watcher, filter, counts, _broker: broker, _serial: serial };
         let mark = rig.watcher.len();
         rig.agent.start();
         let device = rig.agent.device().to_string();
@@ -453,8 +345,8 @@ impl FilterRig {
     /// agent has acknowledged every redelivery.
     fn redeliver(&self, commands: &[&str], applied: impl Fn(&[Value]) -> bool) {
         let mark = self.watcher.len();
-        let dropped = self.filter.count(&self.filter.inner.dropped);
-        self.filter.drop_pubacks(true);
+        let dropped = self.counts.dropped.load(Ordering::SeqCst);
+        self.counts.drop_pubacks.store(true, Ordering::SeqCst);
         for c in commands {
             self.watcher.publish(&self.set_topic(), *c, 1, false);
         }
@@ -467,18 +359,18 @@ impl FilterRig {
         );
         let n = commands.len();
         wait_until(DEADLINE, &format!("the agent to acknowledge {n} commands (PUBACKs lost)"), || {
-            (self.filter.count(&self.filter.inner.dropped) >= dropped + n).then_some(())
+            (self.counts.dropped.load(Ordering::SeqCst) >= dropped + n).then_some(())
         });
-        let redelivered = self.filter.count(&self.filter.inner.redelivered);
-        let forwarded = self.filter.count(&self.filter.inner.forwarded);
+        let redelivered = self.counts.redelivered.load(Ordering::SeqCst);
+        let forwarded = self.counts.forwarded.load(Ordering::SeqCst);
         self.filter.cut();
-        self.filter.drop_pubacks(false);
+        self.counts.drop_pubacks.store(false, Ordering::SeqCst);
         self.filter.heal();
         wait_until(DEADLINE, &format!("the broker to deliver the {n} commands again, with DUP set"), || {
-            (self.filter.count(&self.filter.inner.redelivered) >= redelivered + n).then_some(())
+            (self.counts.redelivered.load(Ordering::SeqCst) >= redelivered + n).then_some(())
         });
         wait_until(DEADLINE, &format!("the agent to acknowledge the {n} redeliveries"), || {
-            (self.filter.count(&self.filter.inner.forwarded) >= forwarded + n).then_some(())
+            (self.counts.forwarded.load(Ordering::SeqCst) >= forwarded + n).then_some(())
         });
     }
 }

@@ -36,8 +36,8 @@ use common::hub::Hub;
 use common::proxy::{Rule, packet};
 use common::wire::{Recv, Wire};
 use common::{
-    Agent, DEADLINE, Dir, Msg, PUMP_PIN, Proxy, Rig, SimSocket, Verdict, Watcher, errors, has_status, records,
-    relay_states, rfc3339_from_now, seq, serial, topic, wait_until,
+    Agent, DEADLINE, Dir, Msg, PUMP_PIN, Proxy, Rig, SimSocket, Verdict, Watcher, has_status, records, relay_states,
+    rfc3339_from_now, seq, serial, topic, wait_until,
 };
 use fieldlink::broker::EmbeddedBroker;
 use serde_json::Value;
@@ -852,41 +852,9 @@ fn several_unacked_commands_redelivered_after_a_reconnect_are_each_applied_once(
     }
 }
 
-#[test]
-fn three_hundred_toggles_queued_while_offline_do_not_flap_the_relay() {
-    let Some(mut rig) = Rig::new("chaos-queued-toggles", false, |b| b) else { return };
-    rig.start_online();
-    let mut sim = rig.agent.sim_socket();
-    let before = sim.changes(PUMP_PIN);
-    rig.cut();
-    let set = rig.topic("relay/pump/set");
-    rig.watcher.publish_all(&set, (0..300).map(|_| b"toggle".to_vec()));
-    let mark = rig.watcher.len();
-    rig.proxy.heal();
-    rig.wait_online_since(mark);
-    // The backlog ends when the agent's nonce on `sync` comes back (DESIGN:
-    // Command rules); a command published after the watcher saw it is not
-    // part of the backlog.
-    let sync = rig.topic("sync");
-    let synced = soft_wait(Duration::from_secs(10), || rig.watcher.messages()[mark..].iter().any(|m| m.topic == sync));
-    if !synced {
-        eprintln!("chaos: 300 queued toggles: the agent published no nonce on {sync}");
-    }
-    // An expired command queued after them switches nothing; its error
-    // message means every toggle before it has been handled.
-    let expired = serde_json::json!({"state": "on", "id": "late", "expires_at": rfc3339_from_now(-60)}).to_string();
-    rig.watcher.publish(&set, expired, 1, false);
-    let device = rig.device().to_string();
-    rig.watcher.wait_for_since(
-        mark,
-        |m| errors(m, &device).iter().any(|e| e["command_id"] == "late"),
-        DEADLINE,
-        "the error for the expired command queued after the toggles",
-    );
-    let switches = sim.changes(PUMP_PIN) - before;
-    eprintln!("chaos: 300 queued toggles: {switches} switches");
-    assert!(switches <= 2, "300 toggles queued while offline switched the relay {switches} times");
-}
+// 300 plain toggles queued while the agent is offline (the backlog rule):
+// `tests/agent_commands.rs`
+// `three_hundred_plain_toggles_queued_while_the_agent_is_offline_switch_the_relay_at_most_once`.
 
 // ---------------------------------------------------------------------------
 // 9. QoS 2 on the wire, embedded broker (rumqttd 0.20) against mosquitto

@@ -18,6 +18,7 @@
 //! * `reader.rs`: [`OutboxReader`]: merged, seq-ordered replay reads, and
 //!   the reader thread.
 //! * `ledger.rs`: the ledger file beside sled (layout and I/O).
+//! * `lock.rs`: `outbox.lock`, and telling when sled has let go of `db`.
 //! * `salvage.rs`: reading what is readable from a database moved aside.
 //! * `panics.rs`: catching sled's panics (and telling the agent's panic hook).
 //! * `record.rs`: the byte layouts (record, meta value, floor file, legacy
@@ -82,12 +83,26 @@
 //!    without a restart; meanwhile heartbeats are shed and events kept in
 //!    memory, and `dropped` keeps counting (the ledger is rewritten in place,
 //!    which works on a full disk).
+//! 10. **Closed means let go.** When [`OutboxHandle::shutdown`] returns,
+//!     nothing in this process holds the state_dir: the writer has made its
+//!     last commit, taken the database out of the readers' reach (waiting
+//!     for reads in progress; later reads fail with
+//!     [`OutboxError::Closed`]), closed it and waited until sled let go of
+//!     its files, and `outbox.lock` is unlocked. So the state_dir can be
+//!     opened again at once, by this process or another. Two things would
+//!     otherwise keep a lock held after the close, for an unbounded moment:
+//!     sled's thread pool, which finishes log writes and truncations after
+//!     the last `Db` handle is gone, and a process forked meanwhile by any
+//!     thread (it holds copies of our descriptors, and with them the flocks,
+//!     until it execs); see `lock.rs`. The same holds when the writer closes
+//!     the database to reopen it after a disk fault.
 //!
 //! # On-disk format
 //!
 //! ```text
 //! <state_dir>/
-//!   outbox.lock              empty; flock'd while an outbox is open on this state_dir
+//!   outbox.lock              empty; flock'd while an outbox is open on this state_dir,
+//!                            unlocked explicitly (LOCK_UN) when it closes
 //!   seq.floor                17 bytes: 0x02, then R and the epoch, each u64 big-endian;
 //!                            every seq ever assigned in this epoch is < R. Replaced
 //!                            atomically: seq.floor.tmp, fsync, rename, fsync the
@@ -281,6 +296,7 @@
 
 mod fault;
 mod ledger;
+mod lock;
 mod open;
 mod panics;
 mod reader;
@@ -543,9 +559,13 @@ impl OutboxHandle {
         }
     }
 
-    /// Flushes and stops the writer thread, waiting for it (one fsync).
-    /// Later appends and flushes fail with [`OutboxError::Closed`]. Safe to
-    /// call more than once and from several clones.
+    /// Flushes and stops the writer thread, waiting for it (one fsync), and
+    /// closes the database: when this returns, nothing in this process holds
+    /// the state_dir any more (invariant 10), so it can be opened again at
+    /// once. Later appends, flushes and reads fail with
+    /// [`OutboxError::Closed`]. Safe to call more than once and from several
+    /// clones (the first call waits; called from `on_durable`, it cannot
+    /// wait for its own thread and returns at once).
     pub fn shutdown(&self) {
         // Whether or not the writer still listens, it must not get more work.
         if let Err(e) = self.inner.send(Msg::Shutdown) {

@@ -1,14 +1,15 @@
-//! Opening the outbox. Owns the state_dir lock, recovery (a corrupt database
-//! is moved aside, salvaged and replaced by a fresh one), the check against
-//! the ledger (records the database lost are counted as dropped), where seqs
-//! resume, the epoch, the depth/bytes scan, reopening the database after a
-//! disk fault, and starting the writer and reader threads.
+//! Opening the outbox. Owns taking the state_dir lock (its rules are in
+//! `lock.rs`), recovery (a corrupt database is moved aside, salvaged and
+//! replaced by a fresh one), the check against the ledger (records the
+//! database lost are counted as dropped), where seqs resume, the epoch, the
+//! depth/bytes scan, reopening the database after a disk fault, and starting
+//! the writer and reader threads.
 //!
 //! Everything here runs before the writer starts; once it runs, only the
 //! writer mutates. Open replays salvaged records itself (the writer is not
 //! running yet), under new seqs from `next_seq` on, like appends.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -17,6 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::ledger::{Ledger, LedgerError};
+use super::lock::StateDirLock;
 use super::reader::ReadThread;
 use super::record::{self, CloseSummary, Floor};
 use super::salvage::{self, Salvage};
@@ -29,8 +31,6 @@ use crate::config::OutboxConfig;
 const DB_DIR: &str = "outbox";
 /// The seq reservation and epoch file, under the state_dir.
 const FLOOR_FILE: &str = "seq.floor";
-/// The flock that keeps a second agent off the same state_dir.
-const LOCK_FILE: &str = "outbox.lock";
 /// The ledger, under the state_dir.
 const LEDGER_FILE: &str = "outbox.ledger";
 /// The close summary of builds before the ledger: read once, then removed.
@@ -104,7 +104,7 @@ pub fn open(state_dir: &Path, cfg: &OutboxConfig) -> Result<(OutboxHandle, Outbo
         path: state_dir.to_path_buf(),
         source,
     })?;
-    let lock = lock_state_dir(state_dir)?;
+    let lock = StateDirLock::take(state_dir)?;
     let dir = state_dir.join(DB_DIR);
     let existed = dir.exists();
     let side: Arc<dyn Side> = Arc::new(SledSide::new(side_paths(state_dir)));
@@ -215,18 +215,16 @@ fn salvage_aside(aside: &Path) -> Salvage {
 }
 
 /// How long to wait for sled's own file lock once we hold `outbox.lock`.
-const SLED_LOCK_WAIT: Duration = Duration::from_secs(10);
+const SLED_LOCK_WAIT: Duration = Duration::from_secs(2);
 const SLED_LOCK_RETRY: Duration = Duration::from_millis(10);
 
-/// Opens sled, waiting briefly for its file lock. sled finishes log writes
-/// and truncations on its own thread pool (`pagecache/iobuf.rs`,
-/// `pagecache/segment.rs` in 0.34.7), and those tasks keep the database file,
-/// and so its flock, open for a moment after the last `Db` is dropped. We
-/// hold `outbox.lock`, so no other agent can be holding sled's lock; a
-/// reopen in the same process just has to wait. Back-off: every 10 ms, for
-/// up to 10 s (a loaded machine has been seen to need more than 2 s), then the
-/// lock error stands.
-fn open_sled(dir: &Path, lock: &Arc<File>) -> Result<SledStore, StoreError> {
+/// Opens sled, waiting briefly for its file lock. Closing a database in
+/// this process already waits until sled has let go of its files (see
+/// `store.rs`, `DbFile`), and we hold `outbox.lock`, so no other agent can
+/// hold sled's lock: the wait only covers a close that gave up waiting
+/// (it says so at WARN) and a foreign process holding sled's `db` without
+/// `outbox.lock`. Every 10 ms for up to 2 s, then the lock error stands.
+fn open_sled(dir: &Path, lock: &Arc<StateDirLock>) -> Result<SledStore, StoreError> {
     let give_up = Instant::now() + SLED_LOCK_WAIT;
     loop {
         match SledStore::open(dir, lock.clone()) {
@@ -241,23 +239,6 @@ fn store_error(state_dir: &Path, dir: &Path, e: StoreError) -> OutboxError {
         OutboxError::Locked { state_dir: state_dir.to_path_buf() }
     } else {
         OutboxError::Open { dir: dir.to_path_buf(), source: e }
-    }
-}
-
-/// Takes `<state_dir>/outbox.lock` (flock, released when the last store
-/// clone is dropped or the process dies).
-fn lock_state_dir(state_dir: &Path) -> Result<Arc<File>, OutboxError> {
-    let path = state_dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| OutboxError::Io { what: "cannot open lock file", path: path.clone(), source })?;
-    match file.try_lock() {
-        Ok(()) => Ok(Arc::new(file)),
-        Err(TryLockError::WouldBlock) => Err(OutboxError::Locked { state_dir: state_dir.to_path_buf() }),
-        Err(TryLockError::Error(source)) => Err(OutboxError::Io { what: "cannot lock", path, source }),
     }
 }
 
@@ -656,7 +637,7 @@ fn report_loss(e: Expect, lost: u64, present: u64, next_seq: u64, replacing: boo
 struct SledReopen {
     state_dir: PathBuf,
     dir: PathBuf,
-    lock: Arc<File>,
+    lock: Arc<StateDirLock>,
 }
 
 impl Reopen for SledReopen {

@@ -61,8 +61,11 @@ impl ReadThread {
 
 /// Reads records from the store. Cheap to clone; `Send + Sync`.
 ///
-/// Holding a reader keeps the database open (and its lock held) after the
-/// writer has stopped; drop every clone before reopening the same state_dir.
+/// A reader holds the database only while a read runs: when the writer
+/// stops ([`super::OutboxHandle::shutdown`]) it closes the database, waiting
+/// for reads in progress, and later reads fail with [`OutboxError::Closed`].
+/// So a reader (or a read queued on the reader thread) never keeps the
+/// state_dir locked after a shutdown.
 #[derive(Clone)]
 pub struct OutboxReader {
     pub(crate) slot: Arc<StoreSlot>,
@@ -88,10 +91,17 @@ impl OutboxReader {
     /// While the writer reopens the database after a disk fault this waits;
     /// while the reopen has not succeeded it fails with
     /// [`OutboxError::Unavailable`] (never an empty result, which would mean
-    /// "nothing stored up to `upto`").
+    /// "nothing stored up to `upto`"). After the shutdown it fails with
+    /// [`OutboxError::Closed`].
     pub fn read(&self, from: u64, upto: u64, limit: usize) -> Result<Vec<Record>, OutboxError> {
         let guard = self.slot.read();
-        let store = guard.as_ref().ok_or(OutboxError::Unavailable)?;
+        let Some(store) = guard.as_ref() else {
+            // Shut down: the writer closed the database for good.
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(OutboxError::Closed);
+            }
+            return Err(OutboxError::Unavailable);
+        };
         let upto = upto.min(self.shared.written_seq.load(Ordering::Acquire));
         let mut out = Vec::new();
         let mut cursor = from;

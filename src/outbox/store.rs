@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 use super::Class;
 use super::ledger::{Ledger, LedgerError, LedgerFile};
+use super::lock::{self, StateDirLock};
 use super::panics;
 use super::record::{self, CloseSummary, Floor, RecordError};
 use crate::fsutil;
@@ -237,19 +238,65 @@ pub(crate) struct SidePaths {
 }
 
 /// The outbox on disk: a sled database plus the files beside it.
+///
+/// Dropping the last handle closes it and returns only once sled has let go
+/// of its files (see [`DbFile`]). The fields drop in declaration order, which
+/// that relies on: sled's handles first, then `db_file` (which waits for
+/// sled), then `_lock`.
 pub(crate) struct SledStore {
     db: sled::Db,
     heartbeats: sled::Tree,
     events: sled::Tree,
     meta: sled::Tree,
-    /// sled's log file, `<dir>/db`, for `fdatasync`.
-    db_file: File,
-    db_path: PathBuf,
     blobs_dir: PathBuf,
     /// Blob files already fsynced (by name).
     synced_blobs: Mutex<HashSet<std::ffi::OsString>>,
-    /// The `outbox.lock` flock; held as long as the database is open.
-    _lock: Arc<File>,
+    /// sled's log file: fdatasync'ed by `flush`, and waited on when dropped.
+    /// After every sled handle above.
+    db_file: DbFile,
+    /// The `outbox.lock` flock; held as long as the database is open. Last.
+    _lock: Arc<StateDirLock>,
+}
+
+/// sled's log file, `<dir>/db`, through a descriptor of our own: for
+/// `fdatasync` (sled's flush is not one, see the module doc), and to wait,
+/// when the store is dropped, until sled has let go of the file.
+///
+/// sled holds a flock on `db` while anything of it still has the file open,
+/// and that outlives the last `Db` handle: its thread pool finishes log
+/// writes and truncations on its own (`pagecache/iobuf.rs:1183`,
+/// `pagecache/segment.rs:1098`, not awaited on drop), and a process forked
+/// meanwhile by another thread holds a copy of sled's descriptor until it
+/// execs. A new `Db` on the same directory cannot open until then (sled's
+/// `try_lock`, `config.rs:579-606`), and a stale truncation must not run
+/// against it. So dropping a [`SledStore`] waits, here, until the flock can
+/// be taken through this descriptor: then nothing else holds the file.
+struct DbFile {
+    file: File,
+    path: PathBuf,
+}
+
+/// How long dropping a [`SledStore`] waits for sled to let go of its file
+/// before it warns and returns anyway (the next open waits again).
+const SLED_LET_GO_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Drop for DbFile {
+    fn drop(&mut self) {
+        let started = std::time::Instant::now();
+        match lock::wait_until_unlocked(&self.file, SLED_LET_GO_PATIENCE) {
+            Ok(true) => tracing::trace!(waited = ?started.elapsed(), "outbox: sled let go of its database file"),
+            Ok(false) => tracing::warn!(
+                path = %self.path.display(),
+                waited = ?started.elapsed(),
+                "outbox: sled still holds its database file after it was closed; a reopen waits for it"
+            ),
+            Err(e) => tracing::warn!(
+                path = %self.path.display(),
+                error = %e,
+                "outbox: cannot tell whether sled let go of its database file"
+            ),
+        }
+    }
 }
 
 /// The files beside a sled database, by path.
@@ -269,7 +316,7 @@ impl SledStore {
     /// Opens (or creates) the database in `dir`. A panic inside sled is
     /// caught and reported as [`StoreError::Panicked`] (treated as
     /// corruption) so that a damaged file cannot take the agent down.
-    pub(crate) fn open(dir: &Path, lock: Arc<File>) -> Result<SledStore, StoreError> {
+    pub(crate) fn open(dir: &Path, lock: Arc<StateDirLock>) -> Result<SledStore, StoreError> {
         let config = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).flush_every_ms(None);
         let opened = panics::catch(move || {
             let db = config.open()?;
@@ -285,21 +332,22 @@ impl SledStore {
             .write(true)
             .open(&db_path)
             .map_err(io_err("cannot open the outbox database file", &db_path))?;
-        // sled never fsyncs the directories it creates files in.
-        fsutil::sync_parent(&db_path)
-            .and_then(|()| fsutil::sync_parent(dir))
-            .map_err(io_err("cannot fsync the directory of", dir))?;
-        Ok(SledStore {
+        let store = SledStore {
             db,
             heartbeats,
             events,
             meta,
-            db_file,
-            db_path,
             blobs_dir: dir.join("blobs"),
             synced_blobs: Mutex::new(HashSet::new()),
+            db_file: DbFile { file: db_file, path: db_path },
             _lock: lock,
-        })
+        };
+        // sled never fsyncs the directories it creates files in. (On an
+        // error, `store` is dropped like any other: it waits for sled.)
+        fsutil::sync_parent(&store.db_file.path)
+            .and_then(|()| fsutil::sync_parent(dir))
+            .map_err(io_err("cannot fsync the directory of", dir))?;
+        Ok(store)
     }
 
     fn tree(&self, class: Class) -> &sled::Tree {
@@ -426,7 +474,7 @@ impl Store for SledStore {
         // Flushing the Db flushes the shared log, so every tree; it ends
         // with sync_file_range only (see the module doc), hence the rest.
         let _bytes_written = self.db.flush()?;
-        self.db_file.sync_data().map_err(io_err(SYNC_DB, &self.db_path))?;
+        self.db_file.file.sync_data().map_err(io_err(SYNC_DB, &self.db_file.path))?;
         self.sync_new_blobs()
     }
 }
@@ -832,8 +880,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn scratch_lock(dir: &Path) -> Arc<File> {
-        Arc::new(File::create(dir.join("test.lock")).expect("lock file"))
+    fn scratch_lock(dir: &Path) -> Arc<StateDirLock> {
+        StateDirLock::take(dir).expect("lock")
     }
 
     fn scratch_store(dir: &Path) -> SledStore {

@@ -169,6 +169,7 @@ impl Writer {
             self.end_group(stop);
         }
         self.close();
+        self.let_go();
     }
 
     /// Applies one message; `true` means stop after this group.
@@ -735,6 +736,25 @@ impl Writer {
         self.shared.bytes.store(bytes, Ordering::Relaxed);
         self.mark_dirty();
         self.commit(false)
+    }
+
+    /// After the last commit: takes the database out of the readers' reach
+    /// (waiting for reads in progress) and drops the writer's handle, so
+    /// that it closes here, on the writer thread, before `shutdown`'s join
+    /// returns. Closing waits until sled has let go of its files (see
+    /// `store.rs`, `DbFile`); the state_dir lock goes when the writer's
+    /// reopen is dropped, right after. So once `shutdown` returns, nothing in
+    /// this process holds the state_dir (module doc, invariant 10).
+    fn let_go(&mut self) {
+        match self.slot.write_within(READS_PATIENCE) {
+            Some(mut slot) => *slot = None,
+            None => tracing::warn!(
+                patience = ?READS_PATIENCE,
+                "outbox: a read of the database did not finish at shutdown; the database closes when the last \
+                 reader is dropped"
+            ),
+        }
+        self.store = None;
     }
 
     /// After the final commit: mark the shutdown clean (a commit with
