@@ -469,7 +469,6 @@ fn qos2_cut_between_pubrec_and_pubrel_with_mosquitto_loses_nothing_and_does_not_
 }
 
 #[test]
-#[ignore = "rumqttd 0.20 forgets a received QoS 2 message at a disconnect and drops the client on the resent PUBREL (see section 9); holds only once the Link resends the PUBLISH instead"]
 fn qos2_cut_between_pubrec_and_pubrel_with_the_embedded_broker_loses_nothing_and_does_not_storm() {
     let _serial = serial();
     let hub = Hub::builder_embedded().start();

@@ -38,14 +38,59 @@
 //! Before each connection attempt the Link asks [`Delivery::connecting`] for
 //! the requests to put into the new EventLoop's `pending`: in seq order, a
 //! `Publish` with the same packet id (DUP set if it was written before) for
-//! each record awaiting PUBACK/PUBREC, and a `PubRel` for each awaiting
-//! PUBCOMP (MQTT-4.4.0-1). rumqttc drops `pending` itself when the ConnAck
-//! says `session_present = false` (`eventloop.rs` `poll`); this state then
+//! each record in flight, up to and including the first QoS 2 one (see
+//! below). rumqttc drops `pending` itself when the ConnAck says
+//! `session_present = false` (`eventloop.rs` `poll`); this state then
 //! forgets every slot and replays from the oldest record in the outbox. The
 //! `status` and sync publishes and the SUBSCRIBE belong to one connection:
 //! they are not resent (the next connection sends fresh ones), and their
 //! packet ids are free again at the next attempt (a QoS 1 publish leaves no
 //! state in the broker).
+//!
+//! # QoS 2 across a reconnect: the PUBLISH is resent, not the PUBREL
+//!
+//! MQTT 3.1.1 §4.4 (MQTT-4.4.0-1) says a client resumes a QoS 2 exchange
+//! that got its PUBREC by resending the PUBREL. We deviate: a QoS 2 record
+//! that was waiting for its PUBCOMP is resent as a DUP `Publish` with the
+//! same packet id and goes back to waiting for its PUBREC; the normal
+//! PUBREC -> PUBREL -> PUBCOMP follows. The reason is the embedded broker,
+//! rumqttd 0.20 (paths under `rumqttd-0.20.0/src`): it keeps a received
+//! QoS 2 message only in the connection's `AckLog`, created per connection
+//! (`router/routing.rs:336`) and removed at the disconnect
+//! (`router/routing.rs:459`); the session it saves keeps only *outgoing*
+//! PUBRELs (`router/routing.rs:518-523`). A PUBREL releases whatever message
+//! is oldest in that log, ignoring its packet id (`router/logs.rs:414-418`),
+//! and with an empty log the client is disconnected without a word
+//! (`router/routing.rs:813-819`). A resent PUBREL therefore got the agent
+//! disconnected on every attempt, forever, and the message was gone
+//! (`tests/chaos.rs` section 9 shows it on the wire).
+//!
+//! A resent PUBLISH works with both kinds of broker:
+//!
+//! * one that still holds the packet id awaiting PUBREL (mosquitto; §4.3.3,
+//!   MQTT-4.3.3-2: it answers PUBREC and must not deliver it twice) delivers
+//!   it once, on our PUBREL;
+//! * one that forgot it at the disconnect (rumqttd) takes it as new and
+//!   delivers it once, on our PUBREL.
+//!
+//! The price: a broker that had already *completed* the exchange (our PUBREL
+//! arrived, its PUBCOMP was lost) and forgot the id takes the DUP PUBLISH as
+//! a new message and delivers it a second time. QoS 2 records are thereby
+//! at-least-once across a cut between PUBREL and PUBCOMP, like QoS 1 ones;
+//! the hub stores each `(device, epoch, seq)` once. Nothing is ever removed
+//! before the PUBCOMP of its own packet id.
+//!
+//! A record resent this way waits for its PUBREC again, and nothing may
+//! overtake it (see Order). So only the resends up to and including the
+//! first QoS 2 record go into `pending`; the ones after it go back to the
+//! front of the queue and are submitted again, as new publications under
+//! fresh packet ids (rumqttc's channel cannot carry our ids), after its
+//! PUBREC. They are always QoS 1 records (one QoS 2 record in flight at a
+//! time, see Order), for which a broker keeps nothing per packet id, so a
+//! new id is the same to it as a DUP resend. Moving a QoS 2 record to a
+//! fresh id would leave its old copy stored in a mosquitto-like broker,
+//! taking one of the client's incoming slots (`max_inflight_messages`)
+//! until the id is reused.
 //!
 //! # Order
 //!
@@ -53,17 +98,25 @@
 //! durable mark, and submitted in that order with at most `window` records in
 //! flight. Reads go through the Link ([`Action::Read`]), one at a time; a
 //! result is used only if its token is still current (a lost session
-//! invalidates it). No record is submitted while a QoS 2 record waits for its
-//! PUBREC: brokers such as mosquitto deliver a QoS 2 message only on PUBREL,
-//! which rumqttc sends as soon as the PUBREC arrives, so a later record
-//! written earlier would overtake it (a QoS 1 one at once; a QoS 2 one if
-//! the PUBRECs come back out of order). First deliveries are therefore in
-//! seq order whatever the mix of QoS and the order of acks; the price is one
-//! round trip per QoS 2 record, QoS 1 records keep the whole window.
+//! invalidates it). Two rules keep first deliveries in seq order whatever
+//! the mix of QoS, the order of acks and the cuts:
+//!
+//! * No record is submitted while a QoS 2 record waits for its PUBREC:
+//!   brokers deliver a QoS 2 message only on PUBREL, which rumqttc sends as
+//!   soon as the PUBREC arrives, so a later record written earlier would
+//!   overtake it (a QoS 1 one at once).
+//! * No QoS 2 record is submitted while another one is in flight (until its
+//!   PUBCOMP). Two QoS 2 records in flight could otherwise be released in
+//!   the order their PUBRECs come back, and after a cut the second one would
+//!   have to be resent under a fresh packet id (see above).
+//!
+//! The price is one round trip per QoS 2 record before anything after it
+//! goes, and two between consecutive QoS 2 records; QoS 1 records keep the
+//! whole window.
 
 use std::collections::{BTreeMap, VecDeque};
 
-use rumqttc::{Event, Outgoing, Packet, PubRel, Publish, QoS, Request, Subscribe, SubscribeFilter};
+use rumqttc::{Event, Outgoing, Packet, Publish, QoS, Request, Subscribe, SubscribeFilter};
 
 use crate::outbox::Record;
 use crate::proto::Qos;
@@ -232,6 +285,8 @@ pub struct Delivery {
     records_out: usize,
     /// QoS 2 records still waiting for PUBREC.
     qos2_unreceived: usize,
+    /// QoS 2 records in flight (at most one, see the module doc).
+    qos2_out: usize,
 }
 
 fn mqtt_qos(q: Qos) -> QoS {
@@ -270,6 +325,7 @@ impl Delivery {
             reading: None,
             records_out: 0,
             qos2_unreceived: 0,
+            qos2_out: 0,
         }
     }
 
@@ -304,7 +360,9 @@ impl Delivery {
     }
 
     /// A new connection attempt starts (a fresh rumqttc EventLoop): the
-    /// requests to put into its `pending`, in order.
+    /// requests to put into its `pending`, in order. A QoS 2 record is resent
+    /// as a DUP PUBLISH whatever its phase, and the records after it go back
+    /// to the queue (module doc: QoS 2 across a reconnect).
     pub fn connecting(&mut self) -> Vec<Request> {
         self.down();
         self.counter = 0;
@@ -320,21 +378,46 @@ impl Delivery {
             .collect();
         resend.sort_unstable();
         let mut pending = Vec::with_capacity(resend.len());
+        let mut requeued = Vec::new();
+        let mut behind_qos2 = false;
         for (_, pkid) in resend {
+            if behind_qos2 {
+                // Held back until the QoS 2 record's PUBREC, then submitted
+                // afresh: rumqttc's channel cannot carry this packet id.
+                if let Some(slot) = self.slots.remove(&pkid)
+                    && let What::Record(record) = slot.what
+                {
+                    self.records_out -= 1;
+                    if slot.qos == QoS::ExactlyOnce {
+                        // Not reached: one QoS 2 record in flight at a time.
+                        self.qos2_out -= 1;
+                        if slot.phase == Phase::Ack {
+                            self.qos2_unreceived -= 1;
+                        }
+                    }
+                    requeued.push(record);
+                }
+                continue;
+            }
             let Some(slot) = self.slots.get_mut(&pkid) else { continue };
             slot.written = false;
-            let What::Record(record) = &slot.what else { continue };
-            match slot.phase {
-                Phase::Ack => {
-                    let mut p = Publish::new(record.topic.as_str(), slot.qos, record.payload.clone());
-                    p.retain = record.retain;
-                    p.pkid = pkid;
-                    p.dup = slot.sent;
-                    pending.push(Request::Publish(p));
-                    self.expected.push_back(pkid);
-                }
-                Phase::Comp => pending.push(Request::PubRel(PubRel::new(pkid))),
+            if slot.phase == Phase::Comp {
+                // Its PUBREL is not resent: the PUBLISH is (module doc).
+                slot.phase = Phase::Ack;
+                self.qos2_unreceived += 1;
             }
+            let What::Record(record) = &slot.what else { continue };
+            let mut p = Publish::new(record.topic.as_str(), slot.qos, record.payload.clone());
+            p.retain = record.retain;
+            p.pkid = pkid;
+            p.dup = slot.sent;
+            pending.push(Request::Publish(p));
+            self.expected.push_back(pkid);
+            behind_qos2 = slot.qos == QoS::ExactlyOnce;
+        }
+        // They precede everything queued: records are submitted in seq order.
+        for record in requeued.into_iter().rev() {
+            self.ready.push_front(record);
         }
         pending
     }
@@ -349,6 +432,7 @@ impl Delivery {
             self.slots.clear();
             self.records_out = 0;
             self.qos2_unreceived = 0;
+            self.qos2_out = 0;
             self.expected.clear();
             self.ready.clear();
             self.cursor = 0;
@@ -492,9 +576,9 @@ impl Delivery {
             ("SUBACK", What::Subscribe, _, Phase::Ack) => slot.written,
             ("PUBACK", What::Record(_) | What::Tag(_), QoS::AtLeastOnce, Phase::Ack) => slot.written,
             ("PUBREC", What::Record(_) | What::Tag(_), QoS::ExactlyOnce, Phase::Ack) => slot.written,
-            // The PUBREL may be a resend from `pending`, whose write rumqttc
-            // reports like the one it answers a PUBREC with.
-            ("PUBCOMP", What::Record(_) | What::Tag(_), QoS::ExactlyOnce, Phase::Comp) => true,
+            // Only a PUBREC on this connection leads here: a PUBREL is never
+            // resent from `pending`.
+            ("PUBCOMP", What::Record(_) | What::Tag(_), QoS::ExactlyOnce, Phase::Comp) => slot.written,
             _ => false,
         };
         if !fits {
@@ -513,6 +597,9 @@ impl Delivery {
         match slot.what {
             What::Record(r) => {
                 self.records_out -= 1;
+                if slot.qos == QoS::ExactlyOnce {
+                    self.qos2_out -= 1;
+                }
                 actions.push(Action::Remove(r.seq));
             }
             What::Tag(tag) => actions.push(Action::Done(tag)),
@@ -541,8 +628,9 @@ impl Delivery {
                 Queued::Control(c.clone())
             } else {
                 let Some(r) = self.ready.front() else { break };
-                // After a QoS 2 record nothing goes until its PUBREC.
-                let barred = self.qos2_unreceived > 0;
+                // After a QoS 2 record nothing goes until its PUBREC, and
+                // no other QoS 2 record until its PUBCOMP.
+                let barred = self.qos2_unreceived > 0 || (r.qos == Qos::ExactlyOnce && self.qos2_out > 0);
                 if self.closing || self.records_out >= self.window || barred {
                     break;
                 }
@@ -568,6 +656,7 @@ impl Delivery {
                     self.records_out += 1;
                     if qos == QoS::ExactlyOnce {
                         self.qos2_unreceived += 1;
+                        self.qos2_out += 1;
                     }
                     (What::Record(r), qos, submit)
                 }
@@ -732,30 +821,97 @@ mod tests {
         assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":3}"]);
     }
 
-    #[test]
-    fn a_resumed_session_resends_with_the_same_packet_ids_in_seq_order_with_dup_set() {
-        let recs = vec![rec(1, Qos::ExactlyOnce), rec(2, Qos::AtLeastOnce), rec(3, Qos::AtLeastOnce)];
-        let (mut d, _) = sending(8, &recs);
-        d.event(&wrote(1));
-        d.event(&pubrec(1));
-        d.event(&wrote(2));
-        d.event(&wrote(3));
-        d.disconnected();
-        let pending = d.connecting();
-        let shape: Vec<String> = pending
+    fn shape(pending: &[Request]) -> Vec<String> {
+        pending
             .iter()
             .map(|r| match r {
                 Request::PubRel(r) => format!("pubrel {}", r.pkid),
-                Request::Publish(p) => format!("publish {} dup={}", p.pkid, p.dup),
+                Request::Publish(p) => format!("publish {} dup={} {:?}", p.pkid, p.dup, p.qos),
                 other => format!("{other:?}"),
             })
-            .collect();
-        assert_eq!(shape, vec!["pubrel 1", "publish 2 dup=true", "publish 3 dup=true"]);
+            .collect()
+    }
+
+    #[test]
+    fn a_resumed_session_resends_with_the_same_packet_ids_in_seq_order_with_dup_set() {
+        let recs: Vec<_> = (1..=3).map(|s| rec(s, Qos::AtLeastOnce)).collect();
+        let (mut d, _) = sending(8, &recs);
+        d.event(&wrote(1));
+        d.event(&wrote(2));
+        d.disconnected();
+        assert_eq!(
+            shape(&d.connecting()),
+            vec!["publish 1 dup=true AtLeastOnce", "publish 2 dup=true AtLeastOnce", "publish 3 dup=false AtLeastOnce"]
+        );
         let c = d.connected(true, vec![]);
         assert_eq!(c.forgotten, 0);
+        for p in 1..=3 {
+            d.event(&wrote(p));
+        }
+        assert_eq!(removed(&d.event(&puback(3))), vec![3]);
+    }
+
+    #[test]
+    fn a_qos2_record_waiting_for_pubcomp_is_resent_as_its_publish_not_its_pubrel() {
+        let recs = vec![rec(1, Qos::ExactlyOnce), rec(2, Qos::AtLeastOnce), rec(3, Qos::AtLeastOnce)];
+        let (mut d, _) = sending(8, &recs);
+        d.event(&wrote(1));
+        let after_pubrec = d.event(&pubrec(1));
+        assert_eq!(submitted_payloads(&after_pubrec), vec!["{\"seq\":2}", "{\"seq\":3}"]);
         d.event(&wrote(2));
         d.event(&wrote(3));
-        assert_eq!(removed(&d.event(&pubcomp(1))), vec![1], "the resent PUBREL's PUBCOMP completes record 1");
+        d.disconnected(); // the link drops between PUBREC and PUBCOMP
+        assert_eq!(
+            shape(&d.connecting()),
+            vec!["publish 1 dup=true ExactlyOnce"],
+            "no PUBREL (a broker that forgot the message drops us for it), and nothing after record 1 yet"
+        );
+        let c = d.connected(true, vec![]);
+        assert!(submitted_payloads(&c.actions).is_empty(), "records 2 and 3 wait for record 1's PUBREC");
+        assert_eq!(d.in_flight(), 1, "records 2 and 3 are queued again, not in flight");
+        d.event(&wrote(1));
+        assert!(removed(&d.event(&pubrec(1))).is_empty(), "a PUBREC removes nothing");
+        // rumqttc's next packet id is 1, which record 1 holds until PUBCOMP.
+        let actions = d.event(&pubcomp(1));
+        assert_eq!(removed(&actions), vec![1], "its PUBCOMP completes record 1");
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":2}", "{\"seq\":3}"], "then 2 and 3, in order");
+        d.event(&wrote(1));
+        d.event(&wrote(2));
+        assert_eq!(removed(&d.event(&puback(1))), vec![2], "record 2 under its fresh packet id");
+        assert_eq!(removed(&d.event(&puback(2))), vec![3]);
+        assert_eq!(d.in_flight(), 0);
+    }
+
+    #[test]
+    fn records_after_a_resent_qos2_record_go_as_soon_as_its_pubrec_comes_when_the_next_packet_id_is_free() {
+        // Records 1 and 2 (QoS 1) hold packet ids 1 and 2; record 3 (QoS 2)
+        // holds 3; record 4 (QoS 1) went after its PUBREC.
+        let recs = vec![
+            rec(1, Qos::AtLeastOnce),
+            rec(2, Qos::AtLeastOnce),
+            rec(3, Qos::ExactlyOnce),
+            rec(4, Qos::AtLeastOnce),
+        ];
+        let (mut d, _) = sending(8, &recs);
+        for p in 1..=3 {
+            d.event(&wrote(p));
+        }
+        d.event(&puback(1));
+        d.event(&puback(2));
+        let actions = d.event(&pubrec(3));
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":4}"]);
+        d.event(&wrote(4));
+        d.disconnected();
+        assert_eq!(shape(&d.connecting()), vec!["publish 3 dup=true ExactlyOnce"]);
+        let actions = d.connected(true, vec![]).actions;
+        assert!(submitted_payloads(&actions).is_empty());
+        d.event(&wrote(3));
+        let actions = d.event(&pubrec(3));
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":4}"], "packet id 1 is free: record 4 goes at once");
+        assert!(removed(&actions).is_empty());
+        d.event(&wrote(1));
+        assert_eq!(removed(&d.event(&puback(1))), vec![4]);
+        assert_eq!(removed(&d.event(&pubcomp(3))), vec![3]);
     }
 
     #[test]
@@ -774,16 +930,19 @@ mod tests {
     }
 
     #[test]
-    fn no_record_overtakes_a_qos2_record_that_waits_for_pubrec() {
+    fn no_record_overtakes_a_qos2_record_that_waits_for_pubrec_and_qos2_records_go_one_at_a_time() {
         let recs = vec![rec(1, Qos::ExactlyOnce), rec(2, Qos::ExactlyOnce), rec(3, Qos::AtLeastOnce)];
         let (mut d, actions) = sending(8, &recs);
         assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}"]);
         d.event(&wrote(1));
         let actions = d.event(&pubrec(1));
-        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":2}"], "after PUBREC (and rumqttc's PUBREL) it goes");
+        assert!(submitted_payloads(&actions).is_empty(), "record 2 is QoS 2: it waits for record 1's PUBCOMP");
+        let actions = d.event(&pubcomp(1));
+        assert_eq!(removed(&actions), vec![1]);
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":2}"]);
         d.event(&wrote(2));
         let actions = d.event(&pubrec(2));
-        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":3}"]);
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":3}"], "a QoS 1 record goes after the PUBREC");
     }
 
     #[test]

@@ -13,13 +13,24 @@
 //! ConnAck says no session. The Link's connect sequence (SUBSCRIBE, `online`,
 //! sync nonce) is replayed too.
 //!
-//! The broker behaves like mosquitto 2: a QoS 1 message is delivered on
-//! PUBLISH and PUBACKed; a QoS 2 one is stored under its packet id on
-//! PUBLISH (a resend with the same id and content is a duplicate; different
-//! content replaces it, mosquitto's "Reused message ID"), PUBRECed, delivered
-//! on PUBREL and PUBCOMPed (also for an id it no longer holds). It keeps the
-//! session across connections or loses it; acks are answered in any order,
-//! lost with the connection, and sometimes sent twice in a row.
+//! The broker is one of two kinds (half the seeds each). Both deliver a
+//! QoS 1 message on PUBLISH and PUBACK it, deliver a QoS 2 one on PUBREL,
+//! keep the session across connections or lose it, and their acks are
+//! answered in any order, lost with the connection, and sometimes sent twice
+//! in a row.
+//!
+//! * **mosquitto-like** (mosquitto 2, `handle_publish.c`): a QoS 2 message
+//!   is stored under its packet id on PUBLISH, in the session, across
+//!   reconnects (a resend with the same id and content is a duplicate and is
+//!   PUBRECed again; different content replaces it, "Reused message ID"),
+//!   PUBRECed, delivered on PUBREL and PUBCOMPed (also for an id it no
+//!   longer holds).
+//! * **rumqttd-like** (rumqttd 0.20, the embedded broker; paths under
+//!   `rumqttd-0.20.0/src`): a QoS 2 message is kept in a per-connection log
+//!   (`router/routing.rs:336`) that is forgotten at the disconnect
+//!   (`:459`); a PUBREL releases the *oldest* message in it whatever its
+//!   packet id (`router/logs.rs:414-418`), and with an empty log the client
+//!   is disconnected (`router/routing.rs:813-819`).
 //!
 //! Moves: append a record (QoS 1 or 2), make records durable, finish a read,
 //! write a request, let the broker process a packet, deliver an ack, cut the
@@ -27,9 +38,10 @@
 //! session, restart the agent from the outbox. Then the link heals and stays
 //! up.
 //!
-//! Checked: a record is removed only in answer to the broker's ack of *that*
-//! record (and the broker has delivered it); no desync between rumqttc and
-//! the delivery state (no collision, every write under the predicted id);
+//! Checked, with both kinds of broker: a record is removed only in answer to
+//! the broker's ack of *that* record (and the broker has delivered it); the
+//! broker never drops the client for a PUBREL (the reconnect storm of issue
+//! #6 item 3); no desync between rumqttc and the delivery state (no collision, every write under the predicted id);
 //! rumqttc never holds a packet id the delivery state does not; first
 //! deliveries are in seq order; and once the link stays up, everything is
 //! delivered and the outbox drains (no stall).
@@ -82,15 +94,37 @@ impl Outbox {
 
 #[derive(Default)]
 struct Session {
-    /// QoS 2 messages stored on PUBLISH, waiting for PUBREL: pkid -> seq.
+    /// mosquitto-like: QoS 2 messages stored on PUBLISH, waiting for PUBREL:
+    /// pkid -> seq.
     stored: HashMap<u16, Option<u64>>,
-    /// What each pkid last released, for the PUBCOMP of a resent PUBREL.
+    /// mosquitto-like: what each pkid last released, for the PUBCOMP of a
+    /// resent PUBREL.
     released: HashMap<u16, Option<u64>>,
 }
 
-#[derive(Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Mosquitto,
+    Rumqttd,
+}
+
+/// What the broker does with a packet.
+enum Answer {
+    Nothing,
+    /// An ack, with the seq it acknowledges (None: a tag or a subscription).
+    Ack(Packet, Option<u64>),
+    /// It drops the connection.
+    Disconnect,
+}
+
 struct Broker {
+    kind: Kind,
     session: Option<Session>,
+    /// rumqttd-like: the connection's QoS 2 messages awaiting PUBREL, oldest
+    /// first; forgotten at every disconnect.
+    recorded: VecDeque<Option<u64>>,
+    /// Connections it dropped for a PUBREL it had no message for.
+    dropped_for_pubrel: usize,
     /// Every delivery to subscribers, duplicates included.
     deliveries: Vec<u64>,
     delivered: HashSet<u64>,
@@ -98,6 +132,23 @@ struct Broker {
 }
 
 impl Broker {
+    fn new(kind: Kind) -> Broker {
+        Broker {
+            kind,
+            session: None,
+            recorded: VecDeque::new(),
+            dropped_for_pubrel: 0,
+            deliveries: Vec::new(),
+            delivered: HashSet::new(),
+            first: Vec::new(),
+        }
+    }
+
+    /// The client's connection ended.
+    fn disconnected(&mut self) {
+        self.recorded.clear();
+    }
+
     fn deliver(&mut self, seq: Option<u64>) {
         if let Some(seq) = seq {
             self.deliveries.push(seq);
@@ -107,31 +158,32 @@ impl Broker {
         }
     }
 
-    /// Handles one packet from the client; the answer carries the seq it
-    /// acknowledges (None: a tag or a subscription).
-    fn handle(&mut self, packet: Packet) -> Option<(Packet, Option<u64>)> {
+    /// Handles one packet from the client.
+    fn handle(&mut self, packet: Packet) -> Answer {
         let session = self.session.get_or_insert_with(Session::default);
-        match packet {
-            Packet::Publish(p) => {
+        match (self.kind, packet) {
+            (_, Packet::Publish(p)) if p.qos == QoS::AtLeastOnce => {
                 let seq = seq_of(&p.payload);
-                // mosquitto: a stored QoS 2 message under this id with other
-                // content is dropped ("Reused message ID").
-                if session.stored.get(&p.pkid).is_some_and(|s| *s != seq || p.qos != QoS::ExactlyOnce) {
-                    session.stored.remove(&p.pkid);
-                }
-                match p.qos {
-                    QoS::AtLeastOnce => {
-                        self.deliver(seq);
-                        Some((Packet::PubAck(PubAck::new(p.pkid)), seq))
-                    }
-                    QoS::ExactlyOnce => {
-                        session.stored.insert(p.pkid, seq);
-                        Some((Packet::PubRec(PubRec::new(p.pkid)), seq))
-                    }
-                    QoS::AtMostOnce => None,
-                }
+                // mosquitto: a stored QoS 2 message under this id is dropped
+                // ("Reused message ID": another QoS).
+                session.stored.remove(&p.pkid);
+                self.deliver(seq);
+                Answer::Ack(Packet::PubAck(PubAck::new(p.pkid)), seq)
             }
-            Packet::PubRel(r) => {
+            (Kind::Mosquitto, Packet::Publish(p)) if p.qos == QoS::ExactlyOnce => {
+                let seq = seq_of(&p.payload);
+                // A stored one with the same content makes this a duplicate
+                // (PUBRECed again, delivered once); other content replaces it.
+                session.stored.insert(p.pkid, seq);
+                Answer::Ack(Packet::PubRec(PubRec::new(p.pkid)), seq)
+            }
+            (Kind::Rumqttd, Packet::Publish(p)) if p.qos == QoS::ExactlyOnce => {
+                let seq = seq_of(&p.payload);
+                self.recorded.push_back(seq);
+                Answer::Ack(Packet::PubRec(PubRec::new(p.pkid)), seq)
+            }
+            (_, Packet::Publish(_)) => Answer::Nothing,
+            (Kind::Mosquitto, Packet::PubRel(r)) => {
                 let seq = match session.stored.remove(&r.pkid) {
                     Some(seq) => {
                         session.released.insert(r.pkid, seq);
@@ -140,13 +192,24 @@ impl Broker {
                     }
                     None => session.released.get(&r.pkid).copied().flatten(),
                 };
-                Some((Packet::PubComp(PubComp::new(r.pkid)), seq))
+                Answer::Ack(Packet::PubComp(PubComp::new(r.pkid)), seq)
             }
-            Packet::Subscribe(s) => {
+            (Kind::Rumqttd, Packet::PubRel(r)) => match self.recorded.pop_front() {
+                // The oldest message, whatever id the PUBREL names.
+                Some(seq) => {
+                    self.deliver(seq);
+                    Answer::Ack(Packet::PubComp(PubComp::new(r.pkid)), seq)
+                }
+                None => {
+                    self.dropped_for_pubrel += 1;
+                    Answer::Disconnect
+                }
+            },
+            (_, Packet::Subscribe(s)) => {
                 let codes = s.filters.iter().map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce)).collect();
-                Some((Packet::SubAck(SubAck::new(s.pkid, codes)), None))
+                Answer::Ack(Packet::SubAck(SubAck::new(s.pkid, codes)), None)
             }
-            _ => None,
+            _ => Answer::Nothing,
         }
     }
 }
@@ -184,13 +247,14 @@ impl Model {
             1 => window + 4 + rng.u16(..12),
             _ => rumqttc_inflight(window),
         };
+        let kind = if rng.bool() { Kind::Mosquitto } else { Kind::Rumqttd };
         Model {
             rng,
             window,
             cycle,
             delivery: Delivery::with_cycle(window, cycle),
             outbox: Outbox::default(),
-            broker: Broker::default(),
+            broker: Broker::new(kind),
             conn: None,
             reads: VecDeque::new(),
             nonce: 0,
@@ -306,6 +370,7 @@ impl Model {
             assert!(held.contains(&pkid), "rumqttc holds packet id {pkid}, the delivery state does not");
         }
         conn.up = false;
+        self.broker.disconnected();
         self.delivery.disconnected();
     }
 
@@ -333,10 +398,17 @@ impl Model {
     fn broker_step(&mut self) -> bool {
         let Some(packet) = self.conn.as_mut().and_then(|c| c.to_broker.pop_front()) else { return false };
         self.note(format!("broker gets {packet:?}"));
-        if let Some(answer) = self.broker.handle(packet)
-            && let Some(conn) = self.conn.as_mut()
-        {
-            conn.to_client.push_back(answer);
+        match self.broker.handle(packet) {
+            Answer::Ack(packet, acks) => {
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.to_client.push_back((packet, acks));
+                }
+            }
+            Answer::Nothing => {}
+            Answer::Disconnect => {
+                self.note("the broker drops the client".into());
+                self.cut();
+            }
         }
         true
     }
@@ -470,6 +542,10 @@ impl Model {
     }
 
     fn check_order(&self) {
+        assert_eq!(
+            self.broker.dropped_for_pubrel, 0,
+            "the broker dropped the client for a PUBREL it had no message for"
+        );
         for pair in self.broker.first.windows(2) {
             assert!(pair[0] < pair[1], "first deliveries out of seq order: {} before {}", pair[0], pair[1]);
         }
@@ -506,8 +582,8 @@ fn no_interleaving_of_acks_cuts_sessions_and_restarts_loses_reorders_or_stalls_a
         }));
         if let Err(e) = outcome {
             eprintln!(
-                "model failed with seed {seed} (window {}, cycle {}); rerun with FIELDLINK_MODEL_SEED={seed}; last steps:",
-                m.window, m.cycle
+                "model failed with seed {seed} (window {}, cycle {}, {:?} broker); rerun with FIELDLINK_MODEL_SEED={seed}; last steps:",
+                m.window, m.cycle, m.broker.kind
             );
             for line in &m.trace[m.trace.len().saturating_sub(40)..] {
                 eprintln!("{line}");

@@ -16,10 +16,22 @@
 //!   attempt's first error; rumqttc's own reconnect and its `pending`
 //!   bookkeeping are never used across connections.
 //! * Before the first poll the Link puts [`Delivery::connecting`]'s resends
-//!   into the EventLoop's `pending` (same packet ids, DUP set; PUBRELs for
-//!   QoS 2 records past PUBREC). rumqttc drops them itself if the ConnAck says
-//!   `session_present = false`, and the delivery state then replays from the
-//!   oldest outbox record.
+//!   into the EventLoop's `pending` (same packet ids, DUP set). rumqttc drops
+//!   them itself if the ConnAck says `session_present = false`, and the
+//!   delivery state then replays from the oldest outbox record.
+//! * A QoS 2 record that got its PUBREC before the link dropped is resent as
+//!   its PUBLISH (DUP, same packet id), not as a PUBREL as MQTT 3.1.1 §4.4
+//!   asks: the embedded broker (rumqttd 0.20) forgets a received QoS 2
+//!   message at the disconnect (`router/routing.rs:336`, `:459`; its saved
+//!   session keeps only outgoing PUBRELs, `:518-523`), releases its oldest
+//!   message whatever id a PUBREL names (`router/logs.rs:414-418`) and drops
+//!   a client whose PUBREL finds none (`router/routing.rs:813-819`), so a
+//!   resent PUBREL got the agent disconnected on every attempt. mosquitto
+//!   answers the DUP PUBLISH of an id it still holds with PUBREC and
+//!   delivers it once (§4.3.3). A broker that had already completed the
+//!   exchange delivers it a second time (the hub dedupes by `(device, epoch,
+//!   seq)`). Resends behind it wait for its PUBREC and then go under fresh
+//!   packet ids. The rules and their price are in `delivery.rs`.
 //! * rumqttc's `max_inflight` is [`rumqttc_inflight`] (far above the Link's
 //!   window), so its request gate never closes. A desync between rumqttc and
 //!   the delivery state (`Outgoing::AwaitAck`, a write under an unexpected
@@ -55,8 +67,9 @@
 //!    `keep_alive` without it (a warning names the topic; the wait restarts
 //!    with every message that arrives meanwhile);
 //! 5. send records: resends first (already in `pending`), then from the
-//!    cursor in seq order, at most `max_inflight` in flight, a QoS 1 record
-//!    never overtaking a QoS 2 one that waits for PUBREC.
+//!    cursor in seq order, at most `max_inflight` in flight, nothing
+//!    overtaking a QoS 2 record that waits for PUBREC, and one QoS 2 record
+//!    in flight at a time.
 //!
 //! Commands that arrive on a resumed session before the nonce carry
 //! `backlog = true`. Every incoming QoS 1 message is acknowledged in arrival
