@@ -6,10 +6,10 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
+use common::tmpfs::{Tmpfs, fill};
 use common::{
     Agent, DEADLINE, DOOR_PIN, Rig, VERSION, assert_press_release_pairs, assert_strictly_increasing, button_events,
     check_envelope, first_occurrences, has_status, records, seq,
@@ -310,43 +310,6 @@ fn sigusr1_in_a_tight_loop_from_the_moment_the_pid_file_exists_never_kills_the_a
         rig.agent.sigterm();
         assert_eq!(rig.agent.wait().code(), Some(0), "start #{start}: SIGTERM is a clean exit");
     }
-}
-
-/// A tmpfs mounted for one test (root only); lazily unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
-        std::fs::create_dir_all(path).map_err(|e| format!("create {}: {e}", path.display()))?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .map_err(|e| format!("run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("mount -t tmpfs refused: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
-        Ok(Tmpfs(path.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Lazy: the agent may still hold files. A failure leaves a tmpfs behind, nothing worse.
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Fills the file system holding `ballast` until a write fails.
-fn fill(ballast: &Path) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(ballast).unwrap_or_else(|e| panic!("create {}: {e}", ballast.display()));
-    for chunk in [64 * 1024, 4096, 512, 1] {
-        let block = vec![0xa5u8; chunk];
-        while f.write_all(&block).is_ok() {}
-    }
-    // What sits in a buffer fails the same way: the disk is full.
-    let _ = f.sync_all();
 }
 
 /// `fieldlink status`, run to completion.

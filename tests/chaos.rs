@@ -21,19 +21,19 @@
 //! `FIELDLINK_CHAOS_SOAK_SECS` says (default 600), and the damage soak over
 //! `FIELDLINK_CHAOS_SEEDS` seeds (default 50). The disk-full scenario
 //! mounts a 4 MiB tmpfs (root only); where that is refused (or with
-//! `FIELDLINK_CHAOS_NO_TMPFS=1`) it bounds the outbox with `max_bytes`.
+//! `FIELDLINK_NO_TMPFS=1`) it bounds the outbox with `max_bytes`.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::hub::Hub;
 use common::proxy::{Rule, packet};
+use common::tmpfs::{Tmpfs, fill};
 use common::wire::{Recv, Wire};
 use common::{
     Agent, DEADLINE, Dir, Msg, PUMP_PIN, Proxy, Rig, SimSocket, Verdict, Watcher, has_status, records, relay_states,
@@ -524,54 +524,6 @@ fn kill_9_while_offline_with_durability_batch_loses_no_flushed_record() {
 
 // ---------------------------------------------------------------------------
 // 6. Disk full, then space freed
-
-/// A tmpfs mounted for one test; lazily unmounted on drop.
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    /// `FIELDLINK_CHAOS_NO_TMPFS=1` refuses, to exercise the fallback.
-    fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
-        if std::env::var("FIELDLINK_CHAOS_NO_TMPFS").as_deref() == Ok("1") {
-            return Err("FIELDLINK_CHAOS_NO_TMPFS=1".to_string());
-        }
-        fs::create_dir_all(path).map_err(|e| format!("create {}: {e}", path.display()))?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .map_err(|e| format!("run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("mount -t tmpfs refused: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
-        Ok(Tmpfs { path: path.to_path_buf() })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Lazy: the agent may still hold files; a failure leaves a tmpfs
-        // behind, nothing worse.
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
-/// Fills the file system holding `dir` with `ballast`; returns its size.
-fn fill(ballast: &Path) -> u64 {
-    use std::io::Write;
-    let mut f = fs::File::create(ballast).unwrap_or_else(|e| panic!("create {}: {e}", ballast.display()));
-    let mut written = 0u64;
-    for chunk in [64 * 1024, 4096, 512, 1] {
-        let block = vec![0xa5u8; chunk];
-        while f.write_all(&block).is_ok() {
-            written += chunk as u64;
-        }
-    }
-    // Whatever sits in the buffer fails the same way; the disk is full.
-    let _ = f.sync_all();
-    written
-}
 
 #[test]
 fn a_full_disk_is_survived_without_a_restart_and_every_loss_is_counted() {

@@ -40,6 +40,7 @@
 pub mod hub;
 pub mod proxy;
 pub mod sim;
+pub mod tmpfs;
 pub mod wire;
 
 #[allow(unused_imports)]
