@@ -17,6 +17,31 @@
 //!   down, then acks — only on the connection the messages came in on; after
 //!   a reconnect the broker redelivers them instead.
 //!
+//! # It never stops
+//!
+//! * Acks are awaited (`AsyncClient::ack`), never `try_ack`: rumqttc's
+//!   `EventLoop::select` (rumqttc-0.25.1 `src/eventloop.rs:193`) hands out
+//!   buffered incoming packets before it looks at the request channel, and
+//!   `readb` (`src/framed.rs`) buffers up to `max_request_batch`/100
+//!   packets a read; under a backlog the 1,024-slot request channel filled,
+//!   `try_ack` failed ("Failed to send mqtt requests to eventloop"), the
+//!   dropped PUBACKs kept the broker's in-flight window full and ingestion
+//!   stopped for good. An awaited ack waits for room instead, while the
+//!   poller keeps polling, whose `select!` (line 200) takes requests as
+//!   soon as the buffer is empty.
+//! * A message the database refuses for its data (SQLSTATE class 22/23,
+//!   SQLite TOOBIG/CONSTRAINT/MISMATCH: [`StoreError::is_refused_data`]) is
+//!   set aside: its batch is written again one message at a time, the one
+//!   refused is counted (`set_aside`), logged once at warn and acknowledged,
+//!   and the rest flows. Other errors (database down, permissions) are
+//!   retried with back-off: setting every message aside would lose them.
+//! * A shutdown ends a retry at once: what is not committed is not
+//!   acknowledged, and the broker delivers it again to the next hub.
+//! * The client accepts any packet MQTT allows ([`MAX_INCOMING`]): a packet
+//!   over rumqttc's limit is a connection error, and the broker would
+//!   redeliver it on every reconnect, forever. Payloads over
+//!   [`ingest::MAX_PAYLOAD`] are refused at ingest instead (acknowledged).
+//!
 //! It never serves HTTP and never builds SQL.
 
 use std::sync::Arc;
@@ -32,6 +57,12 @@ use super::model::{CommandRow, LiveEvent, Update};
 use super::store::{Store, StoreError};
 use crate::agent::Backoff;
 use crate::timefmt;
+
+/// The largest MQTT packet there is (a 268,435,455-byte remaining length
+/// plus its 5-byte fixed header): rumqttc refuses a bigger one with
+/// `PayloadSizeLimitExceeded` and drops the connection (`mqttbytes/mod.rs`
+/// `check`), so with this limit no packet the broker forwards can.
+pub const MAX_INCOMING: usize = 268_435_455 + 5;
 
 /// How long the batcher waits for more once messages stop arriving.
 const QUIET: Duration = Duration::from_millis(5);
@@ -61,6 +92,10 @@ pub struct Counters {
     pub stored: AtomicU64,
     pub duplicates: AtomicU64,
     pub refused: AtomicU64,
+    /// Messages the database refused for their data (never retried).
+    pub set_aside: AtomicU64,
+    /// Messages stored with fields of the wrong type replaced by null.
+    pub nulled: AtomicU64,
 }
 
 /// Runs the poller and the batcher until `shutdown` turns true; then the
@@ -77,6 +112,8 @@ pub async fn run(
     counters: Arc<Counters>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let outgoing = eventloop.mqtt_options.max_packet_size();
+    eventloop.mqtt_options.set_max_packet_size(MAX_INCOMING, outgoing.min(MAX_INCOMING));
     let generation = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::unbounded_channel();
     let mut batcher = tokio::spawn(batch(
@@ -88,6 +125,7 @@ pub async fn run(
         settings.clone(),
         generation.clone(),
         counters.clone(),
+        shutdown.clone(),
     ));
     poll(&client, &mut eventloop, &settings, &generation, tx, &counters, shutdown).await;
     // The sender is gone: the batcher commits what it holds and ends. Keep
@@ -113,6 +151,8 @@ pub async fn run(
         stored = counters.stored.load(Ordering::Relaxed),
         duplicates = counters.duplicates.load(Ordering::Relaxed),
         refused = counters.refused.load(Ordering::Relaxed),
+        set_aside = counters.set_aside.load(Ordering::Relaxed),
+        nulled = counters.nulled.load(Ordering::Relaxed),
         "collector stopped"
     );
 }
@@ -150,7 +190,17 @@ async fn poll(
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let at = timefmt::rfc3339_millis(SystemTime::now());
                 let update = match ingest::parse(&settings.prefix, &p.topic, &p.payload, &at) {
-                    Ok(update) => Some(update),
+                    Ok(parsed) => {
+                        if !parsed.nulled.is_empty() {
+                            counters.nulled.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                "stored with null for the wrongly typed {} on '{}'",
+                                parsed.nulled.join(", "),
+                                p.topic
+                            );
+                        }
+                        Some(parsed.update)
+                    }
                     // The hub's own commands come back on its filter.
                     Err(ingest::IngestError::Command(_)) => None,
                     Err(e) => {
@@ -196,6 +246,7 @@ async fn batch(
     settings: Settings,
     generation: Arc<AtomicU64>,
     counters: Arc<Counters>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let batch_max = settings.batch_max.max(1);
     while let Some(first) = rx.recv().await {
@@ -209,15 +260,25 @@ async fn batch(
             }
         }
         let updates: Vec<Update> = items.iter().filter_map(|p| p.update.clone()).collect();
-        let (fresh, answered) =
-            if updates.is_empty() { (Vec::new(), Vec::new()) } else { commit(&store, &updates, &counters).await };
+        let (fresh, answered) = if updates.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            match commit(&store, &updates, &counters, shutdown.clone()).await {
+                Some(done) => done,
+                // Shutting down: not committed, so not acknowledged.
+                None => break,
+            }
+        };
         let current = generation.load(Ordering::SeqCst);
         for p in &items {
             if p.generation != current {
                 continue;
             }
-            if let Err(e) = client.try_ack(&p.publish) {
-                tracing::warn!("ack not sent: {e}");
+            // Awaited: waits for room in the request channel, never drops
+            // an ack (module doc). It fails only once the event loop is gone.
+            if let Err(e) = client.ack(&p.publish).await {
+                tracing::error!("ack not sent, the broker will deliver it again: {e}");
+                break;
             }
         }
         for (update, is_new) in updates.iter().zip(&fresh) {
@@ -240,18 +301,75 @@ async fn batch(
 }
 
 /// Writes one batch; returns, per update, whether it was newly stored, and
-/// the commands it answered. A transient failure (database down, deadlock)
-/// is retried with back-off until the database takes the batch: the messages
-/// are not acknowledged before, so waiting is the only way not to lose them
-/// (the broker would redeliver them only after a reconnect). An update the
-/// database can never take (`StoreError::Invalid`) is left out, logged and
-/// counted, and the rest retried at once, so one bad message cannot block
-/// the stream.
-async fn commit(store: &Store, updates: &[Update], counters: &Counters) -> (Vec<bool>, Vec<CommandRow>) {
+/// the commands it answered; `None` when `shutdown` came first (nothing of
+/// the batch may then be acknowledged). An update the database can never
+/// take is left out, counted and logged, and the rest written (module doc).
+async fn commit(
+    store: &Store,
+    updates: &[Update],
+    counters: &Counters,
+    shutdown: watch::Receiver<bool>,
+) -> Option<(Vec<bool>, Vec<CommandRow>)> {
+    let all: Vec<usize> = (0..updates.len()).collect();
+    match write(store, updates, &all, counters, shutdown.clone()).await {
+        Written::Done(fresh, answered) => return Some((fresh, answered)),
+        Written::Shutdown => return None,
+        Written::Refused(e) if updates.len() == 1 => {
+            set_aside(counters, &updates[0], &e);
+            return Some((vec![false], Vec::new()));
+        }
+        Written::Refused(_) => {}
+    }
+    // One at a time, to find which the database refuses.
+    let mut fresh = vec![false; updates.len()];
+    let mut answered = Vec::new();
+    for i in 0..updates.len() {
+        match write(store, updates, &[i], counters, shutdown.clone()).await {
+            Written::Done(f, a) => {
+                fresh[i] = f[i];
+                answered.extend(a);
+            }
+            Written::Refused(e) => set_aside(counters, &updates[i], &e),
+            Written::Shutdown => return None,
+        }
+    }
+    Some((fresh, answered))
+}
+
+fn set_aside(counters: &Counters, update: &Update, e: &StoreError) {
+    counters.set_aside.fetch_add(1, Ordering::Relaxed);
+    let what = match update {
+        Update::Message(m) => format!("{} {} seq {} of {} (epoch {})", m.kind.as_str(), m.ts, m.seq, m.device, m.epoch),
+        Update::Status { device, .. } => format!("status of {device}"),
+    };
+    tracing::warn!("set aside, the database refuses it: {what}: {e}");
+}
+
+enum Written {
+    /// Per update of the whole list, newly stored; and commands answered.
+    Done(Vec<bool>, Vec<CommandRow>),
+    /// The database refuses the data (a retry would fail the same way).
+    Refused(StoreError),
+    Shutdown,
+}
+
+/// Writes `updates[keep]` in one transaction. Transient and unexplained
+/// failures are retried with back-off until the database takes the batch or
+/// `shutdown` turns true; `StoreError::Invalid` drops that update (counted
+/// as refused) and retries the rest at once.
+async fn write(
+    store: &Store,
+    updates: &[Update],
+    keep: &[usize],
+    counters: &Counters,
+    mut shutdown: watch::Receiver<bool>,
+) -> Written {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-    // Indexes into `updates` still to be written.
-    let mut keep: Vec<usize> = (0..updates.len()).collect();
+    let mut keep = keep.to_vec();
     loop {
+        if *shutdown.borrow() {
+            return Written::Shutdown;
+        }
         let batch: Vec<Update> = keep.iter().map(|&i| updates[i].clone()).collect();
         match store.write_batch_report(&batch).await {
             Ok(report) => {
@@ -259,13 +377,14 @@ async fn commit(store: &Store, updates: &[Update], counters: &Counters) -> (Vec<
                 for (&i, stored) in keep.iter().zip(report.stored) {
                     fresh[i] = stored;
                 }
-                return (fresh, report.commands);
+                return Written::Done(fresh, report.commands);
             }
             Err(StoreError::Invalid { index, reason }) if index < keep.len() => {
                 counters.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("not stored: {reason}");
                 keep.remove(index);
             }
+            Err(e) if e.is_refused_data() => return Written::Refused(e),
             Err(e) => {
                 let delay = backoff.next_delay(fastrand::f64());
                 tracing::error!(
@@ -273,7 +392,10 @@ async fn commit(store: &Store, updates: &[Update], counters: &Counters) -> (Vec<
                     batch.len(),
                     humantime::format_duration(delay)
                 );
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.wait_for(|s| *s) => return Written::Shutdown,
+                }
             }
         }
     }

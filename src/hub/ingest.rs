@@ -1,6 +1,14 @@
 //! What the hub subscribes to and how a received MQTT message becomes an
 //! [`Update`]; sans-IO (no broker, no database), unit-tested. The one place
 //! on the cloud side that parses device topics and payloads.
+//!
+//! What no database could store is refused here, before a batch: a topic or
+//! a JSON string (key or value) holding NUL (PostgreSQL's TEXT and JSONB
+//! refuse it, and a refused row would fail its whole batch), and a payload
+//! over [`MAX_PAYLOAD`]. A known field of the wrong type (a heartbeat's
+//! `"cpu_percent":"x"`, a relay's numeric `state`) is replaced by `null` and
+//! named in [`Parsed::nulled`], so the dashboard only ever sees the types
+//! DESIGN promises.
 
 use serde_json::Value;
 
@@ -19,6 +27,56 @@ pub fn filter(prefix: &str, shared_group: Option<&str>) -> String {
     }
 }
 
+/// The largest payload the hub stores. Larger ones are acknowledged and
+/// refused (counted, logged): the collector's MQTT client accepts any
+/// packet the protocol allows, so an oversized message can never break its
+/// connection (see `collector.rs`); an operator caps the broker at this size
+/// too (mosquitto: `message_size_limit 4194304`).
+pub const MAX_PAYLOAD: usize = crate::mqtt_options::MAX_PACKET;
+
+/// Fields whose JSON type DESIGN fixes, per message kind: `(path, type)`.
+/// `temp_c` may be null; every other null is left as it is too.
+const TYPED: &[(Kind, &[&str], Type)] = &[
+    (Kind::Heartbeat, &["uptime_s"], Type::Number),
+    (Kind::Heartbeat, &["cpu_percent"], Type::Number),
+    (Kind::Heartbeat, &["load_1m"], Type::Number),
+    (Kind::Heartbeat, &["mem_used_bytes"], Type::Number),
+    (Kind::Heartbeat, &["mem_total_bytes"], Type::Number),
+    (Kind::Heartbeat, &["disk_free_bytes"], Type::Number),
+    (Kind::Heartbeat, &["disk_total_bytes"], Type::Number),
+    (Kind::Heartbeat, &["temp_c"], Type::Number),
+    (Kind::Heartbeat, &["outbox", "depth"], Type::Number),
+    (Kind::Heartbeat, &["outbox", "bytes"], Type::Number),
+    (Kind::Heartbeat, &["outbox", "dropped"], Type::Number),
+    (Kind::Heartbeat, &["link", "connects"], Type::Number),
+    (Kind::Heartbeat, &["link", "disconnects"], Type::Number),
+    (Kind::Heartbeat, &["version"], Type::String),
+    (Kind::Button, &["button"], Type::String),
+    (Kind::Button, &["state"], Type::String),
+    (Kind::Relay, &["relay"], Type::String),
+    (Kind::Relay, &["state"], Type::String),
+    (Kind::Relay, &["cause"], Type::String),
+    (Kind::Relay, &["command_id"], Type::String),
+    (Kind::Error, &["code"], Type::String),
+    (Kind::Error, &["message"], Type::String),
+    (Kind::Error, &["topic"], Type::String),
+    (Kind::Error, &["command_id"], Type::String),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Type {
+    Number,
+    String,
+}
+
+/// A parsed update, and the fields [`parse`] replaced by `null` because
+/// their type was wrong (dotted paths, e.g. `outbox.depth`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub update: Update,
+    pub nulled: Vec<String>,
+}
+
 /// Why a message could not be stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IngestError {
@@ -31,11 +89,22 @@ pub enum IngestError {
     Status(String),
     #[error("payload on '{topic}' is not a fieldlink message: {reason}")]
     Payload { topic: String, reason: String },
+    /// A NUL in the topic (shown escaped): no database stores it.
+    #[error("topic '{0}' holds a NUL character")]
+    NulTopic(String),
+    #[error("payload on '{topic}' is {bytes} bytes; at most {MAX_PAYLOAD}")]
+    TooLarge { topic: String, bytes: usize },
 }
 
 /// Parses one received message. `received_at` (RFC 3339) stamps status
 /// changes, which carry no time of their own.
-pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Result<Update, IngestError> {
+pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Result<Parsed, IngestError> {
+    if topic.contains('\0') {
+        return Err(IngestError::NulTopic(topic.escape_default().take(120).collect()));
+    }
+    if payload.len() > MAX_PAYLOAD {
+        return Err(IngestError::TooLarge { topic: topic.to_string(), bytes: payload.len() });
+    }
     let bad_topic = || IngestError::Topic(topic.to_string());
     let rest = topic.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')).ok_or_else(bad_topic)?;
     let parts: Vec<&str> = rest.split('/').collect();
@@ -46,7 +115,8 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Re
                 b"offline" => false,
                 other => return Err(IngestError::Status(String::from_utf8_lossy(other).chars().take(40).collect())),
             };
-            return Ok(Update::Status { device: d.to_string(), online, at: received_at.to_string() });
+            let update = Update::Status { device: d.to_string(), online, at: received_at.to_string() };
+            return Ok(Parsed { update, nulled: Vec::new() });
         }
         [d, "button", n] => (*d, Kind::Button, Some(*n)),
         [d, "relay", n, "state"] => (*d, Kind::Relay, Some(*n)),
@@ -59,7 +129,10 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Re
         return Err(bad_topic());
     }
     let bad = |reason: &str| IngestError::Payload { topic: topic.to_string(), reason: reason.to_string() };
-    let value: Value = serde_json::from_slice(payload).map_err(|e| bad(&format!("not JSON ({e})")))?;
+    let mut value: Value = serde_json::from_slice(payload).map_err(|e| bad(&format!("not JSON ({e})")))?;
+    if holds_nul(&value) {
+        return Err(bad("a string in it holds a NUL character (\\u0000), which databases refuse"));
+    }
     if value.get("device").and_then(Value::as_str) != Some(device) {
         return Err(bad("its \"device\" does not match the topic"));
     }
@@ -73,15 +146,63 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Re
     if crate::timefmt::parse_rfc3339(ts).is_none() {
         return Err(bad("\"ts\" is not an RFC 3339 timestamp"));
     }
-    Ok(Update::Message(Message {
+    let ts = ts.to_string();
+    let nulled = null_mistyped(kind, &mut value);
+    let update = Update::Message(Message {
         device: device.to_string(),
         epoch,
         seq,
-        ts: ts.to_string(),
+        ts,
         kind,
         name: name.map(str::to_string),
         payload: value,
-    }))
+    });
+    Ok(Parsed { update, nulled })
+}
+
+/// True when any string or object key in `v` contains NUL.
+fn holds_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+/// Replaces each known field of `kind` whose type is wrong by `null`;
+/// returns their dotted paths. Absent fields and nulls are left alone.
+fn null_mistyped(kind: Kind, payload: &mut Value) -> Vec<String> {
+    let mut nulled = Vec::new();
+    for (k, path, want) in TYPED {
+        if *k != kind {
+            continue;
+        }
+        // A parent (`outbox`, `link`) that is there but not an object is
+        // itself the wrong type.
+        if let Some((_, parents)) = path.split_last()
+            && !parents.is_empty()
+        {
+            let pointer = format!("/{}", parents.join("/"));
+            if let Some(parent) = payload.pointer_mut(&pointer)
+                && !parent.is_object()
+                && !parent.is_null()
+            {
+                *parent = Value::Null;
+                nulled.push(parents.join("."));
+            }
+        }
+        let Some(field) = payload.pointer_mut(&format!("/{}", path.join("/"))) else { continue };
+        let ok = match want {
+            Type::Number => field.is_number() || field.is_null(),
+            Type::String => field.is_string() || field.is_null(),
+        };
+        if !ok {
+            *field = Value::Null;
+            nulled.push(path.join("."));
+        }
+    }
+    nulled
 }
 
 #[cfg(test)]
@@ -99,7 +220,9 @@ mod tests {
     #[test]
     fn a_button_message_keeps_its_identity_and_payload() {
         let p = br#"{"device":"pi","seq":7,"ts":"2026-11-21T10:00:00.123Z","button":"door","state":"pressed"}"#;
-        let Update::Message(m) = parse("fl", "fl/pi/button/door", p, AT).expect("valid") else { panic!("a message") };
+        let Update::Message(m) = parse("fl", "fl/pi/button/door", p, AT).expect("valid").update else {
+            panic!("a message")
+        };
         assert_eq!((m.device.as_str(), m.seq, m.kind, m.name.as_deref()), ("pi", 7, Kind::Button, Some("door")));
         assert_eq!(m.ts, "2026-11-21T10:00:00.123Z");
         assert_eq!(m.payload["state"], "pressed");
@@ -108,10 +231,14 @@ mod tests {
     #[test]
     fn the_epoch_is_part_of_the_identity_and_defaults_to_zero() {
         let p = br#"{"device":"pi","epoch":1795255200000,"seq":1,"ts":"2026-11-21T10:00:00.000Z","uptime_s":1}"#;
-        let Update::Message(m) = parse("fl", "fl/pi/heartbeat", p, AT).expect("valid") else { panic!("a message") };
+        let Update::Message(m) = parse("fl", "fl/pi/heartbeat", p, AT).expect("valid").update else {
+            panic!("a message")
+        };
         assert_eq!((m.epoch, m.seq), (1_795_255_200_000, 1));
         let old = br#"{"device":"pi","seq":9,"ts":"2026-11-21T10:00:00.000Z","uptime_s":1}"#;
-        let Update::Message(m) = parse("fl", "fl/pi/heartbeat", old, AT).expect("valid") else { panic!("a message") };
+        let Update::Message(m) = parse("fl", "fl/pi/heartbeat", old, AT).expect("valid").update else {
+            panic!("a message")
+        };
         assert_eq!((m.epoch, m.seq), (0, 9), "a payload without epoch is epoch 0");
         let bad = br#"{"device":"pi","epoch":-1,"seq":9,"ts":"2026-11-21T10:00:00.000Z"}"#;
         assert!(matches!(parse("fl", "fl/pi/heartbeat", bad, AT), Err(IngestError::Payload { .. })));
@@ -120,7 +247,7 @@ mod tests {
     #[test]
     fn status_messages_become_online_changes() {
         assert_eq!(
-            parse("fl", "fl/pi/status", b"offline", AT),
+            parse("fl", "fl/pi/status", b"offline", AT).map(|p| p.update),
             Ok(Update::Status { device: "pi".into(), online: false, at: AT.into() })
         );
         assert!(matches!(parse("fl", "fl/pi/status", b"maybe", AT), Err(IngestError::Status(_))));
@@ -129,10 +256,10 @@ mod tests {
     #[test]
     fn relay_states_and_errors_keep_the_command_they_answer() {
         let p = br#"{"device":"pi","seq":9,"ts":"2026-11-21T10:00:00.000Z","relay":"pump","state":"on","cause":"command","command_id":"c1"}"#;
-        let Update::Message(m) = parse("fl", "fl/pi/relay/pump/state", p, AT).expect("valid") else { panic!() };
+        let Update::Message(m) = parse("fl", "fl/pi/relay/pump/state", p, AT).expect("valid").update else { panic!() };
         assert_eq!(m.payload["command_id"], "c1");
         let p = br#"{"device":"pi","seq":10,"ts":"2026-11-21T10:00:00.000Z","code":"expired","message":"m","topic":"t","command_id":"c2"}"#;
-        let Update::Message(m) = parse("fl", "fl/pi/error", p, AT).expect("valid") else { panic!() };
+        let Update::Message(m) = parse("fl", "fl/pi/error", p, AT).expect("valid").update else { panic!() };
         assert_eq!((m.kind, &m.payload["command_id"]), (Kind::Error, &serde_json::json!("c2")));
     }
 
@@ -146,5 +273,53 @@ mod tests {
         let wrong_device = br#"{"device":"pj","seq":1,"ts":"2026-11-21T10:00:00.000Z"}"#;
         assert!(matches!(parse("fl", "fl/pi/heartbeat", wrong_device, AT), Err(IngestError::Payload { .. })));
         assert!(matches!(parse("fl", "fl/pi/heartbeat", b"not json", AT), Err(IngestError::Payload { .. })));
+    }
+
+    #[test]
+    fn a_nul_anywhere_in_the_topic_or_a_json_string_is_refused_before_the_database() {
+        let ok =
+            r#"{"device":"pi","seq":1,"ts":"2026-11-21T10:00:00.000Z","code":"c","message":"m","command_id":"c1"}"#;
+        assert!(parse("fl", "fl/pi/error", ok.as_bytes(), AT).is_ok());
+        for field in ["code", "message", "command_id"] {
+            let bad = ok.replace(&format!("\"{field}\":\""), &format!("\"{field}\":\"a\\u0000"));
+            assert_ne!(bad, ok, "{field} was replaced");
+            let e = parse("fl", "fl/pi/error", bad.as_bytes(), AT);
+            assert!(matches!(e, Err(IngestError::Payload { .. })), "{field}: {e:?}");
+        }
+        let key = r#"{"device":"pi","seq":1,"ts":"2026-11-21T10:00:00.000Z","x\u0000":1}"#;
+        assert!(matches!(parse("fl", "fl/pi/heartbeat", key.as_bytes(), AT), Err(IngestError::Payload { .. })));
+        let e = parse("fl", "fl/pi\0/heartbeat", ok.as_bytes(), AT);
+        assert!(matches!(&e, Err(IngestError::NulTopic(t)) if t == "fl/pi\\0/heartbeat"), "{e:?}");
+    }
+
+    #[test]
+    fn a_payload_over_the_limit_is_refused_by_size() {
+        let big = vec![b' '; MAX_PAYLOAD + 1];
+        assert!(matches!(
+            parse("fl", "fl/pi/heartbeat", &big, AT),
+            Err(IngestError::TooLarge { bytes, .. }) if bytes == MAX_PAYLOAD + 1
+        ));
+    }
+
+    #[test]
+    fn a_heartbeat_field_of_the_wrong_type_is_nulled_and_the_rest_kept() {
+        let p = br#"{"device":"pi","seq":1,"ts":"2026-11-21T10:00:00.000Z","uptime_s":5,"cpu_percent":"x","temp_c":null,"outbox":{"depth":"deep","bytes":3},"link":7,"version":9}"#;
+        let parsed = parse("fl", "fl/pi/heartbeat", p, AT).expect("stored, with nulls");
+        assert_eq!(parsed.nulled, ["cpu_percent", "outbox.depth", "link", "version"]);
+        let Update::Message(m) = parsed.update else { panic!("a message") };
+        assert_eq!(m.payload["cpu_percent"], Value::Null);
+        assert_eq!(m.payload["uptime_s"], 5, "a well-typed field is kept");
+        assert_eq!(m.payload["temp_c"], Value::Null);
+        assert_eq!(m.payload["outbox"]["bytes"], 3);
+        assert_eq!(m.payload["outbox"]["depth"], Value::Null);
+        assert_eq!(m.payload["link"], Value::Null);
+    }
+
+    #[test]
+    fn a_relay_state_of_the_wrong_type_is_nulled() {
+        let p =
+            br#"{"device":"pi","seq":1,"ts":"2026-11-21T10:00:00.000Z","relay":"pump","state":1,"command_id":["c"]}"#;
+        let parsed = parse("fl", "fl/pi/relay/pump/state", p, AT).expect("stored, with nulls");
+        assert_eq!(parsed.nulled, ["state", "command_id"]);
     }
 }

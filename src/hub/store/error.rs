@@ -91,6 +91,27 @@ impl StoreError {
         }
     }
 
+    /// The database refuses the data itself, so the same write fails every
+    /// time: SQLSTATE class 22 (data exception: a NUL or an untranslatable
+    /// character, a string too long, a number out of range) or 23 (a
+    /// constraint) from PostgreSQL or MySQL; SQLite TOOBIG, CONSTRAINT or
+    /// MISMATCH. The collector sets such a message aside; every other error
+    /// is retried, since it would refuse any message alike.
+    pub fn is_refused_data(&self) -> bool {
+        let StoreError::Db { source: sqlx::Error::Database(db), .. } = self else { return false };
+        if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+            return my.code().is_some_and(|state| state.starts_with("22") || state.starts_with("23"));
+        }
+        if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+            return pg.code().starts_with("22") || pg.code().starts_with("23");
+        }
+        if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            // The primary result code is the low byte of the extended one.
+            return db.code().and_then(|c| c.parse::<u32>().ok()).is_some_and(|n| matches!(n & 0xff, 18..=20));
+        }
+        false
+    }
+
     /// A lock conflict that rolled the transaction back: SQLite busy or
     /// locked, PostgreSQL serialization failure or deadlock, MySQL deadlock
     /// or lock wait time-out.
