@@ -113,11 +113,12 @@ function setLastSeen(dev, ts) {
 
 function showHeartbeat(dev, hb) {
   const parts = [`at ${clock(hb.ts)}`, `up ${duration(hb.uptime_s)}`];
-  if (hb.cpu_percent != null) parts.push(`CPU ${hb.cpu_percent.toFixed(0)} %`);
-  if (hb.load_1m != null) parts.push(`load ${hb.load_1m.toFixed(2)}`);
+  const num = (v) => typeof v === 'number';
+  if (num(hb.cpu_percent)) parts.push(`CPU ${hb.cpu_percent.toFixed(0)} %`);
+  if (num(hb.load_1m)) parts.push(`load ${hb.load_1m.toFixed(2)}`);
   parts.push(`mem ${bytes(hb.mem_used_bytes)} / ${bytes(hb.mem_total_bytes)}`);
   parts.push(`disk ${bytes(hb.disk_free_bytes)} free`);
-  if (hb.temp_c != null) parts.push(`${hb.temp_c.toFixed(1)} °C`);
+  if (num(hb.temp_c)) parts.push(`${hb.temp_c.toFixed(1)} °C`);
   if (hb.version) parts.push(`v${hb.version}`);
   $(dev.card, '[data-heartbeat]').textContent = parts.join(' · ');
   const outbox = hb.outbox || {};
@@ -348,8 +349,13 @@ async function loadAll() {
       loadAgain = false;
       try {
         const views = await getJson('/api/devices');
-        for (const view of views) showView(view);
-        await Promise.all(views.map((v) => loadHistory(device(v.device))));
+        // Each card on its own: one that cannot be drawn never hides the others.
+        for (const view of views) {
+          try { showView(view); } catch (e) { console.warn(`fieldlink: card ${view.device}:`, e.message); }
+        }
+        await Promise.all(views.map((v) => loadHistory(device(v.device)).catch((e) => {
+          console.warn(`fieldlink: history of ${v.device}:`, e.message);
+        })));
       } catch (e) {
         console.warn('fieldlink: loading failed:', e.message);
       }
