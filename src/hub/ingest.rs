@@ -289,7 +289,7 @@ mod tests {
         let key = r#"{"device":"pi","seq":1,"ts":"2026-11-21T10:00:00.000Z","x\u0000":1}"#;
         assert!(matches!(parse("fl", "fl/pi/heartbeat", key.as_bytes(), AT), Err(IngestError::Payload { .. })));
         let e = parse("fl", "fl/pi\0/heartbeat", ok.as_bytes(), AT);
-        assert!(matches!(&e, Err(IngestError::NulTopic(t)) if t == "fl/pi\\0/heartbeat"), "{e:?}");
+        assert!(matches!(&e, Err(IngestError::NulTopic(t)) if t == "fl/pi\\u{0}/heartbeat"), "{e:?}");
     }
 
     #[test]
