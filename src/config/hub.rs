@@ -41,6 +41,8 @@ pub struct HubConfig {
     pub broker: BrokerConfig,
     pub database: DatabaseConfig,
     pub web: WebConfig,
+    /// Valid but unwise settings, one line each (see `AgentConfig::warnings`).
+    pub warnings: Vec<String>,
 }
 
 /// Which broker the hub uses.
@@ -324,6 +326,7 @@ fn hub_config(root: &Table, env_password: Option<String>, p: &mut Problems) -> C
         broker: broker?,
         database: database?,
         web: web?,
+        warnings: p.warnings(),
     })
 }
 

@@ -16,6 +16,7 @@
 
 pub mod hub;
 mod mqtt;
+mod pem;
 mod reader;
 #[cfg(test)]
 mod test_support;
@@ -70,6 +71,10 @@ pub struct AgentConfig {
     pub relays: Vec<RelayConfig>,
     pub heartbeat: HeartbeatConfig,
     pub supervisor: SupervisorConfig,
+    /// What is valid but unwise (a password or key file others can read),
+    /// one line each: `check-config` prints them on stderr and the agent
+    /// logs them at warn when it starts.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +246,7 @@ fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) ->
         relays: relays.into_iter().map(|e| e.config).collect::<Checked<_>>()?,
         heartbeat: heartbeat?,
         supervisor: supervisor?,
+        warnings: p.warnings(),
     })
 }
 
