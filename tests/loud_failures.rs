@@ -5,7 +5,6 @@
 //! (the shared helper has no auth or TLS) and skips with a reason when
 //! mosquitto or mosquitto_passwd is missing.
 
-#[allow(dead_code)]
 mod common;
 
 use std::fs;
