@@ -167,12 +167,12 @@ pub fn is_hub_config(text: &str) -> bool {
 }
 
 /// `fieldlink check-config`: the one-line summary of a valid agent or hub
-/// config, or every problem.
-pub fn check_config(path: &std::path::Path) -> Result<String, crate::config::ConfigError> {
+/// config and its warnings (each one line, for stderr), or every problem.
+pub fn check_config(path: &std::path::Path) -> Result<(String, Vec<String>), crate::config::ConfigError> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     if is_hub_config(&text) {
         let cfg = crate::config::HubConfig::load(path)?;
-        return Ok(format!(
+        let summary = format!(
             "ok: hub, broker {}, database {:?}, web {}",
             match cfg.broker.embedded() {
                 Some(listen) => format!("embedded on {listen}"),
@@ -184,7 +184,8 @@ pub fn check_config(path: &std::path::Path) -> Result<String, crate::config::Con
             cfg.database.url.kind(),
             cfg.web.listen,
         )
-        .to_lowercase());
+        .to_lowercase();
+        return Ok((summary, cfg.warnings));
     }
-    crate::config::AgentConfig::load(path).map(|cfg| describe(&cfg))
+    crate::config::AgentConfig::load(path).map(|cfg| (describe(&cfg), cfg.warnings))
 }

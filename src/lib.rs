@@ -25,13 +25,15 @@
 //! * [`broker`]: the embedded MQTT broker (rumqttd).
 //! * [`demo`]: `fieldlink demo`, the whole system on one machine.
 //! * [`cli`]: the small client commands (`status`, `sim`, `check-config`).
-//! * [`mqtt_options`]: the rumqttc options the agent and the hub share.
+//! * [`mqtt_options`]: the rumqttc options the agent and the hub share;
+//!   [`connect_failure`]: why a connect failed, in words, and its log line.
 //! * [`fsutil`], [`timefmt`]: atomic file writes; RFC 3339 timestamps.
 
 pub mod agent;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod connect_failure;
 pub mod demo;
 pub mod fsutil;
 pub mod gpio;

@@ -60,6 +60,14 @@ fn init_logging(default: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// A config's warnings (`warning: ...`), logged at warn when a long-running
+/// command starts.
+fn log_warnings(warnings: &[String]) {
+    for w in warnings {
+        tracing::warn!("config: {}", w.strip_prefix("warning: ").unwrap_or(w));
+    }
+}
+
 fn load(path: &std::path::Path) -> Result<AgentConfig, ExitCode> {
     AgentConfig::load(path).map_err(|e| {
         eprintln!("{e}");
@@ -117,6 +125,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            log_warnings(&cfg.warnings);
             install_crypto();
             finish(fieldlink::hub::run(cfg))
         }
@@ -126,6 +135,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            log_warnings(&cfg.warnings);
             install_crypto();
             finish(fieldlink::agent::run(cfg))
         }
@@ -152,7 +162,10 @@ fn main() -> ExitCode {
             answer(fieldlink::cli::sim(&cfg, &request))
         }
         Command::CheckConfig { config } => match fieldlink::cli::check_config(&config) {
-            Ok(summary) => {
+            Ok((summary, warnings)) => {
+                for warning in warnings {
+                    eprintln!("{warning}");
+                }
                 println!("{summary}");
                 ExitCode::SUCCESS
             }

@@ -81,7 +81,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use rumqttc::{
     AsyncClient, ClientError, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS,
-    SubscribeReasonCode, TlsError,
+    SubscribeReasonCode,
 };
 use tokio::sync::oneshot;
 
@@ -146,14 +146,7 @@ pub fn mqtt_options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, St
 
 /// Whether the wait after this error may probe the broker (see `backoff.rs`).
 pub fn failure_of(e: &ConnectionError) -> Failure {
-    match e {
-        ConnectionError::ConnectionRefused(_) | ConnectionError::NotConnAck(_) | ConnectionError::RequestsDone => {
-            Failure::Refused
-        }
-        ConnectionError::Tls(TlsError::Io(_)) => Failure::Network,
-        ConnectionError::Tls(_) => Failure::Refused,
-        _ => Failure::Network,
-    }
+    if crate::connect_failure::is_refusal(e) { Failure::Refused } else { Failure::Network }
 }
 
 /// One connection attempt's events, tagged with its generation; the stream
@@ -517,15 +510,14 @@ impl Link {
             self.down_since = Some(Instant::now());
         } else {
             self.failures += 1;
-            if self.failures == 1 {
-                tracing::warn!(
-                    "cannot connect to {}:{}: {error}; retrying with back-off",
-                    self.cfg.url.host,
-                    self.cfg.url.port
-                );
-            } else {
-                tracing::debug!(attempts = self.failures, "connect failed: {error}");
-            }
+            // Every refusal at warn, once per back-off step; a network
+            // failure at warn first, then at info.
+            crate::connect_failure::log_line(
+                failure == Failure::Refused,
+                &error,
+                &self.peer(),
+                u64::from(self.failures),
+            );
         }
         self.report();
         if self.closing {
@@ -546,6 +538,19 @@ impl Link {
             act.attempt(ctx);
         }));
         self.wait = Some(handle);
+    }
+
+    /// Who the connect failure messages talk about.
+    fn peer(&self) -> crate::connect_failure::Peer<'_> {
+        crate::connect_failure::Peer {
+            section: "mqtt",
+            host: &self.cfg.url.host,
+            port: self.cfg.url.port,
+            client_id: &self.cfg.client_id,
+            username: self.cfg.username.as_deref(),
+            ca_file: self.cfg.ca_file.as_deref(),
+            cert_file: self.cfg.cert_file.as_deref(),
+        }
     }
 
     fn healthy(&mut self) {
@@ -646,7 +651,10 @@ impl StreamHandler<Item> for Link {
                 let actions = self.delivery.event(&event);
                 self.perform(actions, ctx);
             }
-            Err(e) => self.end_connection(e.to_string(), failure_of(&e), false, ctx),
+            Err(e) => {
+                let why = crate::connect_failure::explain(&e, &self.peer());
+                self.end_connection(why, failure_of(&e), false, ctx)
+            }
         }
     }
 
@@ -700,7 +708,7 @@ impl Handler<Shutdown> for Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttc::ConnectReturnCode;
+    use rumqttc::{ConnectReturnCode, TlsError};
 
     #[test]
     fn only_network_failures_let_the_wait_probe_the_broker() {
@@ -711,5 +719,9 @@ mod tests {
         assert_eq!(failure_of(&ConnectionError::Tls(TlsError::Io(io()))), Failure::Network);
         assert_eq!(failure_of(&ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)), Failure::Refused);
         assert_eq!(failure_of(&ConnectionError::Tls(TlsError::NoValidCertInChain)), Failure::Refused);
+        // A handshake refusal comes wrapped in an io error (tokio-rustls).
+        let untrusted = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let untrusted = std::io::Error::new(std::io::ErrorKind::InvalidData, untrusted);
+        assert_eq!(failure_of(&ConnectionError::Tls(TlsError::Io(untrusted))), Failure::Refused);
     }
 }

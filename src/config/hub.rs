@@ -41,6 +41,8 @@ pub struct HubConfig {
     pub broker: BrokerConfig,
     pub database: DatabaseConfig,
     pub web: WebConfig,
+    /// Valid but unwise settings, one line each (see `AgentConfig::warnings`).
+    pub warnings: Vec<String>,
 }
 
 /// Which broker the hub uses.
@@ -324,6 +326,7 @@ fn hub_config(root: &Table, env_password: Option<String>, p: &mut Problems) -> C
         broker: broker?,
         database: database?,
         web: web?,
+        warnings: p.warnings(),
     })
 }
 
@@ -470,7 +473,7 @@ mod tests {
         format!("[broker]\nembedded = false\nurl = \"mqtt://broker.example\"\n{rest}")
     }
 
-    use test_support::{temp_file, toml_path};
+    use test_support::{temp_file, tls_file, toml_path};
 
     fn addr(text: &str) -> SocketAddr {
         text.parse().expect("socket address")
@@ -568,9 +571,9 @@ mod tests {
 
     #[test]
     fn every_key_can_be_set() {
-        let key = temp_file(b"key");
-        let cert = temp_file(b"cert");
-        let ca = temp_file(b"ca");
+        let key = tls_file("client.key");
+        let cert = tls_file("client.pem");
+        let ca = tls_file("ca.pem");
         let pass = temp_file(b"hub-pass\n");
         let c = parse(&format!(
             r#"

@@ -16,6 +16,7 @@
 
 pub mod hub;
 mod mqtt;
+mod pem;
 mod reader;
 #[cfg(test)]
 mod test_support;
@@ -70,6 +71,10 @@ pub struct AgentConfig {
     pub relays: Vec<RelayConfig>,
     pub heartbeat: HeartbeatConfig,
     pub supervisor: SupervisorConfig,
+    /// What is valid but unwise (a password or key file others can read),
+    /// one line each: `check-config` prints them on stderr and the agent
+    /// logs them at warn when it starts.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +246,7 @@ fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) ->
         relays: relays.into_iter().map(|e| e.config).collect::<Checked<_>>()?,
         heartbeat: heartbeat?,
         supervisor: supervisor?,
+        warnings: p.warnings(),
     })
 }
 
@@ -471,7 +477,7 @@ mod tests {
         format!("device_id = \"pi-garage\"\n{rest}")
     }
 
-    use test_support::{temp_file as secret_file, toml_path};
+    use test_support::{temp_file as secret_file, tls_file, toml_path};
 
     #[test]
     fn the_example_file_parses_cleanly() {
@@ -829,7 +835,7 @@ interval = { s = 1 }
             problem(&with_device("[mqtt]\nurl = \"mqtts://h\"\nca_file = \"\"")),
             "mqtt.ca_file: mqtts:// needs a CA certificate to check the broker; set mqtt.ca_file"
         );
-        let ca = secret_file(b"-----BEGIN CERTIFICATE-----\n");
+        let ca = tls_file("ca.pem");
         let c = parse(&with_device(&format!("[mqtt]\nurl = \"mqtts://h\"\nca_file = {}", toml_path(ca.path()))))
             .expect("valid");
         assert_eq!(c.mqtt.ca_file.as_deref(), Some(ca.path()));
@@ -843,8 +849,8 @@ interval = { s = 1 }
 
     #[test]
     fn cert_and_key_go_together() {
-        let ca = secret_file(b"ca");
-        let cert = secret_file(b"cert");
+        let ca = tls_file("ca.pem");
+        let cert = tls_file("client.pem");
         let base = format!("[mqtt]\nurl = \"mqtts://h\"\nca_file = {}\n", toml_path(ca.path()));
         assert_eq!(
             problem(&with_device(&format!("{base}cert_file = {}", toml_path(cert.path())))),
@@ -854,7 +860,7 @@ interval = { s = 1 }
             problem(&with_device(&format!("{base}key_file = {}", toml_path(cert.path())))),
             "mqtt.key_file: is set without mqtt.cert_file (a client certificate needs both)"
         );
-        let key = secret_file(b"key");
+        let key = tls_file("client.key");
         let c = parse(&with_device(&format!(
             "{base}cert_file = {}\nkey_file = {}",
             toml_path(cert.path()),
@@ -862,6 +868,115 @@ interval = { s = 1 }
         )))
         .expect("valid");
         assert_eq!(c.mqtt.key_file.as_deref(), Some(key.path()));
+    }
+
+    /// `[mqtt]` with mqtts:// and the given TLS files.
+    fn tls_config(ca: &Path, pair: Option<(&Path, &Path)>) -> String {
+        let mut text = format!("[mqtt]\nurl = \"mqtts://h\"\nca_file = {}\n", toml_path(ca));
+        if let Some((cert, key)) = pair {
+            text += &format!("cert_file = {}\nkey_file = {}\n", toml_path(cert), toml_path(key));
+        }
+        with_device(&text)
+    }
+
+    #[test]
+    fn garbage_in_a_ca_file_is_a_problem_quoting_the_path_and_what_was_expected() {
+        for garbage in [&b"not a certificate\n"[..], b"", b"-----BEGIN CERTIFICATE-----\nAAAA\n"] {
+            let ca = secret_file(garbage);
+            let p = problem(&tls_config(ca.path(), None));
+            let shown = format!("mqtt.ca_file: '{}'", ca.path().display());
+            assert!(p.starts_with(&shown), "{p}");
+            assert!(p.contains("expected at least one PEM '-----BEGIN CERTIFICATE-----' block"), "{p}");
+        }
+        // A private key where the CA should be.
+        let key = tls_file("client.key");
+        let p = problem(&tls_config(key.path(), None));
+        assert!(p.contains("holds no certificate"), "{p}");
+    }
+
+    #[test]
+    fn a_pem_block_that_is_not_a_certificate_is_a_problem() {
+        let ca = secret_file(b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n");
+        let p = problem(&tls_config(ca.path(), None));
+        assert!(p.contains("1 of its 1 certificate(s) are not valid X.509"), "{p}");
+    }
+
+    #[test]
+    fn garbage_in_a_client_certificate_or_key_is_a_problem_naming_the_key() {
+        let ca = tls_file("ca.pem");
+        let (cert, key) = (tls_file("client.pem"), tls_file("client.key"));
+        let garbage = secret_file(b"garbage");
+        let p = problem(&tls_config(ca.path(), Some((garbage.path(), key.path()))));
+        assert!(p.starts_with(&format!("mqtt.cert_file: '{}' holds no certificate", garbage.path().display())), "{p}");
+        let p = problem(&tls_config(ca.path(), Some((cert.path(), garbage.path()))));
+        assert_eq!(
+            p,
+            format!(
+                "mqtt.key_file: '{}' holds no private key (expected a PEM 'PRIVATE KEY', 'RSA PRIVATE KEY' or \
+                 'EC PRIVATE KEY' block)",
+                garbage.path().display()
+            )
+        );
+        // A certificate where the key should be.
+        let p = problem(&tls_config(ca.path(), Some((cert.path(), cert.path()))));
+        assert!(p.starts_with("mqtt.key_file: ") && p.contains("holds no private key"), "{p}");
+    }
+
+    #[test]
+    fn a_key_that_does_not_belong_to_the_certificate_is_a_problem() {
+        let ca = tls_file("ca.pem");
+        let (cert, other_key) = (tls_file("client.pem"), tls_file("server.key"));
+        let p = problem(&tls_config(ca.path(), Some((cert.path(), other_key.path()))));
+        let expected = format!(
+            "mqtt.key_file: '{}' does not belong to mqtt.cert_file '{}'",
+            other_key.path().display(),
+            cert.path().display()
+        );
+        assert!(p.starts_with(&expected), "{p}");
+    }
+
+    #[test]
+    fn valid_pem_files_pass_without_warnings() {
+        let (ca, cert, key) = (tls_file("ca.pem"), tls_file("client.pem"), tls_file("client.key"));
+        let c = parse(&tls_config(ca.path(), Some((cert.path(), key.path())))).expect("valid");
+        assert_eq!(c.mqtt.cert_file.as_deref(), Some(cert.path()));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn a_password_or_key_file_others_can_read_is_a_warning_naming_the_file_and_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let open = |f: &tempfile::NamedTempFile, mode: u32| {
+            std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        let (ca, cert, key) = (tls_file("ca.pem"), tls_file("client.pem"), tls_file("client.key"));
+        let pass = secret_file(b"pw\n");
+        open(&key, 0o644);
+        open(&pass, 0o640);
+        let text = format!(
+            "{}username = \"pi\"\npassword_file = {}\n",
+            tls_config(ca.path(), Some((cert.path(), key.path()))),
+            toml_path(pass.path())
+        );
+        let c = parse(&text).expect("a warning is not a problem");
+        assert_eq!(
+            c.warnings,
+            [
+                format!(
+                    "warning: mqtt.password_file '{0}' is readable by group or others (mode 0640); run chmod 600 '{0}' \
+                     (and chown it to the user fieldlink runs as)",
+                    pass.path().display()
+                ),
+                format!(
+                    "warning: mqtt.key_file '{0}' is readable by group or others (mode 0644); run chmod 600 '{0}' \
+                     (and chown it to the user fieldlink runs as)",
+                    key.path().display()
+                ),
+            ]
+        );
+        open(&key, 0o600);
+        open(&pass, 0o400);
+        assert!(parse(&text).expect("valid").warnings.is_empty());
     }
 
     #[test]

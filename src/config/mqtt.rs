@@ -13,7 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::reader::{Checked, NONZERO, Problems, Reader, check_readable, quote, secs, show_duration};
+use super::pem;
+use super::reader::{Checked, NONZERO, Problems, Reader, Reported, check_readable, quote, secs, show_duration};
 
 /// Where the broker is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +102,13 @@ pub(super) fn password(
 ) -> Checked<Option<Secret>> {
     let (env_name, env_password) = env;
     let password = match r.path_opt("password_file", p)? {
-        Some(path) => Some(read_password(&path).map_err(|why| r.problem("password_file", p, why))?),
+        Some(path) => {
+            let password = read_password(&path).map_err(|why| r.problem("password_file", p, why))?;
+            if let Some(mode) = pem::too_open(&path) {
+                p.warn(pem::too_open_warning(&r.place.path("password_file"), &path, mode));
+            }
+            Some(password)
+        }
         None => {
             if let (Ok(None), Some(_)) = (username, &env_password) {
                 return Err(p.report(format!(
@@ -157,7 +164,48 @@ pub(super) fn tls_files(r: &mut Reader<'_>, url: Option<&BrokerUrl>, p: &mut Pro
         _ => {}
     }
     checked?;
-    Ok(TlsFiles { ca_file: ca_file?, cert_file: cert_file?, key_file: key_file? })
+    let (ca_file, cert_file, key_file) = (ca_file?, cert_file?, key_file?);
+    check_contents(r, (ca_file.as_deref(), cert_file.as_deref(), key_file.as_deref()), p)?;
+    Ok(TlsFiles { ca_file, cert_file, key_file })
+}
+
+/// The TLS files parse as what they should hold (see `pem.rs`), and a
+/// readable-by-others `key_file` is a warning.
+fn check_contents(
+    r: &mut Reader<'_>,
+    (ca_file, cert_file, key_file): (Option<&Path>, Option<&Path>, Option<&Path>),
+    p: &mut Problems,
+) -> Checked<()> {
+    let mut checked = Ok(());
+    if let Some(ca) = ca_file
+        && let Err(why) = pem::certificates(ca)
+    {
+        checked = Err(r.problem("ca_file", p, why));
+    }
+    let certs = cert_file.map(|c| pem::certificates(c).map_err(|why| r.problem("cert_file", p, why)));
+    let key = key_file.map(|k| pem::private_key(k).map_err(|why| r.problem("key_file", p, why)));
+    if let Some(k) = key_file
+        && let Some(mode) = pem::too_open(k)
+    {
+        p.warn(pem::too_open_warning(&r.place.path("key_file"), k, mode));
+    }
+    match (certs, key) {
+        (Some(Ok(certs)), Some(Ok(key))) => {
+            if let Err(why) = pem::matching_pair(certs, key) {
+                let cert = r.place.path("cert_file");
+                let shown = key_file.map(|k| k.display().to_string()).unwrap_or_default();
+                let cert_shown = cert_file.map(|c| c.display().to_string()).unwrap_or_default();
+                let why = format!("'{shown}' does not belong to {cert} '{cert_shown}' ({why})");
+                checked = Err(r.problem("key_file", p, why));
+            }
+        }
+        (certs, key) => {
+            if matches!(certs, Some(Err(_))) || matches!(key, Some(Err(_))) {
+                checked = Err(Reported);
+            }
+        }
+    }
+    checked
 }
 
 /// `reconnect_min` and `reconnect_max`: more than zero, min <= max.

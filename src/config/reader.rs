@@ -62,10 +62,10 @@ pub(super) fn parse_with<T>(
     let mut problems = Problems::default();
     let built = build(&table, &mut problems);
     match built {
-        Ok(config) if problems.0.is_empty() => Ok(config),
+        Ok(config) if problems.found.is_empty() => Ok(config),
         _ => {
-            debug_assert!(!problems.0.is_empty(), "a Reported error always records a problem");
-            Err(ConfigError::Invalid(problems.0))
+            debug_assert!(!problems.found.is_empty(), "a Reported error always records a problem");
+            Err(ConfigError::Invalid(problems.found))
         }
     }
 }
@@ -171,14 +171,28 @@ pub(super) struct Reported;
 
 pub(super) type Checked<T> = Result<T, Reported>;
 
-/// Every problem found so far, in the order found.
+/// Every problem found so far, in the order found; and the warnings (a
+/// config with only warnings is valid: they are shown by `check-config` and
+/// logged by the process that loads it).
 #[derive(Default)]
-pub(super) struct Problems(Vec<String>);
+pub(super) struct Problems {
+    found: Vec<String>,
+    warnings: Vec<String>,
+}
 
 impl Problems {
     pub(super) fn report(&mut self, message: String) -> Reported {
-        self.0.push(message);
+        self.found.push(message);
         Reported
+    }
+
+    pub(super) fn warn(&mut self, message: String) {
+        self.warnings.push(message);
+    }
+
+    /// The warnings so far, for the config being built.
+    pub(super) fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
     }
 }
 

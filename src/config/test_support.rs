@@ -30,6 +30,13 @@ pub fn temp_file(content: &[u8]) -> tempfile::NamedTempFile {
     file
 }
 
+/// A temp copy (mode 0600) of a test TLS file in `tests/fixtures/tls/`
+/// (`ca.pem`, `client.pem`, `client.key`, `server.key`, ...).
+pub fn tls_file(name: &str) -> tempfile::NamedTempFile {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name);
+    temp_file(&std::fs::read(&path).expect("tls fixture"))
+}
+
 /// A path as a TOML literal string.
 pub fn toml_path(path: &Path) -> String {
     format!("'{}'", path.display())

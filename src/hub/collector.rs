@@ -170,6 +170,7 @@ async fn poll(
     let mut backoff = Backoff::new(settings.reconnect_min, settings.reconnect_max);
     let filter = ingest::filter(&settings.prefix, settings.shared_group.as_deref());
     let mut connected = false;
+    let mut failed_connects = 0;
     loop {
         let event = tokio::select! {
             // poll() is cancelled only at shutdown; a write it cuts short is
@@ -181,6 +182,7 @@ async fn poll(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
                 connected = true;
+                failed_connects = 0;
                 generation.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(session_present = ack.session_present, "hub connected to the broker");
                 if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
@@ -225,7 +227,8 @@ async fn poll(
                     tracing::warn!("hub lost the broker: {e}");
                     connected = false;
                 } else {
-                    tracing::debug!("hub cannot reach the broker: {e}");
+                    failed_connects += 1;
+                    crate::connect_failure::log_for_options(&e, &eventloop.mqtt_options, "broker", failed_connects);
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay(fastrand::f64())) => {}
