@@ -2,8 +2,8 @@
 //! (DESIGN: Command line). An embedded broker and a hub on SQLite run in this
 //! process; one agent with simulated GPIO runs as a child process (the real
 //! `fieldlink agent`, so the demo shows exactly what a Pi would do), and a
-//! presser presses its button every few seconds. It prints the dashboard URL
-//! with its token and the broker address, picks free ports when the default
+//! presser presses its button every few seconds. It prints a one-time login
+//! link to the dashboard, the token file and the broker address, picks free ports when the default
 //! ones are taken, and stops everything cleanly on Ctrl-C. Everything it
 //! writes lives under `state/demo/`.
 
@@ -146,7 +146,13 @@ pub fn run(dir: &Path) -> Result<i32, DemoError> {
             .map_err(|source| DemoError::Agent { exe: PathBuf::from("demo-presser thread"), source })?;
 
         println!("fieldlink demo");
-        println!("  dashboard: http://{}/?token={}", started.web, started.token);
+        // A one-time link, not the token: the URL ends up in the browser's
+        // history, where it must be worth nothing.
+        match started.access.login_link() {
+            Ok(link) => println!("  dashboard: http://{}{link} (signs you in once, within 10 minutes)", started.web),
+            Err(e) => println!("  dashboard: http://{}/ (no login link: {e})", started.web),
+        }
+        println!("  token:     {} (sign in with it at /login)", dir.join("hub.token").display());
         println!("  broker:    mqtt://{broker}");
         println!("  device:    {DEVICE} (simulated GPIO; its button is pressed every {} s)", PRESS_EVERY.as_secs());
         println!("  files:     {} (agent log: {})", dir.display(), dir.join("agent.log").display());

@@ -1,6 +1,6 @@
 //! `fieldlink demo`, black-box (DESIGN: Command line; issue 3): run in a
 //! temporary working directory with `--dir <tmp>/demo`, it prints the
-//! dashboard URL with its token and the broker address (the URL signs in and
+//! dashboard URL as a one-time login link and the broker address (the link signs in once and
 //! opens the dashboard; the address is a broker carrying the device's
 //! traffic), its API shows the simulated device `demo-pi` online with its
 //! relay and heartbeat and then its button events (the demo presses the
@@ -160,10 +160,16 @@ fn the_demo_serves_the_dashboard_shows_the_sim_device_and_its_button_events_and_
         let out = demo.stdout();
         Some((printed(&out, "dashboard:")?, printed(&out, "broker:")?))
     });
-    let (base, token) =
-        dashboard.split_once("/?token=").unwrap_or_else(|| panic!("the dashboard URL carries the token: {dashboard}"));
+    // A one-time login link, never the token (it would stay in the
+    // browser's history); the token is in the demo's token file.
+    let dashboard = dashboard.split_whitespace().next().unwrap_or_default().to_string();
+    let (base, nonce) = dashboard
+        .split_once("/login/once/")
+        .unwrap_or_else(|| panic!("the dashboard URL is a one-time login link: {dashboard}"));
     assert!(base.starts_with("http://127.0.0.1:"), "the dashboard is on loopback: {dashboard}");
-    assert!(token.len() >= 32, "a real token: {token:?}");
+    let token = fs::read_to_string(demo.demo_dir().join("hub.token")).expect("the demo's token file");
+    let token = token.trim();
+    assert!(token.len() >= 32 && !nonce.contains(token), "a real token, not in the link: {nonce:?}");
     assert!(broker.starts_with("mqtt://127.0.0.1:"), "the broker address: {broker}");
 
     let http: ureq::Agent = ureq::Agent::config_builder()
@@ -189,6 +195,8 @@ fn the_demo_serves_the_dashboard_shows_the_sim_device_and_its_button_events_and_
     assert!(html.to_ascii_lowercase().contains("<html"), "the dashboard is an HTML page: {html:.200}");
     let (status, _) = get(&http, base, "not-the-token-not-the-token-not-the-token", "/api/devices");
     assert_eq!(status, 401, "the API needs the demo's token");
+    let replay = http.get(&dashboard).call().unwrap_or_else(|e| panic!("GET {dashboard} again: {e}"));
+    assert_eq!(replay.status().as_u16(), 401, "the login link works once");
 
     // The printed broker address is a working MQTT broker carrying the
     // device's traffic.

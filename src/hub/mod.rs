@@ -63,6 +63,8 @@ pub struct Started {
     pub web: SocketAddr,
     pub token: String,
     pub token_created: bool,
+    /// The web side's sessions and login links (`demo` mints a link).
+    pub access: Arc<web::Access>,
 }
 
 /// A running hub: stop it with [`Hub::shutdown`].
@@ -147,13 +149,8 @@ impl Hub {
             .await
             .map_err(|source| HubError::Listen { addr: cfg.web.listen, source })?;
         let web_addr = listener.local_addr().map_err(|source| HubError::Listen { addr: cfg.web.listen, source })?;
-        let state = web::AppState {
-            store,
-            commander,
-            live,
-            token: Arc::from(token.as_str()),
-            command_wait: cfg.web.command_wait,
-        };
+        let state = web::AppState::new(store, commander, live, &token, cfg.web.command_wait, web::Limits::default());
+        let access = state.access.clone();
         let mut web_stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
@@ -165,7 +162,8 @@ impl Hub {
             }
         }));
         tracing::info!(broker = %format!("{}:{}", url.host, url.port), web = %web_addr, "hub started");
-        Ok(Hub { started: Started { broker: url, web: web_addr, token, token_created }, stop, tasks, _broker: broker })
+        let started = Started { broker: url, web: web_addr, token, token_created, access };
+        Ok(Hub { started, stop, tasks, _broker: broker })
     }
 
     pub fn started(&self) -> &Started {

@@ -438,5 +438,16 @@ window.addEventListener('resize', () => {
 });
 setInterval(() => devices.forEach((dev) => setLastSeen(dev, null)), 5000);
 
+// Logging out ends the session on the hub (POST, so no other page can do
+// it with a link or an image), then shows the login page.
+document.getElementById('logout').addEventListener('click', async (ev) => {
+  ev.preventDefault();
+  try {
+    await fetch('/logout', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: '{}', credentials: 'same-origin' });
+  } finally {
+    location.href = '/login';
+  }
+});
+
 connect();
 loadAll();

@@ -1,34 +1,35 @@
-//! The token: where a request may present it (`Authorization: Bearer` or
-//! the `fieldlink_token` cookie), the check (constant-time, through
-//! `hub::token::matches`), the two middlewares that guard the API (401
-//! JSON) and the pages (redirect to `/login`), and the public entry points:
-//! `/login`, `/logout` and `/` with its `?token=` shortcut (the URL
-//! `fieldlink demo` prints).
+//! Who may in: the API token as `Authorization: Bearer` (scripts, the
+//! agent-side tools), or a browser session (the `fieldlink_session` cookie,
+//! see `session`); the two middlewares that guard the API (401 JSON) and
+//! the pages (redirect to `/login`); and the public entry points: `/login`
+//! (the token in a form), `/login/once/{nonce}` (the one-time link `fieldlink
+//! demo` prints) and `POST /logout`.
 //!
-//! The cookie is HttpOnly (no script reads it), SameSite=Strict (no other
-//! site can make the browser send it, which is what protects the
-//! state-changing `POST`s), Path=/, and kept for 30 days. It is not marked
-//! Secure because the hub serves plain HTTP by default; put it behind a TLS
-//! proxy when it leaves localhost.
+//! The cookie holds only a random session id, never the token. It is
+//! HttpOnly (no script reads it), SameSite=Strict, Path=/, lives at most as
+//! long as the session (7 days), and is marked Secure when the request came
+//! through a TLS proxy (`X-Forwarded-Proto: https`); the hub itself serves
+//! plain HTTP. A failed sign-in is counted per client address, logged at
+//! warn with the address, and answered only after a delay that grows with
+//! the address's recent failures (`login_failures`).
 
-use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
 
-use axum::Form;
-use axum::extract::rejection::{FormRejection, QueryRejection};
-use axum::extract::{Query, Request, State};
+use axum::extract::rejection::{FormRejection, PathRejection};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::{Extension, Form};
 use serde::Deserialize;
 
-use super::{ApiError, AppState, assets};
+use super::session::ABSOLUTE;
+use super::{ApiError, AppState, Peer, assets};
 use crate::hub::token::matches;
 
 /// The cookie's name.
-pub(super) const COOKIE: &str = "fieldlink_token";
-
-/// How long the browser keeps the cookie: 30 days.
-const COOKIE_MAX_AGE_S: u64 = 30 * 24 * 60 * 60;
+pub(super) const COOKIE: &str = "fieldlink_session";
 
 /// The token of `Authorization: Bearer <token>`, if that header is there.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -37,79 +38,69 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Every `fieldlink_token` cookie the request carries, decoded.
-fn cookie_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+/// Every `fieldlink_session` cookie the request carries.
+pub(super) fn session_ids(headers: &HeaderMap) -> impl Iterator<Item = &str> + '_ {
     headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).filter_map(
         |pair| {
             let (name, value) = pair.trim().split_once('=')?;
-            (name.trim() == COOKIE).then(|| decode_cookie(value.trim()))
+            (name.trim() == COOKIE).then(|| value.trim())
         },
     )
 }
 
-/// Whether the request presents the right token, by either means.
-pub(super) fn authorized(expected: &str, headers: &HeaderMap) -> bool {
-    // Every candidate is compared, so the time does not tell which matched.
-    let mut ok = bearer(headers).is_some_and(|t| matches(expected, t));
-    for presented in cookie_tokens(headers) {
-        ok |= matches(expected, &presented);
+/// Whether the request presents the token or a live session.
+pub(super) fn authorized(st: &AppState, headers: &HeaderMap) -> bool {
+    if bearer(headers).is_some_and(|t| matches(&st.token, t)) {
+        return true;
     }
-    ok
+    let now = Instant::now();
+    // A session id is 256 random bits: looking it up in a hash map tells an
+    // attacker nothing usable about other ids.
+    session_ids(headers).any(|id| st.access.sessions.check(id, now))
 }
 
-/// Bytes a cookie value may hold as they are (RFC 6265 cookie-octet, minus
-/// `%`, which starts an escape).
-fn cookie_safe(b: u8) -> bool {
-    matches!(b, 0x21 | 0x23..=0x24 | 0x26..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
+fn set_cookie(value: &str, max_age_s: u64, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    let cookie = format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_s}{secure}");
+    // A session id is hex, so the cookie is visible ASCII; should that ever
+    // change, the browser gets no cookie rather than the hub a panic.
+    HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static("fieldlink_session=; Max-Age=0"))
 }
 
-/// Percent-encodes what a cookie value cannot hold, so any token (even one
-/// hand-edited into the token file) survives the round trip.
-fn encode_cookie(token: &str) -> String {
-    let mut out = String::with_capacity(token.len());
-    for &b in token.as_bytes() {
-        if cookie_safe(b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
+fn behind_tls(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+}
+
+/// The answer to a right token or link: a new session, and off to the
+/// dashboard (a clean URL: nothing secret stays in the history).
+fn signed_in(st: &AppState, headers: &HeaderMap) -> Response {
+    match st.access.sessions.create(Instant::now()) {
+        Ok(id) => {
+            let mut response = Redirect::to("/").into_response();
+            response.headers_mut().insert(header::SET_COOKIE, set_cookie(&id, ABSOLUTE.as_secs(), behind_tls(headers)));
+            response
+        }
+        Err(e) => {
+            tracing::error!("web: cannot start a session: the system's random number generator failed: {e}");
+            login_form(StatusCode::INTERNAL_SERVER_ERROR, Some("the hub cannot start a session; see its log"))
         }
     }
-    out
 }
 
-fn decode_cookie(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], escaped) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn set_cookie(value: &str, max_age_s: u64) -> HeaderValue {
-    let cookie = format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_s}");
-    HeaderValue::from_str(&cookie).expect("an encoded cookie is visible ASCII")
-}
-
-/// The answer to a right token: the cookie, and off to the dashboard.
-fn signed_in(token: &str) -> Response {
-    let mut response = Redirect::to("/").into_response();
-    response.headers_mut().insert(header::SET_COOKIE, set_cookie(&encode_cookie(token), COOKIE_MAX_AGE_S));
-    response
+/// Counts a failed sign-in, logs it, and waits the address's delay.
+async fn failed(st: &AppState, peer: Option<SocketAddr>, what: &str) {
+    let f = st.access.failures.record(peer.map(|a| a.ip()), Instant::now());
+    let peer = peer.map_or_else(|| "an unknown address".to_string(), |a| a.ip().to_string());
+    tracing::warn!(
+        "web: failed sign-in from {peer}: {what} ({} from this address in 15 min, {} since start; answering after {:?})",
+        f.recent,
+        f.total,
+        f.delay
+    );
+    tokio::time::sleep(f.delay).await;
 }
 
 fn html_escape(s: &str) -> String {
@@ -133,38 +124,25 @@ fn login_form(status: StatusCode, error: Option<&str>) -> Response {
     response
 }
 
-/// Guards `/api`: 401 JSON without the token.
+/// Guards `/api`: 401 JSON without the token or a session.
 pub(super) async fn require_for_api(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if authorized(&st.token, req.headers()) { next.run(req).await } else { ApiError::Unauthorized.into_response() }
+    if authorized(&st, req.headers()) { next.run(req).await } else { ApiError::Unauthorized.into_response() }
 }
 
-/// Guards the pages and assets: off to `/login` without the token.
+/// Guards the pages and assets: off to `/login` without the token or a
+/// session.
 pub(super) async fn require_for_page(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if authorized(&st.token, req.headers()) { next.run(req).await } else { Redirect::to("/login").into_response() }
+    if authorized(&st, req.headers()) { next.run(req).await } else { Redirect::to("/login").into_response() }
 }
 
-/// `GET /`: the dashboard; or, with `?token=`, the cookie and a redirect to
-/// the clean URL.
-pub(super) async fn index(
-    State(st): State<AppState>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-    headers: HeaderMap,
-) -> Response {
-    if let Ok(Query(query)) = &query
-        && let Some(presented) = query.get("token")
-    {
-        return if matches(&st.token, presented.trim()) {
-            signed_in(&st.token)
-        } else {
-            login_form(StatusCode::UNAUTHORIZED, Some("wrong token"))
-        };
-    }
-    if authorized(&st.token, &headers) { assets::index() } else { Redirect::to("/login").into_response() }
+/// `GET /`: the dashboard, or off to `/login`.
+pub(super) async fn index(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    if authorized(&st, &headers) { assets::index() } else { Redirect::to("/login").into_response() }
 }
 
 /// `GET /login`: the form, or straight to the dashboard when signed in.
 pub(super) async fn login_page(State(st): State<AppState>, headers: HeaderMap) -> Response {
-    if authorized(&st.token, &headers) { Redirect::to("/").into_response() } else { login_form(StatusCode::OK, None) }
+    if authorized(&st, &headers) { Redirect::to("/").into_response() } else { login_form(StatusCode::OK, None) }
 }
 
 #[derive(Deserialize)]
@@ -173,18 +151,48 @@ pub(super) struct LoginForm {
 }
 
 /// `POST /login` with the form field `token`.
-pub(super) async fn login(State(st): State<AppState>, form: Result<Form<LoginForm>, FormRejection>) -> Response {
+pub(super) async fn login(
+    State(st): State<AppState>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    form: Result<Form<LoginForm>, FormRejection>,
+) -> Response {
     match form {
-        Ok(Form(LoginForm { token })) if matches(&st.token, token.trim()) => signed_in(&st.token),
-        Ok(_) => login_form(StatusCode::UNAUTHORIZED, Some("wrong token")),
+        Ok(Form(LoginForm { token })) if matches(&st.token, token.trim()) => signed_in(&st, &headers),
+        Ok(_) => {
+            failed(&st, peer.map(|Extension(Peer(a))| a), "wrong token").await;
+            login_form(StatusCode::UNAUTHORIZED, Some("wrong token"))
+        }
         Err(_) => login_form(StatusCode::BAD_REQUEST, Some("enter the hub's token")),
     }
 }
 
-/// `GET /logout`: forgets the cookie.
-pub(super) async fn logout() -> Response {
+/// `GET /login/once/{nonce}`: a one-time link, exchanged for a session.
+pub(super) async fn login_once(
+    State(st): State<AppState>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    nonce: Result<Path<String>, PathRejection>,
+) -> Response {
+    if let Ok(Path(nonce)) = nonce
+        && st.access.links.redeem(&nonce, Instant::now())
+    {
+        return signed_in(&st, &headers);
+    }
+    failed(&st, peer.map(|Extension(Peer(a))| a), "a used, expired or unknown login link").await;
+    login_form(
+        StatusCode::UNAUTHORIZED,
+        Some("this login link was already used or has expired; sign in with the hub's token"),
+    )
+}
+
+/// `POST /logout`: ends the session and forgets the cookie.
+pub(super) async fn logout(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    for id in session_ids(&headers) {
+        st.access.sessions.revoke(id);
+    }
     let mut response = Redirect::to("/login").into_response();
-    response.headers_mut().insert(header::SET_COOKIE, set_cookie("", 0));
+    response.headers_mut().insert(header::SET_COOKIE, set_cookie("", 0, behind_tls(&headers)));
     response
 }
 
@@ -201,29 +209,20 @@ mod tests {
     }
 
     #[test]
-    fn a_bearer_header_or_the_cookie_authorizes() {
-        assert!(authorized("tok", &headers(&[(header::AUTHORIZATION, "Bearer tok")])));
-        assert!(authorized("tok", &headers(&[(header::AUTHORIZATION, "bearer  tok ")])));
-        assert!(authorized("tok", &headers(&[(header::COOKIE, "a=b; fieldlink_token=tok; c=d")])));
-        assert!(authorized("tok", &headers(&[(header::COOKIE, "a=b"), (header::COOKIE, "fieldlink_token=tok")])));
-        assert!(!authorized("tok", &headers(&[(header::AUTHORIZATION, "Basic tok")])));
-        assert!(!authorized("tok", &headers(&[(header::COOKIE, "other_token=tok")])));
-        assert!(!authorized("tok", &HeaderMap::new()));
+    fn the_bearer_token_and_every_session_cookie_are_found() {
+        assert_eq!(bearer(&headers(&[(header::AUTHORIZATION, "bearer  tok ")])), Some("tok"));
+        assert_eq!(bearer(&headers(&[(header::AUTHORIZATION, "Basic tok")])), None);
+        let h = headers(&[(header::COOKIE, "a=b; fieldlink_session=s1"), (header::COOKIE, "fieldlink_session=s2")]);
+        assert_eq!(session_ids(&h).collect::<Vec<_>>(), ["s1", "s2"]);
+        assert_eq!(session_ids(&headers(&[(header::COOKIE, "fieldlink_token=t")])).count(), 0);
     }
 
     #[test]
-    fn a_wrong_bearer_does_not_hide_a_right_cookie() {
-        let h = headers(&[(header::AUTHORIZATION, "Bearer old"), (header::COOKIE, "fieldlink_token=tok")]);
-        assert!(authorized("tok", &h));
-    }
-
-    #[test]
-    fn any_token_survives_the_cookie_round_trip() {
-        for token in ["abc123", "with space;and,comma", "100%", "quote\"back\\slash", "ünïcode"] {
-            let encoded = encode_cookie(token);
-            assert!(encoded.bytes().all(|b| cookie_safe(b) || b == b'%'), "{encoded}");
-            assert_eq!(decode_cookie(&encoded), token);
-        }
-        assert_eq!(encode_cookie("0123abcdef"), "0123abcdef");
+    fn the_cookie_is_secure_only_behind_a_tls_proxy() {
+        let plain = set_cookie("abc", 60, false);
+        assert_eq!(plain, "fieldlink_session=abc; Path=/; HttpOnly; SameSite=Strict; Max-Age=60");
+        assert!(set_cookie("abc", 60, true).to_str().expect("ASCII").ends_with("; Secure"));
+        assert!(behind_tls(&headers(&[(header::HeaderName::from_static("x-forwarded-proto"), "https")])));
+        assert!(!behind_tls(&HeaderMap::new()));
     }
 }

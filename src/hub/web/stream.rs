@@ -7,6 +7,10 @@
 //! given what it missed; it gets `{"type":"reload","missed":N}` instead, and
 //! the dashboard re-reads everything through the REST API. Nothing is lost
 //! silently. The stream ends when the hub shuts down.
+//!
+//! At most `Limits::max_streams` streams are open at once (each holds a
+//! slot until its connection closes); one more is a 503 JSON error, so
+//! thousands of idle dashboards cannot use up the hub's memory.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -15,9 +19,9 @@ use axum::Extension;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, watch};
 
-use super::{AppState, StreamStop};
+use super::{ApiError, AppState, StreamStop};
 use crate::hub::model::LiveEvent;
 
 /// How often an idle stream sends a comment.
@@ -47,6 +51,8 @@ struct Feed {
     rx: broadcast::Receiver<LiveEvent>,
     stop: Option<watch::Receiver<bool>>,
     first: bool,
+    /// The stream's slot, given back when the stream is dropped.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Feed {
@@ -72,8 +78,9 @@ impl Feed {
 fn feed(
     rx: broadcast::Receiver<LiveEvent>,
     stop: Option<watch::Receiver<bool>>,
+    slot: OwnedSemaphorePermit,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    futures_util::stream::unfold(Feed { rx, stop, first: true }, |mut feed| async move {
+    futures_util::stream::unfold(Feed { rx, stop, first: true, _slot: slot }, |mut feed| async move {
         if std::mem::take(&mut feed.first) {
             // Tells the browser how soon to reconnect; carries no data, so
             // the page sees no message.
@@ -88,9 +95,15 @@ fn feed(
 pub(super) async fn stream(
     State(st): State<AppState>,
     stop: Option<Extension<StreamStop>>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let Ok(slot) = st.access.streams.clone().try_acquire_owned() else {
+        let max = st.limits.max_streams;
+        tracing::warn!("web: {max} live streams open (the cap); refusing one more with 503");
+        return Err(ApiError::Busy(format!("too many live streams open ({max}); try again in a while")));
+    };
     // Subscribed before the answer is sent, so nothing stored after the
     // request arrived is missed.
     let rx = st.live.subscribe();
-    Sse::new(feed(rx, stop.map(|Extension(StreamStop(s))| s))).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    let feed = feed(rx, stop.map(|Extension(StreamStop(s))| s), slot);
+    Ok(Sse::new(feed).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }

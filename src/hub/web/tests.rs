@@ -5,7 +5,6 @@
 //! rejected paths need an agent and live in the end-to-end tests; here the
 //! mapping of those outcomes is unit-tested in `api`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -19,7 +18,7 @@ use tempfile::TempDir;
 use tokio::sync::broadcast;
 use tower::ServiceExt;
 
-use super::{AppState, router, serve};
+use super::{AppState, Limits, router, serve};
 use crate::hub::commands::Commander;
 use crate::hub::model::{Kind, LiveEvent, Message, Update};
 use crate::hub::store::Store;
@@ -40,6 +39,10 @@ impl Hub {
     }
 
     async fn with_live_capacity(capacity: usize) -> Hub {
+        Hub::with(capacity, Limits::default()).await
+    }
+
+    async fn with(capacity: usize, limits: Limits) -> Hub {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store = Store::connect(&format!("sqlite://{}", dir.path().join("hub.db").display()))
             .await
@@ -47,13 +50,19 @@ impl Hub {
         let (live, _) = broadcast::channel(capacity);
         let (client, eventloop) = AsyncClient::new(MqttOptions::new("web-test", "127.0.0.1", 1), 64);
         let commander = Commander::new(store.clone(), client, "fieldlink", Duration::from_secs(30), live.clone());
-        let state =
-            AppState { store, commander, live, token: Arc::from(TOKEN), command_wait: Duration::from_millis(100) };
+        let state = AppState::new(store, commander, live, TOKEN, Duration::from_millis(100), limits);
         Hub { app: router(state.clone()), state, _dir: dir, _eventloop: Some(eventloop) }
     }
 
     async fn call(&self, req: Request<Body>) -> Response {
         self.app.clone().oneshot(req).await.expect("the router never fails")
+    }
+
+    /// Signs in with the token; the `name=value` of the session cookie.
+    async fn sign_in(&self) -> String {
+        let resp = self.call(login_form(TOKEN)).await;
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER, "signed in");
+        set_cookie(&resp).split(';').next().expect("name=value").to_string()
     }
 
     async fn seed(&self, updates: &[Update]) {
@@ -167,7 +176,8 @@ async fn every_api_endpoint_is_401_without_the_token_or_with_a_wrong_one() {
         let variants = [
             ("no token", None, None),
             ("wrong bearer", Some(format!("Bearer {TOKEN}x")), None),
-            ("wrong cookie", None, Some("fieldlink_token=nope".to_string())),
+            ("wrong cookie", None, Some("fieldlink_session=nope".to_string())),
+            ("the token as a cookie", None, Some(format!("fieldlink_session={TOKEN}; fieldlink_token={TOKEN}"))),
             ("token in the query", None, None),
         ];
         for (what, auth, cookie) in variants {
@@ -204,13 +214,14 @@ async fn every_page_redirects_to_the_login_without_the_token() {
 }
 
 #[tokio::test]
-async fn the_api_and_the_pages_answer_to_a_bearer_token_and_to_the_cookie() {
+async fn the_api_and_the_pages_answer_to_a_bearer_token_and_to_the_session_cookie() {
     let hub = Hub::new().await;
+    let session = hub.sign_in().await;
     for uri in ["/api/devices", "/api/devices/pi-1/events", "/", "/assets/app.js", "/assets/style.css"] {
         let resp = hub.call(get(uri)).await;
         assert_eq!(resp.status(), StatusCode::OK, "bearer: {uri}");
         let with_cookie = request(Method::GET, uri)
-            .header(header::COOKIE, format!("theme=dark; fieldlink_token={TOKEN}"))
+            .header(header::COOKIE, format!("theme=dark; {session}"))
             .body(Body::empty())
             .expect("a valid request");
         let resp = hub.call(with_cookie).await;
@@ -396,7 +407,8 @@ async fn unknown_commands_and_api_routes_are_a_404_and_wrong_methods_a_405_in_js
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{uri}");
         assert!(json_of(resp).await["error"].as_str().expect("an error").starts_with("no API route GET /api"), "{uri}");
     }
-    let resp = hub.call(bearer(Method::DELETE, "/api/devices").body(Body::empty()).expect("a valid request")).await;
+    let delete = bearer(Method::DELETE, "/api/devices").header(header::CONTENT_TYPE, "application/json");
+    let resp = hub.call(delete.body(Body::empty()).expect("a valid request")).await;
     assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(json_of(resp).await, json!({"error": "DELETE is not allowed on /api/devices"}));
 }
@@ -409,7 +421,8 @@ fn login_form(token: &str) -> Request<Body> {
 }
 
 fn assert_session_cookie(cookie: &str) {
-    assert!(cookie.starts_with(&format!("fieldlink_token={TOKEN};")), "{cookie}");
+    assert!(cookie.starts_with("fieldlink_session="), "{cookie}");
+    assert!(!cookie.contains(TOKEN), "the cookie never holds the token: {cookie}");
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(cookie.split("; ").any(|a| a == attribute), "{attribute} missing: {cookie}");
     }
@@ -450,27 +463,197 @@ async fn the_login_form_sets_the_cookie_and_a_wrong_token_gets_the_form_again_wi
     assert_eq!((resp.status(), location(&resp)), (StatusCode::SEE_OTHER, "/"), "signed in: straight to the dashboard");
 }
 
-#[tokio::test]
-async fn the_token_in_the_url_sets_the_cookie_and_redirects_to_the_clean_url() {
-    let hub = Hub::new().await;
-    let resp =
-        hub.call(request(Method::GET, &format!("/?token={TOKEN}")).body(Body::empty()).expect("a valid request")).await;
-    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    assert_eq!(location(&resp), "/");
-    assert_session_cookie(set_cookie(&resp));
-
-    let wrong = hub.call(request(Method::GET, "/?token=guess").body(Body::empty()).expect("a valid request")).await;
-    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
-    assert!(wrong.headers().get(header::SET_COOKIE).is_none());
+fn with_cookie(method: Method, uri: &str, cookie: &str) -> axum::http::request::Builder {
+    request(method, uri).header(header::COOKIE, cookie)
 }
 
 #[tokio::test]
-async fn logging_out_clears_the_cookie() {
+async fn a_session_cookie_stops_working_after_logout() {
     let hub = Hub::new().await;
-    let resp = hub.call(request(Method::GET, "/logout").body(Body::empty()).expect("a valid request")).await;
+    let session = hub.sign_in().await;
+    let devices = || with_cookie(Method::GET, "/api/devices", &session).body(Body::empty()).expect("a request");
+    assert_eq!(hub.call(devices()).await.status(), StatusCode::OK);
+
+    let logout = with_cookie(Method::POST, "/logout", &session)
+        .header("sec-fetch-site", "same-origin")
+        .body(Body::empty())
+        .expect("a request");
+    let resp = hub.call(logout).await;
     assert_eq!((resp.status(), location(&resp)), (StatusCode::SEE_OTHER, "/login"));
     let cookie = set_cookie(&resp);
-    assert!(cookie.starts_with("fieldlink_token=;") && cookie.contains("Max-Age=0"), "{cookie}");
+    assert!(cookie.starts_with("fieldlink_session=;") && cookie.contains("Max-Age=0"), "{cookie}");
+
+    // The browser forgets it; someone who copied it cannot use it either.
+    assert_eq!(hub.call(devices()).await.status(), StatusCode::UNAUTHORIZED);
+    let page = hub.call(with_cookie(Method::GET, "/", &session).body(Body::empty()).expect("a request")).await;
+    assert_eq!((page.status(), location(&page)), (StatusCode::SEE_OTHER, "/login"));
+}
+
+#[tokio::test]
+async fn a_login_link_signs_in_once_and_a_replayed_one_is_refused() {
+    let hub = Hub::new().await;
+    let link = hub.state.access.login_link().expect("random");
+    assert!(link.starts_with("/login/once/") && !link.contains(TOKEN), "{link}");
+
+    let resp = hub.call(request(Method::GET, &link).body(Body::empty()).expect("a request")).await;
+    assert_eq!((resp.status(), location(&resp)), (StatusCode::SEE_OTHER, "/"), "to the clean URL");
+    assert_session_cookie(set_cookie(&resp));
+    let session = set_cookie(&resp).split(';').next().expect("name=value").to_string();
+    let page = hub.call(with_cookie(Method::GET, "/", &session).body(Body::empty()).expect("a request")).await;
+    assert_eq!(page.status(), StatusCode::OK);
+
+    let replay = hub.call(request(Method::GET, &link).body(Body::empty()).expect("a request")).await;
+    assert_eq!(replay.status(), StatusCode::UNAUTHORIZED);
+    assert!(replay.headers().get(header::SET_COOKIE).is_none());
+    assert!(body_text(replay).await.contains("already used or has expired"));
+    assert_eq!(hub.state.access.failed_logins(), 1, "the replay counts as a failed sign-in");
+
+    // The old `/?token=` shortcut is gone: the token in a URL signs nobody in.
+    let old = hub.call(request(Method::GET, &format!("/?token={TOKEN}")).body(Body::empty()).expect("a request")).await;
+    assert_eq!((old.status(), location(&old)), (StatusCode::SEE_OTHER, "/login"));
+    assert!(old.headers().get(header::SET_COOKIE).is_none());
+}
+
+#[tokio::test]
+async fn a_cross_origin_post_is_refused_and_sends_no_command() {
+    let hub = Hub::new().await;
+    let session = hub.sign_in().await;
+    let relay = "/api/devices/pi-1/relays/pump?wait=10ms";
+    let post = |origin: Option<&str>, site: Option<&str>| {
+        let mut req = with_cookie(Method::POST, relay, &session)
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(o) = origin {
+            req = req.header(header::ORIGIN, o);
+        }
+        if let Some(s) = site {
+            req = req.header("sec-fetch-site", s);
+        }
+        req.body(Body::from(r#"{"state":"on"}"#)).expect("a request")
+    };
+    for (origin, site) in [
+        (Some("http://127.0.0.1:9999"), None),
+        (Some("http://127.0.0.1:9999"), Some("same-site")),
+        (Some("null"), None),
+        (None, Some("cross-site")),
+    ] {
+        let resp = hub.call(post(origin, site)).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{origin:?} {site:?}");
+        let body = json_of(resp).await;
+        assert!(body["error"].as_str().expect("an error").starts_with("cross-origin request refused"), "{body}");
+        assert!(body.get("command_id").is_none(), "no command was created: {body}");
+    }
+    // The same request from the dashboard's own origin goes through.
+    let resp = hub.call(post(Some("http://127.0.0.1:8080"), Some("same-origin"))).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    // And so does a script with the token and no Origin.
+    let resp = hub.call(post_json(relay, r#"{"state":"on"}"#)).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn a_relay_command_that_is_not_declared_json_is_a_415_and_sends_no_command() {
+    let hub = Hub::new().await;
+    for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
+        let mut req = bearer(Method::POST, "/api/devices/pi-1/relays/pump?wait=10ms");
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        let resp = hub.call(req.body(Body::from(r#"{"state":"on"}"#)).expect("a request")).await;
+        assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type:?}");
+        let body = json_of(resp).await;
+        assert!(body["error"].as_str().expect("an error").starts_with("Content-Type must be application/json"));
+        assert!(body.get("command_id").is_none(), "{body}");
+    }
+    let charset = bearer(Method::POST, "/api/devices/pi-1/relays/pump?wait=10ms")
+        .header(header::CONTENT_TYPE, "application/json; charset=utf-8");
+    let resp = hub.call(charset.body(Body::from(r#"{"state":"on"}"#)).expect("a request")).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn streams_over_the_cap_get_a_503_and_a_closed_one_frees_its_slot() {
+    let hub = Hub::with(64, Limits { max_streams: 2, ..Limits::default() }).await;
+    let first = hub.call(get("/api/stream")).await;
+    let second = hub.call(get("/api/stream")).await;
+    assert_eq!((first.status(), second.status()), (StatusCode::OK, StatusCode::OK));
+    let third = hub.call(get("/api/stream")).await;
+    assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json_of(third).await, json!({"error": "too many live streams open (2); try again in a while"}));
+    drop(first);
+    assert_eq!(hub.call(get("/api/stream")).await.status(), StatusCode::OK);
+}
+
+/// Serves the hub on a free port with `limits`; stops when the sender drops.
+async fn serve_on_port(hub: &Hub, limits: Limits) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+    let addr = listener.local_addr().expect("bound");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut state = hub.state.clone();
+    state.limits = limits;
+    tokio::spawn(serve(listener, state, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+/// Reads until the server closes the connection (what it sent, if
+/// anything); panics if it stays open for `deadline`.
+async fn read_until_closed(conn: &mut tokio::net::TcpStream, deadline: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(deadline, read_all).await.expect("the server closed the connection");
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test]
+async fn silent_and_half_sent_connections_are_closed_by_the_server() {
+    use tokio::io::AsyncWriteExt;
+    let hub = Hub::new().await;
+    let limits = Limits { header_read_timeout: Duration::from_millis(300), ..Limits::default() };
+    let (addr, _stop) = serve_on_port(&hub, limits).await;
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.expect("connects"));
+    }
+    let mut half = tokio::net::TcpStream::connect(addr).await.expect("connects");
+    half.write_all(b"GET /api/devices HTTP/1.1\r\nHost: x\r\n").await.expect("sends");
+    for conn in silent.iter_mut().chain([&mut half]) {
+        // Generous: the timeout is 300 ms; a loaded machine may be slow.
+        read_until_closed(conn, Duration::from_secs(30)).await;
+    }
+    // The server still serves.
+    let mut ok = tokio::net::TcpStream::connect(addr).await.expect("connects");
+    let req =
+        format!("GET /api/devices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n");
+    ok.write_all(req.as_bytes()).await.expect("sends");
+    assert!(read_until_closed(&mut ok, Duration::from_secs(30)).await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn a_connection_over_the_cap_gets_a_503_and_is_closed() {
+    let hub = Hub::new().await;
+    let limits = Limits { max_connections: 3, header_read_timeout: Duration::from_secs(60), ..Limits::default() };
+    let (addr, _stop) = serve_on_port(&hub, limits).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(addr).await.expect("connects"));
+    }
+    // The accept loop takes them in order; the fourth is over the cap.
+    let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connects");
+    let answer = read_until_closed(&mut extra, Duration::from_secs(30)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too many connections"), "{answer}");
+    drop(held);
 }
 
 /// The next chunk of an SSE body that carries data, as its `data:` JSON.
