@@ -110,19 +110,29 @@ fn door_events(watcher: &Watcher, device: &str) -> Vec<Value> {
     firsts(&device_records(watcher, device)).into_iter().filter(|(t, _)| *t == door).map(|(_, v)| v).collect()
 }
 
-/// Waits for the status dump to show an empty outbox and returns it; at the
-/// deadline, panics with the last dump: the agent stalled.
+/// Waits for the status dump to show an empty outbox and returns it. A
+/// stall fails: the depth not going down for [`DEADLINE`] (a soak's backlog
+/// of thousands of records drains for longer than that, but steadily, at
+/// what `max_inflight` and the latency allow), with the last dump.
 fn wait_drained(agent: &Agent, what: &str) -> Value {
-    let start = Instant::now();
+    let (mut lowest, mut progress) = (u64::MAX, Instant::now());
     loop {
         let last = match agent.try_status() {
             Ok(v) if v["outbox"]["depth"] == 0 => return v,
-            Ok(v) => v.to_string(),
+            Ok(v) => {
+                if let Some(depth) = v["outbox"]["depth"].as_u64()
+                    && depth < lowest
+                {
+                    (lowest, progress) = (depth, Instant::now());
+                }
+                v.to_string()
+            }
             Err(e) => e,
         };
         assert!(
-            start.elapsed() < DEADLINE,
-            "{what}: the outbox did not drain within {DEADLINE:?} (the agent stalled); last status dump: {last}"
+            progress.elapsed() < DEADLINE,
+            "{what}: the outbox did not drain: its depth did not go below {lowest} for {DEADLINE:?} (the agent \
+             stalled); last status dump: {last}"
         );
         thread::sleep(Duration::from_millis(200));
     }
@@ -911,4 +921,205 @@ fn mosquitto_completes_a_qos2_exchange_across_a_reconnect_whether_the_pubrel_or_
     let one = payloads_until_sentinel(&watcher, "wire3/a", "wire3/sentinel");
     let two = payloads_until_sentinel(&watcher, "wire3/b", "wire3/sentinel");
     assert_eq!((one, two), (vec!["one".to_string()], vec!["two".to_string()]), "each message delivered once");
+}
+
+/// The status dump's `outbox.next_seq`.
+fn next_seq(status: &Value) -> u64 {
+    status["outbox"]["next_seq"].as_u64().unwrap_or_else(|| panic!("no outbox.next_seq in {status}"))
+}
+
+/// Waits until the outbox writer has handed out seqs to `n` more records
+/// than it had when `next_seq` was `first`: the edges reached the outbox.
+fn wait_recorded(agent: &Agent, first: u64, n: usize) {
+    let want = first + count(n);
+    agent.wait_status(
+        |s| s["outbox"]["next_seq"].as_u64().is_some_and(|next| next >= want),
+        &format!("outbox.next_seq >= {want}"),
+    );
+}
+
+/// The `handed_out` word of the newest slot of `<state_dir>/outbox.ledger`
+/// (layout: `src/outbox/ledger.rs`), 0 if there is none.
+fn ledger_handed_out(state_dir: &Path) -> u64 {
+    let bytes = fs::read(state_dir.join("outbox.ledger")).unwrap_or_default();
+    let word = |slot: &[u8], at: usize| {
+        slot.get(at..at + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes)
+    };
+    bytes
+        .chunks(128)
+        .filter(|slot| slot.first() == Some(&1))
+        .max_by_key(|slot| word(slot, 8))
+        .map_or(0, |slot| word(slot, 72))
+}
+
+fn count(n: usize) -> u64 {
+    u64::try_from(n).expect("a count fits u64")
+}
+
+// ---------------------------------------------------------------------------
+// 10. kill -9 during a disk fault, restarted with space freed
+
+#[test]
+fn kill_9_during_a_disk_fault_counts_every_record_kept_in_memory_as_dropped_after_the_restart() {
+    let Some(mut rig) = Rig::new("chaos-disk-kill9", false, |b| b.door_debounce("0ms")) else { return };
+    let tmpfs = match Tmpfs::mount(rig.agent.state_dir(), "4m") {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("skipping: kill -9 during a disk fault needs a tmpfs ({why})");
+            return;
+        }
+    };
+    rig.start_online();
+    let mut sim = rig.agent.sim_socket();
+    edges(&mut sim, 10, PACE);
+    let first = next_seq(&wait_drained(&rig.agent, "before the disk fills"));
+
+    let ballast = rig.agent.state_dir().join("ballast");
+    fill(&ballast);
+    let mut made = 10;
+    wait_until(DEADLINE, "outbox.disk_fault while the disk is full", || {
+        sim.door_edge();
+        made += 1;
+        rig.agent.try_status().ok().filter(|s| s["outbox"]["disk_fault"] == true)
+    });
+    // The disk is full and stays full: these can only be kept in memory.
+    let during = 12;
+    edges(&mut sim, during, PACE);
+    made += during;
+    // Every edge has its seq, and the ledger (rewritten in place each
+    // flush_interval during a fault) says so, before the kill: then the
+    // agent has done all it can, and the restart must count what it lost.
+    wait_recorded(&rig.agent, first, made - 10);
+    let handed_out = next_seq(&rig.agent.status());
+    wait_until(DEADLINE, "the ledger to record the seqs handed out during the fault", || {
+        (ledger_handed_out(rig.agent.state_dir()) >= handed_out).then_some(())
+    });
+    assert_eq!(rig.agent.status()["outbox"]["disk_fault"], true, "the disk is still full");
+    drop(sim);
+    rig.agent.kill9();
+    fs::remove_file(&ballast).unwrap_or_else(|e| panic!("remove {}: {e}", ballast.display()));
+
+    let restarted = SystemTime::now();
+    thread::sleep(Duration::from_millis(5));
+    let mark = rig.watcher.len();
+    rig.agent.start();
+    rig.wait_online_since(mark);
+    let mut sim = rig.agent.sim_socket();
+    edges(&mut sim, 4, PACE);
+    made += 4;
+    let status = wait_drained(&rig.agent, "after the restart with space freed");
+    let device = rig.device().to_string();
+    soft_wait(SETTLE, || door_events_since(&rig.watcher, &device, restarted).len() >= 4);
+    let got = delivered(&rig.watcher, &device, "kill -9 during a disk fault");
+    let dropped = status["outbox"]["dropped"].as_u64().unwrap_or(0);
+    let lost = count(made.saturating_sub(got.door.len()));
+    eprintln!("chaos: kill -9 in a disk fault: {made} edges made, {} arrived, dropped {dropped}", got.door.len());
+    assert!(
+        lost <= dropped,
+        "{lost} edges never arrived but dropped is {dropped}: records kept in memory during the disk fault were lost \
+         silently (status: {status})"
+    );
+    assert!(
+        dropped >= count(during),
+        "the {during} edges made while the disk was full were only in memory when the agent was killed: dropped \
+         must count them, it is {dropped}"
+    );
+    assert!(
+        rig.agent.log().contains("kept in memory during a disk fault were lost"),
+        "the restart says at error level that records kept in memory were lost"
+    );
+    assert_eq!(door_events_since(&rig.watcher, &device, restarted).len(), 4, "the edges after the restart arrive");
+    drop(sim);
+    rig.agent.kill9();
+    drop(tmpfs);
+}
+
+// ---------------------------------------------------------------------------
+// 11. SIGTERM while the link flaps
+
+#[test]
+fn sigterm_while_the_link_flaps_exits_zero_and_everything_recorded_arrives_after_a_restart() {
+    let Some(mut rig) = Rig::new("chaos-term-flap", false, |b| {
+        b.mqtt_line("max_inflight = 4").door_debounce("0ms").durability("batch").flush_interval("1s")
+    }) else {
+        return;
+    };
+    rig.proxy.set_latency(Dir::ToClient, Duration::from_millis(30));
+    rig.start_online();
+    let first = next_seq(&wait_drained(&rig.agent, "before the flapping"));
+    let mut sim = rig.agent.sim_socket();
+    let flapper = rig.proxy.flap(Duration::from_millis(200), Duration::from_millis(60));
+    let made = 80;
+    edges(&mut sim, made, PACE);
+    drop(sim);
+    // Recorded (not yet flushed: batch mode, 1 s) before the signal.
+    wait_recorded(&rig.agent, first, made);
+    rig.agent.sigterm();
+    let termed = Instant::now();
+    // Shutdown is bounded by 3 s (runtime-semantics: Shutdown); the
+    // deadline here only keeps a hang from blocking the suite.
+    let code = rig.agent.exit_code_within(DEADLINE);
+    let cuts = flapper.stop();
+    eprintln!("chaos: sigterm while flapping: exit code {code:?} {:?} after the signal, {cuts} cuts", termed.elapsed());
+    assert_eq!(code, Some(0), "SIGTERM while the link flaps is a clean exit");
+
+    let mark = rig.watcher.len();
+    rig.agent.start();
+    rig.wait_online_since(mark);
+    let mut sim = rig.agent.sim_socket();
+    edges(&mut sim, 4, PACE);
+    assert_edges_delivered_across_restarts(&rig.agent, &rig.watcher, made + 4, "sigterm while flapping");
+}
+
+// ---------------------------------------------------------------------------
+// 12. A persistent broker restarted while QoS 2 records are mid-exchange
+
+#[test]
+fn a_persistent_broker_restarted_while_qos2_records_are_mid_exchange_loses_and_reorders_nothing() {
+    let Some(mut rig) =
+        Rig::new("chaos-qos2-persist", true, |b| b.door_qos(2).door_debounce("0ms").mqtt_line("max_inflight = 4"))
+    else {
+        return;
+    };
+    rig.proxy.set_latency(Dir::ToClient, Duration::from_millis(30));
+    rig.start_online();
+    let mut sim = rig.agent.sim_socket();
+    let mut made = 0;
+    // Stuck before PUBREC: the broker holds the message for a PUBREL. Stuck
+    // before PUBCOMP: the broker released it and forgot the packet id.
+    for stuck in [packet::PUBREC, packet::PUBCOMP] {
+        edges(&mut sim, 6, PACE);
+        made += 6;
+        let seen = rig.proxy.packets(Dir::ToClient, stuck);
+        rig.proxy.set_rule(Some(Box::new(move |dir, frame| {
+            if dir == Dir::ToClient && packet::kind(frame) == stuck { Verdict::Drop } else { Verdict::Forward }
+        })));
+        edges(&mut sim, 10, PACE);
+        made += 10;
+        wait_until(DEADLINE, "the broker to answer a QoS 2 record with the ack the proxy drops", || {
+            (rig.proxy.packets(Dir::ToClient, stuck) > seen).then_some(())
+        });
+        let subscribed = rig.watcher.subacks();
+        rig.proxy.cut();
+        rig.broker.restart();
+        rig.watcher.wait_subscribed_after(subscribed);
+        rig.proxy.set_rule(None);
+        let mark = rig.watcher.len();
+        rig.proxy.heal();
+        rig.wait_online_since(mark);
+    }
+    edges(&mut sim, 4, PACE);
+    made += 4;
+    assert_nothing_lost(&rig.agent, &rig.watcher, made, "persistent broker restarted mid QoS 2");
+    // The premise: mosquitto kept the agent's session across both restarts
+    // (CONNACK with session present), so the agent resent into it.
+    let resumed = format!("Sending CONNACK to {} (1, 0)", rig.agent.client_id());
+    let log = rig.broker.log();
+    eprintln!(
+        "chaos: persistent broker: {} PUBLISHes, {} PUBRELs to the broker, {} resumed sessions",
+        rig.proxy.packets(Dir::ToBroker, packet::PUBLISH),
+        rig.proxy.packets(Dir::ToBroker, packet::PUBREL),
+        log.matches(&resumed).count()
+    );
+    assert!(log.matches(&resumed).count() >= 2, "mosquitto resumed the agent's session after each restart");
 }
