@@ -401,19 +401,16 @@ fn a_heartbeat_with_a_wrongly_typed_field_is_shown_with_null_there_and_its_other
     assert_eq!(d["heartbeat"]["outbox"]["bytes"], 1, "{d}");
 }
 
-#[test]
-fn a_message_over_4_mib_is_refused_and_the_collector_keeps_its_connection() {
-    let _serial = serial();
-    let Some(broker) = require_mosquitto(false) else { return };
-    let hub = Hub::builder(&broker).start();
-    let device = unique_device("big");
-    // A client that may send it (the fake agent's limit is rumqttc's 10 KiB).
-    let mut opts = rumqttc::MqttOptions::new(format!("big-{device}"), "127.0.0.1", broker.port());
+/// Publishes, from a client of its own (the fake agent's limit is
+/// rumqttc's 10 KiB), a button message of `device` padded past 5 MiB, and
+/// waits for the broker's PUBACK.
+fn publish_over_4_mib(broker_port: u16, device: &str, seq: u64) {
+    let mut opts = rumqttc::MqttOptions::new(format!("big-{device}"), "127.0.0.1", broker_port);
     opts.set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut conn) = rumqttc::Client::new(opts, 10);
     let topic = format!("fieldlink/{device}/button/door");
     let huge = serde_json::json!({
-        "device": device, "seq": 1, "ts": common::hub::rfc3339(SystemTime::now()),
+        "device": device, "seq": seq, "ts": common::hub::rfc3339(SystemTime::now()),
         "button": "door", "state": "pressed", "pad": "x".repeat(5 << 20),
     });
     client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, huge.to_string()).expect("queue the big publish");
@@ -425,6 +422,15 @@ fn a_message_over_4_mib_is_refused_and_the_collector_keeps_its_connection() {
         }
     });
     assert!(acked);
+}
+
+#[test]
+fn a_message_over_4_mib_is_refused_and_the_collector_keeps_its_connection() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let hub = Hub::builder(&broker).start();
+    let device = unique_device("big");
+    publish_over_4_mib(broker.port(), &device, 1);
     let mut fake = FakeAgent::connect(broker.port(), &device);
     fake.buttons(2..=3);
     fake.wait_acked();
@@ -432,4 +438,55 @@ fn a_message_over_4_mib_is_refused_and_the_collector_keeps_its_connection() {
     let log = hub.log();
     assert!(log.contains("bytes; at most 4194304"), "the big message is refused by its size:\n{log}");
     assert!(!log.contains("hub lost the broker"), "the collector kept its connection:\n{log}");
+}
+
+/// A NUL message and an over-4-MiB one are listed by `GET /api/set-aside`
+/// (NUL escaped, the big payload cut short with its real size) and counted
+/// on the device; the messages after them are stored.
+fn refused_messages_are_listed_and_counted(hub: Hub, broker_port: u16) {
+    let device = unique_device("aside");
+    let mut fake = FakeAgent::connect(broker_port, &device);
+    fake.buttons(1..=1);
+    let body = serde_json::json!({
+        "device": device, "seq": 2, "ts": common::hub::rfc3339(SystemTime::now()), "code": "a\u{0}b", "message": "m",
+    });
+    fake.publish(&format!("fieldlink/{device}/error"), body.to_string());
+    fake.wait_acked();
+    publish_over_4_mib(broker_port, &device, 3);
+    fake.buttons(4..=5);
+    fake.wait_acked();
+    let d = hub.wait_device(&device, |d| d["set_aside"] == 2, "two messages set aside");
+    hub.wait_events(&device, None, |e| event_seqs(e) == [5, 4, 1], "the messages around the refused ones");
+    let (status, list) = hub.get("/api/set-aside?limit=1000");
+    assert_eq!(status, 200, "{list}");
+    let mine: Vec<&serde_json::Value> =
+        list.as_array().expect("a list").iter().filter(|r| r["device"] == device.as_str()).collect();
+    assert_eq!(mine.len(), 2, "{list}");
+    let nul = mine.iter().find(|r| r["topic"].as_str().is_some_and(|t| t.ends_with("/error"))).expect("the NUL one");
+    assert!(nul["payload"].as_str().expect("text").contains(r"a\u0000b"), "{nul}");
+    assert!(nul["reason"].as_str().expect("text").contains("NUL"), "{nul}");
+    let big = mine.iter().find(|r| r["topic"].as_str().is_some_and(|t| t.ends_with("/button/door"))).expect("big");
+    assert!(big["payload_bytes"].as_u64().expect("a size") > 5 << 20, "{big}");
+    assert!(big["payload"].as_str().expect("text").len() < 10_000, "the copy is bounded");
+    assert!(big["reason"].as_str().expect("text").contains("at most 4194304"), "{big}");
+    let (status, one) = hub.get("/api/set-aside?limit=1");
+    assert_eq!((status, one.as_array().map(Vec::len)), (200, Some(1)), "{one}");
+    assert_eq!(d["set_aside"], 2);
+}
+
+#[test]
+fn a_nul_message_and_one_over_4_mib_are_listed_as_set_aside_and_counted_on_the_device() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let hub = Hub::builder(&broker).start();
+    refused_messages_are_listed_and_counted(hub, broker.port());
+}
+
+#[test]
+fn a_nul_message_and_one_over_4_mib_are_listed_as_set_aside_and_counted_on_the_device_on_postgresql() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let Some(db) = TestDb::create(Server::Postgres) else { return };
+    let hub = Hub::builder(&broker).database(db.url()).start();
+    refused_messages_are_listed_and_counted(hub, broker.port());
 }

@@ -33,7 +33,12 @@
 //!   SQLite TOOBIG/CONSTRAINT/MISMATCH: [`StoreError::is_refused_data`]) is
 //!   set aside: its batch is written again one message at a time, the one
 //!   refused is counted (`set_aside`), logged once at warn and acknowledged,
-//!   and the rest flows. Other errors (database down, permissions) are
+//!   and the rest flows.
+//! * Every message refused at ingest or set aside by the database is also
+//!   recorded in the `set_aside` table (bounded, NUL-escaped:
+//!   [`ingest::set_aside`]) before its ack, one short transaction each, so
+//!   the dashboard shows it. If even that fails it is logged at error and
+//!   counted (`set_aside_unrecorded`); the ack is not held back. Other errors (database down, permissions) are
 //!   retried with back-off: setting every message aside would lose them.
 //! * A shutdown ends a retry at once: what is not committed is not
 //!   acknowledged, and the broker delivers it again to the next hub.
@@ -53,7 +58,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use super::commands::Commander;
 use super::ingest;
-use super::model::{CommandRow, LiveEvent, Update};
+use super::model::{CommandRow, LiveEvent, SetAside, Update};
 use super::store::{Store, StoreError};
 use crate::agent::Backoff;
 use crate::timefmt;
@@ -79,9 +84,11 @@ pub struct Settings {
 
 /// A received message waiting for its commit; `None` for one that is not
 /// stored (it is still acknowledged in arrival order: rumqttd disconnects a
-/// client that acks out of order, `broker.rs`).
+/// client that acks out of order, `broker.rs`). `aside` is the record of a
+/// message refused at ingest, written before its ack.
 struct Pending {
     update: Option<Update>,
+    aside: Option<SetAside>,
     publish: Publish,
     generation: u64,
 }
@@ -94,6 +101,9 @@ pub struct Counters {
     pub refused: AtomicU64,
     /// Messages the database refused for their data (never retried).
     pub set_aside: AtomicU64,
+    /// Set-aside records (of refused or set-aside messages) that could not
+    /// be written to the `set_aside` table.
+    pub set_aside_unrecorded: AtomicU64,
     /// Messages stored with fields of the wrong type replaced by null.
     pub nulled: AtomicU64,
 }
@@ -152,6 +162,7 @@ pub async fn run(
         duplicates = counters.duplicates.load(Ordering::Relaxed),
         refused = counters.refused.load(Ordering::Relaxed),
         set_aside = counters.set_aside.load(Ordering::Relaxed),
+        set_aside_unrecorded = counters.set_aside_unrecorded.load(Ordering::Relaxed),
         nulled = counters.nulled.load(Ordering::Relaxed),
         "collector stopped"
     );
@@ -191,6 +202,7 @@ async fn poll(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let at = timefmt::rfc3339_millis(SystemTime::now());
+                let mut aside = None;
                 let update = match ingest::parse(&settings.prefix, &p.topic, &p.payload, &at) {
                     Ok(parsed) => {
                         if !parsed.nulled.is_empty() {
@@ -209,10 +221,12 @@ async fn poll(
                         // Nothing to store and nothing a retry would fix.
                         counters.refused.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!("not stored: {e}");
+                        aside = Some(ingest::set_aside(&settings.prefix, &p.topic, &p.payload, &e.to_string(), &at));
                         None
                     }
                 };
-                if tx.send(Pending { update, publish: p, generation: generation.load(Ordering::SeqCst) }).is_err() {
+                let generation = generation.load(Ordering::SeqCst);
+                if tx.send(Pending { update, aside, publish: p, generation }).is_err() {
                     break;
                 }
             }
@@ -262,9 +276,11 @@ async fn batch(
                 Ok(None) | Err(_) => break,
             }
         }
+        // Which item each update came from.
+        let from: Vec<usize> = (0..items.len()).filter(|&i| items[i].update.is_some()).collect();
         let updates: Vec<Update> = items.iter().filter_map(|p| p.update.clone()).collect();
-        let (fresh, answered) = if updates.is_empty() {
-            (Vec::new(), Vec::new())
+        let (fresh, answered, refused) = if updates.is_empty() {
+            (Vec::new(), Vec::new(), Vec::new())
         } else {
             match commit(&store, &updates, &counters, shutdown.clone()).await {
                 Some(done) => done,
@@ -272,6 +288,18 @@ async fn batch(
                 None => break,
             }
         };
+        // Recorded before the ack (the message is gone after it), each in a
+        // transaction of its own; a failure is logged and counted, never
+        // waited out.
+        let at = timefmt::rfc3339_millis(SystemTime::now());
+        let refused_records = refused.iter().map(|(u, e)| {
+            let p = &items[from[*u]].publish;
+            ingest::set_aside(&settings.prefix, &p.topic, &p.payload, e, &at)
+        });
+        let records: Vec<SetAside> = items.iter().filter_map(|p| p.aside.clone()).chain(refused_records).collect();
+        for r in &records {
+            record_set_aside(&store, r, &counters).await;
+        }
         let current = generation.load(Ordering::SeqCst);
         for p in &items {
             if p.generation != current {
@@ -303,40 +331,64 @@ async fn batch(
     }
 }
 
-/// Writes one batch; returns, per update, whether it was newly stored, and
-/// the commands it answered; `None` when `shutdown` came first (nothing of
-/// the batch may then be acknowledged). An update the database can never
-/// take is left out, counted and logged, and the rest written (module doc).
+/// What [`commit`] did: per update, newly stored; the commands answered;
+/// the updates refused for their data (by index) and why.
+type Committed = (Vec<bool>, Vec<CommandRow>, Vec<(usize, String)>);
+
+/// Writes one batch; `None` when `shutdown` came first (nothing of the
+/// batch may then be acknowledged). An update the database can never take
+/// is left out, counted and logged, and the rest written (module doc).
 async fn commit(
     store: &Store,
     updates: &[Update],
     counters: &Counters,
     shutdown: watch::Receiver<bool>,
-) -> Option<(Vec<bool>, Vec<CommandRow>)> {
+) -> Option<Committed> {
     let all: Vec<usize> = (0..updates.len()).collect();
     match write(store, updates, &all, counters, shutdown.clone()).await {
-        Written::Done(fresh, answered) => return Some((fresh, answered)),
+        Written::Done(fresh, answered, invalid) => return Some((fresh, answered, invalid)),
         Written::Shutdown => return None,
         Written::Refused(e) if updates.len() == 1 => {
             set_aside(counters, &updates[0], &e);
-            return Some((vec![false], Vec::new()));
+            return Some((vec![false], Vec::new(), vec![(0, format!("the database refuses it: {e}"))]));
         }
         Written::Refused(_) => {}
     }
     // One at a time, to find which the database refuses.
     let mut fresh = vec![false; updates.len()];
     let mut answered = Vec::new();
+    let mut refused = Vec::new();
     for i in 0..updates.len() {
         match write(store, updates, &[i], counters, shutdown.clone()).await {
-            Written::Done(f, a) => {
+            Written::Done(f, a, invalid) => {
                 fresh[i] = f[i];
                 answered.extend(a);
+                refused.extend(invalid);
             }
-            Written::Refused(e) => set_aside(counters, &updates[i], &e),
+            Written::Refused(e) => {
+                set_aside(counters, &updates[i], &e);
+                refused.push((i, format!("the database refuses it: {e}")));
+            }
             Written::Shutdown => return None,
         }
     }
-    Some((fresh, answered))
+    Some((fresh, answered, refused))
+}
+
+/// How long writing one set-aside record may take before it is given up.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes `r` to the `set_aside` table, once; a failure (or a database that
+/// does not answer within [`RECORD_TIMEOUT`]) is logged at error and
+/// counted, and ingestion goes on.
+async fn record_set_aside(store: &Store, r: &SetAside, counters: &Counters) {
+    let failed = match tokio::time::timeout(RECORD_TIMEOUT, store.insert_set_aside(r)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {}", humantime::format_duration(RECORD_TIMEOUT)),
+    };
+    counters.set_aside_unrecorded.fetch_add(1, Ordering::Relaxed);
+    tracing::error!("set-aside message on '{}' not recorded for the dashboard: {failed}", r.topic);
 }
 
 fn set_aside(counters: &Counters, update: &Update, e: &StoreError) {
@@ -349,8 +401,9 @@ fn set_aside(counters: &Counters, update: &Update, e: &StoreError) {
 }
 
 enum Written {
-    /// Per update of the whole list, newly stored; and commands answered.
-    Done(Vec<bool>, Vec<CommandRow>),
+    /// Per update of the whole list, newly stored; commands answered; and
+    /// the updates (by index in the whole list) the store's checks refused.
+    Done(Vec<bool>, Vec<CommandRow>, Vec<(usize, String)>),
     /// The database refuses the data (a retry would fail the same way).
     Refused(StoreError),
     Shutdown,
@@ -369,6 +422,7 @@ async fn write(
 ) -> Written {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut keep = keep.to_vec();
+    let mut invalid = Vec::new();
     loop {
         if *shutdown.borrow() {
             return Written::Shutdown;
@@ -380,12 +434,12 @@ async fn write(
                 for (&i, stored) in keep.iter().zip(report.stored) {
                     fresh[i] = stored;
                 }
-                return Written::Done(fresh, report.commands);
+                return Written::Done(fresh, report.commands, invalid);
             }
             Err(StoreError::Invalid { index, reason }) if index < keep.len() => {
                 counters.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("not stored: {reason}");
-                keep.remove(index);
+                invalid.push((keep.remove(index), format!("not stored: {reason}")));
             }
             Err(e) if e.is_refused_data() => return Written::Refused(e),
             Err(e) => {

@@ -12,7 +12,7 @@
 
 use serde_json::Value;
 
-use super::model::{Kind, Message, Update};
+use super::model::{Kind, Message, SetAside, Update};
 
 /// The one topic filter the collector subscribes to (QoS 1), optionally
 /// through a shared subscription `$share/<group>/...` so several hubs split
@@ -160,6 +160,40 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Re
     Ok(Parsed { update, nulled })
 }
 
+/// How much of a set-aside payload is kept, in characters.
+pub const SET_ASIDE_PAYLOAD_CHARS: usize = 2048;
+/// How much of a set-aside topic or reason is kept, in characters.
+pub const SET_ASIDE_TEXT_CHARS: usize = 1024;
+
+/// The record of a message the collector sets aside, in a form every
+/// database accepts: text cut to a bound (the payload to
+/// [`SET_ASIDE_PAYLOAD_CHARS`], topic and reason to
+/// [`SET_ASIDE_TEXT_CHARS`]), invalid UTF-8 replaced, NUL written `\u0000`.
+/// `device` is the topic's device segment under `prefix`, if any.
+pub fn set_aside(prefix: &str, topic: &str, payload: &[u8], reason: &str, received_at: &str) -> SetAside {
+    let device = topic
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('/'))
+        .and_then(|r| r.split('/').next())
+        .filter(|d| !d.is_empty())
+        .map(|d| bounded(d, crate::hub::store::MAX_NAME_CHARS));
+    // At most 4 bytes a character: enough bytes for the characters kept.
+    let head = &payload[..payload.len().min(SET_ASIDE_PAYLOAD_CHARS * 4)];
+    SetAside {
+        device,
+        topic: bounded(topic, SET_ASIDE_TEXT_CHARS),
+        reason: bounded(reason, SET_ASIDE_TEXT_CHARS),
+        received_at: received_at.to_string(),
+        payload: bounded(&String::from_utf8_lossy(head), SET_ASIDE_PAYLOAD_CHARS),
+        payload_bytes: u64::try_from(payload.len()).unwrap_or(u64::MAX),
+    }
+}
+
+/// `s` with each NUL written `\u0000`, cut to `max` characters.
+fn bounded(s: &str, max: usize) -> String {
+    s.replace('\0', "\\u0000").chars().take(max).collect()
+}
+
 /// True when any string or object key in `v` contains NUL.
 fn holds_nul(v: &Value) -> bool {
     match v {
@@ -210,6 +244,24 @@ mod tests {
     use super::*;
 
     const AT: &str = "2026-11-21T10:00:00.000Z";
+
+    #[test]
+    fn a_set_aside_record_names_the_device_and_holds_no_nul_and_no_more_than_its_bound() {
+        let mut payload = b"{\"code\":\"a\0b\"}".to_vec();
+        payload.extend(vec![b'x'; 5 << 20]);
+        let r = set_aside("fl", "fl/pi-1/error", &payload, "refused", AT);
+        assert_eq!(r.device.as_deref(), Some("pi-1"));
+        assert_eq!(r.payload_bytes, u64::try_from(payload.len()).expect("small"));
+        assert!(r.payload.starts_with("{\"code\":\"a\\u0000b\"}xx"), "{}", &r.payload[..40]);
+        assert!(!r.payload.contains('\0'));
+        assert_eq!(r.payload.chars().count(), SET_ASIDE_PAYLOAD_CHARS);
+        let r = set_aside("fl", "fl/a\0b/heartbeat", b"\xff\xfe", "nul topic", AT);
+        assert_eq!(r.device.as_deref(), Some("a\\u0000b"));
+        assert_eq!(r.topic, "fl/a\\u0000b/heartbeat");
+        assert_eq!(r.payload, "\u{fffd}\u{fffd}", "invalid UTF-8 is replaced");
+        assert_eq!(set_aside("fl", "other/x", b"", "r", AT).device, None);
+        assert_eq!(set_aside("fl", "fl//x", b"", "r", AT).device, None);
+    }
 
     #[test]
     fn one_filter_covers_every_device_topic_and_can_be_shared() {

@@ -82,6 +82,36 @@ pub struct DeviceView {
     /// Relay name -> "on" | "off", from the newest state message per relay
     /// (greatest `(epoch, seq)`).
     pub relays: BTreeMap<String, String>,
+    /// How many of its messages the collector set aside (never stored).
+    pub set_aside: u64,
+}
+
+/// A message the collector set aside: refused at ingest or refused by the
+/// database for its data. Text fields are bounded and hold no NUL
+/// ([`crate::hub::ingest::set_aside`] makes them so).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    /// The device its topic names, if it names one.
+    pub device: Option<String>,
+    pub topic: String,
+    pub reason: String,
+    pub received_at: String,
+    /// A text copy of the payload, cut to a bound, NULs written `\u0000`.
+    pub payload: String,
+    /// The size of the payload as it arrived.
+    pub payload_bytes: u64,
+}
+
+/// `GET /api/set-aside` entries, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SetAsideView {
+    pub id: i64,
+    pub device: Option<String>,
+    pub topic: String,
+    pub reason: String,
+    pub received_at: String,
+    pub payload: String,
+    pub payload_bytes: u64,
 }
 
 /// `GET /api/devices/{d}/events` entries (newest first: greatest

@@ -213,6 +213,7 @@ pub fn router(state: AppState) -> Router {
         .route("/devices/{d}/events", get(api::events))
         .route("/devices/{d}/relays/{r}", post(api::set_relay))
         .route("/commands/{id}", get(api::command))
+        .route("/set-aside", get(api::set_aside))
         .route("/stream", get(stream::stream))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)

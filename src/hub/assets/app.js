@@ -98,6 +98,17 @@ function showView(view) {
   setLastSeen(dev, view.last_seen);
   if (view.heartbeat) showHeartbeat(dev, view.heartbeat);
   for (const [name, state] of Object.entries(view.relays || {})) setRelayState(dev, name, state);
+  setSetAside(dev, view.set_aside);
+}
+
+// Messages the hub set aside (refused, never stored): shown only when there are any.
+function setSetAside(dev, count) {
+  const n = typeof count === 'number' ? count : 0;
+  const dd = $(dev.card, '[data-set-aside]');
+  dd.dataset.count = String(n);
+  dd.textContent = `${n} message${n === 1 ? '' : 's'} not stored (see /api/set-aside)`;
+  dd.hidden = n === 0;
+  $(dev.card, '[data-set-aside-label]').hidden = n === 0;
 }
 
 function setOnline(dev, online) {

@@ -1,6 +1,6 @@
 //! The hub's database: every message stored once per `(device, epoch, seq)`, the
-//! devices' online state, newest heartbeat and relay states, and the relay
-//! commands the hub published. One [`Store`] handle over a sqlx `Any` pool
+//! devices' online state, newest heartbeat and relay states, the relay
+//! commands the hub published, and the messages the collector set aside. One [`Store`] handle over a sqlx `Any` pool
 //! speaks SQLite (`sqlite://path`), MySQL/MariaDB (`mysql://...`) or
 //! PostgreSQL (`postgres://...`). It never parses MQTT and never decides
 //! when the broker gets its acknowledgement; the collector does both.
@@ -25,7 +25,7 @@
 //! * `dialect`: placeholders and "insert unless present", per database.
 //! * `sql`: the data statements, rendered once per dialect.
 //! * `write`: the batch write path and its rules.
-//! * `read`: devices and events for the API.
+//! * `read`: devices, events and set-aside messages for the API.
 //! * `commands`: the `commands` table.
 //! * `error`: [`StoreError`] and URL redaction.
 
@@ -52,7 +52,7 @@ use sqlx::{AnyConnection, AssertSqlSafe};
 pub use self::dialect::Dialect;
 pub use self::error::{StoreError, redact_url};
 pub use self::write::{BatchReport, MAX_NAME_CHARS};
-use super::model::{Before, CommandRow, CommandStatus, DeviceView, EventView, Kind, Update};
+use super::model::{Before, CommandRow, CommandStatus, DeviceView, EventView, Kind, SetAside, SetAsideView, Update};
 use crate::timefmt;
 
 /// A handle to the database (cheap to clone; a connection pool inside).
@@ -145,6 +145,26 @@ impl Store {
     /// if there is no such command.
     pub async fn set_command_status(&self, id: &str, status: CommandStatus) -> Result<(), StoreError> {
         commands::set_status(&self.pool, &self.sql, id, status).await
+    }
+
+    /// Records a message the collector set aside, in a transaction of its
+    /// own (one statement). The record must already be in the form
+    /// [`crate::hub::ingest::set_aside`] gives it.
+    pub async fn insert_set_aside(&self, r: &SetAside) -> Result<(), StoreError> {
+        let q = sqlx::query(AssertSqlSafe(self.sql.insert_set_aside.clone()))
+            .bind(r.device.clone())
+            .bind(r.topic.clone())
+            .bind(r.reason.clone())
+            .bind(r.received_at.clone())
+            .bind(r.payload.clone())
+            .bind(i64::try_from(r.payload_bytes).unwrap_or(i64::MAX));
+        let mut conn = self.pool.acquire().await.map_err(StoreError::db("record a set-aside message"))?;
+        affected(q, &mut conn, "record a set-aside message").await.map(|_| ())
+    }
+
+    /// The newest `limit` set-aside messages, newest first.
+    pub async fn set_aside(&self, limit: u32) -> Result<Vec<SetAsideView>, StoreError> {
+        read::set_aside(&self.pool, &self.sql, limit).await
     }
 
     /// Deletes heartbeats whose `ts` is older than `before`; returns how many.

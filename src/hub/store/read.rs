@@ -1,8 +1,9 @@
 //! The read side for the API: the device list (with newest heartbeat and
-//! relay states) and a device's events, newest first. It turns rows into the
+//! relay states and set-aside count), a device's events, newest first, and
+//! the set-aside messages. It turns rows into the
 //! model's views; it never writes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 use sqlx::AnyPool;
@@ -10,7 +11,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::error::StoreError;
 use super::sql::Statements;
-use crate::hub::model::{Before, DeviceView, EventView, Kind};
+use crate::hub::model::{Before, DeviceView, EventView, Kind, SetAsideView};
 
 /// Every device the hub has heard of, by name.
 pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>, StoreError> {
@@ -26,6 +27,7 @@ pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>
             last_seen: row.try_get(2).map_err(StoreError::db(what))?,
             heartbeat: heartbeat.map(|h| json("heartbeat", h)).transpose()?,
             relays: BTreeMap::new(),
+            set_aside: 0,
         });
     }
     let rows = sqlx::query(AssertSqlSafe(sql.select_relays.clone()))
@@ -45,7 +47,44 @@ pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>
             d.relays.insert(relay, state);
         }
     }
+    let rows = sqlx::query(AssertSqlSafe(sql.count_set_aside.clone()))
+        .fetch_all(pool)
+        .await
+        .map_err(StoreError::db("count set-aside messages"))?;
+    let mut counts = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let device: String = row.try_get(0).map_err(StoreError::db("count set-aside messages"))?;
+        let n: i64 = row.try_get(1).map_err(StoreError::db("count set-aside messages"))?;
+        counts.insert(device, u64::try_from(n).map_err(|_| corrupt("set-aside count", n))?);
+    }
+    for d in &mut devices {
+        d.set_aside = counts.get(&d.device).copied().unwrap_or(0);
+    }
     Ok(devices)
+}
+
+/// The newest `limit` set-aside messages, newest first.
+pub async fn set_aside(pool: &AnyPool, sql: &Statements, limit: u32) -> Result<Vec<SetAsideView>, StoreError> {
+    let what = "read set-aside messages";
+    let rows = sqlx::query(AssertSqlSafe(sql.select_set_aside.clone()))
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await
+        .map_err(StoreError::db(what))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let bytes: i64 = row.try_get(6).map_err(StoreError::db(what))?;
+        out.push(SetAsideView {
+            id: row.try_get(0).map_err(StoreError::db(what))?,
+            device: row.try_get(1).map_err(StoreError::db(what))?,
+            topic: row.try_get(2).map_err(StoreError::db(what))?,
+            reason: row.try_get(3).map_err(StoreError::db(what))?,
+            received_at: row.try_get(4).map_err(StoreError::db(what))?,
+            payload: row.try_get(5).map_err(StoreError::db(what))?,
+            payload_bytes: u64::try_from(bytes).map_err(|_| corrupt("payload_bytes", bytes))?,
+        });
+    }
+    Ok(out)
 }
 
 /// A device's messages, newest (greatest `(epoch, seq)`) first: at most

@@ -56,10 +56,11 @@ enum Step {
 const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "messages, devices, relays, commands", steps: v1_steps },
     Migration { version: 2, name: "message identity (device, epoch, seq)", steps: v2_epoch },
+    Migration { version: 3, name: "set_aside", steps: v3_set_aside },
 ];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 2;
+pub const LATEST: i64 = 3;
 
 /// Key of the PostgreSQL advisory lock ("fieldlin" in ASCII).
 const PG_LOCK_KEY: &str = "7378697629483820654";
@@ -290,6 +291,62 @@ fn v2_epoch(d: Dialect) -> Vec<Step> {
                 sql: "ALTER TABLE relays ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0",
             },
         ],
+    }
+}
+
+/// Schema version 3: the messages the collector set aside (refused at
+/// ingest, or refused by the database for their data), so the dashboard can
+/// show them (#7). `payload` is a bounded, NUL-escaped text copy;
+/// `payload_bytes` the size that arrived. `device` is NULL when the topic
+/// names none.
+///
+/// ```text
+/// set_aside  id PK (ascending)  device, topic, reason, received_at, payload,
+///                               payload_bytes
+///            index (device): the per-device count
+/// ```
+fn v3_set_aside(d: Dialect) -> Vec<Step> {
+    match d {
+        Dialect::Sqlite => [
+            "CREATE TABLE IF NOT EXISTS set_aside (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                device TEXT,
+                topic TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                received_at TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                payload_bytes INTEGER NOT NULL
+            )",
+            "CREATE INDEX IF NOT EXISTS set_aside_device ON set_aside (device)",
+        ]
+        .map(Step::Sql)
+        .to_vec(),
+        Dialect::Postgres => [
+            "CREATE TABLE IF NOT EXISTS set_aside (
+                id BIGSERIAL PRIMARY KEY,
+                device TEXT,
+                topic TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                received_at TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                payload_bytes BIGINT NOT NULL
+            )",
+            "CREATE INDEX IF NOT EXISTS set_aside_device ON set_aside (device)",
+        ]
+        .map(Step::Sql)
+        .to_vec(),
+        Dialect::MySql => vec![Step::Sql(
+            "CREATE TABLE IF NOT EXISTS set_aside (
+                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                device VARCHAR(255) NULL,
+                topic TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                received_at VARCHAR(32) NOT NULL,
+                payload TEXT NOT NULL,
+                payload_bytes BIGINT NOT NULL,
+                INDEX set_aside_device (device)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+        )],
     }
 }
 

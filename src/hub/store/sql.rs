@@ -52,6 +52,13 @@ pub struct Statements {
     pub prune_heartbeats: Arc<str>,
     /// device -> its greatest epoch (NULL without messages)
     pub newest_epoch: Arc<str>,
+    /// device, topic, reason, received_at, payload, payload_bytes
+    pub insert_set_aside: Arc<str>,
+    /// limit -> id, device, topic, reason, received_at, payload,
+    /// payload_bytes, newest (greatest id) first
+    pub select_set_aside: Arc<str>,
+    /// () -> device, how many set aside (devices named by a topic only)
+    pub count_set_aside: Arc<str>,
     dialect: Dialect,
 }
 
@@ -106,6 +113,16 @@ impl Statements {
             select_relays: d.render("SELECT device, relay, state FROM relays ORDER BY device, relay"),
             prune_heartbeats: d.render("DELETE FROM messages WHERE kind = 'heartbeat' AND ts < ?"),
             newest_epoch: d.render("SELECT MAX(epoch) FROM messages WHERE device = ?"),
+            insert_set_aside: d.render(
+                "INSERT INTO set_aside (device, topic, reason, received_at, payload, payload_bytes) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            ),
+            select_set_aside: d.render(
+                "SELECT id, device, topic, reason, received_at, payload, payload_bytes \
+                 FROM set_aside ORDER BY id DESC LIMIT ?",
+            ),
+            count_set_aside: d
+                .render("SELECT device, COUNT(*) FROM set_aside WHERE device IS NOT NULL GROUP BY device"),
             dialect: d,
         }
     }
@@ -147,6 +164,9 @@ impl Statements {
             &self.select_relays,
             &self.prune_heartbeats,
             &self.newest_epoch,
+            &self.insert_set_aside,
+            &self.select_set_aside,
+            &self.count_set_aside,
         ]
         .into_iter()
         .map(|s| &**s)

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use super::{ApiError, AppState};
 use crate::hub::commands::{Outcome, Requested};
-use crate::hub::model::{Before, CommandRow, DeviceView, EventView, Kind};
+use crate::hub::model::{Before, CommandRow, DeviceView, EventView, Kind, SetAsideView};
 
 /// `limit` when the request does not say.
 pub(super) const DEFAULT_LIMIT: u32 = 100;
@@ -74,18 +74,7 @@ pub(super) fn events_query(params: &[(String, String)]) -> Result<EventsQuery, A
             ))
         })?),
     };
-    let limit = match param(params, "limit") {
-        None => DEFAULT_LIMIT,
-        Some(l) => match l.parse::<u64>() {
-            Ok(n) if (1..=u64::from(MAX_LIMIT)).contains(&n) => u32::try_from(n).expect("at most MAX_LIMIT"),
-            Ok(_) => {
-                return Err(ApiError::BadRequest(format!("limit: '{l}' is out of range (expected 1..={MAX_LIMIT})")));
-            }
-            Err(_) => {
-                return Err(ApiError::BadRequest(format!("limit: '{l}' is not a number (expected 1..={MAX_LIMIT})")));
-            }
-        },
-    };
+    let limit = limit_param(params)?;
     let number = |name: &str, what: &str| match param(params, name) {
         None => Ok(None),
         Some(s) => s
@@ -105,6 +94,19 @@ pub(super) fn events_query(params: &[(String, String)]) -> Result<EventsQuery, A
         }
     };
     Ok(EventsQuery { kind, limit, before })
+}
+
+/// `?limit=` (1..=[`MAX_LIMIT`]), or [`DEFAULT_LIMIT`].
+pub(super) fn limit_param(params: &[(String, String)]) -> Result<u32, ApiError> {
+    let Some(l) = param(params, "limit") else { return Ok(DEFAULT_LIMIT) };
+    match l.parse::<u32>() {
+        Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        Ok(_) => Err(ApiError::BadRequest(format!("limit: '{l}' is out of range (expected 1..={MAX_LIMIT})"))),
+        Err(e) if matches!(e.kind(), std::num::IntErrorKind::PosOverflow) => {
+            Err(ApiError::BadRequest(format!("limit: '{l}' is out of range (expected 1..={MAX_LIMIT})")))
+        }
+        Err(_) => Err(ApiError::BadRequest(format!("limit: '{l}' is not a number (expected 1..={MAX_LIMIT})"))),
+    }
 }
 
 /// `?wait=` (humantime, at most [`MAX_WAIT`]), or `default`.
@@ -165,6 +167,16 @@ pub(super) async fn events(
     let device = name_param("device", device)?;
     let q = events_query(&query_params(query)?)?;
     Ok(Json(st.store.events(&device, q.kind, q.limit, q.before).await?))
+}
+
+/// `GET /api/set-aside?limit=`: the messages the collector set aside,
+/// newest first.
+pub(super) async fn set_aside(
+    State(st): State<AppState>,
+    query: Result<Query<Params>, QueryRejection>,
+) -> Result<Json<Vec<SetAsideView>>, ApiError> {
+    let limit = limit_param(&query_params(query)?)?;
+    Ok(Json(st.store.set_aside(limit).await?))
 }
 
 /// `POST /api/devices/{d}/relays/{r}?wait=` with `{"state":...}`.
@@ -256,6 +268,11 @@ mod tests {
             bad(events_query(&params(&[("before_epoch", "x"), ("before_seq", "1")]))).starts_with("before_epoch: 'x'")
         );
         assert!(bad(events_query(&params(&[("before_epoch", "3")]))).contains("needs before_seq"));
+        assert_eq!(
+            bad(limit_param(&params(&[("limit", "99999999999")]))),
+            "limit: '99999999999' is out of range (expected 1..=1000)"
+        );
+        assert_eq!(limit_param(&params(&[])).expect("default"), 100);
     }
 
     #[test]

@@ -463,8 +463,27 @@ async fn a_version_1_database_is_migrated_with_its_rows_in_epoch_0(url: String) 
     let mut versions: Vec<i64> =
         sqlx::query_scalar("SELECT version FROM fieldlink_schema").fetch_all(&mut conn).await.expect("versions");
     versions.sort_unstable();
-    assert_eq!(versions, [1, super::schema::LATEST]);
+    assert_eq!(versions, (1..=super::schema::LATEST).collect::<Vec<_>>());
     let _ = conn.close().await; // as above
+}
+
+async fn set_aside_messages_read_back_newest_first_and_are_counted_per_device(store: Store, _: String) {
+    write(&store, &[button("pi", 1, "pressed")]).await;
+    let nul = crate::hub::ingest::set_aside("fieldlink", "fieldlink/pi/error", b"{\"code\":\"a\0b\"}", "NUL", &ts(1));
+    let big = crate::hub::ingest::set_aside("fieldlink", "fieldlink/pi/button/door", &[b'x'; 5000], "too big", &ts(2));
+    let stray = crate::hub::ingest::set_aside("fieldlink", "elsewhere", b"", "not ours", &ts(3));
+    for r in [&nul, &big, &stray] {
+        store.insert_set_aside(r).await.expect("recorded");
+    }
+    let all = store.set_aside(10).await.expect("read");
+    let reasons: Vec<&str> = all.iter().map(|r| r.reason.as_str()).collect();
+    assert_eq!(reasons, ["not ours", "too big", "NUL"], "newest first");
+    assert_eq!(all[2].payload, "{\"code\":\"a\\u0000b\"}", "the NUL is stored escaped");
+    assert_eq!(all[2].device.as_deref(), Some("pi"));
+    assert_eq!(all[1].payload_bytes, 5000);
+    assert_eq!(all[0].device, None);
+    assert_eq!(store.set_aside(1).await.expect("read").len(), 1, "limit");
+    assert_eq!(device(&store, "pi").await.set_aside, 2);
 }
 
 /// One test per case per backend.
@@ -500,6 +519,7 @@ suite!(
     hubs_starting_at_once_share_one_schema,
     two_hubs_writing_the_same_messages_at_once_store_each_once,
     a_device_whose_epoch_changed_has_its_new_messages_stored_and_its_newest_state_is_the_new_one,
+    set_aside_messages_read_back_newest_first_and_are_counted_per_device,
 );
 
 mod migrations {
