@@ -352,7 +352,7 @@ fn a_cross_origin_post_with_the_session_cookie_is_refused_and_the_agents_relay_d
     let msgs = watcher.wait_for(|m| !m.is_empty(), DEADLINE, "the dashboard's command on the broker");
     let ids: Vec<String> =
         msgs.iter().filter_map(|m| m.json()).filter_map(|c| c["id"].as_str().map(str::to_string)).collect();
-    assert_eq!(ids, [id.clone()], "the only command published is the same-origin one");
+    assert_eq!(ids, [id.as_str()], "the only command published is the same-origin one");
     let states = api.hub.all_events(&device, Some("relay"));
     let answered: Vec<&Value> = states.iter().filter(|e| e["payload"]["command_id"].is_string()).collect();
     assert_eq!(answered.len(), 1, "one relay state answers a command: {states:#?}");
