@@ -12,6 +12,10 @@
 //!   confirmed once it is back), rejected because expired (409; the agent
 //!   refuses it when it comes back and the hub stores its `expired` error).
 //! * `GET /api/stream` delivers a newly stored button message.
+//! * CSRF (issue 7): a POST with a valid session cookie but another origin
+//!   (or a `text/plain` body) is refused, the broker carries no command and
+//!   the agent's relay pin stays put; the same cookie from the hub's own
+//!   origin switches it.
 //!
 //! Command posts ask for the longest `?wait=` (60s) wherever the answer
 //! must be final, so a slow machine cannot turn a confirmation into a
@@ -268,4 +272,90 @@ fn the_live_stream_delivers_a_newly_stored_button_message() {
     assert_eq!(event["payload"]["state"], "pressed", "{event}");
     let stored = api.hub.events(&device, "kind=button&limit=1");
     assert_eq!(stored[0]["seq"], event["seq"], "the streamed message is the stored one: {event}");
+}
+
+/// Signs in with the hub's token through `POST /login` (the login form);
+/// the `name=value` of the session cookie it sets.
+fn sign_in(hub: &Hub) -> String {
+    let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).max_redirects(0).build().into();
+    let url = hub.url("/login");
+    let reply = http.post(&url).send_form([("token", hub.token())]).unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    assert_eq!(reply.status().as_u16(), 303, "signing in with the token redirects to the dashboard");
+    let cookie = reply.headers().get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let pair = cookie.split(';').next().unwrap_or_default().trim().to_string();
+    assert!(pair.starts_with("fieldlink_session=") && pair.len() > "fieldlink_session=".len(), "{cookie:?}");
+    pair
+}
+
+/// `POST path` as a browser on `origin` would send it: the session cookie,
+/// `origin` and `Sec-Fetch-Site: site` (each when given), `content_type`
+/// and a `{"state":"on"}` body; (status, body).
+fn browser_post(
+    hub: &Hub,
+    path: &str,
+    cookie: &str,
+    origin: Option<&str>,
+    site: Option<&str>,
+    content_type: &str,
+) -> (u16, Value) {
+    let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).max_redirects(0).build().into();
+    let url = hub.url(path);
+    let mut req = http.post(&url).header("Cookie", cookie).header("Content-Type", content_type);
+    if let Some(o) = origin {
+        req = req.header("Origin", o);
+    }
+    if let Some(s) = site {
+        req = req.header("Sec-Fetch-Site", s);
+    }
+    let mut reply = req.send(r#"{"state":"on"}"#).unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let text = reply.body_mut().read_to_string().unwrap_or_else(|e| panic!("POST {url}: body: {e}"));
+    (reply.status().as_u16(), serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+#[test]
+fn a_cross_origin_post_with_the_session_cookie_is_refused_and_the_agents_relay_does_not_switch() {
+    let Some(api) = ApiRig::new("api-csrf", |b| b) else { return };
+    let device = api.device().to_string();
+    // Sees every command the hub publishes to the agent.
+    let watcher = Watcher::connect(api.rig.broker.port(), "api-csrf-watcher", &common::topic(&device, "relay/+/set"));
+    let cookie = sign_in(&api.hub);
+    let ours = api.hub.url("");
+    let other = format!("http://127.0.0.1:{}", common::free_port());
+    let path = api.relay_path("?wait=60s");
+
+    // What a page on another port of this host can make a browser send: the
+    // cookie goes along (same site), the origin headers say where from.
+    for (origin, site, content_type) in [
+        (Some(other.as_str()), Some("same-site"), "application/json"),
+        (Some(other.as_str()), None, "application/json"),
+        (None, Some("cross-site"), "text/plain"),
+        (Some("null"), None, "text/plain"),
+    ] {
+        let (status, body) = browser_post(&api.hub, &path, &cookie, origin, site, content_type);
+        assert_eq!(status, 403, "{origin:?} {site:?} {content_type}: {body}");
+        assert!(body.get("command_id").is_none(), "no command was created: {body}");
+    }
+    // Neither origin header (not a browser) but not JSON either: refused too.
+    let (status, body) = browser_post(&api.hub, &path, &cookie, None, None, "text/plain");
+    assert_eq!(status, 415, "{body}");
+
+    // The same cookie from the dashboard's own origin switches the relay:
+    // the refusals above were about the origin, not the session.
+    let (status, body) = browser_post(&api.hub, &path, &cookie, Some(&ours), Some("same-origin"), "application/json");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "confirmed", "{body}");
+    let id = command_id(&body);
+    assert_eq!(api.rig.agent.sim(&["get", PUMP_PIN]), "1", "the dashboard's own command switched the pump");
+
+    // The broker carried exactly one command, the dashboard's, and the
+    // agent confirmed no other.
+    let msgs = watcher.wait_for(|m| !m.is_empty(), DEADLINE, "the dashboard's command on the broker");
+    let ids: Vec<String> =
+        msgs.iter().filter_map(|m| m.json()).filter_map(|c| c["id"].as_str().map(str::to_string)).collect();
+    assert_eq!(ids, [id.as_str()], "the only command published is the same-origin one");
+    let states = api.hub.all_events(&device, Some("relay"));
+    let answered: Vec<&Value> = states.iter().filter(|e| e["payload"]["command_id"].is_string()).collect();
+    assert_eq!(answered.len(), 1, "one relay state answers a command: {states:#?}");
+    assert_eq!(answered[0]["payload"]["command_id"], id.as_str());
+    assert!(api.hub.log().contains("web: refused POST"), "each refusal is logged:\n{}", api.hub.log());
 }

@@ -6,6 +6,13 @@
 //! agent's confirmation; the test then checks the relay pin itself and
 //! keeps the screenshots under `target/test-artifacts/`.
 //!
+//! CSRF (issue 7): before the click, a page the script serves on another
+//! port of 127.0.0.1 POSTs a `text/plain` form and a `no-cors` fetch with
+//! the session cookie to the relay endpoint; the script sees both refused
+//! (403) and the relay still off, and this test sees on the broker that the
+//! only command the hub ever published is the dashboard's. At the end the
+//! script logs out (a POST from app.js) and sees the old cookie refused.
+//!
 //! It skips (passes, after saying why) when `node`, `/usr/bin/chromium` or
 //! `tests/browser/node_modules/playwright-core` is missing, unless
 //! `FIELDLINK_REQUIRE_BROWSER=1` (set by `.ci/run`) makes that a failure.
@@ -22,7 +29,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::hub::Hub;
-use common::{PUMP_PIN, Rig, run_with_deadline};
+use common::{DEADLINE, PUMP_PIN, Rig, Watcher, run_with_deadline, topic};
 
 /// The browser the script drives (Debian's package `chromium`).
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -145,6 +152,9 @@ fn a_browser_signs_in_sees_the_agent_online_and_switches_its_relay_on_with_the_a
     hub.wait_events(&device, Some("button"), |e| e.len() >= 4, "four door events");
     assert_eq!(rig.agent.sim(&["get", PUMP_PIN]), "0", "the pump is off before the browser switches it");
 
+    // Every command the hub publishes to the agent, from here on.
+    let commands = Watcher::connect(rig.broker.port(), "browser-commands", &topic(&device, "relay/+/set"));
+
     clear_screenshots();
     let shots = tempfile::Builder::new().prefix("fieldlink-shots-").tempdir().expect("create a temp dir");
     let base = shots.path().join("dashboard");
@@ -182,4 +192,14 @@ fn a_browser_signs_in_sees_the_agent_online_and_switches_its_relay_on_with_the_a
     // The page said confirmed; the pin says so too.
     assert_eq!(rig.agent.sim(&["get", PUMP_PIN]), "1", "the agent switched the pump's pin on");
     hub.wait_device(&device, |d| d["relays"]["pump"] == "on", "relay 'pump' on");
+
+    // The cross-origin POSTs published nothing: one command went to the
+    // agent, and one relay state answers a command.
+    let msgs = commands.wait_for(|m| !m.is_empty(), DEADLINE, "the dashboard's command on the broker");
+    assert_eq!(msgs.len(), 1, "only the dashboard's own click sent a command: {msgs:?}");
+    assert_eq!(msgs[0].json().map(|c| c["state"].clone()), Some("on".into()), "{msgs:?}");
+    let states = hub.all_events(&device, Some("relay"));
+    let answered = states.iter().filter(|e| e["payload"]["command_id"].is_string()).count();
+    assert_eq!(answered, 1, "one relay state answers a command: {states:#?}");
+    assert!(hub.log().contains("web: refused POST"), "the refused POSTs are logged:\n{}", hub.log());
 }

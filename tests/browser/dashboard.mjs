@@ -1,8 +1,12 @@
 // Owns the real-browser walk through the hub dashboard (issue 3): Debian's
 // headless Chromium, driven by playwright-core, signs in with the token,
-// sees the device online, switches its relay `pump` on, waits until the
-// page shows the command confirmed by the agent, and saves full-page
-// screenshots at a phone and a desktop width. Run by tests/hub_browser.rs;
+// sees the device online, lets a page it serves on another port of
+// 127.0.0.1 try to switch the relay with the session cookie (a text/plain
+// form and a no-cors fetch; both must be 403 and the relay stay off,
+// issue 7), switches its relay `pump` on, waits until the page shows the
+// command confirmed by the agent, saves full-page screenshots at a phone
+// and a desktop width, and logs out (the old cookie must then be refused).
+// Run by tests/hub_browser.rs;
 // by hand:
 //
 //   node tests/browser/dashboard.mjs --url http://127.0.0.1:8080 \
@@ -27,6 +31,7 @@
 // nothing sleeps a fixed time to decide whether something worked.
 
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -113,6 +118,52 @@ function watch(page) {
   page.on('response', (r) => {
     if (r.status() >= 500) seen.failedRequests.push(`${r.request().method()} ${r.url()}: HTTP ${r.status()}`);
   });
+}
+
+// The attacker (issue 7): a page on another port of 127.0.0.1, so the same
+// *site* as the hub (its SameSite=Strict cookie goes along) but another
+// origin. Loaded in the signed-in browser, it at once POSTs `body` to the
+// relay endpoint twice: a `text/plain` form into a hidden frame and a
+// `no-cors` fetch with credentials. Both must be refused. It also GETs
+// `probeUrl` the same way as the fetch, to show that such a fetch does
+// carry the cookie (playwright does not always see a no-cors request's
+// cookie header). Returns the server (listening) and the attack page's URL.
+async function attacker(relayUrl, probeUrl, body) {
+  const eq = body.indexOf('=');
+  // A text/plain form sends `name=value`: split the JSON at an '=' inside a
+  // string so the body the hub receives is exactly `body`.
+  const html = `<!doctype html><title>not the hub</title>
+<form id="f" method="POST" enctype="text/plain" target="sink" action=${JSON.stringify(relayUrl)}>
+<input type="hidden" name=${JSON.stringify(body.slice(0, eq))} value=${JSON.stringify(body.slice(eq + 1))}>
+</form>
+<iframe name="sink"></iframe>
+<script>
+Promise.allSettled([
+  fetch(${JSON.stringify(relayUrl)}, { method: 'POST', mode: 'no-cors', credentials: 'include',
+    headers: { 'Content-Type': 'text/plain' }, body: ${JSON.stringify(body)} }),
+  fetch(${JSON.stringify(probeUrl)}, { mode: 'no-cors', credentials: 'include' }),
+]).finally(() => { document.body.dataset.fetched = 'yes'; });
+document.getElementById('f').submit();
+</script>`;
+  const server = createServer((req, res) => {
+    res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' });
+    res.end(html);
+  });
+  await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', resolve);
+  });
+  return { server, url: `http://127.0.0.1:${server.address().port}/` };
+}
+
+// GET `path` from the hub outside the browser; `auth` is the headers to
+// present. Returns { status, body } (body parsed as JSON when it is).
+async function hubGet(o, path, auth) {
+  const r = await fetch(`${o.url}${path}`, { headers: auth, redirect: 'manual' });
+  const text = await r.text();
+  let body = text;
+  try { body = JSON.parse(text); } catch (_) { /* not JSON */ }
+  return { status: r.status, body };
 }
 
 // Runs one named step; a failure says which step and what it waited for.
@@ -273,6 +324,54 @@ async function main() {
     await step(`relay ${o.relay} is shown with its On button`, () =>
       visible(page, `${row} button[data-action="on"]:not([disabled])`));
 
+    await step('a page on another port POSTs a text/plain form and a no-cors fetch: both refused', async () => {
+      const relayUrl = `${o.url}/api/devices/${encodeURIComponent(o.device)}/relays/${encodeURIComponent(o.relay)}?wait=0s`;
+      const probeUrl = `${o.url}/api/devices`;
+      const evil = await attacker(relayUrl, probeUrl, '{"state":"on","pad":"x=y"}');
+      const attack = await context.newPage();
+      try {
+        // Every request the attack page makes to the hub's relay endpoint, with its answer.
+        const hits = [];
+        let probe;
+        // (`response`, not `requestfinished`: Chromium reports the opaque
+        // no-cors answer as a failed request once it is read.)
+        attack.on('response', async (resp) => {
+          const req = resp.request();
+          if (req.method() === 'POST' && req.url() === relayUrl) {
+            hits.push({ type: req.resourceType(), headers: await req.allHeaders(), status: resp.status() });
+          } else if (req.method() === 'GET' && req.url() === probeUrl) {
+            probe = resp.status();
+          }
+        });
+        await attack.goto(evil.url, { waitUntil: 'load' });
+        await attack.waitForFunction(() => document.body.dataset.fetched === 'yes', null, { timeout: STEP_MS });
+        const deadline = Date.now() + STEP_MS;
+        while ((hits.length < 2 || probe === undefined) && Date.now() < deadline) {
+          await attack.waitForTimeout(50);
+        }
+        const cookie = (h) => /fieldlink_session=/.test(h.headers.cookie ?? '');
+        console.log(`  attack requests: ${JSON.stringify(hits.map((h) => ({ type: h.type, status: h.status,
+          cookie: cookie(h), site: h.headers['sec-fetch-site'] })))}; no-cors GET ${probeUrl}: ${probe}`);
+        const types = hits.map((h) => h.type).sort().join(',');
+        if (types !== 'document,fetch') throw new Error(`expected the form and the fetch to reach the hub, saw [${types}]`);
+        // Without the cookie the attack would prove nothing.
+        if (!cookie(hits.find((h) => h.type === 'document'))) throw new Error('the form POST carried no session cookie');
+        if (probe !== 200) throw new Error(`a no-cors fetch from this page is not signed in (GET answered ${probe})`);
+        for (const h of hits) {
+          if (h.status !== 403) throw new Error(`the ${h.type} POST was answered ${h.status}, not 403`);
+        }
+      } finally {
+        await attack.close();
+        evil.server.close();
+      }
+      const { status, body } = await hubGet(o, '/api/devices', { Authorization: `Bearer ${o.token}` });
+      const dev = Array.isArray(body) ? body.find((d) => d.device === o.device) : null;
+      if (status !== 200 || !dev) throw new Error(`GET /api/devices: ${status} ${JSON.stringify(body)}`);
+      if (dev.relays?.[o.relay] !== 'off') throw new Error(`relay ${o.relay} is "${dev.relays?.[o.relay]}" after the attack`);
+      const shown = await page.locator(`${row}`).getAttribute('data-state');
+      if (shown !== 'off') throw new Error(`the dashboard shows relay ${o.relay} "${shown}" after the attack`);
+    });
+
     await step(`click ${o.relay}'s On button`, () => page.locator(`${row} button[data-action="on"]`).click());
 
     await step('the command is settled and shown confirmed', async () => {
@@ -307,6 +406,21 @@ async function main() {
 
     await step('desktop screenshot', () => shoot(page, card, DESKTOP, `${o.base}-desktop.png`, 'desktop'));
     await step('phone screenshot', () => shoot(page, card, PHONE, `${o.base}-phone.png`, 'phone'));
+
+    await step('log out: back on the login page, and the old session cookie is refused', async () => {
+      const before = (await context.cookies(o.url)).find((c) => c.name === 'fieldlink_session');
+      if (!before) throw new Error('no fieldlink_session cookie while signed in');
+      await page.locator('a#logout').click();
+      await visible(page, 'form#login input[name=token]');
+      const path = new URL(page.url()).pathname;
+      if (path !== '/login') throw new Error(`expected /login after logging out, the page is at ${path}`);
+      const after = (await context.cookies(o.url)).find((c) => c.name === 'fieldlink_session');
+      if (after && after.value) throw new Error('the browser still holds a session cookie');
+      const stale = await hubGet(o, '/api/devices', { Cookie: `fieldlink_session=${before.value}` });
+      if (stale.status !== 401) throw new Error(`the old session cookie still gets ${stale.status} from /api/devices`);
+      await page.goto(`${o.url}/`, { waitUntil: 'domcontentloaded' });
+      await visible(page, 'form#login input[name=token]');
+    });
 
     if (seen.console.length) {
       console.log(`console errors and warnings (not failures):\n  ${seen.console.join('\n  ')}`);
