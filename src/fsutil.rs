@@ -22,10 +22,26 @@ pub fn sync_parent(path: &Path) -> std::io::Result<()> {
 /// `<path>.tmp`; a failed write removes it again, so that on a full disk it
 /// does not keep the few blocks it got.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o666)
+}
+
+/// [`write_atomic`] for a secret: the file is mode 0600 from its first byte
+/// (also when it replaces a file with looser permissions).
+pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o600)
+}
+
+fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let written = File::create(&tmp).and_then(|mut f| {
+    // A stale temp file keeps its old mode through `create`; start afresh.
+    let _ = fs::remove_file(&tmp);
+    let written = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).and_then(|mut f| {
+        if mode & 0o077 == 0 {
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
         f.write_all(bytes)?;
         f.sync_all()
     });

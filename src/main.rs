@@ -26,8 +26,10 @@ enum Command {
     },
     /// Run the cloud side: broker, collector, database, API and dashboard.
     Hub {
-        #[arg(short, long, default_value = "config/hub.toml")]
+        #[arg(short, long, default_value = "config/hub.toml", global = true)]
         config: PathBuf,
+        #[command(subcommand)]
+        action: Option<HubAction>,
     },
     /// Run the field agent.
     Agent {
@@ -52,6 +54,58 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum HubAction {
+    /// Devices of a hub-managed mosquitto: `<state_dir>/mosquitto.passwd` and `mosquitto.acl`.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceAction {
+    /// Create a device's credentials; prints its password (once) and an agent `[mqtt]` section.
+    Add {
+        id: String,
+        /// The broker url for the agent (default: the hub config's broker.url).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// The provisioned device ids.
+    List,
+    /// Remove a device; mosquitto drops it when it reloads.
+    Remove { id: String },
+}
+
+fn device(config: &std::path::Path, action: DeviceAction) -> ExitCode {
+    let cfg = match fieldlink::config::HubConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let p = fieldlink::hub::devices::Provisioning::from_config(&cfg);
+    let result = match action {
+        DeviceAction::Add { id, url } => p.add(&id, url.as_deref()),
+        DeviceAction::List => p.list().map(|ids| ids.join("\n")),
+        DeviceAction::Remove { id } => p.remove(&id),
+    };
+    match result {
+        Ok(text) => {
+            if !text.is_empty() {
+                println!("{}", text.trim_end());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
 }
 
 fn init_logging(default: &str) {
@@ -116,7 +170,8 @@ fn main() -> ExitCode {
             install_crypto();
             finish(fieldlink::demo::run(&dir))
         }
-        Command::Hub { config } => {
+        Command::Hub { config, action: Some(HubAction::Device { action }) } => device(&config, action),
+        Command::Hub { config, action: None } => {
             init_logging("info");
             let cfg = match fieldlink::config::HubConfig::load(&config) {
                 Ok(c) => c,

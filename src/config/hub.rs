@@ -79,6 +79,10 @@ pub struct BrokerConfig {
     /// `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// A mosquitto managed by the hub (`fieldlink hub device ...`): the pid
+    /// file it writes (`pid_file` in mosquitto.conf); a device change sends
+    /// SIGHUP to that pid so mosquitto rereads its password and ACL files.
+    pub mosquitto_pid_file: Option<PathBuf>,
 }
 
 /// `[database]`: where messages are stored, and how they are written.
@@ -402,6 +406,7 @@ fn broker_config(t: &Table, env_password: Option<String>, p: &mut Problems) -> C
     };
     let keep_alive = mqtt::keep_alive(&mut r, p);
     let reconnect = mqtt::reconnect(&mut r, secs(30), p);
+    let mosquitto_pid_file = r.path_opt("mosquitto_pid_file", p);
     r.finish(p);
 
     let tls = tls?;
@@ -418,6 +423,7 @@ fn broker_config(t: &Table, env_password: Option<String>, p: &mut Problems) -> C
         keep_alive: keep_alive?,
         reconnect_min,
         reconnect_max,
+        mosquitto_pid_file: mosquitto_pid_file?,
     })
 }
 

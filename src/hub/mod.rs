@@ -13,10 +13,12 @@
 //!   / expired.
 //! * [`web`]: the REST API, the live stream and the dashboard.
 //! * [`token`]: the API token file.
+//! * [`devices`]: provisioning for a hub-managed mosquitto (password file, ACL).
 //! * [`model`]: the types they share.
 
 pub mod collector;
 pub mod commands;
+pub mod devices;
 pub mod ingest;
 pub mod model;
 pub mod store;
