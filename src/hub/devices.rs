@@ -456,6 +456,15 @@ mod tests {
         ] {
             assert!(acl.lines().any(|l| l == line), "{line} missing:\n{acl}");
         }
+        let rules = |t: &str| -> Vec<String> {
+            t.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).map(str::to_string).collect()
+        };
+        let shipped = include_str!("../../config/mosquitto.acl");
+        assert_eq!(
+            rules(shipped),
+            rules(&acl_text("fieldlink", Some("hub"))),
+            "config/mosquitto.acl is what the hub writes"
+        );
         assert!(!acl_text("fl", None).lines().any(|l| l.starts_with("user ")));
     }
 }

@@ -225,12 +225,19 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Writes the conf and starts the broker; returns once its port accepts.
     pub fn start(bin: PathBuf, persistence: bool) -> Mosquitto {
+        Mosquitto::start_with(bin, persistence, "allow_anonymous true\n")
+    }
+
+    /// [`Mosquitto::start`] with `auth` (e.g. `allow_anonymous false`,
+    /// `password_file ...`, `acl_file ...`) in the conf instead of
+    /// `allow_anonymous true`.
+    pub fn start_with(bin: PathBuf, persistence: bool, auth: &str) -> Mosquitto {
         let dir = tempfile::Builder::new().prefix("fieldlink-mosquitto-").tempdir().expect("create a temp dir");
         let port = free_port();
         let d = dir.path().display();
         let mut conf = format!(
             "listener {port} 127.0.0.1\n\
-             allow_anonymous true\n\
+             {auth}\
              persistence {persistence}\n\
              persistence_location {d}/\n\
              log_dest file {d}/mosquitto.log\n\
@@ -250,6 +257,11 @@ impl Mosquitto {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The running broker's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn dir(&self) -> &Path {
@@ -423,8 +435,20 @@ impl Watcher {
     /// Connects, subscribes at QoS 1 to `filter`, and returns once the first
     /// subscription is acknowledged.
     pub fn connect(port: u16, client_id: &str, filter: &str) -> Watcher {
+        Watcher::connect_with(port, client_id, filter, None)
+    }
+
+    /// [`Watcher::connect`] as an MQTT user (client id = user name).
+    pub fn connect_as(port: u16, user: &str, password: &str, filter: &str) -> Watcher {
+        Watcher::connect_with(port, user, filter, Some((user, password)))
+    }
+
+    fn connect_with(port: u16, client_id: &str, filter: &str, credentials: Option<(&str, &str)>) -> Watcher {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5)).set_clean_session(false);
+        if let Some((user, password)) = credentials {
+            opts.set_credentials(user, password);
+        }
         let (client, mut conn) = Client::new(opts, 1000);
         let shared = Arc::new(WatchShared::default());
         let (sh, cl, fl) = (Arc::clone(&shared), client.clone(), filter.to_string());
