@@ -36,15 +36,16 @@ fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    // A stale temp file keeps its old mode through `create`; start afresh.
-    let _ = fs::remove_file(&tmp);
-    let written = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).and_then(|mut f| {
-        if mode & 0o077 == 0 {
-            f.set_permissions(fs::Permissions::from_mode(mode))?;
-        }
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
+    let written =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).and_then(|mut f| {
+            // A stale temp file keeps its old mode through `open`: tighten it
+            // before the secret goes in.
+            if mode & 0o077 == 0 {
+                f.set_permissions(fs::Permissions::from_mode(mode))?;
+            }
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
     if let Err(e) = written {
         // Best effort: it may not even exist, and the write's error is the one to report.
         let _ = fs::remove_file(&tmp);
@@ -86,6 +87,20 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(28), "{e}");
         assert_eq!(fs::read(&p).expect("read"), b"old");
         assert!(!dir.path().join("x.json.tmp").exists(), "the temp file is gone");
+    }
+
+    #[test]
+    fn a_private_write_is_mode_0600_even_over_a_looser_file_and_temp_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("secret");
+        for f in [p.clone(), dir.path().join("secret.tmp")] {
+            fs::write(&f, b"old").expect("write");
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        write_atomic_private(&p, b"new").expect("write");
+        assert_eq!(fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read(&p).expect("read"), b"new");
     }
 
     #[test]
