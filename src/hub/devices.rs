@@ -256,7 +256,19 @@ impl Provisioning {
             path,
             source,
         })?;
-        Ok(self.reload())
+        let mut done = self.reload();
+        match (&self.hub_user, &self.hub_password) {
+            (None, _) => done.push_str(
+                "\nWARNING: broker.username is not set: no user may read the devices' topics, so the hub cannot collect; \
+                 set broker.username and broker.password_file in the hub config",
+            ),
+            (Some(user), None) => done.push_str(&format!(
+                "\nWARNING: broker.username '{user}' has no password (broker.password_file or env FIELDLINK_HUB_MQTT_PASSWORD): \
+                 its line in the password file was not created or updated"
+            )),
+            _ => {}
+        }
+        Ok(done)
     }
 
     /// The devices, sorted (ids only: passwords are never shown again).
@@ -288,8 +300,8 @@ impl Provisioning {
              \n\
              Its password is shown only now:\n\
              \n    {password}\n\n\
-             On the device, store it (readable by the agent's user only):\n\
-             \n    echo '{password}' | sudo tee /etc/fieldlink/mqtt.pass >/dev/null && sudo chmod 600 /etc/fieldlink/mqtt.pass\n\n\
+             On the device, store it readable by the agent's user only (here: root):\n\
+             \n    sudo sh -c 'umask 077; echo {password} > /etc/fieldlink/mqtt.pass; chmod 600 /etc/fieldlink/mqtt.pass'\n\n\
              and use this in its agent.toml:\n\
              \n\
              device_id = \"{id}\"\n\
@@ -465,6 +477,10 @@ mod tests {
             rules(&acl_text("fieldlink", Some("hub"))),
             "config/mosquitto.acl is what the hub writes"
         );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = prov(dir.path());
+        p.hub_user = None;
+        assert!(p.add("pi", None).expect("add").contains("WARNING: broker.username is not set"));
         assert!(!acl_text("fl", None).lines().any(|l| l.starts_with("user ")));
     }
 }
