@@ -4,7 +4,7 @@
 //! The agent reads buttons, drives relays and reports its own health over
 //! MQTT. Everything it sends goes through a durable on-disk outbox first, so
 //! a dead link, a restarted broker or a `kill -9` loses nothing. The hub
-//! stores what arrives (each `(device, seq)` once), serves an API and a live
+//! stores what arrives (each `(device, epoch, seq)` once), serves an API and a live
 //! dashboard, and sends relay commands. This crate holds all the logic;
 //! `src/main.rs` only parses the command line.
 //!
@@ -16,12 +16,13 @@
 //!   (sans-IO).
 //! * [`gpio`]: the GPIO trait with a Raspberry Pi backend (rppal) and a
 //!   simulated backend driven over a Unix socket.
-//! * [`outbox`]: the durable queue on sled: record format, group commit,
-//!   bound, replay reads.
-//! * [`agent`]: the actors (Button, Relay, Heartbeat, Link), their
-//!   supervision, the status dump and the process lifecycle.
+//! * [`outbox`]: the durable queue on sled: record format, group commit
+//!   with fdatasync, ledger, bound, disk-fault recovery, replay reads.
+//! * [`agent`]: the actors (Button, Relay, Heartbeat, Link), the sans-IO
+//!   delivery state, inbox and command gate, their supervision, the status
+//!   dump and socket, and the process lifecycle.
 //! * [`hub`]: the cloud side: collector, store, commands, web API and
-//!   dashboard.
+//!   dashboard, device provisioning for a hub-managed mosquitto.
 //! * [`broker`]: the embedded MQTT broker (rumqttd).
 //! * [`demo`]: `fieldlink demo`, the whole system on one machine.
 //! * [`cli`]: the small client commands (`status`, `sim`, `check-config`).

@@ -2,7 +2,7 @@
 //! Supervision). Owns the process lifecycle of `fieldlink agent`: state
 //! directory, pid file, panic policy, actor start-up order and the exit code.
 //! Protocol decisions live in the sans-IO modules (`proto`, `delivery`,
-//! `inbox`, `restart_policy`, `backoff`), not here.
+//! `inbox`, `command_gate`, `restart_policy`, `backoff`), not here.
 //!
 //! # Actors and threads
 //!
@@ -11,7 +11,7 @@
 //!  relay arbiter     Relay      (fsyncs relays.json)
 //!  link arbiter      Link       (polls the rumqttc event loop without pause)
 //!  heartbeat arbiter Heartbeat  (sysinfo reads /proc and /sys)
-//!  outbox thread     the outbox writer (sled inserts, group-commit fsync)
+//!  outbox threads    the outbox writer (inserts, group commit, fdatasync) and reader
 //!  status-socket     answers `fieldlink status` with a dump (status_socket)
 //! ```
 //!
