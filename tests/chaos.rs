@@ -36,8 +36,8 @@ use common::proxy::{Rule, packet};
 use common::tmpfs::{Tmpfs, fill};
 use common::wire::{Recv, Wire};
 use common::{
-    Agent, DEADLINE, Dir, Msg, PUMP_PIN, Proxy, Rig, SimSocket, Verdict, Watcher, has_status, records, relay_states,
-    rfc3339_from_now, seq, serial, topic, wait_until,
+    Agent, DEADLINE, Dir, Msg, PUMP_PIN, Proxy, Rig, SimSocket, Verdict, Watcher, assert_strictly_increasing,
+    first_occurrences, has_status, identity, records, relay_states, rfc3339_from_now, serial, topic, wait_until,
 };
 use fieldlink::broker::EmbeddedBroker;
 use serde_json::Value;
@@ -88,10 +88,6 @@ fn live(msgs: &[Msg]) -> Vec<Msg> {
 /// payload without `epoch` is epoch 0).
 type Key = (u64, u64);
 
-fn key(v: &Value) -> Key {
-    (v["epoch"].as_u64().unwrap_or(0), seq(v))
-}
-
 /// The records of `device` as they arrived (duplicates included), with
 /// their topics.
 fn device_records(watcher: &Watcher, device: &str) -> Vec<(String, Value)> {
@@ -99,15 +95,13 @@ fn device_records(watcher: &Watcher, device: &str) -> Vec<(String, Value)> {
     records(&live(&watcher.messages())).into_iter().filter(|(t, _)| t.starts_with(&prefix)).collect()
 }
 
-/// The first occurrence of each identity, in arrival order.
-fn firsts(recs: &[(String, Value)]) -> Vec<(String, Value)> {
-    let mut seen = BTreeSet::new();
-    recs.iter().filter(|(_, v)| seen.insert(key(v))).cloned().collect()
-}
-
 fn door_events(watcher: &Watcher, device: &str) -> Vec<Value> {
     let door = topic(device, "button/door");
-    firsts(&device_records(watcher, device)).into_iter().filter(|(t, _)| *t == door).map(|(_, v)| v).collect()
+    first_occurrences(&device_records(watcher, device))
+        .into_iter()
+        .filter(|(t, _)| *t == door)
+        .map(|(_, v)| v)
+        .collect()
 }
 
 /// Waits for the status dump to show an empty outbox and returns it. A
@@ -167,22 +161,11 @@ impl Delivered {
 /// what arrived.
 fn delivered(watcher: &Watcher, device: &str, what: &str) -> Delivered {
     let recs = device_records(watcher, device);
-    let first = firsts(&recs);
-    for pair in first.windows(2) {
-        assert!(
-            key(&pair[0].1) < key(&pair[1].1),
-            "{what}: first deliveries out of order: (epoch, seq) {:?} arrived before {:?}:\n  {} {}\n  {} {}",
-            key(&pair[0].1),
-            key(&pair[1].1),
-            pair[0].0,
-            pair[0].1,
-            pair[1].0,
-            pair[1].1
-        );
-    }
+    let first = first_occurrences(&recs);
+    assert_strictly_increasing(&first, &format!("{what}: first deliveries"));
     let door = topic(device, "button/door");
     Delivered {
-        keys: recs.iter().map(|(_, v)| key(v)).collect(),
+        keys: recs.iter().map(|(_, v)| identity(v)).collect(),
         door: first.into_iter().filter(|(t, _)| *t == door).map(|(_, v)| v).collect(),
     }
 }

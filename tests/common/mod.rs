@@ -615,6 +615,12 @@ pub fn seq(v: &Value) -> u64 {
     v["seq"].as_u64().unwrap_or_else(|| panic!("no u64 seq in {v}"))
 }
 
+/// A record's identity and order, `(epoch, seq)` (DESIGN: Topics and
+/// payloads); a payload without `epoch` counts as epoch 0.
+pub fn identity(v: &Value) -> (u64, u64) {
+    (v["epoch"].as_u64().unwrap_or(0), seq(v))
+}
+
 /// Every outbox record (JSON with a `seq`) among `msgs`, in arrival order,
 /// with its topic; duplicates included.
 pub fn records(msgs: &[Msg]) -> Vec<(String, Value)> {
@@ -625,17 +631,18 @@ pub fn records(msgs: &[Msg]) -> Vec<(String, Value)> {
 /// arrival order.
 pub fn first_occurrences(recs: &[(String, Value)]) -> Vec<(String, Value)> {
     let mut seen = std::collections::HashSet::new();
-    recs.iter().filter(|(_, v)| seen.insert(seq(v))).cloned().collect()
+    recs.iter().filter(|(_, v)| seen.insert(identity(v))).cloned().collect()
 }
 
-/// Asserts that the seqs are strictly increasing in the given order.
+/// Asserts that the records are in strictly increasing `(epoch, seq)`
+/// order as given.
 pub fn assert_strictly_increasing(recs: &[(String, Value)], what: &str) {
     for pair in recs.windows(2) {
         assert!(
-            seq(&pair[0].1) < seq(&pair[1].1),
-            "{what}: seq {} arrived before seq {} but is not smaller:\n  {} {}\n  {} {}",
-            seq(&pair[0].1),
-            seq(&pair[1].1),
+            identity(&pair[0].1) < identity(&pair[1].1),
+            "{what}: (epoch, seq) {:?} arrived before {:?} but is not smaller:\n  {} {}\n  {} {}",
+            identity(&pair[0].1),
+            identity(&pair[1].1),
             pair[0].0,
             pair[0].1,
             pair[1].0,
