@@ -89,7 +89,7 @@ pub struct DeviceView {
 /// A message the collector set aside: refused at ingest or refused by the
 /// database for its data. Text fields are bounded and hold no NUL
 /// ([`crate::hub::ingest::set_aside`] makes them so).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SetAside {
     /// The device its topic names, if it names one.
     pub device: Option<String>,
@@ -102,16 +102,13 @@ pub struct SetAside {
     pub payload_bytes: u64,
 }
 
-/// `GET /api/set-aside` entries, newest first.
+/// `GET /api/set-aside` entries, newest first: the stored row's id and its
+/// fields, side by side in the JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SetAsideView {
     pub id: i64,
-    pub device: Option<String>,
-    pub topic: String,
-    pub reason: String,
-    pub received_at: String,
-    pub payload: String,
-    pub payload_bytes: u64,
+    #[serde(flatten)]
+    pub entry: SetAside,
 }
 
 /// `GET /api/devices/{d}/events` entries (newest first: greatest

@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::error::StoreError;
 use super::sql::Statements;
-use crate::hub::model::{Before, DeviceView, EventView, Kind, SetAsideView};
+use crate::hub::model::{Before, DeviceView, EventView, Kind, SetAside, SetAsideView};
 
 /// Every device the hub has heard of, by name.
 pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>, StoreError> {
@@ -76,12 +76,14 @@ pub async fn set_aside(pool: &AnyPool, sql: &Statements, limit: u32) -> Result<V
         let bytes: i64 = row.try_get(6).map_err(StoreError::db(what))?;
         out.push(SetAsideView {
             id: row.try_get(0).map_err(StoreError::db(what))?,
-            device: row.try_get(1).map_err(StoreError::db(what))?,
-            topic: row.try_get(2).map_err(StoreError::db(what))?,
-            reason: row.try_get(3).map_err(StoreError::db(what))?,
-            received_at: row.try_get(4).map_err(StoreError::db(what))?,
-            payload: row.try_get(5).map_err(StoreError::db(what))?,
-            payload_bytes: u64::try_from(bytes).map_err(|_| corrupt("payload_bytes", bytes))?,
+            entry: SetAside {
+                device: row.try_get(1).map_err(StoreError::db(what))?,
+                topic: row.try_get(2).map_err(StoreError::db(what))?,
+                reason: row.try_get(3).map_err(StoreError::db(what))?,
+                received_at: row.try_get(4).map_err(StoreError::db(what))?,
+                payload: row.try_get(5).map_err(StoreError::db(what))?,
+                payload_bytes: u64::try_from(bytes).map_err(|_| corrupt("payload_bytes", bytes))?,
+            },
         });
     }
     Ok(out)

@@ -476,12 +476,12 @@ async fn set_aside_messages_read_back_newest_first_and_are_counted_per_device(st
         store.insert_set_aside(r).await.expect("recorded");
     }
     let all = store.set_aside(10).await.expect("read");
-    let reasons: Vec<&str> = all.iter().map(|r| r.reason.as_str()).collect();
+    let reasons: Vec<&str> = all.iter().map(|r| r.entry.reason.as_str()).collect();
     assert_eq!(reasons, ["not ours", "too big", "NUL"], "newest first");
-    assert_eq!(all[2].payload, "{\"code\":\"a\\u0000b\"}", "the NUL is stored escaped");
-    assert_eq!(all[2].device.as_deref(), Some("pi"));
-    assert_eq!(all[1].payload_bytes, 5000);
-    assert_eq!(all[0].device, None);
+    assert_eq!(all[2].entry.payload, "{\"code\":\"a\\u0000b\"}", "the NUL is stored escaped");
+    assert_eq!(all[2].entry.device.as_deref(), Some("pi"));
+    assert_eq!(all[1].entry.payload_bytes, 5000);
+    assert_eq!(all[0].entry.device, None);
     assert_eq!(store.set_aside(1).await.expect("read").len(), 1, "limit");
     assert_eq!(device(&store, "pi").await.set_aside, 2);
 }
