@@ -103,6 +103,16 @@ impl Topics {
         format!("{}/relay/{name}/state", self.base())
     }
 
+    /// One relay's command topic (what Home Assistant's switch publishes to).
+    pub fn relay_set(&self, name: &str) -> String {
+        format!("{}/relay/{name}/set", self.base())
+    }
+
+    /// A `[[sensor]]`'s readings.
+    pub fn sensor(&self, name: &str) -> String {
+        format!("{}/sensor/{name}", self.base())
+    }
+
     /// The filter the agent subscribes to: every relay, known or not, so that
     /// a command for an unknown relay gets its `unknown_relay` error.
     pub fn relay_set_filter(&self) -> String {

@@ -29,6 +29,7 @@ mod delivery;
 #[cfg(test)]
 mod delivery_model;
 mod heartbeat;
+pub mod homeassistant;
 mod inbox;
 mod lifecycle;
 mod link;
