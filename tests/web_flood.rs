@@ -86,7 +86,7 @@ fn five_thousand_silent_sockets_neither_exhaust_the_hubs_descriptors_nor_keep_th
     // here). How many depends on how fast the sockets came: the first ones
     // are closed by the timeout after 10 s, which frees their slots.
     wait_until(Duration::from_secs(120), "a socket over the cap to be turned away with a 503", || {
-        flood.iter_mut().map(Attacker::turned_away).any(|t| t).then_some(())
+        flood.iter_mut().any(Attacker::turned_away).then_some(())
     });
 
     // The silent ones are closed by the header-read timeout (10 s).
