@@ -169,6 +169,24 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Re
     Ok(Parsed { update, nulled })
 }
 
+/// The kind a topic names, for metrics of refused messages: a message kind,
+/// `status`, or `other`.
+pub fn topic_kind(prefix: &str, topic: &str) -> &'static str {
+    let parts: Vec<&str> = match topic.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) {
+        Some(rest) => rest.split('/').collect(),
+        None => return "other",
+    };
+    match parts.as_slice() {
+        [_, "status"] => "status",
+        [_, "button", _] => "button",
+        [_, "relay", _, "state"] => "relay",
+        [_, "heartbeat"] => "heartbeat",
+        [_, "sensor", _] => "sensor",
+        [_, "error"] => "error",
+        _ => "other",
+    }
+}
+
 /// How much of a set-aside payload is kept, in characters.
 pub const SET_ASIDE_PAYLOAD_CHARS: usize = 2048;
 /// How much of a set-aside topic or reason is kept, in characters.
