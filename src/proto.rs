@@ -123,6 +123,10 @@ impl Topics {
         format!("{}/heartbeat", self.base())
     }
 
+    pub fn sensor(&self, name: &str) -> String {
+        format!("{}/sensor/{name}", self.base())
+    }
+
     pub fn error(&self) -> String {
         format!("{}/error", self.base())
     }
@@ -167,6 +171,7 @@ pub enum Body {
     Button(ButtonBody),
     RelayState(RelayStateBody),
     Heartbeat(HeartbeatBody),
+    Sensor(SensorBody),
     Error(ErrorBody),
 }
 
@@ -182,6 +187,17 @@ pub struct RelayStateBody {
     pub state: RelayState,
     pub cause: Cause,
     pub command_id: Option<String>,
+}
+
+/// One sensor reading (`P/D/sensor/<name>`). `value` is always finite: a
+/// reading that is not a finite number is a failure (an `error` message
+/// with code `sensor_failed`), never a value. `unit` is null when the
+/// config names none.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SensorBody {
+    pub sensor: String,
+    pub value: f64,
+    pub unit: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Default)]
@@ -252,6 +268,9 @@ pub enum ErrorCode {
     TooLarge,
     /// The command was valid but the relay's pin could not be switched.
     GpioFailed,
+    /// A sensor could not be read (sent when it starts failing, not on
+    /// every failed reading).
+    SensorFailed,
 }
 
 /// The largest command payload accepted; larger ones are `too_large`.
@@ -550,6 +569,22 @@ mod tests {
         assert!(r.message.contains("names no relay"), "{}", r.message);
         assert_eq!(r.command_id.as_deref(), Some("c7"));
         assert_eq!(refuse_topic_without_relay("fieldlink/pi-1/relay//set", b"toggle").command_id, None);
+    }
+
+    #[test]
+    fn a_sensor_reading_carries_its_name_value_and_unit() {
+        let body = Body::Sensor(SensorBody { sensor: "tank".into(), value: 21.5, unit: Some("°C".into()) });
+        let v: serde_json::Value = serde_json::from_slice(&render("pi-1", 3, 9, now(), &body)).expect("json");
+        assert_eq!(
+            (v["sensor"].as_str(), v["value"].as_f64(), v["unit"].as_str()),
+            (Some("tank"), Some(21.5), Some("°C"))
+        );
+        assert_eq!(v["seq"], 9);
+        let body = Body::Sensor(SensorBody { sensor: "load".into(), value: 2.0, unit: None });
+        let v: serde_json::Value = serde_json::from_slice(&render("pi-1", 3, 10, now(), &body)).expect("json");
+        assert!(v["unit"].is_null());
+        assert_eq!(Topics::new("fieldlink", "pi-1").sensor("tank"), "fieldlink/pi-1/sensor/tank");
+        assert_eq!(serde_json::to_value(ErrorCode::SensorFailed).expect("json"), "sensor_failed");
     }
 
     #[test]

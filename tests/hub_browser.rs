@@ -18,6 +18,9 @@
 //! `FIELDLINK_REQUIRE_BROWSER=1` (set by `.ci/run`) makes that a failure.
 //! Mosquitto is required the same way through `FIELDLINK_REQUIRE_MOSQUITTO`.
 //!
+//! Sensors (issue 9): the agent reads a `file` sensor `tank` from a temp
+//! dir; the script waits for its chart and newest value on the card.
+//!
 //! The hub is the shared fixture of `tests/common/hub.rs` (on the test
 //! mosquitto, SQLite in its temp dir); the agent is the harness's [`Rig`].
 
@@ -134,7 +137,14 @@ fn keep_screenshots(base: &Path) -> Vec<PathBuf> {
 #[test]
 fn a_browser_signs_in_sees_the_agent_online_and_switches_its_relay_on_with_the_agents_confirmation() {
     let Some(node) = require_browser() else { return };
-    let Some(mut rig) = Rig::new("browser", false, |b| b.heartbeat_interval("1s")) else { return };
+    let sensor_dir = tempfile::tempdir().expect("create a temp dir");
+    let sensor_file = sensor_dir.path().join("temp1_input");
+    fs::write(&sensor_file, "21500\n").expect("write the sensor file");
+    let sensor = format!(
+        "[[sensor]]\nname = \"tank\"\nkind = \"file\"\npath = \"{}\"\nscale = 0.001\nunit = \"°C\"\ninterval = \"1s\"\n",
+        sensor_file.display()
+    );
+    let Some(mut rig) = Rig::new("browser", false, |b| b.heartbeat_interval("1s").extra_toml(&sensor)) else { return };
     // Declared after the rig, so it stops before the agent and the broker.
     let hub = Hub::builder(&rig.broker).start();
     rig.start_online();
@@ -147,6 +157,7 @@ fn a_browser_signs_in_sees_the_agent_online_and_switches_its_relay_on_with_the_a
         |d| d["online"] == true && d["heartbeat"].is_object() && d["relays"]["pump"] == "off",
         "online with a heartbeat and relay 'pump' off",
     );
+    hub.wait_device(&device, |d| d["sensors"]["tank"]["value"] == 21.5, "sensor 'tank' at 21.5");
     // A few button events for the log.
     rig.agent.click(2);
     hub.wait_events(&device, Some("button"), |e| e.len() >= 4, "four door events");

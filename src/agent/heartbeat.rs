@@ -1,8 +1,9 @@
 //! The Heartbeat actor: every `heartbeat.interval` it samples the board's
 //! health (sysinfo) and records a `heartbeat` message with the outbox and
 //! link counters. It runs on its own arbiter because a sysinfo refresh reads
-//! /proc and /sys and must not stall the MQTT keep-alive or the relays. It
-//! never publishes directly.
+//! /proc and /sys and must not stall the MQTT keep-alive or the relays. With
+//! `[metrics] textfile` set it also rewrites the node_exporter textfile on
+//! each beat (`metrics_textfile`). It never publishes directly.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 use sysinfo::{Components, Disks, System};
 
+use super::metrics_textfile;
 use super::recorder::Recorder;
 use super::status::StatusBoard;
 use super::supervisor::{self, SupervisedActor, Supervision};
@@ -90,6 +92,7 @@ pub struct Heartbeat {
     board: Arc<StatusBoard>,
     sup: Supervision,
     sampler: Option<Sampler>,
+    textfile: Option<PathBuf>,
 }
 
 impl Heartbeat {
@@ -99,16 +102,37 @@ impl Heartbeat {
         recorder: Recorder,
         topics: Topics,
         sup: Supervision,
+        textfile: Option<PathBuf>,
     ) -> Heartbeat {
         let board = sup.board().clone();
-        Heartbeat { cfg, state_dir, recorder, topics, board, sup, sampler: None }
+        Heartbeat { cfg, state_dir, recorder, topics, board, sup, sampler: None, textfile }
+    }
+
+    /// Rewrites the metrics textfile; a failure is logged, never fatal.
+    fn write_textfile(&self, outbox: crate::outbox::Stats) {
+        let Some(path) = &self.textfile else { return };
+        let snapshot = metrics_textfile::Snapshot {
+            device: self.board.device().to_string(),
+            outbox,
+            link: self.board.link_counters(),
+            connected: self.board.link_connected(),
+            last_connect: self.board.last_connect(),
+            restarts: self.board.actor_restarts(),
+        };
+        if let Err(e) = metrics_textfile::write(path, &metrics_textfile::render(&snapshot)) {
+            tracing::warn!("metrics textfile '{}' not written: {e}", path.display());
+        }
     }
 
     fn beat(&mut self, ctx: &mut Context<Self>) {
+        if self.sampler.is_none() {
+            return;
+        }
+        let stats = self.recorder.outbox().stats();
+        self.write_textfile(stats);
         let Some(sampler) = self.sampler.as_mut() else {
             return;
         };
-        let stats = self.recorder.outbox().stats();
         let body = HeartbeatBody {
             outbox: OutboxCounters { depth: stats.depth, bytes: stats.bytes, dropped: stats.dropped },
             link: self.board.link_counters(),

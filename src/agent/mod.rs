@@ -10,12 +10,13 @@
 //!  main arbiter      Button (edges from the gpio thread), Lifecycle (signals)
 //!  relay arbiter     Relay      (fsyncs relays.json)
 //!  link arbiter      Link       (polls the rumqttc event loop without pause)
-//!  heartbeat arbiter Heartbeat  (sysinfo reads /proc and /sys)
+//!  heartbeat arbiter Heartbeat  (sysinfo reads /proc and /sys; the metrics textfile)
+//!  sensor arbiter    Sensor     (readings run on tokio's blocking pool)
 //!  outbox threads    the outbox writer (inserts, group commit, fdatasync) and reader
 //!  status-socket     answers `fieldlink status` with a dump (status_socket)
 //! ```
 //!
-//! Button, Relay, Heartbeat --record--> outbox --Durable(seq)--> Link --> broker
+//! Button, Relay, Heartbeat, Sensor --record--> outbox --Durable(seq)--> Link --> broker
 //! broker --command--> Link --RelayCommand{done}--> Relay; done fires --> Link acks
 //!
 //! Messages between actors are typed (`relay::RelayCommand`, `link::Durable`,
@@ -33,10 +34,14 @@ pub mod homeassistant;
 mod inbox;
 mod lifecycle;
 mod link;
+mod metrics_textfile;
 mod recorder;
 mod relay;
 mod restart_policy;
 mod saved_relays;
+mod sensor;
+mod sensor_reading;
+mod sensor_state;
 mod status;
 mod status_dump;
 mod status_socket;
@@ -247,16 +252,32 @@ fn start(
         Supervisor::start(move |_| button::Button::new(buttons, gpio, recorder, topics, sup))
     };
 
+    let mut supervised: Vec<Box<dyn std::any::Any>> = vec![Box::new(button), Box::new(relay)];
+    if !cfg.sensors.is_empty() {
+        board.add_actor("sensor");
+        let sensor_arbiter = Arbiter::new();
+        let (sensors, recorder, topics, sup) = (cfg.sensors.clone(), recorder.clone(), topics.clone(), sup("sensor"));
+        let sensor = Supervisor::start_in_arbiter(&sensor_arbiter.handle(), move |_| {
+            sensor::Sensor::new(sensors, recorder, topics, sup)
+        });
+        supervised.push(Box::new(sensor));
+    }
+
     let heartbeat_arbiter = Arbiter::new();
     let heartbeat = {
-        let (hb, state_dir, recorder, topics, sup) =
-            (cfg.heartbeat.clone(), cfg.state_dir.clone(), recorder, topics, sup("heartbeat"));
+        let (hb, state_dir, recorder, topics, sup, textfile) = (
+            cfg.heartbeat.clone(),
+            cfg.state_dir.clone(),
+            recorder,
+            topics,
+            sup("heartbeat"),
+            cfg.metrics.textfile.clone(),
+        );
         Supervisor::start_in_arbiter(&heartbeat_arbiter.handle(), move |_| {
-            heartbeat::Heartbeat::new(hb, state_dir, recorder, topics, sup)
+            heartbeat::Heartbeat::new(hb, state_dir, recorder, topics, sup, textfile)
         })
     };
-
-    let supervised: Vec<Box<dyn std::any::Any>> = vec![Box::new(button), Box::new(relay), Box::new(heartbeat)];
+    supervised.push(Box::new(heartbeat));
     lifecycle::Lifecycle::new(signals, dumper, outbox, link, supervised).start();
     tracing::info!(device = %cfg.device_id, "agent started");
     Ok(())

@@ -17,7 +17,8 @@ use crate::outbox::Stats;
 use crate::proto::{ButtonState, Cause, LinkCounters, RelayState};
 use crate::timefmt;
 
-/// The four supervised actors, by the names the dump uses.
+/// The supervised actors every agent runs, by the names the dump uses
+/// (`sensor` joins them when sensors are configured: [`StatusBoard::add_actor`]).
 pub const ACTORS: [&str; 4] = ["button", "relay", "heartbeat", "link"];
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -59,6 +60,8 @@ struct Board {
     relays: BTreeMap<String, RelayStatus>,
     buttons: BTreeMap<String, ButtonStatus>,
     actors: BTreeMap<&'static str, ActorStatus>,
+    /// When the link last came up (for the metrics textfile).
+    last_connect: Option<SystemTime>,
 }
 
 /// Shared by every actor (`Arc<StatusBoard>`).
@@ -153,7 +156,32 @@ impl StatusBoard {
         let mut b = self.lock();
         b.link.connected = true;
         b.link.connects += 1;
-        b.link.since = Some(timefmt::rfc3339_millis(SystemTime::now()));
+        let now = SystemTime::now();
+        b.link.since = Some(timefmt::rfc3339_millis(now));
+        b.last_connect = Some(now);
+    }
+
+    pub fn link_connected(&self) -> bool {
+        self.lock().link.connected
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// When the link last came up, if it ever did.
+    pub fn last_connect(&self) -> Option<SystemTime> {
+        self.lock().last_connect
+    }
+
+    /// Another supervised actor to list (not running until it says so).
+    pub fn add_actor(&self, name: &'static str) {
+        self.lock().actors.entry(name).or_insert(ActorStatus { running: false, restarts: 0, last_error: None });
+    }
+
+    /// Restarts per actor, by name.
+    pub fn actor_restarts(&self) -> BTreeMap<&'static str, u64> {
+        self.lock().actors.iter().map(|(n, a)| (*n, a.restarts)).collect()
     }
 
     pub fn link_down(&self, error: String) {

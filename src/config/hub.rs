@@ -109,6 +109,10 @@ pub struct WebConfig {
     /// How long `POST .../relays/{r}` waits for the agent's confirmation
     /// before it answers `202 pending`.
     pub command_wait: Duration,
+    /// Where `GET /metrics` is also served, without authentication (for a
+    /// Prometheus on the same host or a trusted network); `None`: only on
+    /// `listen`, with the API token.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The database's kind, from the url's scheme.
@@ -452,8 +456,19 @@ fn web_config(t: &Table, state_dir: &Path, p: &mut Problems) -> Checked<WebConfi
     let token_file = r.path_or("token_file", state_dir.join(TOKEN_FILE), "a file path", p);
     let command_ttl = r.duration_in("command_ttl", secs(30), secs(1)..=secs(DAY), p);
     let command_wait = r.duration_in("command_wait", secs(5), Duration::ZERO..=secs(60), p);
+    let metrics_listen = if r.has("metrics_listen") {
+        r.socket_addr_or("metrics_listen", DEFAULT_WEB_LISTEN, p).map(Some)
+    } else {
+        Ok(None)
+    };
     r.finish(p);
-    Ok(WebConfig { listen: listen?, token_file: token_file?, command_ttl: command_ttl?, command_wait: command_wait? })
+    Ok(WebConfig {
+        listen: listen?,
+        token_file: token_file?,
+        command_ttl: command_ttl?,
+        command_wait: command_wait?,
+        metrics_listen: metrics_listen?,
+    })
 }
 
 #[cfg(test)]

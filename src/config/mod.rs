@@ -18,6 +18,7 @@ pub mod hub;
 mod mqtt;
 mod pem;
 mod reader;
+mod sensor;
 #[cfg(test)]
 mod test_support;
 
@@ -35,6 +36,7 @@ pub(crate) use self::reader::describe_io;
 use self::reader::{
     Checked, NAME_HINT, NONZERO, Place, Problems, Reader, is_name, millis, parse_with, quote, read_file, secs,
 };
+pub use self::sensor::{DEFAULT_W1_DIR, MetricsConfig, SensorConfig, SensorSource};
 use crate::proto::{Qos, RelayState};
 
 /// The environment variable holding the MQTT password when `mqtt.password_file`
@@ -71,6 +73,8 @@ pub struct AgentConfig {
     pub relays: Vec<RelayConfig>,
     pub heartbeat: HeartbeatConfig,
     pub supervisor: SupervisorConfig,
+    pub sensors: Vec<SensorConfig>,
+    pub metrics: MetricsConfig,
     /// What is valid but unwise (a password or key file others can read),
     /// one line each: `check-config` prints them on stderr and the agent
     /// logs them at warn when it starts.
@@ -228,6 +232,10 @@ fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) ->
         r.entries("relay", p).map(|ts| ts.iter().enumerate().map(|(i, t)| relay_config(t, i, p)).collect::<Vec<_>>());
     let heartbeat = r.section("heartbeat", p).and_then(|t| heartbeat_config(&t, p));
     let supervisor = r.section("supervisor", p).and_then(|t| supervisor_config(&t, p));
+    let sensors = r
+        .entries("sensor", p)
+        .map(|ts| ts.iter().enumerate().map(|(i, t)| sensor::sensor_config(t, i, p)).collect::<Vec<_>>());
+    let metrics = r.section("metrics", p).and_then(|t| sensor::metrics_config(&t, p));
     r.finish(p);
 
     let buttons = buttons?;
@@ -235,6 +243,8 @@ fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) ->
     check_names(&buttons, p);
     check_names(&relays, p);
     check_pins(&relays, &buttons, p);
+    let sensors = sensors?;
+    sensor::check_sensor_names(&sensors.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), p);
 
     Ok(AgentConfig {
         device_id: device_id?,
@@ -246,6 +256,8 @@ fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) ->
         relays: relays.into_iter().map(|e| e.config).collect::<Checked<_>>()?,
         heartbeat: heartbeat?,
         supervisor: supervisor?,
+        sensors: sensors.into_iter().map(|(_, c)| c).collect::<Checked<_>>()?,
+        metrics: metrics?,
         warnings: p.warnings(),
     })
 }
@@ -1282,6 +1294,88 @@ interval = { s = 1 }
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent.toml");
         let c = AgentConfig::load(&path).expect("config/agent.toml loads");
         assert_eq!(c.device_id, "pi-garage");
+    }
+
+    #[test]
+    fn sensors_of_each_kind_get_their_defaults() {
+        let c = parse(&with_device(
+            "[[sensor]]\nname = \"tank\"\nkind = \"ds18b20\"\nid = \"28-0316a2795bff\"\n\
+             [[sensor]]\nname = \"soc\"\nkind = \"file\"\npath = \"/sys/class/hwmon/hwmon0/temp1_input\"\nscale = 0.001\n\
+             [[sensor]]\nname = \"volts\"\nkind = \"command\"\ncommand = [\"vcgencmd\", \"measure_volts\"]\n\
+             interval = \"10s\"\nmin_change = 0.05\npublish_every = 6\nunit = \"V\"\nqos = 2\n\
+             [metrics]\ntextfile = \"/var/lib/node_exporter/textfile_collector/fieldlink.prom\"\n",
+        ))
+        .expect("valid");
+        let [tank, soc, volts] = &c.sensors[..] else { panic!("three sensors: {:?}", c.sensors) };
+        assert_eq!(
+            tank.source,
+            SensorSource::Ds18b20 { path: PathBuf::from("/sys/bus/w1/devices/28-0316a2795bff/w1_slave") }
+        );
+        assert_eq!(
+            (tank.unit.as_deref(), tank.interval, tank.min_change, tank.publish_every),
+            (Some("°C"), secs(60), 0.0, 10)
+        );
+        assert_eq!((soc.scale, soc.offset, soc.unit.as_deref()), (0.001, 0.0, None));
+        assert_eq!(
+            volts.source,
+            SensorSource::Command { argv: vec!["vcgencmd".into(), "measure_volts".into()], timeout: secs(5) }
+        );
+        assert_eq!(
+            (volts.interval, volts.min_change, volts.publish_every, volts.qos),
+            (secs(10), 0.05, 6, Qos::ExactlyOnce)
+        );
+        assert_eq!(
+            c.metrics.textfile.as_deref(),
+            Some(Path::new("/var/lib/node_exporter/textfile_collector/fieldlink.prom"))
+        );
+        assert!(parse("device_id = \"d\"").expect("valid").metrics.textfile.is_none());
+    }
+
+    #[test]
+    fn bad_sensors_are_named_and_say_what_was_expected() {
+        let s = |rest: &str| problems(&with_device(&format!("[[sensor]]\nname = \"t\"\n{rest}")));
+        assert_eq!(s("kind = \"dht22\""), ["sensor 't': kind 'dht22' is not 'ds18b20', 'file' or 'command'"]);
+        assert_eq!(s(""), ["sensor 't': missing key 'kind' (expected 'ds18b20', 'file' or 'command')"]);
+        assert_eq!(
+            s("kind = \"file\"\npath = \"/x\"\ncommand = [\"ls\"]"),
+            ["sensor 't': command is only for kind = 'command'"]
+        );
+        assert_eq!(
+            s("kind = \"ds18b20\"\nid = \"../etc\""),
+            ["sensor 't': id '../etc' is not a 1-Wire device id (expected e.g. '28-0316a2795bff')"]
+        );
+        assert_eq!(
+            s("kind = \"command\"\ncommand = []"),
+            ["sensor 't': command is an array, expected a non-empty array of strings, e.g. [\"sh\", \"-c\", \"...\"]"]
+        );
+        assert_eq!(
+            s("kind = \"command\"\ncommand = [\"sh\", 1]"),
+            [
+                "sensor 't': command holds a non-string (expected a non-empty array of strings, e.g. [\"sh\", \"-c\", \"...\"])"
+            ]
+        );
+        assert_eq!(
+            s("kind = \"file\"\npath = \"/x\"\nmin_change = -1"),
+            ["sensor 't': min_change -1 is negative (expected 0 or more)"]
+        );
+        assert_eq!(
+            s("kind = \"file\"\npath = \"/x\"\ninterval = \"50ms\""),
+            ["sensor 't': interval '50ms' is less than 100ms"]
+        );
+        assert_eq!(
+            s("kind = \"file\"\npath = \"/x\"\nscale = \"x\""),
+            ["sensor 't': scale 'x' is a string, expected a number"]
+        );
+        assert_eq!(
+            problems(&with_device(
+                "[[sensor]]\nname = \"t\"\nkind = \"file\"\npath = \"/a\"\n[[sensor]]\nname = \"t\"\nkind = \"file\"\npath = \"/b\"\n"
+            )),
+            ["sensor #2: name 't' is also used by sensor #1"]
+        );
+        assert_eq!(
+            problem(&with_device("[metrics]\ntextfile = \"/tmp/fieldlink.txt\"")),
+            "metrics.textfile: '/tmp/fieldlink.txt' does not end in .prom (node_exporter's textfile collector reads only *.prom)"
+        );
     }
 
     #[test]

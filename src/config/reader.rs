@@ -368,6 +368,32 @@ impl<'t> Reader<'t> {
         }
     }
 
+    /// A finite number; an integer is taken as one too (`scale = 1`).
+    pub(super) fn float_or(&mut self, key: &str, default: f64, p: &mut Problems) -> Checked<f64> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(Value::Integer(i)) => Ok(*i as f64),
+            Some(Value::Float(f)) if f.is_finite() => Ok(*f),
+            Some(Value::Float(f)) => Err(self.problem(key, p, format!("{f} is not a finite number"))),
+            Some(other) => Err(self.wrong_type(key, other, "a number", p)),
+        }
+    }
+
+    /// A non-empty array of strings (a command's argv).
+    pub(super) fn str_list_opt(&mut self, key: &str, p: &mut Problems) -> Checked<Option<Vec<String>>> {
+        const EXPECTED: &str = "a non-empty array of strings, e.g. [\"sh\", \"-c\", \"...\"]";
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) if !items.is_empty() => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .map(Some)
+                .ok_or_else(|| self.problem(key, p, format!("holds a non-string (expected {EXPECTED})"))),
+            Some(other) => Err(self.wrong_type(key, other, EXPECTED, p)),
+        }
+    }
+
     /// `qos`: 1 or 2, default 1.
     pub(super) fn qos(&mut self, p: &mut Problems) -> Checked<Qos> {
         let Some(level) = self.int_opt("qos", p)? else {

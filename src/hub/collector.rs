@@ -58,6 +58,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use super::commands::Commander;
 use super::ingest;
+use super::metrics::Metrics;
 use super::model::{CommandRow, LiveEvent, SetAside, Update};
 use super::store::{Store, StoreError};
 use crate::agent::Backoff;
@@ -106,6 +107,8 @@ pub struct Counters {
     pub set_aside_unrecorded: AtomicU64,
     /// Messages stored with fields of the wrong type replaced by null.
     pub nulled: AtomicU64,
+    /// What `GET /metrics` shows (per kind, latency, database errors).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Runs the poller and the batcher until `shutdown` turns true; then the
@@ -220,6 +223,7 @@ async fn poll(
                     Err(e) => {
                         // Nothing to store and nothing a retry would fix.
                         counters.refused.fetch_add(1, Ordering::Relaxed);
+                        counters.metrics.refused(ingest::topic_kind(&settings.prefix, &p.topic));
                         tracing::warn!("not stored: {e}");
                         aside = Some(ingest::set_aside(&settings.prefix, &p.topic, &p.payload, &e.to_string(), &at));
                         None
@@ -279,11 +283,11 @@ async fn batch(
         // Which item each update came from.
         let from: Vec<usize> = (0..items.len()).filter(|&i| items[i].update.is_some()).collect();
         let updates: Vec<Update> = items.iter().filter_map(|p| p.update.clone()).collect();
-        let (fresh, answered, refused) = if updates.is_empty() {
-            (Vec::new(), Vec::new(), Vec::new())
+        let (fresh, answered, refused, committed) = if updates.is_empty() {
+            (Vec::new(), Vec::new(), Vec::new(), SystemTime::now())
         } else {
             match commit(&store, &updates, &counters, shutdown.clone()).await {
-                Some(done) => done,
+                Some((fresh, answered, refused)) => (fresh, answered, refused, SystemTime::now()),
                 // Shutting down: not committed, so not acknowledged.
                 None => break,
             }
@@ -297,6 +301,7 @@ async fn batch(
             ingest::set_aside(&settings.prefix, &p.topic, &p.payload, e, &at)
         });
         let records: Vec<SetAside> = items.iter().filter_map(|p| p.aside.clone()).chain(refused_records).collect();
+        counters.metrics.set_aside.fetch_add(records.len() as u64, Ordering::Relaxed);
         for r in &records {
             record_set_aside(&store, r, &counters).await;
         }
@@ -316,6 +321,11 @@ async fn batch(
             match update {
                 Update::Message(m) if *is_new => {
                     counters.stored.fetch_add(1, Ordering::Relaxed);
+                    counters.metrics.stored(m.kind);
+                    if let Some(ts) = timefmt::parse_rfc3339(&m.ts) {
+                        // A ts in the future (a fast clock) counts as no delay.
+                        counters.metrics.latency.observe(committed.duration_since(ts).unwrap_or_default());
+                    }
                     // Nobody listening is fine: the live stream is best effort.
                     let _ = live.send(LiveEvent::Message(m.clone()));
                 }
@@ -388,16 +398,26 @@ async fn record_set_aside(store: &Store, r: &SetAside, counters: &Counters) {
         Err(_) => format!("no answer within {}", humantime::format_duration(RECORD_TIMEOUT)),
     };
     counters.set_aside_unrecorded.fetch_add(1, Ordering::Relaxed);
+    counters.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
     tracing::error!("set-aside message on '{}' not recorded for the dashboard: {failed}", r.topic);
 }
 
 fn set_aside(counters: &Counters, update: &Update, e: &StoreError) {
     counters.set_aside.fetch_add(1, Ordering::Relaxed);
+    counters.metrics.refused(update_kind(update));
     let what = match update {
         Update::Message(m) => format!("{} {} seq {} of {} (epoch {})", m.kind.as_str(), m.ts, m.seq, m.device, m.epoch),
         Update::Status { device, .. } => format!("status of {device}"),
     };
     tracing::warn!("set aside, the database refuses it: {what}: {e}");
+}
+
+/// The metrics label of an update's kind.
+fn update_kind(update: &Update) -> &'static str {
+    match update {
+        Update::Message(m) => m.kind.as_str(),
+        Update::Status { .. } => "status",
+    }
 }
 
 enum Written {
@@ -438,11 +458,13 @@ async fn write(
             }
             Err(StoreError::Invalid { index, reason }) if index < keep.len() => {
                 counters.refused.fetch_add(1, Ordering::Relaxed);
+                counters.metrics.refused(update_kind(&updates[keep[index]]));
                 tracing::warn!("not stored: {reason}");
                 invalid.push((keep.remove(index), format!("not stored: {reason}")));
             }
             Err(e) if e.is_refused_data() => return Written::Refused(e),
             Err(e) => {
+                counters.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
                 let delay = backoff.next_delay(fastrand::f64());
                 tracing::error!(
                     "batch of {} not stored: {e}; retrying in {}",

@@ -19,6 +19,7 @@ use rumqttc::{AsyncClient, QoS};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast};
 
+use super::metrics::Metrics;
 use super::model::{CommandRow, CommandStatus, LiveEvent};
 use super::store::{Store, StoreError};
 use crate::timefmt;
@@ -112,6 +113,7 @@ struct Inner {
     ttl: Duration,
     live: broadcast::Sender<LiveEvent>,
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Publishes relay commands and waits for their outcome. Cheap to clone.
@@ -136,8 +138,19 @@ impl Commander {
                 ttl,
                 live,
                 waiters: Mutex::new(HashMap::new()),
+                metrics: Arc::default(),
             }),
         }
+    }
+
+    /// Counts commands by status in `metrics` (call right after `new`,
+    /// before the commander is cloned; a clone keeps its own counters).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.metrics = metrics,
+            None => tracing::warn!("Commander::with_metrics on a shared commander: commands are not counted"),
+        }
+        self
     }
 
     fn waiter(&self, id: &str) -> Arc<Notify> {
@@ -189,6 +202,7 @@ impl Commander {
             return Err(e);
         }
         tracing::info!(device, relay, command_id = %id, requested = req.as_str(), "command published");
+        self.inner.metrics.command(CommandStatus::Requested);
         let outcome = self.wait(&id, &notify, wait).await;
         self.forget(&id);
         outcome
@@ -214,6 +228,7 @@ impl Commander {
     /// waiters of these commands and tells the live stream.
     pub fn answered(&self, rows: &[CommandRow]) {
         for row in rows {
+            self.inner.metrics.command(row.status);
             if let Some(n) = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner()).get(&row.command_id) {
                 n.notify_one();
             }

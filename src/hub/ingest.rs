@@ -8,7 +8,8 @@
 //! over [`MAX_PAYLOAD`]. A known field of the wrong type (a heartbeat's
 //! `"cpu_percent":"x"`, a relay's numeric `state`) is replaced by `null` and
 //! named in [`Parsed::nulled`], so the dashboard only ever sees the types
-//! DESIGN promises.
+//! DESIGN promises. A sensor reading whose `value` is not a number is
+//! refused whole (set aside): a reading without its value means nothing.
 
 use serde_json::Value;
 
@@ -51,6 +52,8 @@ const TYPED: &[(Kind, &[&str], Type)] = &[
     (Kind::Heartbeat, &["link", "connects"], Type::Number),
     (Kind::Heartbeat, &["link", "disconnects"], Type::Number),
     (Kind::Heartbeat, &["version"], Type::String),
+    (Kind::Sensor, &["sensor"], Type::String),
+    (Kind::Sensor, &["unit"], Type::String),
     (Kind::Button, &["button"], Type::String),
     (Kind::Button, &["state"], Type::String),
     (Kind::Relay, &["relay"], Type::String),
@@ -121,6 +124,7 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Re
         [d, "button", n] => (*d, Kind::Button, Some(*n)),
         [d, "relay", n, "state"] => (*d, Kind::Relay, Some(*n)),
         [d, "heartbeat"] => (*d, Kind::Heartbeat, None),
+        [d, "sensor", n] => (*d, Kind::Sensor, Some(*n)),
         [d, "error"] => (*d, Kind::Error, None),
         [_, "relay", _, "set"] => return Err(IngestError::Command(topic.to_string())),
         _ => return Err(bad_topic()),
@@ -147,6 +151,11 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Re
         return Err(bad("\"ts\" is not an RFC 3339 timestamp"));
     }
     let ts = ts.to_string();
+    // JSON has no NaN or infinity, and serde_json refuses numbers beyond
+    // f64 ("number out of range"), so a number here is finite.
+    if kind == Kind::Sensor && !value.get("value").is_some_and(Value::is_number) {
+        return Err(bad("its \"value\" is not a number"));
+    }
     let nulled = null_mistyped(kind, &mut value);
     let update = Update::Message(Message {
         device: device.to_string(),
@@ -158,6 +167,24 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Re
         payload: value,
     });
     Ok(Parsed { update, nulled })
+}
+
+/// The kind a topic names, for metrics of refused messages: a message kind,
+/// `status`, or `other`.
+pub fn topic_kind(prefix: &str, topic: &str) -> &'static str {
+    let parts: Vec<&str> = match topic.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) {
+        Some(rest) => rest.split('/').collect(),
+        None => return "other",
+    };
+    match parts.as_slice() {
+        [_, "status"] => "status",
+        [_, "button", _] => "button",
+        [_, "relay", _, "state"] => "relay",
+        [_, "heartbeat"] => "heartbeat",
+        [_, "sensor", _] => "sensor",
+        [_, "error"] => "error",
+        _ => "other",
+    }
 }
 
 /// How much of a set-aside payload is kept, in characters.
@@ -365,6 +392,32 @@ mod tests {
         assert_eq!(m.payload["outbox"]["bytes"], 3);
         assert_eq!(m.payload["outbox"]["depth"], Value::Null);
         assert_eq!(m.payload["link"], Value::Null);
+    }
+
+    #[test]
+    fn a_sensor_reading_is_stored_under_its_name_and_one_without_a_number_is_refused() {
+        let p = br#"{"device":"pi","seq":3,"ts":"2026-11-21T10:00:00.000Z","sensor":"tank","value":21.5,"unit":"C"}"#;
+        let Update::Message(m) = parse("fl", "fl/pi/sensor/tank", p, AT).expect("valid").update else {
+            panic!("a message")
+        };
+        assert_eq!((m.kind, m.name.as_deref(), m.payload["value"].as_f64()), (Kind::Sensor, Some("tank"), Some(21.5)));
+        for value in [r#""21.5""#, "null", "true", "[1]", "{}"] {
+            let p =
+                format!(r#"{{"device":"pi","seq":3,"ts":"2026-11-21T10:00:00.000Z","sensor":"tank","value":{value}}}"#);
+            let e = parse("fl", "fl/pi/sensor/tank", p.as_bytes(), AT);
+            assert!(
+                matches!(&e, Err(IngestError::Payload { reason, .. }) if reason.contains("\"value\" is not a number")),
+                "{value}: {e:?}"
+            );
+        }
+        let no_value = br#"{"device":"pi","seq":3,"ts":"2026-11-21T10:00:00.000Z","sensor":"tank"}"#;
+        assert!(matches!(parse("fl", "fl/pi/sensor/tank", no_value, AT), Err(IngestError::Payload { .. })));
+        // Beyond f64: serde_json refuses the whole payload.
+        let huge = br#"{"device":"pi","seq":3,"ts":"2026-11-21T10:00:00.000Z","sensor":"tank","value":1e400}"#;
+        assert!(matches!(parse("fl", "fl/pi/sensor/tank", huge, AT), Err(IngestError::Payload { .. })));
+        let bad_unit = br#"{"device":"pi","seq":3,"ts":"2026-11-21T10:00:00.000Z","sensor":"tank","value":1,"unit":7}"#;
+        assert_eq!(parse("fl", "fl/pi/sensor/tank", bad_unit, AT).expect("stored").nulled, ["unit"]);
+        assert!(matches!(parse("fl", "fl/pi/sensor/", p, AT), Err(IngestError::Topic(_))));
     }
 
     #[test]

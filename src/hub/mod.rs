@@ -12,6 +12,7 @@
 //! * [`commands`]: relay commands, tracked requested -> confirmed / rejected
 //!   / expired.
 //! * [`web`]: the REST API, the live stream and the dashboard.
+//! * [`metrics`]: the counters and histogram behind `GET /metrics`.
 //! * [`token`]: the API token file.
 //! * [`devices`]: provisioning for a hub-managed mosquitto (password file, ACL).
 //! * [`model`]: the types they share.
@@ -20,6 +21,7 @@ pub mod collector;
 pub mod commands;
 pub mod devices;
 pub mod ingest;
+pub mod metrics;
 pub mod model;
 pub mod store;
 pub mod token;
@@ -63,6 +65,8 @@ pub enum HubError {
 pub struct Started {
     pub broker: BrokerUrl,
     pub web: SocketAddr,
+    /// Where `/metrics` is served without authentication (`[web] metrics_listen`).
+    pub metrics: Option<SocketAddr>,
     pub token: String,
     pub token_created: bool,
     /// The web side's sessions and login links (`demo` mints a link).
@@ -114,13 +118,15 @@ impl Hub {
         let (stop, stopped) = watch::channel(false);
 
         let (client, eventloop) = AsyncClient::new(mqtt_options(cfg, &url)?, 1024);
+        let counters = Arc::new(collector::Counters::default());
         let commander = commands::Commander::new(
             store.clone(),
             client.clone(),
             &cfg.topic_prefix,
             cfg.web.command_ttl,
             live.clone(),
-        );
+        )
+        .with_metrics(counters.metrics.clone());
         let settings = collector::Settings {
             prefix: cfg.topic_prefix.clone(),
             shared_group: cfg.broker.shared_group.clone(),
@@ -137,7 +143,7 @@ impl Hub {
             commander.clone(),
             live.clone(),
             settings,
-            Arc::new(collector::Counters::default()),
+            counters.clone(),
             stopped.clone(),
         )));
         tasks.push(tokio::spawn(housekeeping(
@@ -151,8 +157,29 @@ impl Hub {
             .await
             .map_err(|source| HubError::Listen { addr: cfg.web.listen, source })?;
         let web_addr = listener.local_addr().map_err(|source| HubError::Listen { addr: cfg.web.listen, source })?;
-        let state = web::AppState::new(store, commander, live, &token, cfg.web.command_wait, web::Limits::default());
+        let state = web::AppState::new(store, commander, live, &token, cfg.web.command_wait, web::Limits::default())
+            .with_metrics(counters.metrics.clone());
         let access = state.access.clone();
+        let metrics_addr = match cfg.web.metrics_listen {
+            None => None,
+            Some(addr) => {
+                let listener =
+                    tokio::net::TcpListener::bind(addr).await.map_err(|source| HubError::Listen { addr, source })?;
+                let bound = listener.local_addr().map_err(|source| HubError::Listen { addr, source })?;
+                let (state, mut stopped) = (state.clone(), stopped.clone());
+                tasks.push(tokio::spawn(async move {
+                    let shutdown = async move {
+                        // An error means the hub is gone: stop serving as well.
+                        let _ = stopped.wait_for(|s| *s).await;
+                    };
+                    if let Err(e) = web::serve_metrics(listener, state, shutdown).await {
+                        tracing::error!("metrics server: {e}");
+                    }
+                }));
+                tracing::info!(metrics = %bound, "GET /metrics also served here, without authentication");
+                Some(bound)
+            }
+        };
         let mut web_stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
@@ -164,7 +191,7 @@ impl Hub {
             }
         }));
         tracing::info!(broker = %format!("{}:{}", url.host, url.port), web = %web_addr, "hub started");
-        let started = Started { broker: url, web: web_addr, token, token_created, access };
+        let started = Started { broker: url, web: web_addr, metrics: metrics_addr, token, token_created, access };
         Ok(Hub { started, stop, tasks, _broker: broker })
     }
 

@@ -14,15 +14,20 @@ pub enum Kind {
     Button,
     Relay,
     Heartbeat,
+    Sensor,
     Error,
 }
 
 impl Kind {
+    /// Every kind, in the order metrics list them.
+    pub const ALL: [Kind; 5] = [Kind::Button, Kind::Relay, Kind::Heartbeat, Kind::Sensor, Kind::Error];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Button => "button",
             Kind::Relay => "relay",
             Kind::Heartbeat => "heartbeat",
+            Kind::Sensor => "sensor",
             Kind::Error => "error",
         }
     }
@@ -32,6 +37,7 @@ impl Kind {
             "button" => Some(Kind::Button),
             "relay" => Some(Kind::Relay),
             "heartbeat" => Some(Kind::Heartbeat),
+            "sensor" => Some(Kind::Sensor),
             "error" => Some(Kind::Error),
             _ => None,
         }
@@ -51,7 +57,7 @@ pub struct Message {
     /// RFC 3339 UTC with milliseconds, from the payload: when it happened.
     pub ts: String,
     pub kind: Kind,
-    /// Button or relay name; `None` for heartbeats and errors.
+    /// Button, relay or sensor name; `None` for heartbeats and errors.
     pub name: Option<String>,
     /// The whole JSON payload as received.
     pub payload: Value,
@@ -82,8 +88,20 @@ pub struct DeviceView {
     /// Relay name -> "on" | "off", from the newest state message per relay
     /// (greatest `(epoch, seq)`).
     pub relays: BTreeMap<String, String>,
+    /// Sensor name -> its newest reading (greatest `(epoch, seq)`).
+    pub sensors: BTreeMap<String, SensorView>,
     /// How many of its messages the collector set aside (never stored).
     pub set_aside: u64,
+}
+
+/// A sensor's newest reading, in `DeviceView::sensors`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SensorView {
+    /// Always a finite number (the collector sets aside any other).
+    pub value: f64,
+    pub unit: Option<String>,
+    /// When it was read (the message's `ts`).
+    pub ts: String,
 }
 
 /// A message the collector set aside: refused at ingest or refused by the

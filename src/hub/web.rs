@@ -17,7 +17,11 @@
 //! POST /api/devices/{d}/relays/{r}    {"state":"on"|"off"|"toggle"}; ?wait=5s
 //! GET  /api/commands/{id}             CommandRow
 //! GET  /api/stream                    SSE: one `data:` JSON line per LiveEvent
+//! GET  /metrics                       Prometheus text (token or session, like the API)
 //! ```
+//!
+//! With `[web] metrics_listen` set, [`serve_metrics`] also answers
+//! `GET /metrics` on that address, without authentication, and nothing else.
 //!
 //! # Invariants
 //!
@@ -77,6 +81,7 @@ use tokio::sync::{Semaphore, broadcast, watch};
 pub use server::{Limits, Peer};
 
 use super::commands::{CommandError, Commander};
+use super::metrics::Metrics;
 use super::model::LiveEvent;
 use super::store::{Store, StoreError};
 
@@ -96,6 +101,8 @@ pub struct AppState {
     pub access: Arc<Access>,
     /// The server's limits (see [`serve`]).
     pub limits: Limits,
+    /// The counters `GET /metrics` shows.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -108,7 +115,14 @@ impl AppState {
         limits: Limits,
     ) -> AppState {
         let access = Arc::new(Access::new(limits.max_streams));
-        AppState { store, commander, live, token: Arc::from(token), command_wait, access, limits }
+        let metrics = Arc::default();
+        AppState { store, commander, live, token: Arc::from(token), command_wait, access, limits, metrics }
+    }
+
+    /// Shows `metrics` (the collector's and the commander's) on `/metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> AppState {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -225,12 +239,17 @@ pub fn router(state: AppState) -> Router {
         .route("/assets/style.css", get(assets::style_css))
         .fallback(assets::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth::require_for_page));
+    let metrics = Router::new()
+        .route("/metrics", get(metrics_text))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::require_for_api))
+        .layer(middleware::map_response(no_store));
     Router::new()
         .route("/", get(auth::index))
         .route("/login", get(auth::login_page).post(auth::login))
         .route("/login/once/{nonce}", get(auth::login_once))
         .route("/logout", post(auth::logout))
         .nest("/api", api)
+        .merge(metrics)
         .merge(pages)
         .layer(middleware::from_fn(same_origin))
         .layer(middleware::from_fn(security_headers))
@@ -253,6 +272,35 @@ pub async fn serve(
         stop_tx.send_replace(true);
     })
     .await
+}
+
+/// Serves only `GET /metrics`, without authentication, on `listener`
+/// (`[web] metrics_listen`) until `shutdown` completes.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let limits = state.limits;
+    let app = Router::new().route("/metrics", get(metrics_text)).with_state(state);
+    server::run(listener, app, limits, shutdown).await
+}
+
+/// `GET /metrics`: the Prometheus text format (version 0.0.4).
+async fn metrics_text(axum::extract::State(st): axum::extract::State<AppState>) -> Response {
+    let online = match st.store.devices_online().await {
+        Ok(n) => Some(n),
+        Err(e) => {
+            st.metrics.db_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!("metrics: {e}");
+            None
+        }
+    };
+    let mut response = st.metrics.render(online).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response
 }
 
 /// Refuses a state-changing request from another origin (see `origin`).

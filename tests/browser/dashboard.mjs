@@ -400,6 +400,21 @@ async function main() {
       await visible(page, `${card} [data-button-log] li`);
     });
 
+    await step('the sensor "tank" is charted with its newest reading', async () => {
+      const fig = `${card} [data-sensors] figure[data-sensor="tank"]`;
+      await visible(page, `${fig} canvas[data-sensor-chart]`);
+      await page.waitForFunction(
+        (sel) => {
+          const c = document.querySelector(`${sel} canvas`);
+          const value = document.querySelector(`${sel} [data-sensor-value]`)?.textContent ?? '';
+          // Drawn (the bitmap was sized from the layout) and labelled with a number and the unit.
+          return c && c.width > 0 && c.clientWidth > 0 && /^-?\d+(\.\d+)? °C$/.test(value.trim());
+        },
+        fig,
+        { timeout: STEP_MS },
+      );
+    });
+
     if (seen.pageErrors.length) {
       throw new Error(`the page threw ${seen.pageErrors.length} uncaught error(s)`);
     }

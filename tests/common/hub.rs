@@ -73,9 +73,16 @@ pub struct HubBuilder {
     batch_wait: String,
     command_ttl: String,
     command_wait: String,
+    web_extra: Vec<String>,
 }
 
 impl HubBuilder {
+    /// One more line in `[web]` (e.g. `metrics_listen = "127.0.0.1:9187"`).
+    pub fn web_extra(mut self, line: &str) -> Self {
+        self.web_extra.push(line.to_string());
+        self
+    }
+
     /// `[broker] shared_group` (external broker only).
     pub fn shared_group(mut self, group: &str) -> Self {
         self.shared_group = Some(group.to_string());
@@ -140,6 +147,7 @@ batch_wait = "{batch_wait}"
 listen = "127.0.0.1:{web_port}"
 command_ttl = "{ttl}"
 command_wait = "{wait}"
+{web_extra}
 "#,
             state_dir = state_dir.display(),
             client_id = self.client_id,
@@ -147,6 +155,7 @@ command_wait = "{wait}"
             batch_wait = self.batch_wait,
             ttl = self.command_ttl,
             wait = self.command_wait,
+            web_extra = self.web_extra.join("\n"),
         )
     }
 
@@ -616,6 +625,7 @@ impl HubBuilder {
             batch_wait: "50ms".into(),
             command_ttl: "30s".into(),
             command_wait: "5s".into(),
+            web_extra: Vec::new(),
         }
     }
 }

@@ -6,6 +6,8 @@
 
 const HEARTBEATS = 720;   // points per chart: 6 h at a 30 s interval
 const BUTTON_EVENTS = 50; // rows per button log
+const SENSOR_EVENTS = 1000; // readings loaded per device (all its sensors together)
+const SENSOR_POINTS = 500;  // points per sensor chart
 const POLL_MS = 2000;     // re-reading a pending command
 const POLL_TRIES = 90;    // ... for at most 3 minutes
 
@@ -75,14 +77,15 @@ function mergeByIdentity(a, b) {
 
 // --- devices ---------------------------------------------------------------
 
-// Device: { id, card, lastSeen, points: [{epoch, seq, t, hb}], buttons: [{epoch, seq, ts, name, state}] }
+// Device: { id, card, lastSeen, points: [{epoch, seq, t, hb}], buttons: [{epoch, seq, ts, name, state}],
+//          sensors: Map(name -> [{epoch, seq, t, hb: payload}]) }
 function device(id) {
   let dev = devices.get(id);
   if (dev) return dev;
   const card = document.getElementById('device-card').content.firstElementChild.cloneNode(true);
   card.dataset.device = id;
   $(card, '.name').textContent = id;
-  dev = { id, card, lastSeen: null, points: [], buttons: [] };
+  dev = { id, card, lastSeen: null, points: [], buttons: [], sensors: new Map() };
   devices.set(id, dev);
   // Keep the cards in name order.
   const list = document.getElementById('devices');
@@ -338,10 +341,13 @@ function drawChart(canvas, points, chart) {
 
 async function loadHistory(dev) {
   const base = `/api/devices/${enc(dev.id)}/events`;
-  const [heartbeats, buttons] = await Promise.all([
+  const [heartbeats, buttons, readings] = await Promise.all([
     getJson(`${base}?kind=heartbeat&limit=${HEARTBEATS}`),
     getJson(`${base}?kind=button&limit=${BUTTON_EVENTS}`),
+    getJson(`${base}?kind=sensor&limit=${SENSOR_EVENTS}`),
   ]);
+  addReadings(dev, readings);
+  drawSensors(dev);
   // Merged with what the stream brought in the meantime.
   dev.points = mergeByIdentity(heartbeats.map(pointOf), dev.points).slice(-HEARTBEATS);
   dev.buttons = mergeByIdentity(buttons.map(buttonOf), dev.buttons).slice(-BUTTON_EVENTS);
@@ -385,6 +391,9 @@ function onMessage(m) {
     dev.points = mergeByIdentity(dev.points, [point]).slice(-HEARTBEATS);
     if (sameMessage(dev.points[dev.points.length - 1], point)) showHeartbeat(dev, m.payload);
     drawCharts(dev);
+  } else if (m.kind === 'sensor') {
+    addReadings(dev, [m]);
+    drawSensors(dev);
   } else if (m.kind === 'button') {
     dev.buttons = mergeByIdentity(dev.buttons, [buttonOf(m)]).slice(-BUTTON_EVENTS);
     showButtons(dev);
@@ -445,7 +454,7 @@ function connect() {
 let resizeTimer = null;
 window.addEventListener('resize', () => {
   clearTimeout(resizeTimer);
-  resizeTimer = setTimeout(() => devices.forEach(drawCharts), 150);
+  resizeTimer = setTimeout(() => devices.forEach((dev) => { drawCharts(dev); drawSensors(dev); }), 150);
 });
 setInterval(() => devices.forEach((dev) => setLastSeen(dev, null)), 5000);
 

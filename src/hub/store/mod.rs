@@ -1,5 +1,5 @@
 //! The hub's database: every message stored once per `(device, epoch, seq)`, the
-//! devices' online state, newest heartbeat and relay states, the relay
+//! devices' online state, newest heartbeat, relay states and sensor readings, the relay
 //! commands the hub published, and the messages the collector set aside. One [`Store`] handle over a sqlx `Any` pool
 //! speaks SQLite (`sqlite://path`), MySQL/MariaDB (`mysql://...`) or
 //! PostgreSQL (`postgres://...`). It never parses MQTT and never decides
@@ -104,6 +104,11 @@ impl Store {
     /// Every device the hub has heard of (a message or a status), by name.
     pub async fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
         read::devices(&self.pool, &self.sql).await
+    }
+
+    /// How many devices are online now.
+    pub async fn devices_online(&self) -> Result<u64, StoreError> {
+        read::online(&self.pool, &self.sql).await
     }
 
     /// A device's messages, newest (greatest `(epoch, seq)`) first: at most

@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::error::StoreError;
 use super::sql::Statements;
-use crate::hub::model::{Before, DeviceView, EventView, Kind, SetAside, SetAsideView};
+use crate::hub::model::{Before, DeviceView, EventView, Kind, SensorView, SetAside, SetAsideView};
 
 /// Every device the hub has heard of, by name.
 pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>, StoreError> {
@@ -27,6 +27,7 @@ pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>
             last_seen: row.try_get(2).map_err(StoreError::db(what))?,
             heartbeat: heartbeat.map(|h| json("heartbeat", h)).transpose()?,
             relays: BTreeMap::new(),
+            sensors: BTreeMap::new(),
             set_aside: 0,
         });
     }
@@ -47,6 +48,25 @@ pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>
             d.relays.insert(relay, state);
         }
     }
+    let what = "read sensor readings";
+    let rows =
+        sqlx::query(AssertSqlSafe(sql.select_sensors.clone())).fetch_all(pool).await.map_err(StoreError::db(what))?;
+    let mut at = 0;
+    for row in &rows {
+        let device: String = row.try_get(0).map_err(StoreError::db(what))?;
+        while at < devices.len() && devices[at].device < device {
+            at += 1;
+        }
+        if let Some(d) = devices.get_mut(at).filter(|d| d.device == device) {
+            let sensor: String = row.try_get(1).map_err(StoreError::db(what))?;
+            let reading = SensorView {
+                value: row.try_get(2).map_err(StoreError::db(what))?,
+                unit: row.try_get(3).map_err(StoreError::db(what))?,
+                ts: row.try_get(4).map_err(StoreError::db(what))?,
+            };
+            d.sensors.insert(sensor, reading);
+        }
+    }
     let rows = sqlx::query(AssertSqlSafe(sql.count_set_aside.clone()))
         .fetch_all(pool)
         .await
@@ -61,6 +81,15 @@ pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>
         d.set_aside = counts.get(&d.device).copied().unwrap_or(0);
     }
     Ok(devices)
+}
+
+/// How many devices are online (a cheap gauge for `/metrics`).
+pub async fn online(pool: &AnyPool, sql: &Statements) -> Result<u64, StoreError> {
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql.count_online.clone()))
+        .fetch_one(pool)
+        .await
+        .map_err(StoreError::db("count online devices"))?;
+    u64::try_from(n).map_err(|_| corrupt("online count", n))
 }
 
 /// The newest `limit` set-aside messages, newest first.

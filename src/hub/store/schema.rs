@@ -57,10 +57,11 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "messages, devices, relays, commands", steps: v1_steps },
     Migration { version: 2, name: "message identity (device, epoch, seq)", steps: v2_epoch },
     Migration { version: 3, name: "set_aside", steps: v3_set_aside },
+    Migration { version: 4, name: "sensors", steps: v4_sensors },
 ];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 3;
+pub const LATEST: i64 = 4;
 
 /// Key of the PostgreSQL advisory lock ("fieldlin" in ASCII).
 const PG_LOCK_KEY: &str = "7378697629483820654";
@@ -348,6 +349,55 @@ fn v3_set_aside(d: Dialect) -> Vec<Step> {
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
         )],
     }
+}
+
+/// Schema version 4: sensor readings (#9). The readings themselves are
+/// `messages` rows of kind `sensor` (name = the sensor); this table keeps
+/// each sensor's newest reading for `GET /api/devices`, chosen by
+/// `(epoch, seq)` like relay states.
+///
+/// ```text
+/// sensors  (device, sensor) PK  value (float), unit (NULL: none), ts, epoch, seq
+/// ```
+fn v4_sensors(d: Dialect) -> Vec<Step> {
+    vec![Step::Sql(match d {
+        Dialect::Sqlite => {
+            "CREATE TABLE IF NOT EXISTS sensors (
+                device TEXT NOT NULL,
+                sensor TEXT NOT NULL,
+                value REAL NOT NULL,
+                unit TEXT,
+                ts TEXT NOT NULL,
+                epoch INTEGER NOT NULL,
+                seq INTEGER NOT NULL,
+                PRIMARY KEY (device, sensor)
+            )"
+        }
+        Dialect::Postgres => {
+            "CREATE TABLE IF NOT EXISTS sensors (
+                device TEXT NOT NULL,
+                sensor TEXT NOT NULL,
+                value DOUBLE PRECISION NOT NULL,
+                unit TEXT,
+                ts TEXT NOT NULL,
+                epoch BIGINT NOT NULL,
+                seq BIGINT NOT NULL,
+                PRIMARY KEY (device, sensor)
+            )"
+        }
+        Dialect::MySql => {
+            "CREATE TABLE IF NOT EXISTS sensors (
+                device VARCHAR(255) NOT NULL,
+                sensor VARCHAR(255) NOT NULL,
+                value DOUBLE NOT NULL,
+                unit TEXT NULL,
+                ts VARCHAR(32) NOT NULL,
+                epoch BIGINT NOT NULL,
+                seq BIGINT NOT NULL,
+                PRIMARY KEY (device, sensor)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+        }
+    })]
 }
 
 fn schema_table(d: Dialect) -> &'static str {

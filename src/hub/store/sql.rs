@@ -30,6 +30,15 @@ pub struct Statements {
     /// state, epoch, seq, device, relay, then epoch, epoch, seq again: only
     /// a newer one (greater `(epoch, seq)`)
     pub update_relay: Arc<str>,
+    /// device, sensor, value, unit, ts, epoch, seq -> 1 row if new
+    pub insert_sensor: Arc<str>,
+    /// value, unit, ts, epoch, seq, device, sensor, then epoch, epoch, seq
+    /// again: only a newer one (greater `(epoch, seq)`)
+    pub update_sensor: Arc<str>,
+    /// () -> device, sensor, value, unit, ts
+    pub select_sensors: Arc<str>,
+    /// () -> how many devices are online
+    pub count_online: Arc<str>,
     /// confirmed_at, state, command_id, device -> 1 row if it moved
     pub confirm_command: Arc<str>,
     /// error, command_id, device -> 1 row if it moved
@@ -92,6 +101,17 @@ impl Statements {
                 "UPDATE relays SET state = ?, epoch = ?, seq = ? \
                  WHERE device = ? AND relay = ? AND (epoch < ? OR (epoch = ? AND seq < ?))",
             ),
+            insert_sensor: d.insert_unless_present(
+                "sensors",
+                "(device, sensor, value, unit, ts, epoch, seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "device, sensor",
+            ),
+            update_sensor: d.render(
+                "UPDATE sensors SET value = ?, unit = ?, ts = ?, epoch = ?, seq = ? \
+                 WHERE device = ? AND sensor = ? AND (epoch < ? OR (epoch = ? AND seq < ?))",
+            ),
+            select_sensors: d.render("SELECT device, sensor, value, unit, ts FROM sensors ORDER BY device, sensor"),
+            count_online: d.render("SELECT COUNT(*) FROM devices WHERE online = 1"),
             confirm_command: d.render(
                 "UPDATE commands SET status = 'confirmed', confirmed_at = ?, state = ? \
                  WHERE command_id = ? AND device = ? AND status IN ('requested', 'expired')",
@@ -153,6 +173,10 @@ impl Statements {
             &self.set_heartbeat,
             &self.insert_relay,
             &self.update_relay,
+            &self.insert_sensor,
+            &self.update_sensor,
+            &self.select_sensors,
+            &self.count_online,
             &self.confirm_command,
             &self.reject_command,
             &self.select_command,

@@ -20,7 +20,9 @@
 //!     `(epoch, seq)` is greater; with a `command_id` it confirms that command (requested
 //!     or expired, same device): `confirmed_at` = the message's `ts`;
 //!   - an error with a `command_id` rejects that command: `error` =
-//!     `"<code>: <message>"`.
+//!     `"<code>: <message>"`;
+//!   - a sensor reading with a numeric `value` replaces `sensors`' row for
+//!     its sensor if its `(epoch, seq)` is greater.
 //! * A status sets `online` and moves `last_seen` forward to its `at`.
 //! * Updates are written grouped by device (in arrival order within a
 //!   device, which is all that order means here), so hubs sharing a
@@ -98,6 +100,7 @@ enum Effect<'a> {
     None,
     Heartbeat,
     Relay { relay: &'a str, state: &'a str, command_id: Option<&'a str> },
+    Sensor { sensor: &'a str, value: f64, unit: Option<&'a str> },
     Rejects { command_id: &'a str, error: String },
 }
 
@@ -271,6 +274,31 @@ async fn apply_effect<'a>(
                 sqlx::query(AssertSqlSafe(sql.confirm_command.clone())).bind(ts).bind(*state).bind(*id).bind(device);
             Ok((affected(q, conn, "confirm a command").await? == 1).then_some(*id))
         }
+        Effect::Sensor { sensor, value, unit } => {
+            let q = sqlx::query(AssertSqlSafe(sql.insert_sensor.clone()))
+                .bind(device)
+                .bind(*sensor)
+                .bind(*value)
+                .bind(*unit)
+                .bind(ts)
+                .bind(epoch)
+                .bind(seq);
+            if affected(q, conn, "store a sensor reading").await? == 0 {
+                let q = sqlx::query(AssertSqlSafe(sql.update_sensor.clone()))
+                    .bind(*value)
+                    .bind(*unit)
+                    .bind(ts)
+                    .bind(epoch)
+                    .bind(seq)
+                    .bind(device)
+                    .bind(*sensor)
+                    .bind(epoch)
+                    .bind(epoch)
+                    .bind(seq);
+                affected(q, conn, "keep the newest sensor reading").await?;
+            }
+            Ok(None)
+        }
         Effect::Rejects { command_id, error } => {
             let q = sqlx::query(AssertSqlSafe(sql.reject_command.clone()))
                 .bind(error.as_str())
@@ -300,6 +328,7 @@ fn check(index: usize, update: &Update) -> Result<Checked<'_>, StoreError> {
                 Kind::Heartbeat => Effect::Heartbeat,
                 Kind::Relay => relay_effect(m.name.as_deref(), &m.payload),
                 Kind::Error => error_effect(&m.payload),
+                Kind::Sensor => sensor_effect(m.name.as_deref(), &m.payload),
                 Kind::Button => Effect::None,
             };
             Ok(Checked::Message {
@@ -339,6 +368,18 @@ fn relay_effect<'a>(name: Option<&'a str>, payload: &'a Value) -> Effect<'a> {
     let state = payload.get("state").and_then(Value::as_str).filter(|s| matches!(*s, "on" | "off"));
     match (name, state) {
         (Some(relay), Some(state)) => Effect::Relay { relay, state, command_id: command_id(payload) },
+        _ => Effect::None,
+    }
+}
+
+/// A sensor reading changes `sensors` when it names its sensor and its
+/// `value` is a finite number (ingest makes sure of that).
+fn sensor_effect<'a>(name: Option<&'a str>, payload: &'a Value) -> Effect<'a> {
+    let value = payload.get("value").and_then(Value::as_f64).filter(|v| v.is_finite());
+    match (name, value) {
+        (Some(sensor), Some(value)) => {
+            Effect::Sensor { sensor, value, unit: payload.get("unit").and_then(Value::as_str) }
+        }
         _ => Effect::None,
     }
 }

@@ -70,7 +70,7 @@ pub(super) fn events_query(params: &[(String, String)]) -> Result<EventsQuery, A
         None => None,
         Some(k) => Some(Kind::parse(k).ok_or_else(|| {
             ApiError::BadRequest(format!(
-                "kind: '{k}' is not an event kind (expected button, relay, heartbeat or error)"
+                "kind: '{k}' is not an event kind (expected button, relay, heartbeat, sensor or error)"
             ))
         })?),
     };
@@ -255,7 +255,7 @@ mod tests {
     fn a_bad_events_parameter_is_named_and_quoted() {
         assert_eq!(
             bad(events_query(&params(&[("kind", "weather")]))),
-            "kind: 'weather' is not an event kind (expected button, relay, heartbeat or error)"
+            "kind: 'weather' is not an event kind (expected button, relay, heartbeat, sensor or error)"
         );
         assert_eq!(
             bad(events_query(&params(&[("limit", "5000")]))),

@@ -72,6 +72,10 @@ fn error(device: &str, seq: u64, code: &str, text: &str, command_id: &str) -> Up
     message(device, seq, Kind::Error, None, body)
 }
 
+fn sensor(device: &str, seq: u64, name: &str, value: f64) -> Update {
+    message(device, seq, Kind::Sensor, Some(name), json!({"sensor": name, "value": value, "unit": "°C"}))
+}
+
 fn status(device: &str, online: bool, sec: u64) -> Update {
     Update::Status { device: device.into(), online, at: ts(sec) }
 }
@@ -486,6 +490,49 @@ async fn set_aside_messages_read_back_newest_first_and_are_counted_per_device(st
     assert_eq!(device(&store, "pi").await.set_aside, 2);
 }
 
+async fn the_newest_sensor_reading_wins_by_seq_and_every_reading_is_an_event(store: Store, _: String) {
+    let first = [sensor("pi", 2, "tank", 21.5), sensor("pi", 3, "air", -4.25), button("pi", 4, "pressed")];
+    assert_eq!(write(&store, &first).await, [true, true, true]);
+    // An older reading arriving late is stored as an event but is not the newest.
+    assert_eq!(write(&store, &[sensor("pi", 1, "tank", 99.0), sensor("pi", 2, "tank", 21.5)]).await, [true, false]);
+    let pi = device(&store, "pi").await;
+    let tank = &pi.sensors["tank"];
+    assert_eq!((tank.value, tank.unit.as_deref(), tank.ts.as_str()), (21.5, Some("°C"), ts(2).as_str()));
+    assert_eq!(pi.sensors["air"].value, -4.25);
+    assert_eq!(seqs(&store, "pi", Some(Kind::Sensor), 10, None).await, [3, 2, 1]);
+    let events = store.events("pi", Some(Kind::Sensor), 1, None).await.expect("events");
+    assert_eq!((events[0].name.as_deref(), events[0].payload["value"].as_f64()), (Some("air"), Some(-4.25)));
+    assert_eq!(write(&store, &[in_epoch(NEW_EPOCH, sensor("pi", 1, "tank", 7.0))]).await, [true]);
+    assert_eq!(device(&store, "pi").await.sensors["tank"].value, 7.0, "a new epoch is newer");
+}
+
+async fn a_version_3_database_gains_the_sensors_table(url: String) {
+    let dialect = super::Dialect::from_url(&url).expect("a test url");
+    let create = if dialect == super::Dialect::Sqlite { format!("{url}?mode=rwc") } else { url.clone() };
+    super::schema::migrate_upto(&create, dialect, 3).await.expect("schema version 3");
+    let mut conn = AnyConnection::connect(&url).await.expect("connect");
+    sqlx::query(
+        "INSERT INTO messages (device, epoch, seq, ts, kind, name, payload, received_at) VALUES ('pi', 0, 1, \
+         '2025-11-21T10:00:01.000Z', 'button', 'door', '{\"device\":\"pi\",\"seq\":1,\"state\":\"pressed\"}', \
+         '2025-11-21T10:00:01.000Z')",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("a version-3 row");
+    let _ = conn.close().await; // test connection; nothing to flush
+    let store = Store::connect(&url).await.expect("connect and migrate");
+    assert_eq!(seqs(&store, "pi", None, 10, None).await, [1], "old rows are kept");
+    assert_eq!(write(&store, &[sensor("pi", 2, "tank", 19.0)]).await, [true]);
+    assert_eq!(device(&store, "pi").await.sensors["tank"].value, 19.0);
+    store.close().await;
+    let mut conn = AnyConnection::connect(&url).await.expect("connect");
+    let mut versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM fieldlink_schema").fetch_all(&mut conn).await.expect("versions");
+    versions.sort_unstable();
+    assert_eq!(versions, [1, 2, 3, 4]);
+    let _ = conn.close().await; // as above
+}
+
 /// One test per case per backend.
 macro_rules! suite {
     ($($case:ident),* $(,)?) => {
@@ -520,6 +567,7 @@ suite!(
     two_hubs_writing_the_same_messages_at_once_store_each_once,
     a_device_whose_epoch_changed_has_its_new_messages_stored_and_its_newest_state_is_the_new_one,
     set_aside_messages_read_back_newest_first_and_are_counted_per_device,
+    the_newest_sensor_reading_wins_by_seq_and_every_reading_is_an_event,
 );
 
 mod migrations {
@@ -538,6 +586,21 @@ mod migrations {
     #[tokio::test]
     async fn postgres_a_version_1_database_is_migrated_with_its_rows_in_epoch_0() {
         run_unmigrated(Backend::Postgres, super::a_version_1_database_is_migrated_with_its_rows_in_epoch_0).await
+    }
+
+    #[tokio::test]
+    async fn sqlite_a_version_3_database_gains_the_sensors_table() {
+        run_unmigrated(Backend::Sqlite, super::a_version_3_database_gains_the_sensors_table).await
+    }
+
+    #[tokio::test]
+    async fn mariadb_a_version_3_database_gains_the_sensors_table() {
+        run_unmigrated(Backend::MariaDb, super::a_version_3_database_gains_the_sensors_table).await
+    }
+
+    #[tokio::test]
+    async fn postgres_a_version_3_database_gains_the_sensors_table() {
+        run_unmigrated(Backend::Postgres, super::a_version_3_database_gains_the_sensors_table).await
     }
 
     /// MySQL commits each DDL statement: a migration cut short runs again
