@@ -123,10 +123,6 @@ impl Topics {
         format!("{}/heartbeat", self.base())
     }
 
-    pub fn sensor(&self, name: &str) -> String {
-        format!("{}/sensor/{name}", self.base())
-    }
-
     pub fn error(&self) -> String {
         format!("{}/error", self.base())
     }
