@@ -14,6 +14,7 @@
 //! (opened to check they are readable). Relative paths are relative to the
 //! working directory, not to the config file.
 
+pub mod homeassistant;
 pub mod hub;
 mod mqtt;
 mod pem;
@@ -75,6 +76,7 @@ pub struct AgentConfig {
     pub supervisor: SupervisorConfig,
     pub sensors: Vec<SensorConfig>,
     pub metrics: MetricsConfig,
+    pub homeassistant: homeassistant::HomeAssistantConfig,
     /// What is valid but unwise (a password or key file others can read),
     /// one line each: `check-config` prints them on stderr and the agent
     /// logs them at warn when it starts.
@@ -236,6 +238,7 @@ fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) ->
         .entries("sensor", p)
         .map(|ts| ts.iter().enumerate().map(|(i, t)| sensor::sensor_config(t, i, p)).collect::<Vec<_>>());
     let metrics = r.section("metrics", p).and_then(|t| sensor::metrics_config(&t, p));
+    let homeassistant = r.section("homeassistant", p).and_then(|t| homeassistant::homeassistant_config(&t, p));
     r.finish(p);
 
     let buttons = buttons?;
@@ -258,6 +261,7 @@ fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) ->
         supervisor: supervisor?,
         sensors: sensors.into_iter().map(|(_, c)| c).collect::<Checked<_>>()?,
         metrics: metrics?,
+        homeassistant: homeassistant?,
         warnings: p.warnings(),
     })
 }
@@ -544,6 +548,8 @@ mod tests {
             "max_restarts",
             "window",
             "backoff_max",
+            "discovery",
+            "prefix",
         ];
         for key in keys {
             assert!(
