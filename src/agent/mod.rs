@@ -40,6 +40,8 @@ mod status;
 mod status_dump;
 mod status_socket;
 mod supervisor;
+mod systemd;
+mod watchdog;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,6 +54,7 @@ pub use inbox::{Arrival, Inbox};
 pub use restart_policy::{Decision, RestartPolicy};
 pub use status::{Dump, StatusBoard};
 pub use status_socket::{Answer as StatusAnswer, SocketError, request as request_status};
+pub use watchdog::{ActorView, LinkPing, Verdict, verdict as watchdog_verdict};
 
 use crate::config::{AgentConfig, GpioBackend};
 use crate::gpio::Gpio;
@@ -255,8 +258,22 @@ fn start(
         })
     };
 
+    let notifier = crate::sd_notify::Notifier::from_env();
+    // One back-off of the supervisor never withholds the watchdog; a fault
+    // that outlasts it by a watchdog period does (see `watchdog`).
+    let down_limit = cfg.supervisor.backoff_max + notifier.watchdog_timeout().unwrap_or(cfg.supervisor.backoff_max);
+    actix::spawn(
+        systemd::Systemd {
+            notifier: notifier.clone(),
+            board: board.clone(),
+            outbox: outbox.clone(),
+            link: link.clone().recipient(),
+            down_limit,
+        }
+        .run(),
+    );
     let supervised: Vec<Box<dyn std::any::Any>> = vec![Box::new(button), Box::new(relay), Box::new(heartbeat)];
-    lifecycle::Lifecycle::new(signals, dumper, outbox, link, supervised).start();
+    lifecycle::Lifecycle::new(signals, dumper, outbox, link, supervised, notifier).start();
     tracing::info!(device = %cfg.device_id, "agent started");
     Ok(())
 }

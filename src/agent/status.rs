@@ -51,6 +51,9 @@ pub struct ActorStatus {
     pub running: bool,
     pub restarts: u64,
     pub last_error: Option<String>,
+    /// Since when it has not been running, for the watchdog (not dumped).
+    #[serde(skip)]
+    pub down_since: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +70,10 @@ pub struct StatusBoard {
     device: String,
     started: Instant,
     board: Mutex<Board>,
+    /// Wakes the one waiter (`agent::systemd`) after a change that
+    /// `STATUS=` or readiness shows: link up/down, delivery numbers, an
+    /// actor running or failing. Permits coalesce: a burst wakes it once.
+    changed: tokio::sync::Notify,
 }
 
 /// The outbox numbers a dump shows, gathered by the caller (the outbox
@@ -138,9 +145,55 @@ impl StatusBoard {
     pub fn new(device: &str) -> StatusBoard {
         let mut board = Board::default();
         for name in ACTORS {
-            board.actors.insert(name, ActorStatus { running: false, restarts: 0, last_error: None });
+            board.actors.insert(
+                name,
+                ActorStatus { running: false, restarts: 0, last_error: None, down_since: Some(Instant::now()) },
+            );
         }
-        StatusBoard { device: device.to_string(), started: Instant::now(), board: Mutex::new(board) }
+        StatusBoard {
+            device: device.to_string(),
+            started: Instant::now(),
+            board: Mutex::new(board),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Resolves after the next change (or at once if one happened since the
+    /// last call). For one waiter only.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    fn touch(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Every supervised actor, for the watchdog.
+    pub fn actor_views(&self) -> Vec<super::watchdog::ActorView> {
+        self.lock()
+            .actors
+            .iter()
+            .map(|(&name, a)| super::watchdog::ActorView { name, running: a.running, down_since: a.down_since })
+            .collect()
+    }
+
+    /// Whether every supervised actor has run its `init`.
+    pub fn all_running(&self) -> bool {
+        self.lock().actors.values().all(|a| a.running)
+    }
+
+    /// The link state in a few words: `up` or `down (<last error>)`.
+    pub fn link_summary(&self) -> String {
+        let b = self.lock();
+        match (&b.link.connected, &b.link.last_error) {
+            (true, _) => "up".to_string(),
+            (false, None) => "connecting".to_string(),
+            (false, Some(e)) => {
+                let short: String = e.chars().take(80).collect();
+                let cut = if short.len() < e.len() { "..." } else { "" };
+                format!("down ({short}{cut})")
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Board> {
@@ -154,6 +207,8 @@ impl StatusBoard {
         b.link.connected = true;
         b.link.connects += 1;
         b.link.since = Some(timefmt::rfc3339_millis(SystemTime::now()));
+        drop(b);
+        self.touch();
     }
 
     pub fn link_down(&self, error: String) {
@@ -164,6 +219,8 @@ impl StatusBoard {
         }
         b.link.connected = false;
         b.link.last_error = Some(error);
+        drop(b);
+        self.touch();
     }
 
     /// The Link's delivery numbers.
@@ -171,6 +228,8 @@ impl StatusBoard {
         let mut b = self.lock();
         b.link.in_flight = in_flight;
         b.link.generation = generation;
+        drop(b);
+        self.touch();
     }
 
     pub fn link_counters(&self) -> LinkCounters {
@@ -200,14 +259,20 @@ impl StatusBoard {
     pub fn actor_running(&self, name: &'static str) {
         if let Some(a) = self.lock().actors.get_mut(name) {
             a.running = true;
+            a.down_since = None;
         }
+        self.touch();
     }
 
     pub fn actor_failed(&self, name: &'static str, error: String) {
         if let Some(a) = self.lock().actors.get_mut(name) {
+            if a.running || a.down_since.is_none() {
+                a.down_since = Some(Instant::now());
+            }
             a.running = false;
             a.last_error = Some(error);
         }
+        self.touch();
     }
 
     pub fn actor_restarted(&self, name: &'static str) {
