@@ -152,6 +152,7 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
     let gpio: Arc<dyn Gpio> = match cfg.gpio.backend {
         GpioBackend::Sim => Arc::new(crate::gpio::sim::SimGpio::start(&state_dir)?),
         GpioBackend::Rppal => Arc::new(crate::gpio::rppal::RppalGpio::new()?),
+        GpioBackend::Cdev => Arc::new(crate::gpio::cdev::CdevGpio::new()),
     };
 
     // Before the pid file too: a client that finds the pid file finds the
