@@ -215,7 +215,7 @@ impl Gpio for SimGpio {
 /// The simulated board's pins are the header's BCM numbers, 0..=27; the
 /// range is this backend's to check.
 fn sim_pin(pin: u32) -> Result<u8, GpioError> {
-    u8::try_from(pin).ok().filter(|&p| p <= MAX_PIN).ok_or(GpioError::NoSuchPin(pin.into()))
+    u8::try_from(pin).ok().filter(|&p| p <= MAX_PIN).ok_or(GpioError::NoSuchPin(pin))
 }
 
 /// A claimed pin, input or output; dropping it releases the claim.
