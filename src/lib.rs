@@ -29,6 +29,7 @@
 //! * [`mqtt_options`]: the rumqttc options the agent and the hub share;
 //!   [`connect_failure`]: why a connect failed, in words, and its log line.
 //! * [`fsutil`], [`timefmt`]: atomic file writes; RFC 3339 timestamps.
+//! * [`sd_notify`]: systemd's notification socket (`READY=1`, `WATCHDOG=1`).
 
 pub mod agent;
 pub mod broker;
@@ -42,6 +43,7 @@ pub mod hub;
 pub mod mqtt_options;
 pub mod outbox;
 pub mod proto;
+pub mod sd_notify;
 pub mod timefmt;
 
 /// The version reported in heartbeats and the status dump.

@@ -23,6 +23,9 @@ struct PinEvent {
     /// Which acquisition of the pins sent it; events from pins dropped by a
     /// restart are stale and ignored.
     generation: u64,
+    /// Which button (index into the config): pins on different chips may
+    /// share a number.
+    index: usize,
     event: Result<Edge, GpioError>,
 }
 
@@ -39,8 +42,8 @@ pub struct Button {
     sup: Supervision,
     /// Held while running; dropped (and re-acquired) on restart.
     pins: Vec<Box<dyn InputPin>>,
-    /// Last recorded state, by pin.
-    states: HashMap<u8, ButtonState>,
+    /// Last recorded state, by button index.
+    states: HashMap<usize, ButtonState>,
     generation: u64,
 }
 
@@ -55,12 +58,12 @@ impl Button {
         Button { buttons, gpio, recorder, topics, sup, pins: Vec::new(), states: HashMap::new(), generation: 0 }
     }
 
-    fn on_edge(&mut self, edge: Edge, ctx: &mut Context<Self>) {
-        let Some(cfg) = self.buttons.iter().find(|b| b.pin == edge.pin) else {
+    fn on_edge(&mut self, index: usize, edge: Edge, ctx: &mut Context<Self>) {
+        let Some(cfg) = self.buttons.get(index) else {
             return;
         };
         let state = button_state(edge.level, cfg.active_low);
-        if self.states.insert(edge.pin, state) == Some(state) {
+        if self.states.insert(index, state) == Some(state) {
             return;
         }
         self.sup.board().button(&cfg.name, state);
@@ -104,18 +107,18 @@ impl SupervisedActor for Button {
         self.pins.clear();
         self.generation += 1;
         let generation = self.generation;
-        for cfg in &self.buttons {
+        for (index, cfg) in self.buttons.iter().enumerate() {
             let addr = ctx.address();
-            let spec = InputSpec { pin: cfg.pin, pull: cfg.pull, debounce: cfg.debounce };
+            let spec = InputSpec { chip: cfg.chip.clone(), pin: cfg.pin, pull: cfg.pull, debounce: cfg.debounce };
             let pin = self
                 .gpio
-                .input(&spec, Box::new(move |event| addr.do_send(PinEvent { generation, event })))
+                .input(&spec, Box::new(move |event| addr.do_send(PinEvent { generation, index, event })))
                 .map_err(|e| format!("button '{}': {e}", cfg.name))?;
             let level = pin.level().map_err(|e| format!("button '{}': {e}", cfg.name))?;
             let state = button_state(level, cfg.active_low);
             // After a restart an edge may have been missed while the pin was
             // failing; the current level is the truth, but it is not an edge.
-            self.states.insert(cfg.pin, state);
+            self.states.insert(index, state);
             self.sup.board().button_initial(&cfg.name, state);
             self.pins.push(pin);
         }
@@ -131,7 +134,7 @@ impl Handler<PinEvent> for Button {
             return;
         }
         match msg.event {
-            Ok(edge) => self.on_edge(edge, ctx),
+            Ok(edge) => self.on_edge(msg.index, edge, ctx),
             Err(e) => supervisor::fail(self, ctx, e),
         }
     }

@@ -5,7 +5,7 @@
 //! disconnect and stop the system (exit 0). It is not supervised and must
 //! never fail: tokio never restores a signal's default action once a handler
 //! is registered (crates.md §1), so if this actor died SIGTERM would be
-//! swallowed.
+//! swallowed. At SIGTERM it tells systemd `STOPPING=1` first.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use super::link::{Link, Shutdown};
 use super::status_dump::StatusDump;
 use crate::outbox::OutboxHandle;
+use crate::sd_notify::Notifier;
 
 /// The most SIGTERM waits for the Link to say goodbye.
 const LINK_GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -56,6 +57,7 @@ pub struct Lifecycle<S> {
     /// just dropped would silently stay dead. Holding them here keeps every
     /// supervised actor restartable for the life of the process.
     _supervised: Vec<Box<dyn std::any::Any>>,
+    notifier: Notifier,
     terminating: bool,
 }
 
@@ -66,6 +68,7 @@ impl<S: Stream<Item = Sig> + Unpin + 'static> Lifecycle<S> {
         outbox: OutboxHandle,
         link: Addr<Link>,
         supervised: Vec<Box<dyn std::any::Any>>,
+        notifier: Notifier,
     ) -> Lifecycle<S> {
         Lifecycle {
             signals: Some(signals),
@@ -74,6 +77,7 @@ impl<S: Stream<Item = Sig> + Unpin + 'static> Lifecycle<S> {
             outbox,
             link,
             _supervised: supervised,
+            notifier,
             terminating: false,
         }
     }
@@ -97,6 +101,7 @@ impl<S: Stream<Item = Sig> + Unpin + 'static> Lifecycle<S> {
             return;
         }
         self.terminating = true;
+        self.notifier.send("STOPPING=1\nSTATUS=stopping: flushing the outbox, publishing offline");
         tracing::info!("terminating: flushing the outbox, publishing offline, disconnecting");
         let link = self.link.clone();
         let outbox = self.outbox.clone();

@@ -673,6 +673,14 @@ impl Handler<Durable> for Link {
     }
 }
 
+/// The watchdog's ping: answering it proves this arbiter turns (see
+/// `systemd`).
+impl Handler<super::systemd::Ping> for Link {
+    type Result = ();
+
+    fn handle(&mut self, _: super::systemd::Ping, _: &mut Context<Self>) {}
+}
+
 impl Handler<Shutdown> for Link {
     type Result = ResponseFuture<()>;
 

@@ -46,6 +46,8 @@ mod status;
 mod status_dump;
 mod status_socket;
 mod supervisor;
+mod systemd;
+mod watchdog;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,6 +60,7 @@ pub use inbox::{Arrival, Inbox};
 pub use restart_policy::{Decision, RestartPolicy};
 pub use status::{Dump, StatusBoard};
 pub use status_socket::{Answer as StatusAnswer, SocketError, request as request_status};
+pub use watchdog::{ActorView, LinkPing, Verdict, verdict as watchdog_verdict};
 
 use crate::config::{AgentConfig, GpioBackend};
 use crate::gpio::Gpio;
@@ -155,6 +158,7 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
     let gpio: Arc<dyn Gpio> = match cfg.gpio.backend {
         GpioBackend::Sim => Arc::new(crate::gpio::sim::SimGpio::start(&state_dir)?),
         GpioBackend::Rppal => Arc::new(crate::gpio::rppal::RppalGpio::new()?),
+        GpioBackend::Cdev => Arc::new(crate::gpio::cdev::CdevGpio::new()),
     };
 
     // Before the pid file too: a client that finds the pid file finds the
@@ -277,8 +281,23 @@ fn start(
             heartbeat::Heartbeat::new(hb, state_dir, recorder, topics, sup, textfile)
         })
     };
+
+    let notifier = crate::sd_notify::Notifier::from_env();
+    // One back-off of the supervisor never withholds the watchdog; a fault
+    // that outlasts it by a watchdog period does (see `watchdog`).
+    let down_limit = cfg.supervisor.backoff_max + notifier.watchdog_timeout().unwrap_or(cfg.supervisor.backoff_max);
+    actix::spawn(
+        systemd::Systemd {
+            notifier: notifier.clone(),
+            board: board.clone(),
+            outbox: outbox.clone(),
+            link: link.clone().recipient(),
+            down_limit,
+        }
+        .run(),
+    );
     supervised.push(Box::new(heartbeat));
-    lifecycle::Lifecycle::new(signals, dumper, outbox, link, supervised).start();
+    lifecycle::Lifecycle::new(signals, dumper, outbox, link, supervised, notifier).start();
     tracing::info!(device = %cfg.device_id, "agent started");
     Ok(())
 }

@@ -90,7 +90,7 @@ use super::saved_relays::{SavedRelay, SavedRelays};
 use super::status::RelayStatus;
 use super::supervisor::{self, SupervisedActor, Supervision};
 use crate::config::{PowerOnState, RelayConfig};
-use crate::gpio::{Gpio, Level, OutputPin};
+use crate::gpio::{Gpio, Level, OutputPin, OutputSpec};
 use crate::outbox::{OutboxError, OutboxReader};
 use crate::proto::{self, Body, Cause, ErrorCode, Qos, Refusal, RelayState, RelayStateBody, Topics};
 
@@ -461,9 +461,19 @@ impl SupervisedActor for Relay {
 
     fn init(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
         for i in 0..self.units.len() {
+            let saved = self.saved.get(&self.units[i].cfg.name).cloned();
             let u = &mut self.units[i];
             if u.pin.is_none() {
-                u.pin = Some(self.gpio.output(u.cfg.pin).map_err(|e| format!("relay '{}': {e}", u.cfg.name))?);
+                // Claimed driving the power-on state from the first instant
+                // (no glitch). Only the first start gets here: the pins are
+                // kept across restarts of this actor.
+                let desired = power_on(u.cfg.power_on_state, saved.as_ref().map(|s| s.state));
+                let spec = OutputSpec {
+                    chip: u.cfg.chip.clone(),
+                    pin: u.cfg.pin,
+                    initial: relay_level(desired, u.cfg.active_low),
+                };
+                u.pin = Some(self.gpio.output(&spec).map_err(|e| format!("relay '{}': {e}", u.cfg.name))?);
             }
             let pin = u.pin.as_ref().ok_or_else(|| format!("relay '{}': pin not acquired", u.cfg.name))?;
             let current =
@@ -685,7 +695,14 @@ mod tests {
             Err(GpioError::NoSuchPin(spec.pin))
         }
 
-        fn output(&self, _: u8) -> Result<Box<dyn OutputPin>, GpioError> {
+        fn output(&self, spec: &OutputSpec) -> Result<Box<dyn OutputPin>, GpioError> {
+            // Claiming drives the initial level (a switch if it differs).
+            let mut b = self.board();
+            if b.high != spec.initial.is_high() {
+                b.switches += 1;
+                b.high = spec.initial.is_high();
+            }
+            drop(b);
             Ok(Box::new(self.clone()))
         }
     }
@@ -720,6 +737,7 @@ mod tests {
         let (outbox, reader, _) = crate::outbox::open_in_memory(&MemStore::new(), &cfg).expect("in-memory outbox");
         let pump = RelayConfig {
             name: "pump".into(),
+            chip: None,
             pin: 27,
             active_low: false,
             power_on_state: PowerOnState::Last,

@@ -52,6 +52,9 @@ pub struct ActorStatus {
     pub running: bool,
     pub restarts: u64,
     pub last_error: Option<String>,
+    /// Since when it has not been running, for the watchdog (not dumped).
+    #[serde(skip)]
+    pub down_since: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +73,10 @@ pub struct StatusBoard {
     device: String,
     started: Instant,
     board: Mutex<Board>,
+    /// Wakes the one waiter (`agent::systemd`) after a change that
+    /// `STATUS=` or readiness shows: link up/down, delivery numbers, an
+    /// actor running or failing. Permits coalesce: a burst wakes it once.
+    changed: tokio::sync::Notify,
 }
 
 /// The outbox numbers a dump shows, gathered by the caller (the outbox
@@ -141,9 +148,55 @@ impl StatusBoard {
     pub fn new(device: &str) -> StatusBoard {
         let mut board = Board::default();
         for name in ACTORS {
-            board.actors.insert(name, ActorStatus { running: false, restarts: 0, last_error: None });
+            board.actors.insert(
+                name,
+                ActorStatus { running: false, restarts: 0, last_error: None, down_since: Some(Instant::now()) },
+            );
         }
-        StatusBoard { device: device.to_string(), started: Instant::now(), board: Mutex::new(board) }
+        StatusBoard {
+            device: device.to_string(),
+            started: Instant::now(),
+            board: Mutex::new(board),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Resolves after the next change (or at once if one happened since the
+    /// last call). For one waiter only.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    fn touch(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Every supervised actor, for the watchdog.
+    pub fn actor_views(&self) -> Vec<super::watchdog::ActorView> {
+        self.lock()
+            .actors
+            .iter()
+            .map(|(&name, a)| super::watchdog::ActorView { name, running: a.running, down_since: a.down_since })
+            .collect()
+    }
+
+    /// Whether every supervised actor has run its `init`.
+    pub fn all_running(&self) -> bool {
+        self.lock().actors.values().all(|a| a.running)
+    }
+
+    /// The link state in a few words: `up` or `down (<last error>)`.
+    pub fn link_summary(&self) -> String {
+        let b = self.lock();
+        match (&b.link.connected, &b.link.last_error) {
+            (true, _) => "up".to_string(),
+            (false, None) => "connecting".to_string(),
+            (false, Some(e)) => {
+                let short: String = e.chars().take(80).collect();
+                let cut = if short.len() < e.len() { "..." } else { "" };
+                format!("down ({short}{cut})")
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Board> {
@@ -159,6 +212,8 @@ impl StatusBoard {
         let now = SystemTime::now();
         b.link.since = Some(timefmt::rfc3339_millis(now));
         b.last_connect = Some(now);
+        drop(b);
+        self.touch();
     }
 
     pub fn link_connected(&self) -> bool {
@@ -176,7 +231,7 @@ impl StatusBoard {
 
     /// Another supervised actor to list (not running until it says so).
     pub fn add_actor(&self, name: &'static str) {
-        self.lock().actors.entry(name).or_insert(ActorStatus { running: false, restarts: 0, last_error: None });
+        self.lock().actors.entry(name).or_insert(ActorStatus { running: false, restarts: 0, last_error: None, down_since: Some(Instant::now()) });
     }
 
     /// Restarts per actor, by name.
@@ -192,6 +247,8 @@ impl StatusBoard {
         }
         b.link.connected = false;
         b.link.last_error = Some(error);
+        drop(b);
+        self.touch();
     }
 
     /// The Link's delivery numbers.
@@ -199,6 +256,8 @@ impl StatusBoard {
         let mut b = self.lock();
         b.link.in_flight = in_flight;
         b.link.generation = generation;
+        drop(b);
+        self.touch();
     }
 
     pub fn link_counters(&self) -> LinkCounters {
@@ -228,14 +287,20 @@ impl StatusBoard {
     pub fn actor_running(&self, name: &'static str) {
         if let Some(a) = self.lock().actors.get_mut(name) {
             a.running = true;
+            a.down_since = None;
         }
+        self.touch();
     }
 
     pub fn actor_failed(&self, name: &'static str, error: String) {
         if let Some(a) = self.lock().actors.get_mut(name) {
+            if a.running || a.down_since.is_none() {
+                a.down_since = Some(Instant::now());
+            }
             a.running = false;
             a.last_error = Some(error);
         }
+        self.touch();
     }
 
     pub fn actor_restarted(&self, name: &'static str) {

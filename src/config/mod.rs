@@ -120,6 +120,8 @@ pub struct OutboxConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpioBackend {
     Rppal,
+    /// The Linux GPIO character device (`/dev/gpiochipN`): any board.
+    Cdev,
     Sim,
 }
 
@@ -138,7 +140,10 @@ pub enum Pull {
 #[derive(Debug, Clone)]
 pub struct ButtonConfig {
     pub name: String,
-    pub pin: u8,
+    /// cdev only: `gpiochip0` (default) or a path.
+    pub chip: Option<String>,
+    /// BCM number (rppal, sim) or line offset on `chip` (cdev).
+    pub pin: u32,
     pub pull: Pull,
     pub active_low: bool,
     pub debounce: Duration,
@@ -155,7 +160,10 @@ pub enum PowerOnState {
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     pub name: String,
-    pub pin: u8,
+    /// cdev only: `gpiochip0` (default) or a path.
+    pub chip: Option<String>,
+    /// BCM number (rppal, sim) or line offset on `chip` (cdev).
+    pub pin: u32,
     pub active_low: bool,
     pub power_on_state: PowerOnState,
     pub failsafe_after: Option<Duration>,
@@ -183,7 +191,6 @@ pub struct SupervisorConfig {
 // Defaults and limits (DESIGN: Agent config).
 
 const DEFAULT_STATE_DIR: &str = "state";
-const MAX_PIN: i64 = 27;
 const MIN_OUTBOX_BYTES: i64 = 65_536;
 const DEFAULT_OUTBOX_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -245,6 +252,9 @@ fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) ->
     let relays = relays?;
     check_names(&buttons, p);
     check_names(&relays, p);
+    if let Ok(gpio) = &gpio {
+        check_pin_ranges(gpio.backend, &relays, &buttons, p);
+    }
     check_pins(&relays, &buttons, p);
     let sensors = sensors?;
     sensor::check_sensor_names(&sensors.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), p);
@@ -326,8 +336,12 @@ fn outbox_config(t: &Table, p: &mut Problems) -> Checked<OutboxConfig> {
 
 fn gpio_config(t: &Table, p: &mut Problems) -> Checked<GpioConfig> {
     let mut r = Reader::new(t, Place::Section("gpio"));
-    let backend =
-        r.choice("backend", GpioBackend::Rppal, &[("rppal", GpioBackend::Rppal), ("sim", GpioBackend::Sim)], p);
+    let backend = r.choice(
+        "backend",
+        GpioBackend::Rppal,
+        &[("rppal", GpioBackend::Rppal), ("cdev", GpioBackend::Cdev), ("sim", GpioBackend::Sim)],
+        p,
+    );
     r.finish(p);
     Ok(GpioConfig { backend: backend? })
 }
@@ -359,13 +373,21 @@ struct Entry<T> {
     /// 1-based position among entries of its kind.
     index: usize,
     name: Option<String>,
-    pin: Option<u8>,
+    /// `chip` as written (cdev), for the checks that need the backend.
+    chip: Option<String>,
+    pin: Option<u32>,
     config: Checked<T>,
 }
 
-/// Reads `name` and `pin`, the keys every entry has, and relabels the reader
-/// with the name once it is known to be good.
-fn entry_head<'t>(r: &mut Reader<'t>, kind: &'static str, p: &mut Problems) -> (Checked<String>, Checked<u8>) {
+/// Reads `name`, `chip` and `pin`, the keys every entry has, and relabels
+/// the reader with the name once it is known to be good. The pin's range
+/// belongs to the backend (`gpio::pin_range`) and is checked once the whole
+/// file is read.
+fn entry_head<'t>(
+    r: &mut Reader<'t>,
+    kind: &'static str,
+    p: &mut Problems,
+) -> (Checked<String>, Checked<Option<String>>, Checked<u32>) {
     let name = match r.str_opt("name", p) {
         Ok(Some(name)) if is_name(name) => Ok(name.to_string()),
         Ok(Some(name)) => {
@@ -377,20 +399,27 @@ fn entry_head<'t>(r: &mut Reader<'t>, kind: &'static str, p: &mut Problems) -> (
     if let Ok(name) = &name {
         r.place = Place::Entry { kind, label: quote(name) };
     }
-    let pin = match r.int_opt("pin", p) {
-        Ok(Some(pin)) => u8::try_from(pin)
-            .ok()
-            .filter(|&pin| i64::from(pin) <= MAX_PIN)
-            .ok_or_else(|| r.problem("pin", p, format!("{pin} is not a GPIO pin (0..={MAX_PIN})"))),
-        Ok(None) => Err(r.missing("pin", &format!("a GPIO pin number, 0..={MAX_PIN}"), p)),
+    let chip = match r.str_opt("chip", p) {
+        Ok(Some(chip)) if is_name(chip) || chip.starts_with('/') => Ok(Some(chip.to_string())),
+        Ok(Some(chip)) => Err(r.problem(
+            "chip",
+            p,
+            format!("{} is not a chip name or absolute path (e.g. 'gpiochip0', '/dev/gpiochip4')", quote(chip)),
+        )),
+        Ok(None) => Ok(None),
         Err(e) => Err(e),
     };
-    (name, pin)
+    let pin = match r.int_opt("pin", p) {
+        Ok(Some(pin)) => u32::try_from(pin).map_err(|_| r.problem("pin", p, format!("{pin} is not a GPIO pin number"))),
+        Ok(None) => Err(r.missing("pin", "a GPIO pin number (BCM for rppal and sim, the line offset for cdev)", p)),
+        Err(e) => Err(e),
+    };
+    (name, chip, pin)
 }
 
 fn button_config(t: &Table, i: usize, p: &mut Problems) -> Entry<ButtonConfig> {
     let mut r = Reader::new(t, Place::Entry { kind: "button", label: format!("#{}", i + 1) });
-    let (name, pin) = entry_head(&mut r, "button", p);
+    let (name, chip, pin) = entry_head(&mut r, "button", p);
     let pull = r.choice("pull", Pull::Up, &[("up", Pull::Up), ("down", Pull::Down), ("none", Pull::None)], p);
     let active_low = r.bool_or("active_low", true, p);
     let debounce = r.duration_in("debounce", millis(50), Duration::ZERO..=secs(5), p);
@@ -400,6 +429,7 @@ fn button_config(t: &Table, i: usize, p: &mut Problems) -> Entry<ButtonConfig> {
     let config = (|| {
         Ok(ButtonConfig {
             name: name.clone()?,
+            chip: chip.clone()?,
             pin: pin?,
             pull: pull?,
             active_low: active_low?,
@@ -407,12 +437,12 @@ fn button_config(t: &Table, i: usize, p: &mut Problems) -> Entry<ButtonConfig> {
             qos: qos?,
         })
     })();
-    Entry { kind: "button", label, index: i + 1, name: name.ok(), pin: pin.ok(), config }
+    Entry { kind: "button", label, index: i + 1, name: name.ok(), chip: chip.ok().flatten(), pin: pin.ok(), config }
 }
 
 fn relay_config(t: &Table, i: usize, p: &mut Problems) -> Entry<RelayConfig> {
     let mut r = Reader::new(t, Place::Entry { kind: "relay", label: format!("#{}", i + 1) });
-    let (name, pin) = entry_head(&mut r, "relay", p);
+    let (name, chip, pin) = entry_head(&mut r, "relay", p);
     let active_low = r.bool_or("active_low", false, p);
     let power_on_state = r.choice(
         "power_on_state",
@@ -433,6 +463,7 @@ fn relay_config(t: &Table, i: usize, p: &mut Problems) -> Entry<RelayConfig> {
     let config = (|| {
         Ok(RelayConfig {
             name: name.clone()?,
+            chip: chip.clone()?,
             pin: pin?,
             active_low: active_low?,
             power_on_state: power_on_state?,
@@ -441,7 +472,7 @@ fn relay_config(t: &Table, i: usize, p: &mut Problems) -> Entry<RelayConfig> {
             qos: qos?,
         })
     })();
-    Entry { kind: "relay", label, index: i + 1, name: name.ok(), pin: pin.ok(), config }
+    Entry { kind: "relay", label, index: i + 1, name: name.ok(), chip: chip.ok().flatten(), pin: pin.ok(), config }
 }
 
 /// Two entries of one kind with the same name.
@@ -455,17 +486,45 @@ fn check_names<T>(entries: &[Entry<T>], p: &mut Problems) {
     }
 }
 
-/// A pin used twice, across relays and buttons. Relays are checked first, so
-/// a clash between a button and a relay is reported on the button.
-fn check_pins(relays: &[Entry<RelayConfig>], buttons: &[Entry<ButtonConfig>], p: &mut Problems) {
-    let users: Vec<(&str, u8)> = relays
+/// Pins outside the backend's range (rppal and sim: BCM 0..=27; cdev checks
+/// each line against its chip when it opens it), and `chip` set for a
+/// backend that has no chips.
+fn check_pin_ranges(
+    backend: GpioBackend,
+    relays: &[Entry<RelayConfig>],
+    buttons: &[Entry<ButtonConfig>],
+    p: &mut Problems,
+) {
+    let entries = relays
         .iter()
-        .map(|e| (e.label.as_str(), e.pin))
-        .chain(buttons.iter().map(|e| (e.label.as_str(), e.pin)))
-        .filter_map(|(label, pin)| Some((label, pin?)))
+        .map(|e| (e.label.as_str(), e.chip.as_deref(), e.pin))
+        .chain(buttons.iter().map(|e| (e.label.as_str(), e.chip.as_deref(), e.pin)));
+    for (label, chip, pin) in entries {
+        if let (Some(range), Some(pin)) = (crate::gpio::pin_range(backend), pin)
+            && !range.contains(&pin)
+        {
+            p.report(format!("{label}: pin {pin} is not a GPIO pin ({}..={})", range.start(), range.end()));
+        }
+        if let Some(chip) = chip
+            && backend != GpioBackend::Cdev
+        {
+            p.report(format!("{label}: chip {} is only used with gpio.backend = \"cdev\"", quote(chip)));
+        }
+    }
+}
+
+/// A pin (on one chip) used twice, across relays and buttons. Relays are
+/// checked first, so a clash between a button and a relay is reported on the
+/// button.
+fn check_pins(relays: &[Entry<RelayConfig>], buttons: &[Entry<ButtonConfig>], p: &mut Problems) {
+    let users: Vec<(&str, &str, u32)> = relays
+        .iter()
+        .map(|e| (e.label.as_str(), e.chip.as_deref(), e.pin))
+        .chain(buttons.iter().map(|e| (e.label.as_str(), e.chip.as_deref(), e.pin)))
+        .filter_map(|(label, chip, pin)| Some((label, chip.unwrap_or(crate::gpio::cdev::DEFAULT_CHIP), pin?)))
         .collect();
-    for (i, &(label, pin)) in users.iter().enumerate() {
-        if let Some((first, _)) = users[..i].iter().find(|&&(_, other)| other == pin) {
+    for (i, &(label, chip, pin)) in users.iter().enumerate() {
+        if let Some((first, _, _)) = users[..i].iter().find(|&&(_, c, other)| other == pin && c == chip) {
             p.report(format!("{label}: pin {pin} is also used by {first}"));
         }
     }
@@ -536,6 +595,7 @@ mod tests {
             "flush_interval",
             "backend",
             "name",
+            "chip",
             "pin",
             "pull",
             "active_low",
@@ -699,9 +759,9 @@ qos = 0
                 "mqtt.keep_alive: '3 parsecs' is not a duration (e.g. 30s, 5m)",
                 "mqtt.max_inflight: 0 is out of range (expected 1..=1000)",
                 "outbox.durability: 'sometimes' is not 'always' or 'batch'",
-                "relay 'pump': pin 99 is not a GPIO pin (0..=27)",
                 "heartbeat.qos: 0 is not 1 or 2",
                 "unknown key 'colour'",
+                "relay 'pump': pin 99 is not a GPIO pin (0..=27)",
             ]
         );
     }
@@ -1112,7 +1172,7 @@ interval = { s = 1 }
     fn choices_list_what_is_allowed() {
         assert_eq!(
             problem(&with_device("[gpio]\nbackend = \"wiringpi\"")),
-            "gpio.backend: 'wiringpi' is not 'rppal' or 'sim'"
+            "gpio.backend: 'wiringpi' is not 'rppal', 'cdev' or 'sim'"
         );
         assert_eq!(
             problem(&with_device("[[button]]\nname = \"door\"\npin = 17\npull = \"sideways\"")),
@@ -1149,11 +1209,46 @@ interval = { s = 1 }
         );
         assert_eq!(
             problem(&with_device("[[button]]\nname = \"door\"\npin = -1")),
-            "button 'door': pin -1 is not a GPIO pin (0..=27)"
+            "button 'door': pin -1 is not a GPIO pin number"
         );
         assert_eq!(
             problem(&with_device("[[button]]\nname = \"door\"")),
-            "button 'door': missing key 'pin' (expected a GPIO pin number, 0..=27)"
+            "button 'door': missing key 'pin' (expected a GPIO pin number (BCM for rppal and sim, the line offset for cdev))"
+        );
+    }
+
+    #[test]
+    fn cdev_takes_any_line_offset_and_a_chip_per_entry() {
+        let c = parse(&with_device(
+            "[gpio]\nbackend = \"cdev\"\n[[button]]\nname = \"door\"\nchip = \"gpiochip1\"\npin = 269\n\
+             [[relay]]\nname = \"pump\"\npin = 300\n",
+        ))
+        .expect("a Walnut Pi's line 269 is fine for cdev: its chip is checked when it is opened");
+        assert_eq!(c.gpio.backend, GpioBackend::Cdev);
+        assert_eq!((c.buttons[0].chip.as_deref(), c.buttons[0].pin), (Some("gpiochip1"), 269));
+        assert_eq!((c.relays[0].chip.as_deref(), c.relays[0].pin), (None, 300));
+    }
+
+    #[test]
+    fn the_same_offset_on_two_chips_is_two_pins() {
+        let two_chips = with_device(
+            "[gpio]\nbackend = \"cdev\"\n[[button]]\nname = \"door\"\nchip = \"gpiochip1\"\npin = 5\n\
+             [[relay]]\nname = \"pump\"\npin = 5\n",
+        );
+        assert!(parse(&two_chips).is_ok());
+        let one_chip = two_chips.replace("chip = \"gpiochip1\"", "chip = \"gpiochip0\"");
+        assert_eq!(problem(&one_chip), "button 'door': pin 5 is also used by relay 'pump'");
+    }
+
+    #[test]
+    fn chip_is_only_for_cdev_and_must_look_like_a_chip() {
+        assert_eq!(
+            problem(&with_device("[[button]]\nname = \"door\"\nchip = \"gpiochip0\"\npin = 17")),
+            "button 'door': chip 'gpiochip0' is only used with gpio.backend = \"cdev\""
+        );
+        assert_eq!(
+            problem(&with_device("[gpio]\nbackend = \"cdev\"\n[[button]]\nname = \"door\"\nchip = \"../x\"\npin = 17")),
+            "button 'door': chip '../x' is not a chip name or absolute path (e.g. 'gpiochip0', '/dev/gpiochip4')"
         );
     }
 

@@ -1,18 +1,35 @@
-//! GPIO behind a trait, so the agent runs the same on a Raspberry Pi and in CI.
-//! Owns the trait and its types; the backends live in [`rppal`] (real pins)
-//! and [`sim`] (an in-process board driven over a Unix socket). Levels here are
+//! GPIO behind a trait, so the agent runs the same on a Raspberry Pi, on any
+//! Linux board and in CI. Owns the trait and its types; the backends live in
+//! [`rppal`] (Raspberry Pi pins by BCM number), [`cdev`] (any board: lines of
+//! `/dev/gpiochipN` by offset) and [`sim`] (an in-process board driven over a
+//! Unix socket). Each backend owns the range of pin numbers it accepts
+//! ([`pin_range`]). Levels here are
 //! electrical (`High`/`Low`); `active_low` is applied by the actors, not here.
 //! Nothing in this module knows about MQTT or the outbox.
 
+pub mod cdev;
+mod debounce;
 pub mod rppal;
 pub mod sim;
 
+use std::ops::RangeInclusive;
 use std::time::{Duration, SystemTime};
 
-pub use crate::config::Pull;
+pub use self::debounce::Debouncer;
+pub use crate::config::{GpioBackend, Pull};
 
-/// The highest BCM GPIO number on the 40-pin header.
+/// The highest BCM GPIO number on the 40-pin header (rppal and sim).
 pub const MAX_PIN: u8 = 27;
+
+/// The pin numbers a backend accepts, when it knows them without opening
+/// the hardware: `0..=27` for rppal and the simulator. `None` for cdev,
+/// which checks each offset against its chip's line count when it opens it.
+pub fn pin_range(backend: GpioBackend) -> Option<RangeInclusive<u32>> {
+    match backend {
+        GpioBackend::Rppal | GpioBackend::Sim => Some(0..=u32::from(MAX_PIN)),
+        GpioBackend::Cdev => None,
+    }
+}
 
 /// An electrical level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,16 +51,29 @@ impl Level {
 /// How an input pin is set up.
 #[derive(Debug, Clone)]
 pub struct InputSpec {
-    pub pin: u8,
+    /// cdev only: the chip (`gpiochip0` or a path); `None` elsewhere.
+    pub chip: Option<String>,
+    /// BCM number (rppal, sim) or line offset (cdev).
+    pub pin: u32,
     pub pull: Pull,
     /// Edges are reported only after the level has been stable this long.
     pub debounce: Duration,
 }
 
+/// How an output pin is set up.
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    /// cdev only: the chip (`gpiochip0` or a path); `None` elsewhere.
+    pub chip: Option<String>,
+    pub pin: u32,
+    /// The electrical level it drives from the moment it is claimed.
+    pub initial: Level,
+}
+
 /// A debounced level change on an input pin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Edge {
-    pub pin: u8,
+    pub pin: u32,
     pub level: Level,
     /// When it happened (wall clock), for the message's `ts`.
     pub at: SystemTime,
@@ -56,11 +86,13 @@ pub type EdgeSink = Box<dyn Fn(Result<Edge, GpioError>) + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum GpioError {
     #[error("pin {0} is not a GPIO pin (0..={MAX_PIN})")]
-    NoSuchPin(u8),
+    NoSuchPin(u32),
+    #[error("line {pin} is not on {chip} (it has {lines} lines, 0..={last})", last = lines.saturating_sub(1))]
+    NoSuchLine { chip: String, pin: u32, lines: u32 },
     #[error("pin {0} is already in use")]
-    PinInUse(u8),
+    PinInUse(u32),
     #[error("pin {pin}: {reason}")]
-    Failed { pin: u8, reason: String },
+    Failed { pin: u32, reason: String },
     #[error("gpio: {0}")]
     Backend(String),
 }
@@ -71,10 +103,11 @@ pub trait Gpio: Send + Sync {
     /// until the returned pin is dropped.
     fn input(&self, spec: &InputSpec, sink: EdgeSink) -> Result<Box<dyn InputPin>, GpioError>;
 
-    /// Claims `pin` as an output **without changing its level** (no glitch),
-    /// and never resets it on drop, so a restarted agent finds the relay as
-    /// it left it.
-    fn output(&self, pin: u8) -> Result<Box<dyn OutputPin>, GpioError>;
+    /// Claims `spec.pin` as an output driving `spec.initial` from the first
+    /// instant (the level is set before the direction, or in the same
+    /// request: no glitch), and never resets it on drop, so a restarted
+    /// agent finds the relay as it left it.
+    fn output(&self, spec: &OutputSpec) -> Result<Box<dyn OutputPin>, GpioError>;
 }
 
 pub trait InputPin: Send {

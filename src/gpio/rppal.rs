@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use rppal::gpio as hw;
 
-use super::{Edge, EdgeSink, Gpio, GpioError, InputPin, InputSpec, Level, MAX_PIN, OutputPin, Pull};
+use super::{Edge, EdgeSink, Gpio, GpioError, InputPin, InputSpec, Level, MAX_PIN, OutputPin, OutputSpec, Pull};
 
 /// GPIO on a Raspberry Pi.
 #[derive(Debug)]
@@ -44,16 +44,15 @@ impl RppalGpio {
     }
 
     /// Takes `pin` from rppal, mapping its errors to ours.
-    fn take(&self, pin: u8) -> Result<hw::Pin, GpioError> {
-        if pin > MAX_PIN {
-            return Err(GpioError::NoSuchPin(pin));
-        }
-        self.gpio.get(pin).map_err(|e| pin_error(pin, e))
+    /// The BCM range (0..=27) is this backend's to check.
+    fn take(&self, pin: u32) -> Result<hw::Pin, GpioError> {
+        let bcm = u8::try_from(pin).ok().filter(|&p| p <= MAX_PIN).ok_or(GpioError::NoSuchPin(pin))?;
+        self.gpio.get(bcm).map_err(|e| pin_error(pin, e))
     }
 }
 
 /// Maps an rppal error about `pin` to ours.
-fn pin_error(pin: u8, e: hw::Error) -> GpioError {
+fn pin_error(pin: u32, e: hw::Error) -> GpioError {
     match e {
         hw::Error::PinUsed(_) => GpioError::PinInUse(pin),
         hw::Error::PinNotAvailable(_) => GpioError::NoSuchPin(pin),
@@ -109,12 +108,17 @@ impl Gpio for RppalGpio {
         Ok(Box::new(RppalInput { input }))
     }
 
-    fn output(&self, pin: u8) -> Result<Box<dyn OutputPin>, GpioError> {
-        // `into_output` "sets the mode to Output and leaves the logic level
-        // unchanged" (`pin.rs:341-346`); if the pin is already an output (left
-        // so by a previous run) the mode is not even written (`pin.rs:615-623`).
-        // So acquiring never glitches the relay.
-        let mut output = self.take(pin)?.into_output();
+    fn output(&self, spec: &OutputSpec) -> Result<Box<dyn OutputPin>, GpioError> {
+        // `into_output_low`/`_high` "changes the logic level ... and then
+        // sets the mode to Output" (`pin.rs:348-364`): the pin drives the
+        // desired level from its first instant as an output, so acquiring
+        // never glitches the relay. If the pin is already an output (left so
+        // by a previous run) the mode is not even written (`pin.rs:615-623`).
+        let taken = self.take(spec.pin)?;
+        let mut output = match spec.initial {
+            Level::High => taken.into_output_high(),
+            Level::Low => taken.into_output_low(),
+        };
         // `reset_on_drop` defaults to true (`pin.rs:628`): on drop the pin
         // would return to its previous mode, usually Input, with pulls off
         // (`pin.rs:208-227`), and the relay line would float. Keep driving it.

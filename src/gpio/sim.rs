@@ -84,7 +84,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Edge, EdgeSink, Gpio, GpioError, InputPin, InputSpec, Level, MAX_PIN, OutputPin, Pull};
+use super::{Edge, EdgeSink, Gpio, GpioError, InputPin, InputSpec, Level, MAX_PIN, OutputPin, OutputSpec, Pull};
 
 /// The socket's file name inside `state_dir`.
 pub const SOCKET_FILE: &str = "sim.sock";
@@ -190,14 +190,32 @@ impl Drop for SimGpio {
 
 impl Gpio for SimGpio {
     fn input(&self, spec: &InputSpec, sink: EdgeSink) -> Result<Box<dyn InputPin>, GpioError> {
-        let token = self.shared.board().claim_input(spec, sink)?;
-        Ok(Box::new(SimPin { shared: Arc::clone(&self.shared), pin: spec.pin, token }))
-    }
-
-    fn output(&self, pin: u8) -> Result<Box<dyn OutputPin>, GpioError> {
-        let token = self.shared.board().claim_output(pin)?;
+        let pin = sim_pin(spec.pin)?;
+        let token = self.shared.board().claim_input(pin, spec, sink)?;
         Ok(Box::new(SimPin { shared: Arc::clone(&self.shared), pin, token }))
     }
+
+    fn output(&self, spec: &OutputSpec) -> Result<Box<dyn OutputPin>, GpioError> {
+        let pin = sim_pin(spec.pin)?;
+        let mut board = self.shared.board();
+        let token = board.claim_output(pin)?;
+        // Like a real pin set before its direction: the first level it
+        // drives is `initial` (a no-op when it already drives it).
+        if board.read(pin)? != spec.initial
+            && let Err(e) = board.drive(pin, token, spec.initial)
+        {
+            board.release(pin, token);
+            return Err(e);
+        }
+        drop(board);
+        Ok(Box::new(SimPin { shared: Arc::clone(&self.shared), pin, token }))
+    }
+}
+
+/// The simulated board's pins are the header's BCM numbers, 0..=27; the
+/// range is this backend's to check.
+fn sim_pin(pin: u32) -> Result<u8, GpioError> {
+    u8::try_from(pin).ok().filter(|&p| p <= MAX_PIN).ok_or(GpioError::NoSuchPin(pin))
 }
 
 /// A claimed pin, input or output; dropping it releases the claim.
@@ -334,7 +352,7 @@ impl Board {
     }
 
     fn pin_mut(&mut self, pin: u8) -> Result<&mut PinState, GpioError> {
-        self.pins.get_mut(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin))
+        self.pins.get_mut(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin.into()))
     }
 
     fn token(&mut self) -> u64 {
@@ -342,11 +360,11 @@ impl Board {
         self.next_token
     }
 
-    fn claim_input(&mut self, spec: &InputSpec, sink: EdgeSink) -> Result<u64, GpioError> {
+    fn claim_input(&mut self, pin: u8, spec: &InputSpec, sink: EdgeSink) -> Result<u64, GpioError> {
         let token = self.token();
-        let p = self.pin_mut(spec.pin)?;
+        let p = self.pin_mut(pin)?;
         if p.claim.is_some() {
-            return Err(GpioError::PinInUse(spec.pin));
+            return Err(GpioError::PinInUse(pin.into()));
         }
         let before = (p.mode, p.level, p.driven);
         let was_output = p.mode == Mode::Output;
@@ -358,11 +376,11 @@ impl Board {
             p.level = rest_level(spec.pull);
         }
         if was_output && let Err(e) = self.save() {
-            let p = self.pin_mut(spec.pin)?;
+            let p = self.pin_mut(pin)?;
             (p.mode, p.level, p.driven) = before;
-            return Err(save_failed(spec.pin, &e));
+            return Err(save_failed(pin, &e));
         }
-        let p = self.pin_mut(spec.pin)?;
+        let p = self.pin_mut(pin)?;
         p.claim = Some(Claim::Input(InputClaim {
             token,
             sink: Arc::new(sink),
@@ -378,7 +396,7 @@ impl Board {
         let token = self.token();
         let p = self.pin_mut(pin)?;
         if p.claim.is_some() {
-            return Err(GpioError::PinInUse(pin));
+            return Err(GpioError::PinInUse(pin.into()));
         }
         // The level is left alone: that is the point.
         let was_output = p.mode == Mode::Output;
@@ -404,7 +422,7 @@ impl Board {
 
     /// The agent reads a pin it holds.
     fn read(&self, pin: u8) -> Result<Level, GpioError> {
-        let p = self.pins.get(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin))?;
+        let p = self.pins.get(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin.into()))?;
         if p.fault {
             return Err(fault_error(pin));
         }
@@ -417,7 +435,10 @@ impl Board {
         match &p.claim {
             Some(Claim::Output { token: t }) if *t == token => {}
             _ => {
-                return Err(GpioError::Failed { pin, reason: "this output is no longer claimed".to_string() });
+                return Err(GpioError::Failed {
+                    pin: pin.into(),
+                    reason: "this output is no longer claimed".to_string(),
+                });
             }
         }
         if p.fault {
@@ -439,9 +460,9 @@ impl Board {
 
     /// `set <pin> <level>` from the socket.
     fn external_set(&mut self, pin: u8, level: Level, now: Instant) -> Result<(), GpioError> {
-        let p = self.pins.get_mut(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin))?;
+        let p = self.pins.get_mut(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin.into()))?;
         if p.mode == Mode::Output {
-            return Err(GpioError::Failed { pin, reason: "is an output driven by the agent".to_string() });
+            return Err(GpioError::Failed { pin: pin.into(), reason: "is an output driven by the agent".to_string() });
         }
         p.driven = true;
         let changed = p.level != level;
@@ -463,7 +484,7 @@ impl Board {
                 claim.deadline = None;
                 if level != claim.reported {
                     claim.reported = level;
-                    let edge = Edge { pin, level, at: claim.changed_at };
+                    let edge = Edge { pin: pin.into(), level, at: claim.changed_at };
                     self.queue.push_back(Delivery::new(pin, claim, Ok(edge)));
                 }
             } else {
@@ -475,7 +496,7 @@ impl Board {
 
     /// `fault <pin> <on|off>` from the socket.
     fn set_fault(&mut self, pin: u8, on: bool, now: Instant) -> Result<(), GpioError> {
-        let p = self.pins.get_mut(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin))?;
+        let p = self.pins.get_mut(usize::from(pin)).ok_or(GpioError::NoSuchPin(pin.into()))?;
         if p.fault == on {
             return Ok(());
         }
@@ -505,7 +526,7 @@ impl Board {
             claim.deadline = None;
             if !p.fault && p.level != claim.reported {
                 claim.reported = p.level;
-                let edge = Edge { pin, level: p.level, at: claim.changed_at };
+                let edge = Edge { pin: pin.into(), level: p.level, at: claim.changed_at };
                 self.queue.push_back(Delivery::new(pin, claim, Ok(edge)));
             }
         }
@@ -594,11 +615,11 @@ fn rest_level(pull: Pull) -> Level {
 }
 
 fn fault_error(pin: u8) -> GpioError {
-    GpioError::Failed { pin, reason: format!("simulated fault (switched on with 'fault {pin} on')") }
+    GpioError::Failed { pin: pin.into(), reason: format!("simulated fault (switched on with 'fault {pin} on')") }
 }
 
 fn save_failed(pin: u8, e: &io::Error) -> GpioError {
-    GpioError::Failed { pin, reason: format!("cannot save the simulated board's state: {e}") }
+    GpioError::Failed { pin: pin.into(), reason: format!("cannot save the simulated board's state: {e}") }
 }
 
 fn usage(line: &str, form: &str) -> String {
@@ -841,13 +862,17 @@ mod tests {
         (dir, sim)
     }
 
+    fn out(pin: u32, initial: Level) -> OutputSpec {
+        OutputSpec { chip: None, pin, initial }
+    }
+
     fn button(sim: &SimGpio, pin: u8, pull: Pull, debounce_ms: u64) -> (Box<dyn InputPin>, Events) {
         let (tx, rx) = mpsc::channel();
         let sink: EdgeSink = Box::new(move |event| {
             // The test may have stopped listening; that is fine.
             let _ = tx.send(event);
         });
-        let spec = InputSpec { pin, pull, debounce: Duration::from_millis(debounce_ms) };
+        let spec = InputSpec { chip: None, pin: pin.into(), pull, debounce: Duration::from_millis(debounce_ms) };
         let pin = sim.input(&spec, sink).expect("claim the input");
         (pin, rx)
     }
@@ -919,7 +944,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let sim = SimGpio::start(dir.path()).expect("start");
-            let mut relay = sim.output(27).expect("claim the output");
+            let mut relay = sim.output(&out(27, Level::Low)).expect("claim the output");
             relay.set(Level::High).expect("drive high");
             relay.set(Level::High).expect("drive high again");
             assert_eq!(ask(&sim, "get 27"), "1");
@@ -927,28 +952,30 @@ mod tests {
         }
         let sim = SimGpio::start(dir.path()).expect("restart");
         assert_eq!(ask(&sim, "get 27"), "1", "the latch survives the restart");
-        let relay = sim.output(27).expect("claim the output again");
+        let relay = sim.output(&out(27, Level::High)).expect("claim the output again");
         assert_eq!(relay.level().expect("read"), Level::High);
         assert_eq!(ask(&sim, "changes 27"), "1", "the restart glitched the relay");
     }
 
     #[test]
-    fn acquiring_an_output_does_not_change_its_level() {
+    fn acquiring_an_output_drives_its_initial_level_and_nothing_else() {
         let (_dir, sim) = board();
-        let fresh = sim.output(27).expect("claim");
+        let fresh = sim.output(&out(27, Level::Low)).expect("claim");
         assert_eq!(fresh.level().expect("read"), Level::Low, "a fresh pin starts low");
+        assert_eq!(ask(&sim, "changes 27"), "0");
         drop(fresh);
 
-        let mut relay = sim.output(27).expect("claim");
-        relay.set(Level::High).expect("drive");
+        let relay = sim.output(&out(27, Level::High)).expect("claim");
+        assert_eq!(relay.level().expect("read"), Level::High, "driven high from the claim on");
+        assert_eq!(ask(&sim, "changes 27"), "1", "one switch, no glitch through another level");
         drop(relay);
-        let relay = sim.output(27).expect("claim again");
+        let relay = sim.output(&out(27, Level::High)).expect("claim again");
         assert_eq!(relay.level().expect("read"), Level::High);
-        assert_eq!(ask(&sim, "changes 27"), "1");
+        assert_eq!(ask(&sim, "changes 27"), "1", "claiming at the level it has changes nothing");
 
-        // A pin held high from outside stays high when it becomes an output.
+        // A pin held high from outside stays high when it becomes an output at that level.
         assert_eq!(ask(&sim, "set 22 1"), "ok");
-        let other = sim.output(22).expect("claim");
+        let other = sim.output(&out(22, Level::High)).expect("claim");
         assert_eq!(other.level().expect("read"), Level::High);
         assert_eq!(ask(&sim, "changes 22"), "1");
     }
@@ -956,7 +983,7 @@ mod tests {
     #[test]
     fn set_on_an_output_is_refused() {
         let (_dir, sim) = board();
-        let relay = sim.output(27).expect("claim");
+        let relay = sim.output(&out(27, Level::Low)).expect("claim");
         assert_eq!(ask(&sim, "set 27 1"), "err pin 27 is an output driven by the agent");
         assert_eq!(relay.level().expect("read"), Level::Low);
         drop(relay);
@@ -984,7 +1011,7 @@ mod tests {
         assert_eq!(edge(&events).level, Level::Low);
         assert_eq!(pin.level().expect("read"), Level::Low);
 
-        let mut relay = sim.output(27).expect("claim");
+        let mut relay = sim.output(&out(27, Level::Low)).expect("claim");
         assert_eq!(ask(&sim, "fault 27 on"), "ok");
         assert!(relay.level().is_err());
         assert!(relay.set(Level::High).is_err());
@@ -1057,12 +1084,12 @@ mod tests {
     #[test]
     fn claimed_pins_and_pins_off_the_header_are_refused() {
         let (_dir, sim) = board();
-        assert!(matches!(sim.output(28), Err(GpioError::NoSuchPin(28))));
+        assert!(matches!(sim.output(&out(28, Level::Low)), Err(GpioError::NoSuchPin(28))));
         let (input, _events) = button(&sim, 17, Pull::Up, 0);
-        assert!(matches!(sim.output(17), Err(GpioError::PinInUse(17))));
+        assert!(matches!(sim.output(&out(17, Level::Low)), Err(GpioError::PinInUse(17))));
         drop(input);
-        let _relay = sim.output(17).expect("free again");
-        assert!(matches!(sim.output(17), Err(GpioError::PinInUse(17))));
+        let _relay = sim.output(&out(17, Level::Low)).expect("free again");
+        assert!(matches!(sim.output(&out(17, Level::Low)), Err(GpioError::PinInUse(17))));
     }
 
     #[test]

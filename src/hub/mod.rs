@@ -260,10 +260,16 @@ pub fn run(cfg: HubConfig) -> Result<i32, HubError> {
         let mut int = signal(SignalKind::interrupt()).map_err(HubError::Signals)?;
         let hub = Hub::start(&cfg).await?;
         announce(hub.started());
+        // The database is open, the web listener bound and the collector
+        // running (it connects to the broker on its own): systemd may count
+        // the hub as started.
+        let notifier = crate::sd_notify::Notifier::from_env();
+        notifier.send(&format!("READY=1\nSTATUS=dashboard on http://{}/", hub.started().web));
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+        notifier.send("STOPPING=1");
         tracing::info!("stopping: committing what is in hand, then disconnecting");
         hub.shutdown().await;
         Ok(0)

@@ -1004,6 +1004,11 @@ impl Agent {
 
     /// Spawns `fieldlink agent -c <cfg>` without waiting for anything.
     pub fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    /// [`Agent::spawn`] with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "the agent is already running");
         self.starts += 1;
         let mut log = fs::OpenOptions::new().create(true).append(true).open(&self.log_path).expect("open agent.log");
@@ -1016,6 +1021,7 @@ impl Agent {
             .current_dir(self.dir.path())
             .env("RUST_LOG", "debug")
             .env_remove("FIELDLINK_MQTT_PASSWORD")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
