@@ -114,12 +114,16 @@
 //! goes, and two between consecutive QoS 2 records; QoS 1 records keep the
 //! whole window.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rumqttc::{Event, Outgoing, Packet, Publish, QoS, Request, Subscribe, SubscribeFilter};
 
+use crate::config::Confirm;
 use crate::outbox::Record;
-use crate::proto::Qos;
+use crate::proto::{self, Qos, StoredAck};
+
+/// A message's identity in its payload, `(epoch, seq)` (the device is ours).
+pub type Id = (u64, u64);
 
 /// An MQTT packet identifier (1..=65535).
 pub type Pkid = u16;
@@ -194,7 +198,8 @@ pub enum Action {
     /// Read up to `limit` records with `from <= seq <= upto` and hand them to
     /// [`Delivery::records`] with this token.
     Read { token: u64, from: u64, upto: u64, limit: usize },
-    /// The broker acknowledged this record: remove it from the outbox.
+    /// The record may leave the outbox: the broker acknowledged it
+    /// (`confirm = "broker"`) or the hub confirmed it (`confirm = "hub"`).
     Remove(u64),
     /// The broker acknowledged this tagged publish.
     Done(Tag),
@@ -250,6 +255,23 @@ struct Slot {
     written: bool,
     /// It was written on some connection (the DUP flag of a resend).
     sent: bool,
+    /// Hub mode: the record's identity (None: not a JSON payload with a
+    /// seq, so no hub can confirm it; its broker ack removes it).
+    id: Option<Id>,
+    /// Hub mode: the hub confirmed it while it was in flight; it has been
+    /// removed already and its broker ack only frees the packet id.
+    confirmed: bool,
+}
+
+/// The read in flight.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    token: u64,
+    upto: u64,
+    limit: usize,
+    /// Reading back unconfirmed records to send again (module doc:
+    /// Confirmation by the hub), not from the cursor.
+    resend: bool,
 }
 
 /// A submission waiting for its packet id.
@@ -280,13 +302,27 @@ pub struct Delivery {
     up: bool,
     closing: bool,
     token: u64,
-    /// The read in flight: its token, `upto` and `limit`.
-    reading: Option<(u64, u64, usize)>,
+    /// The read in flight.
+    reading: Option<Reading>,
     records_out: usize,
     /// QoS 2 records still waiting for PUBREC.
     qos2_unreceived: usize,
     /// QoS 2 records in flight (at most one, see the module doc).
     qos2_out: usize,
+    /// What removes a record: the broker's ack or the hub's.
+    confirm: Confirm,
+    /// Hub mode: records the broker acknowledged that wait for the hub,
+    /// by outbox seq: their identity and the resend round they were
+    /// acknowledged in.
+    unconfirmed: BTreeMap<u64, (Id, u64)>,
+    /// Hub mode: the outbox seq of each identity submitted on this session
+    /// and not removed since (in flight, read back for a resend, or
+    /// unconfirmed).
+    ids: BTreeMap<Id, u64>,
+    /// Hub mode: unconfirmed records to read back and send again.
+    resend: BTreeSet<u64>,
+    /// Hub mode: the current resend round (see [`Delivery::resend_unconfirmed`]).
+    round: u64,
 }
 
 fn mqtt_qos(q: Qos) -> QoS {
@@ -307,8 +343,9 @@ fn publish_of(record: &Record) -> Submit {
 
 impl Delivery {
     /// A state with nothing in flight, reading from the oldest record.
-    /// `window`: records in flight at most (`mqtt.max_inflight`).
-    pub fn new(window: u16) -> Delivery {
+    /// `window`: records in flight at most (`mqtt.max_inflight`); `confirm`:
+    /// whose ack removes a record.
+    pub fn new(window: u16, confirm: Confirm) -> Delivery {
         Delivery {
             window: usize::from(window.max(1)),
             cycle: rumqttc_inflight(window),
@@ -326,6 +363,11 @@ impl Delivery {
             records_out: 0,
             qos2_unreceived: 0,
             qos2_out: 0,
+            confirm,
+            unconfirmed: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            resend: BTreeSet::new(),
+            round: 0,
         }
     }
 
@@ -334,8 +376,8 @@ impl Delivery {
     /// counter come back to ids still in use). `cycle` must exceed
     /// `window + 3`, or rumqttc's request gate can close.
     #[cfg(test)]
-    pub(crate) fn with_cycle(window: u16, cycle: u16) -> Delivery {
-        Delivery { cycle, ..Delivery::new(window) }
+    pub(crate) fn with_cycle(window: u16, cycle: u16, confirm: Confirm) -> Delivery {
+        Delivery { cycle, ..Delivery::new(window, confirm) }
     }
 
     /// The packet ids this state holds (test cross-checks).
@@ -352,6 +394,12 @@ impl Delivery {
     /// Records in flight (submitted, not yet acknowledged).
     pub fn in_flight(&self) -> usize {
         self.records_out
+    }
+
+    /// Hub mode: records the broker acknowledged that wait for the hub's
+    /// confirmation (not counting those read back to be sent again).
+    pub fn unconfirmed(&self) -> usize {
+        self.unconfirmed.len()
     }
 
     /// Whether a ConnAck was handled and the connection has not ended since.
@@ -395,7 +443,11 @@ impl Delivery {
                             self.qos2_unreceived -= 1;
                         }
                     }
-                    requeued.push(record);
+                    // One the hub confirmed has left the outbox: its packet
+                    // id was all that was left of it.
+                    if !slot.confirmed {
+                        requeued.push(record);
+                    }
                 }
                 continue;
             }
@@ -437,6 +489,15 @@ impl Delivery {
             self.ready.clear();
             self.cursor = 0;
             self.token += 1;
+            // Everything is read again from the oldest record, unconfirmed
+            // ones included.
+            self.unconfirmed.clear();
+            self.ids.clear();
+            self.resend.clear();
+        } else {
+            // The broker may have lost what it acknowledged (a crash
+            // without persistence): send every unconfirmed record again.
+            self.resend.extend(self.unconfirmed.keys().copied());
         }
         self.up = true;
         self.control.extend(control);
@@ -483,7 +544,7 @@ impl Delivery {
     /// The result of [`Action::Read`] with this token.
     pub fn records(&mut self, token: u64, records: Vec<Record>) -> Vec<Action> {
         let mut actions = Vec::new();
-        let Some((asked, upto, limit)) = self.reading else {
+        let Some(Reading { token: asked, upto, limit, resend }) = self.reading else {
             return actions;
         };
         if asked != token {
@@ -491,7 +552,11 @@ impl Delivery {
             return actions;
         }
         self.reading = None;
-        if token == self.token {
+        if resend {
+            if token == self.token {
+                self.read_back(records, upto, limit);
+            }
+        } else if token == self.token {
             let n = records.len();
             let last = records.last().map(|r| r.seq);
             self.ready.extend(records.into_iter().filter(|r| r.seq >= self.cursor));
@@ -507,7 +572,7 @@ impl Delivery {
     /// [`Action::Read`] failed; the next call to [`Delivery::pump`] reads
     /// again.
     pub fn read_failed(&mut self, token: u64) {
-        if matches!(self.reading, Some((t, _, _)) if t == token) {
+        if matches!(self.reading, Some(r) if r.token == token) {
             self.reading = None;
         }
     }
@@ -600,7 +665,14 @@ impl Delivery {
                 if slot.qos == QoS::ExactlyOnce {
                     self.qos2_out -= 1;
                 }
-                actions.push(Action::Remove(r.seq));
+                match (self.confirm, slot.id) {
+                    // Removed when the hub confirmed it.
+                    _ if slot.confirmed => {}
+                    (Confirm::Hub, Some(id)) => {
+                        self.unconfirmed.insert(r.seq, (id, self.round));
+                    }
+                    _ => actions.push(Action::Remove(r.seq)),
+                }
             }
             What::Tag(tag) => actions.push(Action::Done(tag)),
             What::Subscribe => {}
@@ -649,6 +721,7 @@ impl Delivery {
                 }
             }
             let pkid = self.advance();
+            let mut id = None;
             let (what, qos, submit) = match queued {
                 Queued::Record(r) => {
                     let submit = publish_of(&r);
@@ -657,6 +730,12 @@ impl Delivery {
                     if qos == QoS::ExactlyOnce {
                         self.qos2_unreceived += 1;
                         self.qos2_out += 1;
+                    }
+                    if self.confirm == Confirm::Hub {
+                        id = proto::identity(&r.payload);
+                        if let Some(id) = id {
+                            self.ids.insert(id, r.seq);
+                        }
                     }
                     (What::Record(r), qos, submit)
                 }
@@ -671,7 +750,8 @@ impl Delivery {
                     (What::Tag(tag), qos, submit)
                 }
             };
-            self.slots.insert(pkid, Slot { what, qos, phase: Phase::Ack, written: false, sent: false });
+            let slot = Slot { what, qos, phase: Phase::Ack, written: false, sent: false, id, confirmed: false };
+            self.slots.insert(pkid, slot);
             self.expected.push_back(pkid);
             actions.push(Action::Submit(submit));
         }
@@ -679,15 +759,104 @@ impl Delivery {
     }
 
     fn read(&mut self, actions: &mut Vec<Action>) {
-        if !self.up || self.closing || self.reading.is_some() || self.durable == 0 || self.cursor > self.durable {
+        if !self.up || self.closing || self.reading.is_some() {
             return;
         }
         let room = self.window.saturating_sub(self.records_out + self.ready.len());
         if room == 0 {
             return;
         }
-        self.reading = Some((self.token, self.durable, room));
+        // Resends first, as after a resumed session.
+        if let (Some(&from), Some(&upto)) = (self.resend.first(), self.resend.last()) {
+            self.reading = Some(Reading { token: self.token, upto, limit: room, resend: true });
+            actions.push(Action::Read { token: self.token, from, upto, limit: room });
+            return;
+        }
+        if self.durable == 0 || self.cursor > self.durable {
+            return;
+        }
+        self.reading = Some(Reading { token: self.token, upto: self.durable, limit: room, resend: false });
         actions.push(Action::Read { token: self.token, from: self.cursor, upto: self.durable, limit: room });
+    }
+
+    /// The result of a resend read over `..=upto` with `limit`: the
+    /// records still waiting go back to the queue, in seq order; those the
+    /// read passed over are gone from the outbox (dropped by its bound) and
+    /// are forgotten.
+    fn read_back(&mut self, records: Vec<Record>, upto: u64, limit: usize) {
+        let covered = match records.last() {
+            Some(last) if records.len() >= limit => last.seq,
+            _ => upto,
+        };
+        for r in records {
+            if self.resend.remove(&r.seq) && self.unconfirmed.remove(&r.seq).is_some() {
+                let at = self.ready.partition_point(|q| q.seq < r.seq);
+                self.ready.insert(at, r);
+            }
+        }
+        let gone: Vec<u64> = self.resend.range(..=covered).copied().collect();
+        for seq in gone {
+            self.resend.remove(&seq);
+            if let Some((id, _)) = self.unconfirmed.remove(&seq) {
+                self.ids.remove(&id);
+            }
+        }
+    }
+
+    /// Hub mode: the hub stored these messages (`P/D/ack`). Each one this
+    /// state has sent on this session is removed from the outbox, whether
+    /// the broker has acknowledged it yet or not; the others (sent before
+    /// a restart or a lost session, or removed already) are read and sent
+    /// again in their turn and confirmed then. Returns the removals.
+    pub fn confirmed(&mut self, ack: &StoredAck) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.confirm != Confirm::Hub {
+            return actions;
+        }
+        let mut named: Vec<(Id, u64)> = Vec::new();
+        for &(first, last) in &ack.seqs {
+            if first > last {
+                continue;
+            }
+            named.extend(self.ids.range((ack.epoch, first)..=(ack.epoch, last)).map(|(id, seq)| (*id, *seq)));
+        }
+        for (id, seq) in named {
+            self.ids.remove(&id);
+            if self.unconfirmed.remove(&seq).is_some() {
+                self.resend.remove(&seq);
+                actions.push(Action::Remove(seq));
+            } else if let Some(slot) = self
+                .slots
+                .values_mut()
+                .find(|s| !s.confirmed && matches!(&s.what, What::Record(r) if r.seq == seq))
+            {
+                // In flight (sent again, or the hub was faster than the
+                // broker's ack): its ack only frees the packet id now.
+                slot.confirmed = true;
+                actions.push(Action::Remove(seq));
+            } else if let Some(at) = self.ready.iter().position(|r| r.seq == seq) {
+                self.ready.remove(at);
+                actions.push(Action::Remove(seq));
+            }
+        }
+        self.pump(&mut actions);
+        actions
+    }
+
+    /// Hub mode, when the confirmation time-out runs out: every record
+    /// that was unconfirmed at the previous call already (so it waited at
+    /// least one whole time-out) is read back and sent again, through the
+    /// window, in seq order, ahead of new records. Returns how many, and
+    /// what to do.
+    pub fn resend_unconfirmed(&mut self) -> (usize, Vec<Action>) {
+        let round = self.round;
+        self.round += 1;
+        let before = self.resend.len();
+        self.resend.extend(self.unconfirmed.iter().filter(|(_, (_, r))| *r < round).map(|(seq, _)| *seq));
+        let n = self.resend.len() - before;
+        let mut actions = Vec::new();
+        self.pump(&mut actions);
+        (n, actions)
     }
 }
 
@@ -755,7 +924,7 @@ mod tests {
     /// A state connected on a fresh session with records 1..=n durable and
     /// read, their writes confirmed.
     fn sending(window: u16, records: &[Record]) -> (Delivery, Vec<Action>) {
-        let mut d = Delivery::new(window);
+        let mut d = Delivery::new(window, Confirm::Broker);
         assert!(d.connecting().is_empty());
         let c = d.connected(false, vec![]);
         assert!(c.actions.is_empty(), "nothing durable yet: {:?}", c.actions);
@@ -805,7 +974,7 @@ mod tests {
     #[test]
     fn the_window_bounds_records_in_flight_and_an_ack_lets_the_next_one_go() {
         let recs: Vec<_> = (1..=3).map(|s| rec(s, Qos::AtLeastOnce)).collect();
-        let mut d = Delivery::new(2);
+        let mut d = Delivery::new(2, Confirm::Broker);
         d.connecting();
         d.connected(false, vec![]);
         let read = d.durable(3);
@@ -949,7 +1118,7 @@ mod tests {
     fn a_packet_id_still_in_use_holds_the_next_submission_until_its_ack() {
         // A resumed session resends record 1 as packet id 1, and the fresh
         // rumqttc state numbers its first request 1 too.
-        let mut d = Delivery::new(1);
+        let mut d = Delivery::new(1, Confirm::Broker);
         d.connecting();
         d.connected(false, vec![]);
         let read = d.durable(2);
@@ -974,7 +1143,7 @@ mod tests {
 
     #[test]
     fn tagged_publishes_are_reported_done_and_are_not_resent_on_the_next_connection() {
-        let mut d = Delivery::new(4);
+        let mut d = Delivery::new(4, Confirm::Broker);
         d.connecting();
         let online = Submit::Publish {
             topic: "p/d/status".into(),
@@ -995,7 +1164,7 @@ mod tests {
 
     #[test]
     fn nothing_is_read_or_sent_while_down_or_closing() {
-        let mut d = Delivery::new(4);
+        let mut d = Delivery::new(4, Confirm::Broker);
         assert!(d.durable(5).is_empty(), "down");
         d.connecting();
         let c = d.connected(false, vec![]);
@@ -1007,7 +1176,7 @@ mod tests {
 
     #[test]
     fn an_empty_read_moves_the_cursor_past_upto() {
-        let mut d = Delivery::new(4);
+        let mut d = Delivery::new(4, Confirm::Broker);
         d.connecting();
         d.connected(false, vec![]);
         let read = d.durable(5);

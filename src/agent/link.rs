@@ -86,14 +86,15 @@ use rumqttc::{
 use tokio::sync::oneshot;
 
 use super::backoff::{Failure, Reconnect, Wait, probe_pause};
+use super::confirmations::ConfirmClock;
 use super::delivery::{Action, Control, Delivery, Desync, Submit, Tag, rumqttc_inflight, subscribe_filters};
 use super::inbox::{Arrival, Inbox};
 use super::relay::{CaughtUp, LinkDown, LinkUp, Relay, RelayCommand};
 use super::supervisor::{self, SupervisedActor, Supervision};
-use crate::config::MqttConfig;
+use crate::config::{Confirm, ConfirmConfig, MqttConfig};
 use crate::mqtt_options;
 use crate::outbox::{OutboxError, OutboxHandle, OutboxReader, Record};
-use crate::proto::{self, Topics};
+use crate::proto::{self, StoredAck, Topics};
 
 /// How long SIGTERM waits for the broker to acknowledge `offline`.
 const OFFLINE_ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -209,6 +210,9 @@ struct Conn {
 
 pub struct Link {
     cfg: MqttConfig,
+    confirm: ConfirmConfig,
+    /// `confirm = "hub"`: when unconfirmed records go again.
+    clock: ConfirmClock,
     topics: Topics,
     outbox: OutboxHandle,
     reader: OutboxReader,
@@ -233,16 +237,19 @@ pub struct Link {
 impl Link {
     pub fn new(
         cfg: MqttConfig,
+        confirm: ConfirmConfig,
         topics: Topics,
         outbox: OutboxHandle,
         reader: OutboxReader,
         relay: Addr<Relay>,
         sup: Supervision,
     ) -> Link {
-        let delivery = Delivery::new(cfg.max_inflight);
+        let delivery = Delivery::new(cfg.max_inflight, confirm.mode);
         let reconnect = Reconnect::new(cfg.reconnect_min, cfg.reconnect_max);
         Link {
             cfg,
+            confirm,
+            clock: ConfirmClock::new(confirm.timeout),
             topics,
             outbox,
             reader,
@@ -262,8 +269,65 @@ impl Link {
         }
     }
 
-    fn report(&self) {
-        self.sup.board().link_delivery(self.delivery.in_flight(), self.generation);
+    fn report(&mut self) {
+        let unconfirmed = self.delivery.unconfirmed();
+        self.clock.update(Instant::now(), unconfirmed, false);
+        self.sup.board().link_delivery(self.delivery.in_flight(), unconfirmed, self.generation);
+    }
+
+    /// The topics subscribed to on every ConnAck.
+    fn filters(&self) -> Vec<String> {
+        let mut filters = vec![self.topics.relay_set_filter(), self.topics.sync()];
+        if self.confirm.mode == Confirm::Hub {
+            filters.push(self.topics.ack());
+        }
+        filters
+    }
+
+    /// A `P/D/ack` from the hub: remove what it stored.
+    fn on_stored_ack(&mut self, payload: &[u8], ctx: &mut Context<Self>) {
+        if self.confirm.mode != Confirm::Hub {
+            return;
+        }
+        let ack = match StoredAck::decode(payload) {
+            Ok(ack) => ack,
+            Err(e) => {
+                tracing::warn!(topic = %self.topics.ack(), "confirmation ignored: {e}");
+                return;
+            }
+        };
+        let actions = self.delivery.confirmed(&ack);
+        let removed = actions.iter().filter(|a| matches!(a, Action::Remove(_))).count();
+        tracing::debug!(epoch = ack.epoch, named = ack.count(), removed, "the hub confirmed storage");
+        if removed > 0 {
+            self.clock.update(Instant::now(), self.delivery.unconfirmed(), true);
+        }
+        self.perform(actions, ctx);
+    }
+
+    /// Every [`ConfirmClock::tick_every`] with `confirm = "hub"`.
+    fn confirm_tick(&mut self, ctx: &mut Context<Self>) {
+        let waited = self.clock.current();
+        let tick = self.clock.tick(Instant::now());
+        if tick.warn {
+            tracing::warn!(
+                unconfirmed = self.delivery.unconfirmed(),
+                "no fieldlink hub has confirmed anything in {}, while the broker acknowledges: records stay in the \
+                 outbox and are sent again. Is the hub running and subscribed? For a plain broker (no fieldlink \
+                 hub) set outbox.confirm = \"broker\"",
+                humantime::format_duration(super::confirmations::WARN_AFTER)
+            );
+        }
+        if tick.resend {
+            let (n, actions) = self.delivery.resend_unconfirmed();
+            if n > 0 {
+                tracing::info!(
+                    "{n} records the broker acknowledged were not confirmed by the hub within {}: sending them again",
+                    humantime::format_duration(waited)
+                );
+            }
+            self.perform(actions, ctx);
+        }
     }
 
     fn up(&self) -> bool {
@@ -314,11 +378,15 @@ impl Link {
             payload: nonce.clone().into_bytes(),
         };
         let control = vec![
-            Control::Subscribe(vec![self.topics.relay_set_filter(), self.topics.sync()]),
+            Control::Subscribe(self.filters()),
             Control::Publish(Tag::Online, status),
             Control::Publish(Tag::Sync, sync),
         ];
+        let unconfirmed = self.delivery.unconfirmed();
         let connected = self.delivery.connected(session_present, control);
+        if session_present && unconfirmed > 0 {
+            tracing::info!("sending the {unconfirmed} records that wait for the hub's confirmation again");
+        }
         if connected.forgotten > 0 {
             tracing::warn!(
                 "the broker has no session for us: replaying {} unacknowledged records from the outbox",
@@ -365,6 +433,7 @@ impl Link {
     fn on_publish(&mut self, publish: Publish, ctx: &mut Context<Self>) {
         let command = self.topics.is_relay_set_topic(&publish.topic);
         let sync = publish.topic == self.topics.sync();
+        let confirmation = publish.topic == self.topics.ack();
         let topic = publish.topic.clone();
         let (payload, pkid, dup) = (publish.payload.to_vec(), publish.pkid, publish.dup);
         let was_waiting = self.inbox.waiting();
@@ -401,6 +470,7 @@ impl Link {
                 self.relay.do_send(CaughtUp);
             }
             Arrival::Echo { caught_up: false } => {}
+            Arrival::Other if confirmation => self.on_stored_ack(&payload, ctx),
             Arrival::Other => {
                 tracing::warn!(topic = %topic, "message on a topic the agent does not handle; acknowledged and ignored")
             }
@@ -462,6 +532,7 @@ impl Link {
     }
 
     fn flush_removed(&self, removed: &mut Vec<u64>) {
+        // Hub mode: `Remove` only ever follows the hub's confirmation.
         if !removed.is_empty() {
             self.outbox.ack(std::mem::take(removed));
         }
@@ -619,6 +690,9 @@ impl SupervisedActor for Link {
 
     fn init(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
         self.options = Some(mqtt_options(&self.cfg, &self.topics)?);
+        if self.confirm.mode == Confirm::Hub {
+            ctx.run_interval(self.clock.tick_every(), |act, ctx| act.confirm_tick(ctx));
+        }
         // Not connected yet: this only records the mark.
         let actions = self.delivery.durable(self.outbox.stats().durable_seq);
         self.perform(actions, ctx);
@@ -640,9 +714,9 @@ impl StreamHandler<Item> for Link {
                     && s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure))
                 {
                     tracing::error!(
-                        "the broker refused a subscription to {} or {}: commands (or catch-up) will not work",
-                        self.topics.relay_set_filter(),
-                        self.topics.sync()
+                        "the broker refused a subscription to one of {}: commands, catch-up or the hub's \
+                         confirmations will not work",
+                        self.filters().join(", ")
                     );
                 }
                 if matches!(event, Event::Incoming(Packet::SubAck(_) | Packet::PubAck(_) | Packet::PubComp(_))) {

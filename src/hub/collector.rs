@@ -47,6 +47,22 @@
 //!   redeliver it on every reconnect, forever. Payloads over
 //!   [`ingest::MAX_PAYLOAD`] are refused at ingest instead (acknowledged).
 //!
+//! # It confirms what it stored
+//!
+//! After each commit, the batcher publishes to every device in the batch
+//! which of its messages the hub now holds: `P/D/ack`, QoS 1, not
+//! retained, a [`StoredAck`] per device and epoch (`{"epoch":E,"seqs":
+//! [[first,last],...]}`; several epochs in one batch: one ack each). It
+//! names every message of the batch with an identity: newly stored,
+//! duplicates of stored ones, and those set aside or refused at ingest
+//! whose topic and payload still name a device and `(epoch, seq)`, so an
+//! agent never resends a message the hub will not take. An agent with
+//! `outbox.confirm = "hub"` removes a record only on this ack (DESIGN:
+//! Delivery promises). The publishes are awaited like the acks (room in
+//! the request channel, never dropped); one lost with the connection costs
+//! a resend after the agent's `confirm_timeout`, which the store
+//! deduplicates and confirms again.
+//!
 //! It never serves HTTP and never builds SQL.
 
 use std::sync::Arc;
@@ -61,6 +77,7 @@ use super::ingest;
 use super::model::{CommandRow, LiveEvent, SetAside, Update};
 use super::store::{Store, StoreError};
 use crate::agent::Backoff;
+use crate::proto::{StoredAck, Topics};
 use crate::timefmt;
 
 /// The largest MQTT packet there is (a 268,435,455-byte remaining length
@@ -106,6 +123,8 @@ pub struct Counters {
     pub set_aside_unrecorded: AtomicU64,
     /// Messages stored with fields of the wrong type replaced by null.
     pub nulled: AtomicU64,
+    /// `P/D/ack` confirmations published.
+    pub confirmations: AtomicU64,
 }
 
 /// Runs the poller and the batcher until `shutdown` turns true; then the
@@ -164,6 +183,7 @@ pub async fn run(
         set_aside = counters.set_aside.load(Ordering::Relaxed),
         set_aside_unrecorded = counters.set_aside_unrecorded.load(Ordering::Relaxed),
         nulled = counters.nulled.load(Ordering::Relaxed),
+        confirmations = counters.confirmations.load(Ordering::Relaxed),
         "collector stopped"
     );
 }
@@ -312,6 +332,9 @@ async fn batch(
                 break;
             }
         }
+        // Committed (or set aside for good): tell the agents, whatever
+        // connection the messages came in on.
+        confirm(&client, &settings.prefix, &items, &counters).await;
         for (update, is_new) in updates.iter().zip(&fresh) {
             match update {
                 Update::Message(m) if *is_new => {
@@ -328,6 +351,60 @@ async fn batch(
             }
         }
         commander.answered(&answered);
+    }
+}
+
+/// The device and identity of each item that names one: every parsed
+/// message of the batch, and those refused at ingest whose topic and
+/// payload still name a device, epoch and seq.
+fn identities(prefix: &str, items: &[Pending]) -> Vec<(String, u64, u64)> {
+    items
+        .iter()
+        .filter_map(|p| match &p.update {
+            Some(Update::Message(m)) => Some((m.device.clone(), m.epoch, m.seq)),
+            Some(Update::Status { .. }) => None,
+            None if p.aside.is_some() => ingest::identity(prefix, &p.publish.topic, &p.publish.payload),
+            None => None,
+        })
+        .collect()
+}
+
+/// The confirmations for `items`, in first-seen order of device and
+/// epoch: `(topic, ack)`. A device segment that is no valid topic level
+/// to publish to (`+`, `#`) gets none.
+fn confirmations(prefix: &str, items: &[Pending]) -> Vec<(String, StoredAck)> {
+    let mut groups: Vec<((String, u64), Vec<u64>)> = Vec::new();
+    for (device, epoch, seq) in identities(prefix, items) {
+        if device.contains(['+', '#']) {
+            continue;
+        }
+        match groups.iter_mut().find(|((d, e), _)| *d == device && *e == epoch) {
+            Some((_, seqs)) => seqs.push(seq),
+            None => groups.push(((device, epoch), vec![seq])),
+        }
+    }
+    let mut out = Vec::new();
+    for ((device, epoch), seqs) in groups {
+        let topic = Topics::new(prefix, &device).ack();
+        out.extend(StoredAck::for_seqs(epoch, seqs).into_iter().map(|a| (topic.clone(), a)));
+    }
+    out
+}
+
+/// Publishes the confirmations of a committed batch (module doc), awaited.
+async fn confirm(client: &AsyncClient, prefix: &str, items: &[Pending], counters: &Counters) {
+    for (topic, ack) in confirmations(prefix, items) {
+        match client.publish(topic.as_str(), QoS::AtLeastOnce, false, ack.encode()).await {
+            Ok(()) => {
+                counters.confirmations.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // Only once the event loop is gone (shutdown): the agent
+                // sends these again after its confirm_timeout.
+                tracing::warn!("confirmation on '{topic}' not sent: {e}");
+                return;
+            }
+        }
     }
 }
 
