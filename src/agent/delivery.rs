@@ -924,7 +924,11 @@ mod tests {
     /// A state connected on a fresh session with records 1..=n durable and
     /// read, their writes confirmed.
     fn sending(window: u16, records: &[Record]) -> (Delivery, Vec<Action>) {
-        let mut d = Delivery::new(window, Confirm::Broker);
+        sending_in(Confirm::Broker, window, records)
+    }
+
+    fn sending_in(confirm: Confirm, window: u16, records: &[Record]) -> (Delivery, Vec<Action>) {
+        let mut d = Delivery::new(window, confirm);
         assert!(d.connecting().is_empty());
         let c = d.connected(false, vec![]);
         assert!(c.actions.is_empty(), "nothing durable yet: {:?}", c.actions);
@@ -1190,5 +1194,142 @@ mod tests {
         assert_eq!(rumqttc_inflight(1), 64);
         assert_eq!(rumqttc_inflight(32), 144);
         assert_eq!(rumqttc_inflight(1000), 4016);
+    }
+
+    // Confirmation by the hub.
+
+    fn ack(epoch: u64, ranges: &[(u64, u64)]) -> StoredAck {
+        StoredAck { epoch, seqs: ranges.to_vec() }
+    }
+
+    /// Hub mode, records 1..=n submitted and written under packet ids 1..=n.
+    fn hub_sending(window: u16, n: u64) -> (Delivery, Vec<Record>) {
+        let recs: Vec<_> = (1..=n).map(|s| rec(s, Qos::AtLeastOnce)).collect();
+        let (mut d, actions) = sending_in(Confirm::Hub, window, &recs);
+        assert_eq!(submitted_payloads(&actions).len(), recs.len().min(usize::from(window)));
+        for p in 1..=n.min(u64::from(window)) {
+            d.event(&wrote(u16::try_from(p).expect("small")));
+        }
+        (d, recs)
+    }
+
+    #[test]
+    fn in_hub_mode_a_record_the_broker_acknowledged_stays_until_the_hub_confirms_it() {
+        let (mut d, _) = hub_sending(8, 2);
+        assert!(removed(&d.event(&puback(1))).is_empty(), "a PUBACK does not remove it");
+        assert!(removed(&d.event(&puback(2))).is_empty());
+        assert_eq!((d.in_flight(), d.unconfirmed()), (0, 2));
+        assert!(removed(&d.confirmed(&ack(1, &[(1, 2)]))).is_empty(), "another epoch names other messages");
+        assert_eq!(removed(&d.confirmed(&ack(0, &[(2, 2)]))), vec![2]);
+        assert_eq!(removed(&d.confirmed(&ack(0, &[(1, 9)]))), vec![1]);
+        assert!(removed(&d.confirmed(&ack(0, &[(1, 9)]))).is_empty(), "a repeated ack removes nothing twice");
+        assert_eq!(d.unconfirmed(), 0);
+    }
+
+    #[test]
+    fn in_broker_mode_the_hubs_ack_changes_nothing_and_the_puback_removes() {
+        let (mut d, _) = sending(8, &[rec(1, Qos::AtLeastOnce)]);
+        d.event(&wrote(1));
+        assert!(removed(&d.confirmed(&ack(0, &[(1, 1)]))).is_empty());
+        assert_eq!(removed(&d.event(&puback(1))), vec![1]);
+    }
+
+    #[test]
+    fn a_confirmation_that_overtakes_the_brokers_ack_removes_the_record_and_the_ack_only_frees_its_packet_id() {
+        let (mut d, _) = hub_sending(8, 1);
+        assert_eq!(removed(&d.confirmed(&ack(0, &[(1, 1)]))), vec![1]);
+        assert_eq!(d.in_flight(), 1, "its packet id is still in use");
+        assert!(removed(&d.event(&puback(1))).is_empty(), "not removed twice");
+        assert_eq!((d.in_flight(), d.unconfirmed()), (0, 0));
+    }
+
+    #[test]
+    fn unconfirmed_records_are_sent_again_after_a_resumed_session() {
+        let (mut d, recs) = hub_sending(8, 3);
+        d.event(&puback(1));
+        d.event(&puback(2));
+        d.disconnected();
+        assert_eq!(shape(&d.connecting()), vec!["publish 3 dup=true AtLeastOnce"], "record 3 was in flight");
+        let c = d.connected(true, vec![]);
+        assert_eq!(reads(&c.actions), vec![(1, 1, 2, 7)], "the unconfirmed ones are read back");
+        let actions = d.records(1, recs[..2].to_vec());
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}", "{\"seq\":2}"], "in seq order, as new publishes");
+        assert_eq!(d.in_flight(), 3);
+        d.event(&wrote(3));
+        d.event(&wrote(1));
+        d.event(&wrote(2));
+        assert_eq!(removed(&d.confirmed(&ack(0, &[(1, 3)]))), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_lost_session_replays_everything_and_forgets_what_waited() {
+        let (mut d, _) = hub_sending(8, 2);
+        d.event(&puback(1));
+        d.disconnected();
+        d.connecting();
+        let c = d.connected(false, vec![]);
+        assert_eq!(reads(&c.actions), vec![(2, 0, 2, 8)], "from the oldest record, as in broker mode");
+        assert_eq!(d.unconfirmed(), 0);
+        assert!(removed(&d.confirmed(&ack(0, &[(1, 2)]))).is_empty(), "not sent on this session yet");
+    }
+
+    #[test]
+    fn a_time_out_resends_only_records_that_waited_a_whole_round() {
+        let (mut d, recs) = hub_sending(8, 2);
+        d.event(&puback(1));
+        let (n, actions) = d.resend_unconfirmed();
+        assert_eq!(n, 0, "record 1 was acknowledged in this round: it has not waited a whole time-out");
+        assert!(reads(&actions).is_empty());
+        d.event(&puback(2));
+        let (n, actions) = d.resend_unconfirmed();
+        assert_eq!(n, 1, "record 1 waited a whole round, record 2 did not");
+        assert_eq!(reads(&actions), vec![(1, 1, 1, 8)]);
+        let actions = d.records(1, recs[..1].to_vec());
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}"]);
+        assert_eq!((d.in_flight(), d.unconfirmed()), (1, 1));
+    }
+
+    #[test]
+    fn a_resend_read_forgets_records_the_outbox_no_longer_holds() {
+        let (mut d, recs) = hub_sending(8, 3);
+        for p in 1..=3 {
+            d.event(&puback(p));
+        }
+        d.resend_unconfirmed();
+        let (_, actions) = d.resend_unconfirmed();
+        assert_eq!(reads(&actions), vec![(1, 1, 3, 8)]);
+        // The outbox's bound dropped record 2 meanwhile.
+        let actions = d.records(1, vec![recs[0].clone(), recs[2].clone()]);
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}", "{\"seq\":3}"]);
+        assert_eq!(d.unconfirmed(), 0, "record 2 is forgotten, not waited for forever");
+    }
+
+    #[test]
+    fn a_record_sent_again_is_removed_once_by_the_confirmation_and_its_second_ack_only_frees_the_packet_id() {
+        let (mut d, recs) = hub_sending(1, 2);
+        // Record 2 goes into the window of one; record 1 waits.
+        assert_eq!(submitted_payloads(&d.event(&puback(1))), vec!["{\"seq\":2}"]);
+        d.event(&wrote(2));
+        d.resend_unconfirmed();
+        let (_, actions) = d.resend_unconfirmed();
+        assert!(reads(&actions).is_empty(), "the window is full: no read yet");
+        let actions = d.event(&puback(2));
+        let (token, from, upto, _) = reads(&actions)[0];
+        assert_eq!((from, upto), (1, 1));
+        assert_eq!(submitted_payloads(&d.records(token, recs[..1].to_vec())), vec!["{\"seq\":1}"], "sent again");
+        d.event(&wrote(3));
+        assert_eq!(removed(&d.confirmed(&ack(0, &[(1, 2)]))), vec![1, 2]);
+        let actions = d.event(&puback(3));
+        assert!(actions.iter().all(|a| !matches!(a, Action::Remove(_) | Action::Reconnect(_))), "{actions:?}");
+        assert_eq!((d.in_flight(), d.unconfirmed()), (0, 0));
+    }
+
+    #[test]
+    fn a_record_without_an_identity_is_removed_by_its_brokers_ack_even_in_hub_mode() {
+        let mut r = rec(1, Qos::AtLeastOnce);
+        r.payload = b"not json".to_vec();
+        let (mut d, _) = sending_in(Confirm::Hub, 8, &[r]);
+        d.event(&wrote(1));
+        assert_eq!(removed(&d.event(&puback(1))), vec![1], "no hub could ever name it");
     }
 }
