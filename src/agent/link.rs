@@ -384,7 +384,9 @@ impl Link {
         ];
         let unconfirmed = self.delivery.unconfirmed();
         let connected = self.delivery.connected(session_present, control);
-        if session_present && unconfirmed > 0 {
+        if unconfirmed > 0 {
+            // The broker may have lost what it acknowledged (a crash without
+            // persistence), and the hub may never have got it.
             tracing::info!("sending the {unconfirmed} records that wait for the hub's confirmation again");
         }
         if connected.forgotten > 0 {
