@@ -60,9 +60,7 @@ fn wait_startup_confirmed(agent: &Agent) {
 /// `outbox.unconfirmed` both `records`. Returns the dump.
 fn wait_all_unconfirmed(agent: &Agent, records: u64) -> Value {
     agent.wait_status(
-        |s| {
-            s["outbox"]["depth"] == records && s["outbox"]["unconfirmed"] == records && s["link"]["in_flight"] == 0
-        },
+        |s| s["outbox"]["depth"] == records && s["outbox"]["unconfirmed"] == records && s["link"]["in_flight"] == 0,
         &format!("{records} records acknowledged by the broker and none confirmed by the hub"),
     )
 }
@@ -128,8 +126,7 @@ fn kill_9_of_mosquitto_without_persistence_while_the_database_is_locked_loses_no
 fn with_confirm_broker_a_plain_broker_with_no_hub_drains_the_outbox() {
     let _serial = serial();
     let Some(broker) = require_mosquitto(false) else { return };
-    let mut agent =
-        Agent::builder("confirm-plain", broker.port()).confirm("broker", "1s").door_debounce("0ms").build();
+    let mut agent = Agent::builder("confirm-plain", broker.port()).confirm("broker", "1s").door_debounce("0ms").build();
     agent.start();
     press(&agent);
     let s = agent.wait_status(
@@ -144,8 +141,7 @@ fn with_confirm_broker_a_plain_broker_with_no_hub_drains_the_outbox() {
 fn with_confirm_hub_and_no_hub_records_stay_unconfirmed_and_are_delivered_once_a_hub_appears() {
     let _serial = serial();
     let Some(broker) = require_mosquitto(false) else { return };
-    let mut agent =
-        Agent::builder("confirm-nohub", broker.port()).confirm("hub", "300ms").door_debounce("0ms").build();
+    let mut agent = Agent::builder("confirm-nohub", broker.port()).confirm("hub", "300ms").door_debounce("0ms").build();
     agent.start();
     press(&agent);
     let records = STARTUP_RECORDS + EDGES;

@@ -52,14 +52,7 @@ impl ConfirmClock {
     /// `timeout`: `outbox.confirm_timeout`.
     pub fn new(timeout: Duration) -> ConfirmClock {
         let base = timeout.min(MAX_CONFIRM_TIMEOUT);
-        ConfirmClock {
-            base,
-            current: base,
-            deadline: None,
-            waiting_since: None,
-            confirmed_ever: false,
-            warned: false,
-        }
+        ConfirmClock { base, current: base, deadline: None, waiting_since: None, confirmed_ever: false, warned: false }
     }
 
     /// How often the Link should call [`ConfirmClock::tick`]: often enough

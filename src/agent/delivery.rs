@@ -4,7 +4,9 @@
 //! events, durable marks, read results) and returning [`Action`]s for the Link
 //! to perform. It never touches the network, the outbox, a clock or a thread,
 //! and it must never return [`Action::Remove`] for a record the broker has not
-//! acknowledged under the packet id that record was written with.
+//! acknowledged under the packet id that record was written with
+//! (`confirm = "broker"`), or that the hub has not confirmed
+//! (`confirm = "hub"`, see Confirmation by the hub).
 //!
 //! # Packet ids are ours
 //!
@@ -91,6 +93,37 @@
 //! fresh id would leave its old copy stored in a mosquitto-like broker,
 //! taking one of the client's incoming slots (`max_inflight_messages`)
 //! until the id is reused.
+//!
+//! # Confirmation by the hub
+//!
+//! With [`Confirm::Hub`] a broker's ack only says the broker has the
+//! message; the broker may still lose it (killed without persistence, or
+//! the embedded broker dying with the hub) and the hub may crash before its
+//! commit. So a record leaves the outbox only when the hub's `P/D/ack`
+//! ([`StoredAck`]) names its identity, `(epoch, seq)` as its payload
+//! carries them ([`proto::identity`]; not the outbox key, which differs for
+//! records replayed from a salvaged database):
+//!
+//! * Each record submitted on this session is indexed by its identity
+//!   (`ids`). An ack removes (returns [`Action::Remove`] for) every indexed
+//!   record it names, wherever it is: *unconfirmed* (the broker acked it),
+//!   in flight (the slot is marked `confirmed`; its broker ack then only
+//!   frees the packet id), or back in the queue for a resend. Records it
+//!   names that this state has not sent on this session are left alone:
+//!   they are read and sent in their turn and confirmed then.
+//! * The broker's ack of a record moves it to `unconfirmed`, tagged with
+//!   the current resend round. Nothing is resent while it waits.
+//! * Resends: after a ConnAck that resumes a session, every unconfirmed
+//!   record; at [`Delivery::resend_unconfirmed`] (the Link's confirmation
+//!   time-out), those acked in an earlier round, so each waited at least a
+//!   whole time-out. They are read back from the outbox (a resend read:
+//!   the range of their seqs, keeping only those still unconfirmed; one not
+//!   found is gone from the outbox and forgotten) and go into the queue in
+//!   seq order, ahead of records never sent, as new publications.
+//! * A lost session forgets all of this: everything is read again from the
+//!   oldest record, unconfirmed records included.
+//! * A record whose payload has no identity can never be named by a hub;
+//!   its broker ack removes it, as with [`Confirm::Broker`].
 //!
 //! # Order
 //!
@@ -825,10 +858,8 @@ impl Delivery {
             if self.unconfirmed.remove(&seq).is_some() {
                 self.resend.remove(&seq);
                 actions.push(Action::Remove(seq));
-            } else if let Some(slot) = self
-                .slots
-                .values_mut()
-                .find(|s| !s.confirmed && matches!(&s.what, What::Record(r) if r.seq == seq))
+            } else if let Some(slot) =
+                self.slots.values_mut().find(|s| !s.confirmed && matches!(&s.what, What::Record(r) if r.seq == seq))
             {
                 // In flight (sent again, or the hub was faster than the
                 // broker's ack): its ack only frees the packet id now.

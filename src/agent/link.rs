@@ -57,8 +57,9 @@
 //!
 //! # On every ConnAck, in this order
 //!
-//! 1. SUBSCRIBE `P/D/relay/+/set` and `P/D/sync` (QoS 1, one packet; rumqttc
-//!    never re-subscribes);
+//! 1. SUBSCRIBE `P/D/relay/+/set` and `P/D/sync`, and `P/D/ack` with
+//!    `outbox.confirm = "hub"` (QoS 1, one packet; rumqttc never
+//!    re-subscribes);
 //! 2. PUBLISH `online` (retained, QoS 1) to `P/D/status`;
 //! 3. PUBLISH a random 16-hex-digit nonce (QoS 1, not retained) to `P/D/sync`;
 //! 4. tell the Relay `LinkUp { session_present }`; with no session also
@@ -70,6 +71,17 @@
 //!    cursor in seq order, at most `max_inflight` in flight, nothing
 //!    overtaking a QoS 2 record that waits for PUBREC, and one QoS 2 record
 //!    in flight at a time.
+//!
+//! # Confirmation by the hub
+//!
+//! With `outbox.confirm = "hub"` a `P/D/ack` is decoded
+//! ([`StoredAck`]) and handed to [`Delivery::confirmed`], whose removals
+//! are the only ones; a payload that does not decode is logged at warn and
+//! acknowledged. Every tick of [`ConfirmClock::tick_every`] asks the clock
+//! whether the confirmation time-out ran out (then
+//! [`Delivery::resend_unconfirmed`]) and whether to warn, once, that no
+//! hub has ever confirmed anything. The clock is updated after every
+//! action batch with the unconfirmed count.
 //!
 //! Commands that arrive on a resumed session before the nonce carry
 //! `backlog = true`. Every incoming QoS 1 message is acknowledged in arrival

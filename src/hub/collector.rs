@@ -534,3 +534,69 @@ async fn write(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::model::{Kind, Message};
+
+    fn message(device: &str, epoch: u64, seq: u64) -> Pending {
+        let m = Message {
+            device: device.into(),
+            epoch,
+            seq,
+            ts: "2026-11-21T10:00:00.000Z".into(),
+            kind: Kind::Button,
+            name: Some("door".into()),
+            payload: serde_json::json!({}),
+        };
+        let publish = Publish::new(format!("fl/{device}/button/door"), QoS::AtLeastOnce, Vec::new());
+        Pending { update: Some(Update::Message(m)), aside: None, publish, generation: 1 }
+    }
+
+    fn refused(topic: &str, payload: &[u8]) -> Pending {
+        let publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+        let aside = ingest::set_aside("fl", topic, payload, "refused", "2026-11-21T10:00:00.000Z");
+        Pending { update: None, aside: Some(aside), publish, generation: 1 }
+    }
+
+    #[test]
+    fn a_batch_is_confirmed_once_per_device_and_epoch_with_refused_messages_that_name_themselves() {
+        let status = Pending {
+            update: Some(Update::Status { device: "a".into(), online: true, at: "x".into() }),
+            aside: None,
+            publish: Publish::new("fl/a/status", QoS::AtLeastOnce, b"online".to_vec()),
+            generation: 1,
+        };
+        let command = Pending {
+            update: None,
+            aside: None,
+            publish: Publish::new("fl/a/relay/pump/set", QoS::AtLeastOnce, b"on".to_vec()),
+            generation: 1,
+        };
+        let items = vec![
+            message("a", 1, 3),
+            message("b", 1, 9),
+            status,
+            message("a", 1, 4),
+            message("a", 2, 1),
+            command,
+            refused("fl/a/error", br#"{"device":"a","epoch":1,"seq":5,"message":"\u0000"}"#),
+            refused("fl/a/error", b"not json"),
+            message("a", 1, 3),
+            refused("fl/+/button/x", br#"{"epoch":1,"seq":1}"#),
+        ];
+        let got: Vec<(String, String)> = confirmations("fl", &items)
+            .into_iter()
+            .map(|(t, a)| (t, String::from_utf8_lossy(&a.encode()).into()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("fl/a/ack".to_string(), r#"{"epoch":1,"seqs":[[3,5]]}"#.to_string()),
+                ("fl/b/ack".to_string(), r#"{"epoch":1,"seqs":[[9,9]]}"#.to_string()),
+                ("fl/a/ack".to_string(), r#"{"epoch":2,"seqs":[[1,1]]}"#.to_string()),
+            ]
+        );
+    }
+}

@@ -134,8 +134,10 @@ pub fn acl_text(prefix: &str, hub_user: Option<&str>) -> String {
     let _ = writeln!(s, "pattern readwrite {prefix}/%u/sync");
     let _ = writeln!(s, "pattern read {prefix}/%u/ack");
     if let Some(user) = hub_user {
-        let _ =
-            writeln!(s, "\n# The hub reads everything, sends commands and confirms storage (P/+/ack).\nuser {user}\ntopic readwrite {prefix}/#");
+        let _ = writeln!(
+            s,
+            "\n# The hub reads everything, sends commands and confirms storage (P/+/ack).\nuser {user}\ntopic readwrite {prefix}/#"
+        );
     }
     s
 }
