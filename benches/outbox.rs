@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use fieldlink::agent::{Action, Delivery};
-use fieldlink::config::{Durability, OutboxConfig};
+use fieldlink::config::{Confirm, Durability, OutboxConfig};
 use fieldlink::outbox::{self, Class, Draft, MemStore, OutboxHandle, OutboxReader};
 use fieldlink::proto::{self, Body, ButtonBody, ButtonState, Qos};
 use tempfile::TempDir;
@@ -386,7 +386,8 @@ fn replay_async(h: &OutboxHandle, r: &OutboxReader) -> u64 {
 fn delivery_round_trips(n: u64, window: usize) -> u64 {
     use rumqttc::{Event, Outgoing, Packet, PubAck};
     let window_u16 = u16::try_from(window).expect("a small window");
-    let mut d = Delivery::new(window_u16);
+    // Broker mode: the removals this counts come from the PUBACKs fed here.
+    let mut d = Delivery::new(window_u16, Confirm::Broker);
     let cycle = d.rumqttc_inflight();
     let mut counter: u16 = 0;
     let payload = vec![b'x'; 200];

@@ -66,6 +66,7 @@ fn agent_config(dir: &Path, broker: SocketAddr) -> String {
         "# written by `fieldlink demo`\n\
          device_id = \"{DEVICE}\"\nstate_dir = {state:?}\n\
          [mqtt]\nurl = \"mqtt://{broker}\"\nkeep_alive = \"15s\"\nreconnect_max = \"5s\"\n\
+         [outbox]\nconfirm = \"hub\"\n\
          [gpio]\nbackend = \"sim\"\n\
          [[button]]\nname = \"door\"\npin = 17\n\
          [[relay]]\nname = \"pump\"\npin = 27\npower_on_state = \"last\"\n\

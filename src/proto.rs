@@ -133,6 +133,12 @@ impl Topics {
         format!("{}/sync", self.base())
     }
 
+    /// Where the hub confirms which messages it stored (`P/D/ack`, QoS 1,
+    /// not retained; payload [`StoredAck`]).
+    pub fn ack(&self) -> String {
+        format!("{}/ack", self.base())
+    }
+
     /// Whether `topic` matches the command filter `P/D/relay/+/set` (an
     /// empty level matches `+`, so `P/D/relay//set` does).
     pub fn is_relay_set_topic(&self, topic: &str) -> bool {
@@ -216,6 +222,8 @@ pub struct OutboxCounters {
     pub depth: u64,
     pub bytes: u64,
     pub dropped: u64,
+    /// Records the broker acknowledged that wait for the hub's confirmation.
+    pub unconfirmed: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -252,6 +260,87 @@ pub fn render(device: &str, epoch: u64, seq: u64, ts: SystemTime, body: &Body) -
     // Serializing plain structs of strings and numbers into a Vec cannot fail;
     // an empty object would still be a well-formed, recognisable payload.
     serde_json::to_vec(&env).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// The identity of an outbox message, `(epoch, seq)`, read from its JSON
+/// payload (the device is the topic's); `None` when the payload is not a
+/// JSON object with an unsigned `seq`. A payload without `epoch` is epoch 0
+/// (an agent from before epochs), as the hub reads it.
+pub fn identity(payload: &[u8]) -> Option<(u64, u64)> {
+    #[derive(Deserialize)]
+    struct Id {
+        #[serde(default)]
+        epoch: u64,
+        seq: u64,
+    }
+    let id: Id = serde_json::from_slice(payload).ok()?;
+    Some((id.epoch, id.seq))
+}
+
+/// The most seq ranges one [`StoredAck`] holds; more are split over several
+/// acks (the payload stays far below any broker's size limit).
+pub const MAX_ACK_RANGES: usize = 4096;
+
+/// The hub's confirmation on `P/D/ack` (DESIGN: Delivery promises): after a
+/// commit, the seqs of device D's epoch `epoch` that the hub has stored,
+/// including duplicates of ones it already had and messages it set aside,
+/// so that the agent may remove them from its outbox. Ranges are inclusive,
+/// ascending and disjoint: `{"epoch":E,"seqs":[[first,last],...]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredAck {
+    pub epoch: u64,
+    pub seqs: Vec<(u64, u64)>,
+}
+
+/// Why a `P/D/ack` payload was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("not an ack ({0}); expected {{\"epoch\":E,\"seqs\":[[first,last],...]}}")]
+    Json(String),
+    #[error("range [{0},{1}] ends before it starts")]
+    Backwards(u64, u64),
+}
+
+impl StoredAck {
+    /// Acks for `seqs` (any order, duplicates allowed) of one epoch: sorted
+    /// and merged into ranges, at most [`MAX_ACK_RANGES`] ranges per ack.
+    pub fn for_seqs(epoch: u64, seqs: impl IntoIterator<Item = u64>) -> Vec<StoredAck> {
+        let mut all: Vec<u64> = seqs.into_iter().collect();
+        all.sort_unstable();
+        all.dedup();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for s in all {
+            match ranges.last_mut() {
+                Some((_, last)) if last.checked_add(1) == Some(s) => *last = s,
+                _ => ranges.push((s, s)),
+            }
+        }
+        ranges.chunks(MAX_ACK_RANGES).map(|c| StoredAck { epoch, seqs: c.to_vec() }).collect()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // A struct of integers always serializes.
+        serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<StoredAck, AckError> {
+        let ack: StoredAck = serde_json::from_slice(payload).map_err(|e| AckError::Json(e.to_string()))?;
+        if let Some(&(a, b)) = ack.seqs.iter().find(|(a, b)| a > b) {
+            return Err(AckError::Backwards(a, b));
+        }
+        Ok(ack)
+    }
+
+    /// Whether `seq` is in one of the ranges.
+    pub fn contains(&self, seq: u64) -> bool {
+        self.seqs.iter().any(|&(a, b)| a <= seq && seq <= b)
+    }
+
+    /// How many seqs the ranges name.
+    pub fn count(&self) -> u64 {
+        self.seqs.iter().map(|&(a, b)| b - a + 1).sum()
+    }
 }
 
 /// Why a relay command was refused; the `code` of an error message.
@@ -612,5 +701,42 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&render("d", 0, 1, now(), &body)).expect("json");
         assert!(v["command_id"].is_null());
         assert_eq!(v["cause"], "startup");
+    }
+
+    #[test]
+    fn an_ack_merges_seqs_into_ranges_and_survives_the_wire() {
+        let acks = StoredAck::for_seqs(7, [5, 3, 4, 9, 4, 10, 1]);
+        assert_eq!(acks, vec![StoredAck { epoch: 7, seqs: vec![(1, 1), (3, 5), (9, 10)] }]);
+        let wire = acks[0].encode();
+        assert_eq!(String::from_utf8_lossy(&wire), r#"{"epoch":7,"seqs":[[1,1],[3,5],[9,10]]}"#);
+        let back = StoredAck::decode(&wire).expect("decodes");
+        assert_eq!(back, acks[0]);
+        assert!(back.contains(4) && back.contains(10) && !back.contains(2) && !back.contains(11));
+        assert_eq!(back.count(), 6);
+    }
+
+    #[test]
+    fn an_ack_with_too_many_ranges_is_split() {
+        let acks = StoredAck::for_seqs(1, (0..(MAX_ACK_RANGES as u64 + 1)).map(|i| i * 2));
+        assert_eq!(acks.len(), 2);
+        assert_eq!(acks[0].seqs.len(), MAX_ACK_RANGES);
+        assert_eq!(acks[1].seqs, vec![(MAX_ACK_RANGES as u64 * 2, MAX_ACK_RANGES as u64 * 2)]);
+    }
+
+    #[test]
+    fn a_malformed_ack_is_an_error_not_a_confirmation() {
+        assert!(matches!(StoredAck::decode(b"{\"epoch\":1,\"seqs\":[[5,4]]}"), Err(AckError::Backwards(5, 4))));
+        assert!(matches!(StoredAck::decode(b"{\"epoch\":1}"), Err(AckError::Json(_))));
+        assert!(matches!(StoredAck::decode(b"{\"epoch\":-1,\"seqs\":[]}"), Err(AckError::Json(_))));
+        assert!(matches!(StoredAck::decode(b"ok"), Err(AckError::Json(_))));
+    }
+
+    #[test]
+    fn a_rendered_payload_names_its_identity_and_an_old_one_is_epoch_zero() {
+        let body = Body::Button(ButtonBody { button: "door".into(), state: ButtonState::Pressed });
+        assert_eq!(identity(&render("pi-1", 42, 7, now(), &body)), Some((42, 7)));
+        assert_eq!(identity(br#"{"device":"d","seq":3,"ts":"x"}"#), Some((0, 3)));
+        assert_eq!(identity(b"online"), None);
+        assert_eq!(identity(br#"{"seq":-3}"#), None);
     }
 }

@@ -153,7 +153,7 @@ fn a_provisioned_device_delivers_and_cannot_touch_another_devices_topics() {
     let hub = HubFiles::new();
     let Some(broker) = hub.start_broker() else { return };
     let port = broker.port();
-    let mut agent = Agent::builder("prov-a", port).build();
+    let mut agent = Agent::builder("prov-a", port).confirm("hub", "1s").build();
     let a = agent.device().to_string();
     let b = format!("prov-b-{}", std::process::id());
     let pw_a = hub.add(&a);
@@ -178,7 +178,11 @@ fn a_provisioned_device_delivers_and_cannot_touch_another_devices_topics() {
     });
     agent.start();
     agent.click(1);
-    watcher.wait_for(|m| button_events(m, &a, "door").len() >= 2, DEADLINE, "the provisioned agent's door events");
+    let msgs =
+        watcher.wait_for(|m| button_events(m, &a, "door").len() >= 2, DEADLINE, "the provisioned agent's door events");
+    let epoch = button_events(&msgs, &a, "door")[0]["epoch"].as_u64().expect("an epoch");
+    let ack_topic = format!("fieldlink/{a}/ack");
+    let ack = format!("{{\"epoch\":{epoch},\"seqs\":[[1,1000]]}}");
 
     assert!(connack(port, &a, "wrong-password").is_err(), "a wrong password is refused");
     assert!(connack(port, "nobody", &pw_a).is_err(), "an unknown user is refused");
@@ -192,7 +196,12 @@ fn a_provisioned_device_delivers_and_cannot_touch_another_devices_topics() {
         port,
         &b,
         &pw_b,
-        &[(&format!("fieldlink/{a}/button/door"), &forged), (&set_topic, "on"), (&marker_topic, "after the forgeries")],
+        &[
+            (&format!("fieldlink/{a}/button/door"), &forged),
+            (&set_topic, "on"),
+            (&ack_topic, &ack),
+            (&marker_topic, "after the forgeries"),
+        ],
     );
     let msgs = watcher.wait_for(
         |m| m.iter().any(|m| m.topic == marker_topic),
@@ -202,7 +211,8 @@ fn a_provisioned_device_delivers_and_cannot_touch_another_devices_topics() {
     let leaked: Vec<_> = msgs
         .iter()
         .filter(|m| {
-            m.topic.starts_with(&format!("fieldlink/{a}/")) && (m.payload == forged.as_bytes() || m.topic == set_topic)
+            m.topic.starts_with(&format!("fieldlink/{a}/"))
+                && (m.payload == forged.as_bytes() || m.topic == set_topic || m.topic == ack_topic)
         })
         .collect();
     assert!(leaked.is_empty(), "B's messages under A's prefix got through: {leaked:?}");
@@ -217,6 +227,13 @@ fn a_provisioned_device_delivers_and_cannot_touch_another_devices_topics() {
     let foreign: Vec<_> = seen.iter().filter(|m| m.topic != own).collect();
     assert!(foreign.is_empty(), "B, subscribed to #, saw others' messages: {foreign:?}");
     assert_eq!(agent.sim(&["get", common::PUMP_PIN]), "0", "A's pump was not switched by B");
+
+    // Only the hub confirms A's records: through the shipped ACL A reads
+    // the hub's P/<a>/ack (and B's forged one never reached it).
+    let before = agent.status();
+    assert!(before["outbox"]["unconfirmed"].as_u64() > Some(0), "A's records wait for the hub: {before}");
+    watcher.publish(&ack_topic, ack.as_str(), 1, false);
+    agent.wait_status(|s| s["outbox"]["depth"] == 0, "A's outbox emptied by the hub's confirmation");
 }
 
 #[test]

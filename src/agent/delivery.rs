@@ -4,7 +4,9 @@
 //! events, durable marks, read results) and returning [`Action`]s for the Link
 //! to perform. It never touches the network, the outbox, a clock or a thread,
 //! and it must never return [`Action::Remove`] for a record the broker has not
-//! acknowledged under the packet id that record was written with.
+//! acknowledged under the packet id that record was written with
+//! (`confirm = "broker"`), or that the hub has not confirmed
+//! (`confirm = "hub"`, see Confirmation by the hub).
 //!
 //! # Packet ids are ours
 //!
@@ -92,6 +94,37 @@
 //! taking one of the client's incoming slots (`max_inflight_messages`)
 //! until the id is reused.
 //!
+//! # Confirmation by the hub
+//!
+//! With [`Confirm::Hub`] a broker's ack only says the broker has the
+//! message; the broker may still lose it (killed without persistence, or
+//! the embedded broker dying with the hub) and the hub may crash before its
+//! commit. So a record leaves the outbox only when the hub's `P/D/ack`
+//! ([`StoredAck`]) names its identity, `(epoch, seq)` as its payload
+//! carries them ([`proto::identity`]; not the outbox key, which differs for
+//! records replayed from a salvaged database):
+//!
+//! * Each record submitted on this session is indexed by its identity
+//!   (`ids`). An ack removes (returns [`Action::Remove`] for) every indexed
+//!   record it names, wherever it is: *unconfirmed* (the broker acked it),
+//!   in flight (the slot is marked `confirmed`; its broker ack then only
+//!   frees the packet id), or back in the queue for a resend. Records it
+//!   names that this state has not sent on this session are left alone:
+//!   they are read and sent in their turn and confirmed then.
+//! * The broker's ack of a record moves it to `unconfirmed`, tagged with
+//!   the current resend round. Nothing is resent while it waits.
+//! * Resends: after a ConnAck that resumes a session, every unconfirmed
+//!   record; at [`Delivery::resend_unconfirmed`] (the Link's confirmation
+//!   time-out), those acked in an earlier round, so each waited at least a
+//!   whole time-out. They are read back from the outbox (a resend read:
+//!   the range of their seqs, keeping only those still unconfirmed; one not
+//!   found is gone from the outbox and forgotten) and go into the queue in
+//!   seq order, ahead of records never sent, as new publications.
+//! * A lost session forgets all of this: everything is read again from the
+//!   oldest record, unconfirmed records included.
+//! * A record whose payload has no identity can never be named by a hub;
+//!   its broker ack removes it, as with [`Confirm::Broker`].
+//!
 //! # Order
 //!
 //! Records are read from the outbox at the cursor, in seq order, up to the
@@ -114,12 +147,16 @@
 //! goes, and two between consecutive QoS 2 records; QoS 1 records keep the
 //! whole window.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rumqttc::{Event, Outgoing, Packet, Publish, QoS, Request, Subscribe, SubscribeFilter};
 
+use crate::config::Confirm;
 use crate::outbox::Record;
-use crate::proto::Qos;
+use crate::proto::{self, Qos, StoredAck};
+
+/// A message's identity in its payload, `(epoch, seq)` (the device is ours).
+pub type Id = (u64, u64);
 
 /// An MQTT packet identifier (1..=65535).
 pub type Pkid = u16;
@@ -194,7 +231,8 @@ pub enum Action {
     /// Read up to `limit` records with `from <= seq <= upto` and hand them to
     /// [`Delivery::records`] with this token.
     Read { token: u64, from: u64, upto: u64, limit: usize },
-    /// The broker acknowledged this record: remove it from the outbox.
+    /// The record may leave the outbox: the broker acknowledged it
+    /// (`confirm = "broker"`) or the hub confirmed it (`confirm = "hub"`).
     Remove(u64),
     /// The broker acknowledged this tagged publish.
     Done(Tag),
@@ -250,6 +288,23 @@ struct Slot {
     written: bool,
     /// It was written on some connection (the DUP flag of a resend).
     sent: bool,
+    /// Hub mode: the record's identity (None: not a JSON payload with a
+    /// seq, so no hub can confirm it; its broker ack removes it).
+    id: Option<Id>,
+    /// Hub mode: the hub confirmed it while it was in flight; it has been
+    /// removed already and its broker ack only frees the packet id.
+    confirmed: bool,
+}
+
+/// The read in flight.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    token: u64,
+    upto: u64,
+    limit: usize,
+    /// Reading back unconfirmed records to send again (module doc:
+    /// Confirmation by the hub), not from the cursor.
+    resend: bool,
 }
 
 /// A submission waiting for its packet id.
@@ -280,13 +335,27 @@ pub struct Delivery {
     up: bool,
     closing: bool,
     token: u64,
-    /// The read in flight: its token, `upto` and `limit`.
-    reading: Option<(u64, u64, usize)>,
+    /// The read in flight.
+    reading: Option<Reading>,
     records_out: usize,
     /// QoS 2 records still waiting for PUBREC.
     qos2_unreceived: usize,
     /// QoS 2 records in flight (at most one, see the module doc).
     qos2_out: usize,
+    /// What removes a record: the broker's ack or the hub's.
+    confirm: Confirm,
+    /// Hub mode: records the broker acknowledged that wait for the hub,
+    /// by outbox seq: their identity and the resend round they were
+    /// acknowledged in.
+    unconfirmed: BTreeMap<u64, (Id, u64)>,
+    /// Hub mode: the outbox seq of each identity submitted on this session
+    /// and not removed since (in flight, read back for a resend, or
+    /// unconfirmed).
+    ids: BTreeMap<Id, u64>,
+    /// Hub mode: unconfirmed records to read back and send again.
+    resend: BTreeSet<u64>,
+    /// Hub mode: the current resend round (see [`Delivery::resend_unconfirmed`]).
+    round: u64,
 }
 
 fn mqtt_qos(q: Qos) -> QoS {
@@ -307,8 +376,9 @@ fn publish_of(record: &Record) -> Submit {
 
 impl Delivery {
     /// A state with nothing in flight, reading from the oldest record.
-    /// `window`: records in flight at most (`mqtt.max_inflight`).
-    pub fn new(window: u16) -> Delivery {
+    /// `window`: records in flight at most (`mqtt.max_inflight`); `confirm`:
+    /// whose ack removes a record.
+    pub fn new(window: u16, confirm: Confirm) -> Delivery {
         Delivery {
             window: usize::from(window.max(1)),
             cycle: rumqttc_inflight(window),
@@ -326,6 +396,11 @@ impl Delivery {
             records_out: 0,
             qos2_unreceived: 0,
             qos2_out: 0,
+            confirm,
+            unconfirmed: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            resend: BTreeSet::new(),
+            round: 0,
         }
     }
 
@@ -334,8 +409,8 @@ impl Delivery {
     /// counter come back to ids still in use). `cycle` must exceed
     /// `window + 3`, or rumqttc's request gate can close.
     #[cfg(test)]
-    pub(crate) fn with_cycle(window: u16, cycle: u16) -> Delivery {
-        Delivery { cycle, ..Delivery::new(window) }
+    pub(crate) fn with_cycle(window: u16, cycle: u16, confirm: Confirm) -> Delivery {
+        Delivery { cycle, ..Delivery::new(window, confirm) }
     }
 
     /// The packet ids this state holds (test cross-checks).
@@ -352,6 +427,12 @@ impl Delivery {
     /// Records in flight (submitted, not yet acknowledged).
     pub fn in_flight(&self) -> usize {
         self.records_out
+    }
+
+    /// Hub mode: records the broker acknowledged that wait for the hub's
+    /// confirmation (not counting those read back to be sent again).
+    pub fn unconfirmed(&self) -> usize {
+        self.unconfirmed.len()
     }
 
     /// Whether a ConnAck was handled and the connection has not ended since.
@@ -395,7 +476,11 @@ impl Delivery {
                             self.qos2_unreceived -= 1;
                         }
                     }
-                    requeued.push(record);
+                    // One the hub confirmed has left the outbox: its packet
+                    // id was all that was left of it.
+                    if !slot.confirmed {
+                        requeued.push(record);
+                    }
                 }
                 continue;
             }
@@ -437,6 +522,15 @@ impl Delivery {
             self.ready.clear();
             self.cursor = 0;
             self.token += 1;
+            // Everything is read again from the oldest record, unconfirmed
+            // ones included.
+            self.unconfirmed.clear();
+            self.ids.clear();
+            self.resend.clear();
+        } else {
+            // The broker may have lost what it acknowledged (a crash
+            // without persistence): send every unconfirmed record again.
+            self.resend.extend(self.unconfirmed.keys().copied());
         }
         self.up = true;
         self.control.extend(control);
@@ -483,7 +577,7 @@ impl Delivery {
     /// The result of [`Action::Read`] with this token.
     pub fn records(&mut self, token: u64, records: Vec<Record>) -> Vec<Action> {
         let mut actions = Vec::new();
-        let Some((asked, upto, limit)) = self.reading else {
+        let Some(Reading { token: asked, upto, limit, resend }) = self.reading else {
             return actions;
         };
         if asked != token {
@@ -491,7 +585,11 @@ impl Delivery {
             return actions;
         }
         self.reading = None;
-        if token == self.token {
+        if resend {
+            if token == self.token {
+                self.read_back(records, upto, limit);
+            }
+        } else if token == self.token {
             let n = records.len();
             let last = records.last().map(|r| r.seq);
             self.ready.extend(records.into_iter().filter(|r| r.seq >= self.cursor));
@@ -507,7 +605,7 @@ impl Delivery {
     /// [`Action::Read`] failed; the next call to [`Delivery::pump`] reads
     /// again.
     pub fn read_failed(&mut self, token: u64) {
-        if matches!(self.reading, Some((t, _, _)) if t == token) {
+        if matches!(self.reading, Some(r) if r.token == token) {
             self.reading = None;
         }
     }
@@ -600,7 +698,14 @@ impl Delivery {
                 if slot.qos == QoS::ExactlyOnce {
                     self.qos2_out -= 1;
                 }
-                actions.push(Action::Remove(r.seq));
+                match (self.confirm, slot.id) {
+                    // Removed when the hub confirmed it.
+                    _ if slot.confirmed => {}
+                    (Confirm::Hub, Some(id)) => {
+                        self.unconfirmed.insert(r.seq, (id, self.round));
+                    }
+                    _ => actions.push(Action::Remove(r.seq)),
+                }
             }
             What::Tag(tag) => actions.push(Action::Done(tag)),
             What::Subscribe => {}
@@ -649,6 +754,7 @@ impl Delivery {
                 }
             }
             let pkid = self.advance();
+            let mut id = None;
             let (what, qos, submit) = match queued {
                 Queued::Record(r) => {
                     let submit = publish_of(&r);
@@ -657,6 +763,12 @@ impl Delivery {
                     if qos == QoS::ExactlyOnce {
                         self.qos2_unreceived += 1;
                         self.qos2_out += 1;
+                    }
+                    if self.confirm == Confirm::Hub {
+                        id = proto::identity(&r.payload);
+                        if let Some(id) = id {
+                            self.ids.insert(id, r.seq);
+                        }
                     }
                     (What::Record(r), qos, submit)
                 }
@@ -671,7 +783,8 @@ impl Delivery {
                     (What::Tag(tag), qos, submit)
                 }
             };
-            self.slots.insert(pkid, Slot { what, qos, phase: Phase::Ack, written: false, sent: false });
+            let slot = Slot { what, qos, phase: Phase::Ack, written: false, sent: false, id, confirmed: false };
+            self.slots.insert(pkid, slot);
             self.expected.push_back(pkid);
             actions.push(Action::Submit(submit));
         }
@@ -679,15 +792,102 @@ impl Delivery {
     }
 
     fn read(&mut self, actions: &mut Vec<Action>) {
-        if !self.up || self.closing || self.reading.is_some() || self.durable == 0 || self.cursor > self.durable {
+        if !self.up || self.closing || self.reading.is_some() {
             return;
         }
         let room = self.window.saturating_sub(self.records_out + self.ready.len());
         if room == 0 {
             return;
         }
-        self.reading = Some((self.token, self.durable, room));
+        // Resends first, as after a resumed session.
+        if let (Some(&from), Some(&upto)) = (self.resend.first(), self.resend.last()) {
+            self.reading = Some(Reading { token: self.token, upto, limit: room, resend: true });
+            actions.push(Action::Read { token: self.token, from, upto, limit: room });
+            return;
+        }
+        if self.durable == 0 || self.cursor > self.durable {
+            return;
+        }
+        self.reading = Some(Reading { token: self.token, upto: self.durable, limit: room, resend: false });
         actions.push(Action::Read { token: self.token, from: self.cursor, upto: self.durable, limit: room });
+    }
+
+    /// The result of a resend read over `..=upto` with `limit`: the
+    /// records still waiting go back to the queue, in seq order; those the
+    /// read passed over are gone from the outbox (dropped by its bound) and
+    /// are forgotten.
+    fn read_back(&mut self, records: Vec<Record>, upto: u64, limit: usize) {
+        let covered = match records.last() {
+            Some(last) if records.len() >= limit => last.seq,
+            _ => upto,
+        };
+        for r in records {
+            if self.resend.remove(&r.seq) && self.unconfirmed.remove(&r.seq).is_some() {
+                let at = self.ready.partition_point(|q| q.seq < r.seq);
+                self.ready.insert(at, r);
+            }
+        }
+        let gone: Vec<u64> = self.resend.range(..=covered).copied().collect();
+        for seq in gone {
+            self.resend.remove(&seq);
+            if let Some((id, _)) = self.unconfirmed.remove(&seq) {
+                self.ids.remove(&id);
+            }
+        }
+    }
+
+    /// Hub mode: the hub stored these messages (`P/D/ack`). Each one this
+    /// state has sent on this session is removed from the outbox, whether
+    /// the broker has acknowledged it yet or not; the others (sent before
+    /// a restart or a lost session, or removed already) are read and sent
+    /// again in their turn and confirmed then. Returns the removals.
+    pub fn confirmed(&mut self, ack: &StoredAck) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.confirm != Confirm::Hub {
+            return actions;
+        }
+        let mut named: Vec<(Id, u64)> = Vec::new();
+        for &(first, last) in &ack.seqs {
+            if first > last {
+                continue;
+            }
+            named.extend(self.ids.range((ack.epoch, first)..=(ack.epoch, last)).map(|(id, seq)| (*id, *seq)));
+        }
+        for (id, seq) in named {
+            self.ids.remove(&id);
+            if self.unconfirmed.remove(&seq).is_some() {
+                self.resend.remove(&seq);
+                actions.push(Action::Remove(seq));
+            } else if let Some(slot) =
+                self.slots.values_mut().find(|s| !s.confirmed && matches!(&s.what, What::Record(r) if r.seq == seq))
+            {
+                // In flight (sent again, or the hub was faster than the
+                // broker's ack): its ack only frees the packet id now.
+                slot.confirmed = true;
+                actions.push(Action::Remove(seq));
+            } else if let Some(at) = self.ready.iter().position(|r| r.seq == seq) {
+                self.ready.remove(at);
+                actions.push(Action::Remove(seq));
+            }
+        }
+        self.pump(&mut actions);
+        actions
+    }
+
+    /// Hub mode, when the confirmation time-out runs out: every record
+    /// that was unconfirmed at the previous call already (so it waited at
+    /// least one whole time-out) is read back and sent again, through the
+    /// window, in seq order, ahead of new records. Returns how many, and
+    /// what to do.
+    pub fn resend_unconfirmed(&mut self) -> (usize, Vec<Action>) {
+        let round = self.round;
+        self.round += 1;
+        let before = self.resend.len();
+        self.resend.extend(self.unconfirmed.iter().filter(|(_, (_, r))| *r < round).map(|(seq, _)| *seq));
+        let n = self.resend.len() - before;
+        let mut actions = Vec::new();
+        self.pump(&mut actions);
+        (n, actions)
     }
 }
 
@@ -755,7 +955,11 @@ mod tests {
     /// A state connected on a fresh session with records 1..=n durable and
     /// read, their writes confirmed.
     fn sending(window: u16, records: &[Record]) -> (Delivery, Vec<Action>) {
-        let mut d = Delivery::new(window);
+        sending_in(Confirm::Broker, window, records)
+    }
+
+    fn sending_in(confirm: Confirm, window: u16, records: &[Record]) -> (Delivery, Vec<Action>) {
+        let mut d = Delivery::new(window, confirm);
         assert!(d.connecting().is_empty());
         let c = d.connected(false, vec![]);
         assert!(c.actions.is_empty(), "nothing durable yet: {:?}", c.actions);
@@ -805,7 +1009,7 @@ mod tests {
     #[test]
     fn the_window_bounds_records_in_flight_and_an_ack_lets_the_next_one_go() {
         let recs: Vec<_> = (1..=3).map(|s| rec(s, Qos::AtLeastOnce)).collect();
-        let mut d = Delivery::new(2);
+        let mut d = Delivery::new(2, Confirm::Broker);
         d.connecting();
         d.connected(false, vec![]);
         let read = d.durable(3);
@@ -949,7 +1153,7 @@ mod tests {
     fn a_packet_id_still_in_use_holds_the_next_submission_until_its_ack() {
         // A resumed session resends record 1 as packet id 1, and the fresh
         // rumqttc state numbers its first request 1 too.
-        let mut d = Delivery::new(1);
+        let mut d = Delivery::new(1, Confirm::Broker);
         d.connecting();
         d.connected(false, vec![]);
         let read = d.durable(2);
@@ -974,7 +1178,7 @@ mod tests {
 
     #[test]
     fn tagged_publishes_are_reported_done_and_are_not_resent_on_the_next_connection() {
-        let mut d = Delivery::new(4);
+        let mut d = Delivery::new(4, Confirm::Broker);
         d.connecting();
         let online = Submit::Publish {
             topic: "p/d/status".into(),
@@ -995,7 +1199,7 @@ mod tests {
 
     #[test]
     fn nothing_is_read_or_sent_while_down_or_closing() {
-        let mut d = Delivery::new(4);
+        let mut d = Delivery::new(4, Confirm::Broker);
         assert!(d.durable(5).is_empty(), "down");
         d.connecting();
         let c = d.connected(false, vec![]);
@@ -1007,7 +1211,7 @@ mod tests {
 
     #[test]
     fn an_empty_read_moves_the_cursor_past_upto() {
-        let mut d = Delivery::new(4);
+        let mut d = Delivery::new(4, Confirm::Broker);
         d.connecting();
         d.connected(false, vec![]);
         let read = d.durable(5);
@@ -1021,5 +1225,142 @@ mod tests {
         assert_eq!(rumqttc_inflight(1), 64);
         assert_eq!(rumqttc_inflight(32), 144);
         assert_eq!(rumqttc_inflight(1000), 4016);
+    }
+
+    // Confirmation by the hub.
+
+    fn ack(epoch: u64, ranges: &[(u64, u64)]) -> StoredAck {
+        StoredAck { epoch, seqs: ranges.to_vec() }
+    }
+
+    /// Hub mode, records 1..=n submitted and written under packet ids 1..=n.
+    fn hub_sending(window: u16, n: u64) -> (Delivery, Vec<Record>) {
+        let recs: Vec<_> = (1..=n).map(|s| rec(s, Qos::AtLeastOnce)).collect();
+        let (mut d, actions) = sending_in(Confirm::Hub, window, &recs);
+        assert_eq!(submitted_payloads(&actions).len(), recs.len().min(usize::from(window)));
+        for p in 1..=n.min(u64::from(window)) {
+            d.event(&wrote(u16::try_from(p).expect("small")));
+        }
+        (d, recs)
+    }
+
+    #[test]
+    fn in_hub_mode_a_record_the_broker_acknowledged_stays_until_the_hub_confirms_it() {
+        let (mut d, _) = hub_sending(8, 2);
+        assert!(removed(&d.event(&puback(1))).is_empty(), "a PUBACK does not remove it");
+        assert!(removed(&d.event(&puback(2))).is_empty());
+        assert_eq!((d.in_flight(), d.unconfirmed()), (0, 2));
+        assert!(removed(&d.confirmed(&ack(1, &[(1, 2)]))).is_empty(), "another epoch names other messages");
+        assert_eq!(removed(&d.confirmed(&ack(0, &[(2, 2)]))), vec![2]);
+        assert_eq!(removed(&d.confirmed(&ack(0, &[(1, 9)]))), vec![1]);
+        assert!(removed(&d.confirmed(&ack(0, &[(1, 9)]))).is_empty(), "a repeated ack removes nothing twice");
+        assert_eq!(d.unconfirmed(), 0);
+    }
+
+    #[test]
+    fn in_broker_mode_the_hubs_ack_changes_nothing_and_the_puback_removes() {
+        let (mut d, _) = sending(8, &[rec(1, Qos::AtLeastOnce)]);
+        d.event(&wrote(1));
+        assert!(removed(&d.confirmed(&ack(0, &[(1, 1)]))).is_empty());
+        assert_eq!(removed(&d.event(&puback(1))), vec![1]);
+    }
+
+    #[test]
+    fn a_confirmation_that_overtakes_the_brokers_ack_removes_the_record_and_the_ack_only_frees_its_packet_id() {
+        let (mut d, _) = hub_sending(8, 1);
+        assert_eq!(removed(&d.confirmed(&ack(0, &[(1, 1)]))), vec![1]);
+        assert_eq!(d.in_flight(), 1, "its packet id is still in use");
+        assert!(removed(&d.event(&puback(1))).is_empty(), "not removed twice");
+        assert_eq!((d.in_flight(), d.unconfirmed()), (0, 0));
+    }
+
+    #[test]
+    fn unconfirmed_records_are_sent_again_after_a_resumed_session() {
+        let (mut d, recs) = hub_sending(8, 3);
+        d.event(&puback(1));
+        d.event(&puback(2));
+        d.disconnected();
+        assert_eq!(shape(&d.connecting()), vec!["publish 3 dup=true AtLeastOnce"], "record 3 was in flight");
+        let c = d.connected(true, vec![]);
+        assert_eq!(reads(&c.actions), vec![(1, 1, 2, 7)], "the unconfirmed ones are read back");
+        let actions = d.records(1, recs[..2].to_vec());
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}", "{\"seq\":2}"], "in seq order, as new publishes");
+        assert_eq!(d.in_flight(), 3);
+        d.event(&wrote(3));
+        d.event(&wrote(1));
+        d.event(&wrote(2));
+        assert_eq!(removed(&d.confirmed(&ack(0, &[(1, 3)]))), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_lost_session_replays_everything_and_forgets_what_waited() {
+        let (mut d, _) = hub_sending(8, 2);
+        d.event(&puback(1));
+        d.disconnected();
+        d.connecting();
+        let c = d.connected(false, vec![]);
+        assert_eq!(reads(&c.actions), vec![(2, 0, 2, 8)], "from the oldest record, as in broker mode");
+        assert_eq!(d.unconfirmed(), 0);
+        assert!(removed(&d.confirmed(&ack(0, &[(1, 2)]))).is_empty(), "not sent on this session yet");
+    }
+
+    #[test]
+    fn a_time_out_resends_only_records_that_waited_a_whole_round() {
+        let (mut d, recs) = hub_sending(8, 2);
+        d.event(&puback(1));
+        let (n, actions) = d.resend_unconfirmed();
+        assert_eq!(n, 0, "record 1 was acknowledged in this round: it has not waited a whole time-out");
+        assert!(reads(&actions).is_empty());
+        d.event(&puback(2));
+        let (n, actions) = d.resend_unconfirmed();
+        assert_eq!(n, 1, "record 1 waited a whole round, record 2 did not");
+        assert_eq!(reads(&actions), vec![(1, 1, 1, 8)]);
+        let actions = d.records(1, recs[..1].to_vec());
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}"]);
+        assert_eq!((d.in_flight(), d.unconfirmed()), (1, 1));
+    }
+
+    #[test]
+    fn a_resend_read_forgets_records_the_outbox_no_longer_holds() {
+        let (mut d, recs) = hub_sending(8, 3);
+        for p in 1..=3 {
+            d.event(&puback(p));
+        }
+        d.resend_unconfirmed();
+        let (_, actions) = d.resend_unconfirmed();
+        assert_eq!(reads(&actions), vec![(1, 1, 3, 8)]);
+        // The outbox's bound dropped record 2 meanwhile.
+        let actions = d.records(1, vec![recs[0].clone(), recs[2].clone()]);
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}", "{\"seq\":3}"]);
+        assert_eq!(d.unconfirmed(), 0, "record 2 is forgotten, not waited for forever");
+    }
+
+    #[test]
+    fn a_record_sent_again_is_removed_once_by_the_confirmation_and_its_second_ack_only_frees_the_packet_id() {
+        let (mut d, recs) = hub_sending(1, 2);
+        // Record 2 goes into the window of one; record 1 waits.
+        assert_eq!(submitted_payloads(&d.event(&puback(1))), vec!["{\"seq\":2}"]);
+        d.event(&wrote(2));
+        d.resend_unconfirmed();
+        let (_, actions) = d.resend_unconfirmed();
+        assert!(reads(&actions).is_empty(), "the window is full: no read yet");
+        let actions = d.event(&puback(2));
+        let (token, from, upto, _) = reads(&actions)[0];
+        assert_eq!((from, upto), (1, 1));
+        assert_eq!(submitted_payloads(&d.records(token, recs[..1].to_vec())), vec!["{\"seq\":1}"], "sent again");
+        d.event(&wrote(3));
+        assert_eq!(removed(&d.confirmed(&ack(0, &[(1, 2)]))), vec![1, 2]);
+        let actions = d.event(&puback(3));
+        assert!(actions.iter().all(|a| !matches!(a, Action::Remove(_) | Action::Reconnect(_))), "{actions:?}");
+        assert_eq!((d.in_flight(), d.unconfirmed()), (0, 0));
+    }
+
+    #[test]
+    fn a_record_without_an_identity_is_removed_by_its_brokers_ack_even_in_hub_mode() {
+        let mut r = rec(1, Qos::AtLeastOnce);
+        r.payload = b"not json".to_vec();
+        let (mut d, _) = sending_in(Confirm::Hub, 8, &[r]);
+        d.event(&wrote(1));
+        assert_eq!(removed(&d.event(&puback(1))), vec![1], "no hub could ever name it");
     }
 }

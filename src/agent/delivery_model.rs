@@ -32,11 +32,23 @@
 //!   packet id (`router/logs.rs:414-418`), and with an empty log the client
 //!   is disconnected (`router/routing.rs:813-819`).
 //!
+//! Half the seeds run the agent with `confirm = "broker"`, half with
+//! `confirm = "hub"`. Then a hub subscribes too: the broker queues each
+//! delivery for it; the hub receives some, commits what it received and
+//! publishes an ack (`P/D/ack`) that the broker queues in the agent's
+//! session; the hub may crash before a commit (what it received goes back
+//! to the broker, which it never acknowledged), and the broker may crash
+//! without persistence (it loses every session, everything queued for the
+//! hub and for the agent, and the connection), or drop a message queued
+//! for the hub (mosquitto's `max_queued_messages`, an expired hub session),
+//! which only the agent's confirmation time-out sends again.
+//!
 //! Moves: append a record (QoS 1 or 2), make records durable, finish a read,
 //! write a request, let the broker process a packet, deliver an ack, cut the
 //! connection, connect (resuming or losing the session), lose the broker's
-//! session, restart the agent from the outbox. Then the link heals and stays
-//! up.
+//! session, restart the agent from the outbox, crash the broker; and the
+//! hub's: receive, commit, crash, an ack reaching the agent, the agent's
+//! confirmation time-out. Then the link heals and stays up.
 //!
 //! Checked, with both kinds of broker: a record is removed only in answer to
 //! the broker's ack of *that* record (and the broker has delivered it); the
@@ -44,22 +56,29 @@
 //! #6 item 3); no desync between rumqttc and the delivery state (no collision, every write under the predicted id);
 //! rumqttc never holds a packet id the delivery state does not; first
 //! deliveries are in seq order; and once the link stays up, everything is
-//! delivered and the outbox drains (no stall).
+//! delivered and the outbox drains (no stall). With `confirm = "hub"`: a
+//! record is removed only while a hub ack is handled and only after the
+//! hub committed it, and once the link stays up (the time-out firing when
+//! nothing else moves) every record is committed and the outbox drains.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use rumqttc::{Event, MqttState, Outgoing, Packet, PubAck, PubComp, PubRec, QoS, Request, SubAck, SubscribeReasonCode};
 
 use super::delivery::{Action, Control, Delivery, Submit, Tag, rumqttc_inflight};
+use crate::config::Confirm;
 use crate::outbox::{Class, Record};
-use crate::proto::Qos;
+use crate::proto::{Qos, StoredAck};
 
 const SEEDS: u64 = 3000;
 const STEPS: usize = 400;
 
-/// The seq a payload carries (records: the decimal seq; tags: not a number).
+/// The epoch of every record's payload.
+const EPOCH: u64 = 1;
+
+/// The seq a payload carries (records: JSON with the seq; tags: none).
 fn seq_of(payload: &[u8]) -> Option<u64> {
-    std::str::from_utf8(payload).ok()?.parse().ok()
+    crate::proto::identity(payload).map(|(_, seq)| seq)
 }
 
 #[derive(Default)]
@@ -82,7 +101,7 @@ impl Outbox {
             qos,
             retain: false,
             topic: "p/d/button/b".into(),
-            payload: seq.to_string().into_bytes(),
+            payload: format!("{{\"epoch\":{EPOCH},\"seq\":{seq}}}").into_bytes(),
         };
         self.records.insert(seq, record);
     }
@@ -127,6 +146,10 @@ struct Broker {
     dropped_for_pubrel: usize,
     /// Every delivery to subscribers, duplicates included.
     deliveries: Vec<u64>,
+    /// Deliveries queued for the hub's session, not yet sent to it.
+    to_hub: VecDeque<u64>,
+    /// Acks the hub published, queued for the agent's session.
+    to_agent: VecDeque<Vec<u64>>,
     delivered: HashSet<u64>,
     first: Vec<u64>,
 }
@@ -139,6 +162,8 @@ impl Broker {
             recorded: VecDeque::new(),
             dropped_for_pubrel: 0,
             deliveries: Vec::new(),
+            to_hub: VecDeque::new(),
+            to_agent: VecDeque::new(),
             delivered: HashSet::new(),
             first: Vec::new(),
         }
@@ -152,6 +177,7 @@ impl Broker {
     fn deliver(&mut self, seq: Option<u64>) {
         if let Some(seq) = seq {
             self.deliveries.push(seq);
+            self.to_hub.push_back(seq);
             if self.delivered.insert(seq) {
                 self.first.push(seq);
             }
@@ -225,8 +251,21 @@ struct Conn {
     to_client: VecDeque<(Packet, Option<u64>)>,
 }
 
+/// The fieldlink hub: what it received and has not committed (and so not
+/// acknowledged to the broker), and what it committed.
+#[derive(Default)]
+struct Hub {
+    received: VecDeque<u64>,
+    committed: HashSet<u64>,
+}
+
 struct Model {
     rng: fastrand::Rng,
+    confirm: Confirm,
+    hub: Hub,
+    /// A hub ack is being handled (removals are allowed only then, in hub
+    /// mode).
+    confirming: bool,
     window: u16,
     cycle: u16,
     delivery: Delivery,
@@ -248,11 +287,15 @@ impl Model {
             _ => rumqttc_inflight(window),
         };
         let kind = if rng.bool() { Kind::Mosquitto } else { Kind::Rumqttd };
+        let confirm = if rng.bool() { Confirm::Hub } else { Confirm::Broker };
         Model {
             rng,
+            confirm,
+            hub: Hub::default(),
+            confirming: false,
             window,
             cycle,
-            delivery: Delivery::with_cycle(window, cycle),
+            delivery: Delivery::with_cycle(window, cycle, confirm),
             outbox: Outbox::default(),
             broker: Broker::new(kind),
             conn: None,
@@ -275,6 +318,11 @@ impl Model {
                     conn.channel.push_back(s.to_request());
                 }
                 Action::Read { token, from, upto, limit } => self.reads.push_back((token, from, upto, limit)),
+                Action::Remove(seq) if self.confirm == Confirm::Hub => {
+                    assert!(self.confirming, "record {seq} removed, but no hub ack is being handled");
+                    assert!(self.hub.committed.contains(&seq), "record {seq} removed before the hub committed it");
+                    assert!(self.outbox.records.remove(&seq).is_some(), "record {seq} removed twice");
+                }
                 Action::Remove(seq) => {
                     assert_eq!(
                         acking,
@@ -312,7 +360,7 @@ impl Model {
 
     fn connect(&mut self, lose_session: bool) {
         if lose_session {
-            self.broker.session = None;
+            self.lose_session();
         }
         let session_present = self.broker.session.is_some();
         self.broker.session.get_or_insert_with(Session::default);
@@ -354,6 +402,79 @@ impl Model {
         ];
         let connected = self.delivery.connected(session_present, control);
         self.perform(connected.actions, None);
+    }
+
+    /// The broker forgets the agent's session, and what it queued for it.
+    fn lose_session(&mut self) {
+        self.broker.session = None;
+        self.broker.to_agent.clear();
+    }
+
+    /// The broker is killed and restarted without persistence.
+    fn crash_broker(&mut self) {
+        self.note("broker crash".into());
+        self.cut();
+        self.lose_session();
+        self.broker.to_hub.clear();
+    }
+
+    /// The hub gets up to `n` queued deliveries.
+    fn hub_receive(&mut self, n: usize) -> bool {
+        let mut any = false;
+        for _ in 0..n {
+            let Some(seq) = self.broker.to_hub.pop_front() else { break };
+            self.hub.received.push_back(seq);
+            any = true;
+        }
+        any
+    }
+
+    /// The hub commits what it received and publishes one ack for it.
+    fn hub_commit(&mut self) -> bool {
+        if self.hub.received.is_empty() {
+            return false;
+        }
+        let seqs: Vec<u64> = self.hub.received.drain(..).collect();
+        self.note(format!("hub commits {seqs:?}"));
+        self.hub.committed.extend(seqs.iter().copied());
+        if self.confirm == Confirm::Hub {
+            self.broker.to_agent.push_back(seqs);
+        }
+        true
+    }
+
+    /// The hub crashes: what it has not committed was never acknowledged,
+    /// so the broker sends it again.
+    fn crash_hub(&mut self) {
+        self.note("hub crash".into());
+        while let Some(seq) = self.hub.received.pop_back() {
+            self.broker.to_hub.push_front(seq);
+        }
+    }
+
+    /// The oldest queued hub ack reaches the agent (over its connection).
+    fn deliver_hub_ack(&mut self) -> bool {
+        if self.conn.is_none() {
+            return false;
+        }
+        let Some(seqs) = self.broker.to_agent.pop_front() else { return false };
+        self.note(format!("agent gets hub ack {seqs:?}"));
+        let acks = StoredAck::for_seqs(EPOCH, seqs);
+        self.confirming = true;
+        for ack in acks {
+            let actions = self.delivery.confirmed(&ack);
+            self.perform(actions, None);
+        }
+        self.confirming = false;
+        true
+    }
+
+    /// The agent's confirmation time-out runs out.
+    fn confirm_timeout(&mut self) -> bool {
+        let (n, actions) = self.delivery.resend_unconfirmed();
+        self.note(format!("confirm time-out: {n} sent again"));
+        self.perform(actions, None);
+        n > 0
     }
 
     fn cut(&mut self) {
@@ -467,7 +588,7 @@ impl Model {
     fn restart_agent(&mut self) {
         self.cut();
         self.note("agent restart".into());
-        self.delivery = Delivery::with_cycle(self.window, self.cycle);
+        self.delivery = Delivery::with_cycle(self.window, self.cycle, self.confirm);
         self.reads.clear();
         // SIGTERM flushes: whatever was appended is durable.
         self.outbox.durable = self.outbox.next_seq;
@@ -476,7 +597,30 @@ impl Model {
     }
 
     fn random_step(&mut self) {
-        match self.rng.u32(..100) {
+        match self.rng.u32(..114) {
+            100..=103 => {
+                let n = 1 + self.rng.usize(..4);
+                self.hub_receive(n);
+            }
+            104..=106 => {
+                self.hub_commit();
+            }
+            107..=109 => {
+                self.deliver_hub_ack();
+            }
+            110 => self.crash_hub(),
+            111 => {
+                self.confirm_timeout();
+            }
+            112 => self.crash_broker(),
+            113 => {
+                // mosquitto's max_queued_messages, or a hub session that
+                // expired: the hub never gets these; only the agent's
+                // time-out sends them again.
+                if let Some(seq) = self.broker.to_hub.pop_front() {
+                    self.note(format!("the broker drops {seq}, queued for the hub"));
+                }
+            }
             0..=11 => {
                 let qos = if self.rng.bool() { Qos::AtLeastOnce } else { Qos::ExactlyOnce };
                 self.outbox.append(qos);
@@ -507,7 +651,7 @@ impl Model {
             }
             96..=97 => {
                 if self.conn.is_none() {
-                    self.broker.session = None;
+                    self.lose_session();
                 }
             }
             _ => self.restart_agent(),
@@ -521,13 +665,24 @@ impl Model {
         }
         self.make_durable();
         let mut rounds = 0;
+        let mut timeouts = 0;
         loop {
             let progressed = self.finish_read()
                 | self.write()
                 | self.broker_step()
                 | self.receive(false, false)
-                | self.make_durable();
+                | self.make_durable()
+                | self.hub_receive(usize::MAX)
+                | self.hub_commit()
+                | self.deliver_hub_ack();
             if !progressed {
+                // Nothing moves: the confirmation time-out runs out (twice
+                // at most before everything unconfirmed goes again).
+                if self.confirm == Confirm::Hub && !self.outbox.records.is_empty() && timeouts < 100 {
+                    timeouts += 1;
+                    self.confirm_timeout();
+                    continue;
+                }
                 break;
             }
             rounds += 1;
@@ -538,6 +693,9 @@ impl Model {
         assert_eq!(self.delivery.in_flight(), 0, "records in flight on an idle link");
         for seq in 1..=self.outbox.next_seq {
             assert!(self.broker.delivered.contains(&seq), "record {seq} was never delivered");
+            if self.confirm == Confirm::Hub {
+                assert!(self.hub.committed.contains(&seq), "record {seq} left the outbox but was never committed");
+            }
         }
     }
 
@@ -570,6 +728,7 @@ fn no_interleaving_of_acks_cuts_sessions_and_restarts_loses_reorders_or_stalls_a
         None => (0..SEEDS).collect(),
     };
     let mut appended = 0;
+    let mut committed_in_hub_mode = 0;
     for seed in seeds {
         let mut m = Model::new(seed);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -582,8 +741,8 @@ fn no_interleaving_of_acks_cuts_sessions_and_restarts_loses_reorders_or_stalls_a
         }));
         if let Err(e) = outcome {
             eprintln!(
-                "model failed with seed {seed} (window {}, cycle {}, {:?} broker); rerun with FIELDLINK_MODEL_SEED={seed}; last steps:",
-                m.window, m.cycle, m.broker.kind
+                "model failed with seed {seed} (window {}, cycle {}, {:?} broker, confirm {:?}); rerun with FIELDLINK_MODEL_SEED={seed}; last steps:",
+                m.window, m.cycle, m.broker.kind, m.confirm
             );
             for line in &m.trace[m.trace.len().saturating_sub(40)..] {
                 eprintln!("{line}");
@@ -591,8 +750,12 @@ fn no_interleaving_of_acks_cuts_sessions_and_restarts_loses_reorders_or_stalls_a
             std::panic::resume_unwind(e);
         }
         appended += m.outbox.appended;
+        if m.confirm == Confirm::Hub {
+            committed_in_hub_mode += m.hub.committed.len();
+        }
     }
     assert!(appended > 0, "the model appended nothing");
+    assert!(start.is_some() || committed_in_hub_mode > 0, "no seed ran with confirm = \"hub\"");
 }
 
 #[test]

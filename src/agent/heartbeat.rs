@@ -134,7 +134,12 @@ impl Heartbeat {
             return;
         };
         let body = HeartbeatBody {
-            outbox: OutboxCounters { depth: stats.depth, bytes: stats.bytes, dropped: stats.dropped },
+            outbox: OutboxCounters {
+                depth: stats.depth,
+                bytes: stats.bytes,
+                dropped: stats.dropped,
+                unconfirmed: u64::try_from(self.board.unconfirmed()).unwrap_or(u64::MAX),
+            },
             link: self.board.link_counters(),
             ..sampler.sample()
         };

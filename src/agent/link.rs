@@ -57,8 +57,9 @@
 //!
 //! # On every ConnAck, in this order
 //!
-//! 1. SUBSCRIBE `P/D/relay/+/set` and `P/D/sync` (QoS 1, one packet; rumqttc
-//!    never re-subscribes);
+//! 1. SUBSCRIBE `P/D/relay/+/set` and `P/D/sync`, and `P/D/ack` with
+//!    `outbox.confirm = "hub"` (QoS 1, one packet; rumqttc never
+//!    re-subscribes);
 //! 2. PUBLISH `online` (retained, QoS 1) to `P/D/status`;
 //! 3. PUBLISH a random 16-hex-digit nonce (QoS 1, not retained) to `P/D/sync`;
 //! 4. tell the Relay `LinkUp { session_present }`; with no session also
@@ -70,6 +71,17 @@
 //!    cursor in seq order, at most `max_inflight` in flight, nothing
 //!    overtaking a QoS 2 record that waits for PUBREC, and one QoS 2 record
 //!    in flight at a time.
+//!
+//! # Confirmation by the hub
+//!
+//! With `outbox.confirm = "hub"` a `P/D/ack` is decoded
+//! ([`StoredAck`]) and handed to [`Delivery::confirmed`], whose removals
+//! are the only ones; a payload that does not decode is logged at warn and
+//! acknowledged. Every tick of [`ConfirmClock::tick_every`] asks the clock
+//! whether the confirmation time-out ran out (then
+//! [`Delivery::resend_unconfirmed`]) and whether to warn, once, that no
+//! hub has ever confirmed anything. The clock is updated after every
+//! action batch with the unconfirmed count.
 //!
 //! Commands that arrive on a resumed session before the nonce carry
 //! `backlog = true`. Every incoming QoS 1 message is acknowledged in arrival
@@ -86,14 +98,15 @@ use rumqttc::{
 use tokio::sync::oneshot;
 
 use super::backoff::{Failure, Reconnect, Wait, probe_pause};
+use super::confirmations::ConfirmClock;
 use super::delivery::{Action, Control, Delivery, Desync, Submit, Tag, rumqttc_inflight, subscribe_filters};
 use super::inbox::{Arrival, Inbox};
 use super::relay::{CaughtUp, LinkDown, LinkUp, Relay, RelayCommand};
 use super::supervisor::{self, SupervisedActor, Supervision};
-use crate::config::MqttConfig;
+use crate::config::{Confirm, ConfirmConfig, MqttConfig};
 use crate::mqtt_options;
 use crate::outbox::{OutboxError, OutboxHandle, OutboxReader, Record};
-use crate::proto::{self, Topics};
+use crate::proto::{self, StoredAck, Topics};
 
 /// How long SIGTERM waits for the broker to acknowledge `offline`.
 const OFFLINE_ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -209,6 +222,9 @@ struct Conn {
 
 pub struct Link {
     cfg: MqttConfig,
+    confirm: ConfirmConfig,
+    /// `confirm = "hub"`: when unconfirmed records go again.
+    clock: ConfirmClock,
     topics: Topics,
     outbox: OutboxHandle,
     reader: OutboxReader,
@@ -233,16 +249,19 @@ pub struct Link {
 impl Link {
     pub fn new(
         cfg: MqttConfig,
+        confirm: ConfirmConfig,
         topics: Topics,
         outbox: OutboxHandle,
         reader: OutboxReader,
         relay: Addr<Relay>,
         sup: Supervision,
     ) -> Link {
-        let delivery = Delivery::new(cfg.max_inflight);
+        let delivery = Delivery::new(cfg.max_inflight, confirm.mode);
         let reconnect = Reconnect::new(cfg.reconnect_min, cfg.reconnect_max);
         Link {
             cfg,
+            confirm,
+            clock: ConfirmClock::new(confirm.timeout),
             topics,
             outbox,
             reader,
@@ -262,8 +281,65 @@ impl Link {
         }
     }
 
-    fn report(&self) {
-        self.sup.board().link_delivery(self.delivery.in_flight(), self.generation);
+    fn report(&mut self) {
+        let unconfirmed = self.delivery.unconfirmed();
+        self.clock.update(Instant::now(), unconfirmed, false);
+        self.sup.board().link_delivery(self.delivery.in_flight(), unconfirmed, self.generation);
+    }
+
+    /// The topics subscribed to on every ConnAck.
+    fn filters(&self) -> Vec<String> {
+        let mut filters = vec![self.topics.relay_set_filter(), self.topics.sync()];
+        if self.confirm.mode == Confirm::Hub {
+            filters.push(self.topics.ack());
+        }
+        filters
+    }
+
+    /// A `P/D/ack` from the hub: remove what it stored.
+    fn on_stored_ack(&mut self, payload: &[u8], ctx: &mut Context<Self>) {
+        if self.confirm.mode != Confirm::Hub {
+            return;
+        }
+        let ack = match StoredAck::decode(payload) {
+            Ok(ack) => ack,
+            Err(e) => {
+                tracing::warn!(topic = %self.topics.ack(), "confirmation ignored: {e}");
+                return;
+            }
+        };
+        let actions = self.delivery.confirmed(&ack);
+        let removed = actions.iter().filter(|a| matches!(a, Action::Remove(_))).count();
+        tracing::debug!(epoch = ack.epoch, named = ack.count(), removed, "the hub confirmed storage");
+        if removed > 0 {
+            self.clock.update(Instant::now(), self.delivery.unconfirmed(), true);
+        }
+        self.perform(actions, ctx);
+    }
+
+    /// Every [`ConfirmClock::tick_every`] with `confirm = "hub"`.
+    fn confirm_tick(&mut self, ctx: &mut Context<Self>) {
+        let waited = self.clock.current();
+        let tick = self.clock.tick(Instant::now());
+        if tick.warn {
+            tracing::warn!(
+                unconfirmed = self.delivery.unconfirmed(),
+                "no fieldlink hub has confirmed anything in {}, while the broker acknowledges: records stay in the \
+                 outbox and are sent again. Is the hub running and subscribed? For a plain broker (no fieldlink \
+                 hub) set outbox.confirm = \"broker\"",
+                humantime::format_duration(super::confirmations::WARN_AFTER)
+            );
+        }
+        if tick.resend {
+            let (n, actions) = self.delivery.resend_unconfirmed();
+            if n > 0 {
+                tracing::info!(
+                    "{n} records the broker acknowledged were not confirmed by the hub within {}: sending them again",
+                    humantime::format_duration(waited)
+                );
+            }
+            self.perform(actions, ctx);
+        }
     }
 
     fn up(&self) -> bool {
@@ -314,11 +390,17 @@ impl Link {
             payload: nonce.clone().into_bytes(),
         };
         let control = vec![
-            Control::Subscribe(vec![self.topics.relay_set_filter(), self.topics.sync()]),
+            Control::Subscribe(self.filters()),
             Control::Publish(Tag::Online, status),
             Control::Publish(Tag::Sync, sync),
         ];
+        let unconfirmed = self.delivery.unconfirmed();
         let connected = self.delivery.connected(session_present, control);
+        if unconfirmed > 0 {
+            // The broker may have lost what it acknowledged (a crash without
+            // persistence), and the hub may never have got it.
+            tracing::info!("sending the {unconfirmed} records that wait for the hub's confirmation again");
+        }
         if connected.forgotten > 0 {
             tracing::warn!(
                 "the broker has no session for us: replaying {} unacknowledged records from the outbox",
@@ -365,6 +447,7 @@ impl Link {
     fn on_publish(&mut self, publish: Publish, ctx: &mut Context<Self>) {
         let command = self.topics.is_relay_set_topic(&publish.topic);
         let sync = publish.topic == self.topics.sync();
+        let confirmation = publish.topic == self.topics.ack();
         let topic = publish.topic.clone();
         let (payload, pkid, dup) = (publish.payload.to_vec(), publish.pkid, publish.dup);
         let was_waiting = self.inbox.waiting();
@@ -401,6 +484,7 @@ impl Link {
                 self.relay.do_send(CaughtUp);
             }
             Arrival::Echo { caught_up: false } => {}
+            Arrival::Other if confirmation => self.on_stored_ack(&payload, ctx),
             Arrival::Other => {
                 tracing::warn!(topic = %topic, "message on a topic the agent does not handle; acknowledged and ignored")
             }
@@ -462,6 +546,7 @@ impl Link {
     }
 
     fn flush_removed(&self, removed: &mut Vec<u64>) {
+        // Hub mode: `Remove` only ever follows the hub's confirmation.
         if !removed.is_empty() {
             self.outbox.ack(std::mem::take(removed));
         }
@@ -619,6 +704,9 @@ impl SupervisedActor for Link {
 
     fn init(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
         self.options = Some(mqtt_options(&self.cfg, &self.topics)?);
+        if self.confirm.mode == Confirm::Hub {
+            ctx.run_interval(self.clock.tick_every(), |act, ctx| act.confirm_tick(ctx));
+        }
         // Not connected yet: this only records the mark.
         let actions = self.delivery.durable(self.outbox.stats().durable_seq);
         self.perform(actions, ctx);
@@ -640,9 +728,9 @@ impl StreamHandler<Item> for Link {
                     && s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure))
                 {
                     tracing::error!(
-                        "the broker refused a subscription to {} or {}: commands (or catch-up) will not work",
-                        self.topics.relay_set_filter(),
-                        self.topics.sync()
+                        "the broker refused a subscription to one of {}: commands, catch-up or the hub's \
+                         confirmations will not work",
+                        self.filters().join(", ")
                     );
                 }
                 if matches!(event, Event::Incoming(Packet::SubAck(_) | Packet::PubAck(_) | Packet::PubComp(_))) {

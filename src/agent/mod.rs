@@ -2,7 +2,8 @@
 //! Supervision). Owns the process lifecycle of `fieldlink agent`: state
 //! directory, pid file, panic policy, actor start-up order and the exit code.
 //! Protocol decisions live in the sans-IO modules (`proto`, `delivery`,
-//! `inbox`, `command_gate`, `restart_policy`, `backoff`), not here.
+//! `inbox`, `command_gate`, `restart_policy`, `backoff`, `confirmations`),
+//! not here.
 //!
 //! # Actors and threads
 //!
@@ -26,6 +27,7 @@
 mod backoff;
 mod button;
 mod command_gate;
+mod confirmations;
 mod delivery;
 #[cfg(test)]
 mod delivery_model;
@@ -240,10 +242,10 @@ fn start(
 
     let link_arbiter = Arbiter::new();
     let link = {
-        let (mqtt, topics, outbox, reader, relay, sup) =
-            (cfg.mqtt.clone(), topics.clone(), outbox.clone(), reader.clone(), relay.clone(), sup("link"));
+        let (mqtt, confirm, topics, outbox, reader, relay, sup) =
+            (cfg.mqtt.clone(), cfg.confirm, topics.clone(), outbox.clone(), reader.clone(), relay.clone(), sup("link"));
         Supervisor::start_in_arbiter(&link_arbiter.handle(), move |_| {
-            link::Link::new(mqtt, topics, outbox, reader, relay, sup)
+            link::Link::new(mqtt, confirm, topics, outbox, reader, relay, sup)
         })
     };
     {

@@ -60,6 +60,8 @@ pub struct ActorStatus {
 #[derive(Debug, Default)]
 struct Board {
     link: LinkStatus,
+    /// Records the broker acknowledged that wait for the hub's confirmation.
+    unconfirmed: usize,
     relays: BTreeMap<String, RelayStatus>,
     buttons: BTreeMap<String, ButtonStatus>,
     actors: BTreeMap<&'static str, ActorStatus>,
@@ -103,6 +105,9 @@ pub struct OutboxStatus {
     /// The outbox cannot write to its disk right now (full, failing):
     /// heartbeats are shed, events kept in memory until it recovers.
     pub disk_fault: bool,
+    /// `confirm = "hub"`: records the broker acknowledged that wait in the
+    /// outbox for the hub's confirmation (always 0 with "broker").
+    pub unconfirmed: usize,
 }
 
 /// What `status.json` holds.
@@ -127,14 +132,15 @@ impl Dump {
         let down: Vec<&str> = self.actors.iter().filter(|(_, a)| !a.running).map(|(n, _)| *n).collect();
         let o = &self.outbox;
         format!(
-            "status: link {} ({} connects, {} disconnects); outbox depth {} ({} bytes, {} dropped, durable up to seq \
-             {}, next seq {}){}; {} actor restarts{}",
+            "status: link {} ({} connects, {} disconnects); outbox depth {} ({} bytes, {} dropped, {} unconfirmed, \
+             durable up to seq {}, next seq {}){}; {} actor restarts{}",
             if self.link.connected { "up" } else { "down" },
             self.link.connects,
             self.link.disconnects,
             o.depth,
             o.bytes,
             o.dropped,
+            o.unconfirmed,
             o.durable_seq,
             o.next_seq,
             if o.disk_fault { ", DISK FAULT: heartbeats shed, events kept in memory" } else { "" },
@@ -252,12 +258,18 @@ impl StatusBoard {
     }
 
     /// The Link's delivery numbers.
-    pub fn link_delivery(&self, in_flight: usize, generation: u64) {
+    pub fn link_delivery(&self, in_flight: usize, unconfirmed: usize, generation: u64) {
         let mut b = self.lock();
         b.link.in_flight = in_flight;
+        b.unconfirmed = unconfirmed;
         b.link.generation = generation;
         drop(b);
         self.touch();
+    }
+
+    /// Records waiting for the hub's confirmation (see [`OutboxStatus`]).
+    pub fn unconfirmed(&self) -> usize {
+        self.lock().unconfirmed
     }
 
     pub fn link_counters(&self) -> LinkCounters {
@@ -327,6 +339,7 @@ impl StatusBoard {
                 durable_seq: outbox.stats.durable_seq,
                 next_seq: outbox.stats.next_seq,
                 disk_fault: outbox.disk_fault,
+                unconfirmed: b.unconfirmed,
             },
             relays: b.relays.clone(),
             buttons: b.buttons.clone(),

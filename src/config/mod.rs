@@ -69,6 +69,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub mqtt: MqttConfig,
     pub outbox: OutboxConfig,
+    /// `[outbox] confirm` and `confirm_timeout`.
+    pub confirm: ConfirmConfig,
     pub gpio: GpioConfig,
     pub buttons: Vec<ButtonConfig>,
     pub relays: Vec<RelayConfig>,
@@ -110,12 +112,35 @@ pub enum Durability {
     Batch,
 }
 
+/// What lets a record leave the outbox (DESIGN: Delivery promises).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirm {
+    /// The fieldlink hub's `P/D/ack` after it committed the record.
+    Hub,
+    /// The broker's PUBACK / PUBCOMP (a plain broker, no fieldlink hub).
+    Broker,
+}
+
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
     pub max_bytes: u64,
     pub durability: Durability,
     pub flush_interval: Duration,
 }
+
+/// `[outbox] confirm` and `confirm_timeout`: the Link's business, not the
+/// outbox's (which knows nothing of MQTT), so kept apart from [`OutboxConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfirmConfig {
+    pub mode: Confirm,
+    /// With `confirm = "hub"`: how long records the broker acknowledged
+    /// wait for the hub before they are sent again (doubling while none
+    /// comes, up to [`MAX_CONFIRM_TIMEOUT`]).
+    pub timeout: Duration,
+}
+
+/// The most `confirm_timeout` grows to while no confirmation comes.
+pub const MAX_CONFIRM_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpioBackend {
@@ -263,7 +288,8 @@ fn agent_config(root: &Table, env_password: Option<String>, p: &mut Problems) ->
         device_id: device_id?,
         state_dir: state_dir?,
         mqtt: mqtt?,
-        outbox: outbox?,
+        confirm: outbox.as_ref().map(|o| o.1).map_err(|e| *e)?,
+        outbox: outbox?.0,
         gpio: gpio?,
         buttons: buttons.into_iter().map(|e| e.config).collect::<Checked<_>>()?,
         relays: relays.into_iter().map(|e| e.config).collect::<Checked<_>>()?,
@@ -317,7 +343,7 @@ fn mqtt_config(
     })
 }
 
-fn outbox_config(t: &Table, p: &mut Problems) -> Checked<OutboxConfig> {
+fn outbox_config(t: &Table, p: &mut Problems) -> Checked<(OutboxConfig, ConfirmConfig)> {
     let mut r = Reader::new(t, Place::Section("outbox"));
     let max_bytes = match r.int_opt("max_bytes", p) {
         Ok(Some(n)) if n >= MIN_OUTBOX_BYTES => Ok(n.unsigned_abs()),
@@ -330,8 +356,13 @@ fn outbox_config(t: &Table, p: &mut Problems) -> Checked<OutboxConfig> {
     let durability =
         r.choice("durability", Durability::Batch, &[("always", Durability::Always), ("batch", Durability::Batch)], p);
     let flush_interval = r.duration_in("flush_interval", millis(100), NONZERO..=secs(10), p);
+    let confirm = r.choice("confirm", Confirm::Hub, &[("hub", Confirm::Hub), ("broker", Confirm::Broker)], p);
+    let confirm_timeout = r.duration_in("confirm_timeout", secs(30), millis(100)..=MAX_CONFIRM_TIMEOUT, p);
     r.finish(p);
-    Ok(OutboxConfig { max_bytes: max_bytes?, durability: durability?, flush_interval: flush_interval? })
+    Ok((
+        OutboxConfig { max_bytes: max_bytes?, durability: durability?, flush_interval: flush_interval? },
+        ConfirmConfig { mode: confirm?, timeout: confirm_timeout? },
+    ))
 }
 
 fn gpio_config(t: &Table, p: &mut Problems) -> Checked<GpioConfig> {
@@ -637,6 +668,7 @@ mod tests {
         assert_eq!(c.outbox.max_bytes, 67_108_864);
         assert_eq!(c.outbox.durability, Durability::Batch);
         assert_eq!(c.outbox.flush_interval, millis(100));
+        assert_eq!(c.confirm, ConfirmConfig { mode: Confirm::Hub, timeout: secs(30) });
         assert_eq!(c.gpio.backend, GpioBackend::Rppal);
         assert!(c.buttons.is_empty() && c.relays.is_empty());
         assert_eq!(c.heartbeat.interval, secs(30));
@@ -680,6 +712,8 @@ max_inflight = 1000
 max_bytes = 65536
 durability = "always"
 flush_interval = "10s"
+confirm = "broker"
+confirm_timeout = "2m"
 [gpio]
 backend = "sim"
 [[button]]
@@ -719,6 +753,7 @@ backoff_max = "100ms"
         assert_eq!(c.outbox.max_bytes, 65_536);
         assert_eq!(c.outbox.durability, Durability::Always);
         assert_eq!(c.outbox.flush_interval, secs(10));
+        assert_eq!(c.confirm, ConfirmConfig { mode: Confirm::Broker, timeout: secs(120) });
         let b = &c.buttons[0];
         assert_eq!(
             (b.pin, b.pull, b.active_low, b.debounce, b.qos),
@@ -745,6 +780,7 @@ keep_alive = "3 parsecs"
 max_inflight = 0
 [outbox]
 durability = "sometimes"
+confirm = "cloud"
 [[relay]]
 name = "pump"
 pin = 99
@@ -759,6 +795,7 @@ qos = 0
                 "mqtt.keep_alive: '3 parsecs' is not a duration (e.g. 30s, 5m)",
                 "mqtt.max_inflight: 0 is out of range (expected 1..=1000)",
                 "outbox.durability: 'sometimes' is not 'always' or 'batch'",
+                "outbox.confirm: 'cloud' is not 'hub' or 'broker'",
                 "heartbeat.qos: 0 is not 1 or 2",
                 "unknown key 'colour'",
                 "relay 'pump': pin 99 is not a GPIO pin (0..=27)",

@@ -47,6 +47,22 @@
 //!   redeliver it on every reconnect, forever. Payloads over
 //!   [`ingest::MAX_PAYLOAD`] are refused at ingest instead (acknowledged).
 //!
+//! # It confirms what it stored
+//!
+//! After each commit, the batcher publishes to every device in the batch
+//! which of its messages the hub now holds: `P/D/ack`, QoS 1, not
+//! retained, a [`StoredAck`] per device and epoch (`{"epoch":E,"seqs":
+//! [[first,last],...]}`; several epochs in one batch: one ack each). It
+//! names every message of the batch with an identity: newly stored,
+//! duplicates of stored ones, and those set aside or refused at ingest
+//! whose topic and payload still name a device and `(epoch, seq)`, so an
+//! agent never resends a message the hub will not take. An agent with
+//! `outbox.confirm = "hub"` removes a record only on this ack (DESIGN:
+//! Delivery promises). The publishes are awaited like the acks (room in
+//! the request channel, never dropped); one lost with the connection costs
+//! a resend after the agent's `confirm_timeout`, which the store
+//! deduplicates and confirms again.
+//!
 //! It never serves HTTP and never builds SQL.
 
 use std::sync::Arc;
@@ -62,6 +78,7 @@ use super::metrics::Metrics;
 use super::model::{CommandRow, LiveEvent, SetAside, Update};
 use super::store::{Store, StoreError};
 use crate::agent::Backoff;
+use crate::proto::{StoredAck, Topics};
 use crate::timefmt;
 
 /// The largest MQTT packet there is (a 268,435,455-byte remaining length
@@ -109,6 +126,8 @@ pub struct Counters {
     pub nulled: AtomicU64,
     /// What `GET /metrics` shows (per kind, latency, database errors).
     pub metrics: Arc<Metrics>,
+    /// `P/D/ack` confirmations published.
+    pub confirmations: AtomicU64,
 }
 
 /// Runs the poller and the batcher until `shutdown` turns true; then the
@@ -167,6 +186,7 @@ pub async fn run(
         set_aside = counters.set_aside.load(Ordering::Relaxed),
         set_aside_unrecorded = counters.set_aside_unrecorded.load(Ordering::Relaxed),
         nulled = counters.nulled.load(Ordering::Relaxed),
+        confirmations = counters.confirmations.load(Ordering::Relaxed),
         "collector stopped"
     );
 }
@@ -317,6 +337,9 @@ async fn batch(
                 break;
             }
         }
+        // Committed (or set aside for good): tell the agents, whatever
+        // connection the messages came in on.
+        confirm(&client, &settings.prefix, &items, &counters).await;
         for (update, is_new) in updates.iter().zip(&fresh) {
             match update {
                 Update::Message(m) if *is_new => {
@@ -338,6 +361,60 @@ async fn batch(
             }
         }
         commander.answered(&answered);
+    }
+}
+
+/// The device and identity of each item that names one: every parsed
+/// message of the batch, and those refused at ingest whose topic and
+/// payload still name a device, epoch and seq.
+fn identities(prefix: &str, items: &[Pending]) -> Vec<(String, u64, u64)> {
+    items
+        .iter()
+        .filter_map(|p| match &p.update {
+            Some(Update::Message(m)) => Some((m.device.clone(), m.epoch, m.seq)),
+            Some(Update::Status { .. }) => None,
+            None if p.aside.is_some() => ingest::identity(prefix, &p.publish.topic, &p.publish.payload),
+            None => None,
+        })
+        .collect()
+}
+
+/// The confirmations for `items`, in first-seen order of device and
+/// epoch: `(topic, ack)`. A device segment that is no valid topic level
+/// to publish to (`+`, `#`) gets none.
+fn confirmations(prefix: &str, items: &[Pending]) -> Vec<(String, StoredAck)> {
+    let mut groups: Vec<((String, u64), Vec<u64>)> = Vec::new();
+    for (device, epoch, seq) in identities(prefix, items) {
+        if device.contains(['+', '#']) {
+            continue;
+        }
+        match groups.iter_mut().find(|((d, e), _)| *d == device && *e == epoch) {
+            Some((_, seqs)) => seqs.push(seq),
+            None => groups.push(((device, epoch), vec![seq])),
+        }
+    }
+    let mut out = Vec::new();
+    for ((device, epoch), seqs) in groups {
+        let topic = Topics::new(prefix, &device).ack();
+        out.extend(StoredAck::for_seqs(epoch, seqs).into_iter().map(|a| (topic.clone(), a)));
+    }
+    out
+}
+
+/// Publishes the confirmations of a committed batch (module doc), awaited.
+async fn confirm(client: &AsyncClient, prefix: &str, items: &[Pending], counters: &Counters) {
+    for (topic, ack) in confirmations(prefix, items) {
+        match client.publish(topic.as_str(), QoS::AtLeastOnce, false, ack.encode()).await {
+            Ok(()) => {
+                counters.confirmations.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // Only once the event loop is gone (shutdown): the agent
+                // sends these again after its confirm_timeout.
+                tracing::warn!("confirmation on '{topic}' not sent: {e}");
+                return;
+            }
+        }
     }
 }
 
@@ -477,5 +554,71 @@ async fn write(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::model::{Kind, Message};
+
+    fn message(device: &str, epoch: u64, seq: u64) -> Pending {
+        let m = Message {
+            device: device.into(),
+            epoch,
+            seq,
+            ts: "2026-11-21T10:00:00.000Z".into(),
+            kind: Kind::Button,
+            name: Some("door".into()),
+            payload: serde_json::json!({}),
+        };
+        let publish = Publish::new(format!("fl/{device}/button/door"), QoS::AtLeastOnce, Vec::new());
+        Pending { update: Some(Update::Message(m)), aside: None, publish, generation: 1 }
+    }
+
+    fn refused(topic: &str, payload: &[u8]) -> Pending {
+        let publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+        let aside = ingest::set_aside("fl", topic, payload, "refused", "2026-11-21T10:00:00.000Z");
+        Pending { update: None, aside: Some(aside), publish, generation: 1 }
+    }
+
+    #[test]
+    fn a_batch_is_confirmed_once_per_device_and_epoch_with_refused_messages_that_name_themselves() {
+        let status = Pending {
+            update: Some(Update::Status { device: "a".into(), online: true, at: "x".into() }),
+            aside: None,
+            publish: Publish::new("fl/a/status", QoS::AtLeastOnce, b"online".to_vec()),
+            generation: 1,
+        };
+        let command = Pending {
+            update: None,
+            aside: None,
+            publish: Publish::new("fl/a/relay/pump/set", QoS::AtLeastOnce, b"on".to_vec()),
+            generation: 1,
+        };
+        let items = vec![
+            message("a", 1, 3),
+            message("b", 1, 9),
+            status,
+            message("a", 1, 4),
+            message("a", 2, 1),
+            command,
+            refused("fl/a/error", br#"{"device":"a","epoch":1,"seq":5,"message":"\u0000"}"#),
+            refused("fl/a/error", b"not json"),
+            message("a", 1, 3),
+            refused("fl/+/button/x", br#"{"epoch":1,"seq":1}"#),
+        ];
+        let got: Vec<(String, String)> = confirmations("fl", &items)
+            .into_iter()
+            .map(|(t, a)| (t, String::from_utf8_lossy(&a.encode()).into()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("fl/a/ack".to_string(), r#"{"epoch":1,"seqs":[[3,5]]}"#.to_string()),
+                ("fl/b/ack".to_string(), r#"{"epoch":1,"seqs":[[9,9]]}"#.to_string()),
+                ("fl/a/ack".to_string(), r#"{"epoch":2,"seqs":[[1,1]]}"#.to_string()),
+            ]
+        );
     }
 }

@@ -132,9 +132,12 @@ pub fn acl_text(prefix: &str, hub_user: Option<&str>) -> String {
     let _ = writeln!(s, "pattern write {prefix}/%u/#");
     let _ = writeln!(s, "pattern read {prefix}/%u/relay/+/set");
     let _ = writeln!(s, "pattern readwrite {prefix}/%u/sync");
+    let _ = writeln!(s, "pattern read {prefix}/%u/ack");
     if let Some(user) = hub_user {
-        let _ =
-            writeln!(s, "\n# The hub reads everything and sends commands.\nuser {user}\ntopic readwrite {prefix}/#");
+        let _ = writeln!(
+            s,
+            "\n# The hub reads everything, sends commands and confirms storage (P/+/ack).\nuser {user}\ntopic readwrite {prefix}/#"
+        );
     }
     s
 }
@@ -463,6 +466,7 @@ mod tests {
             "pattern write acme/site1/%u/#",
             "pattern read acme/site1/%u/relay/+/set",
             "pattern readwrite acme/site1/%u/sync",
+            "pattern read acme/site1/%u/ack",
             "user hub",
             "topic readwrite acme/site1/#",
         ] {

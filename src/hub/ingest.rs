@@ -83,8 +83,10 @@ pub struct Parsed {
 /// Why a message could not be stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IngestError {
-    /// A relay command (`P/D/relay/<r>/set`): cloud-to-device, not stored.
-    #[error("'{0}' is a command, not a device message")]
+    /// A relay command (`P/D/relay/<r>/set`), the hub's own confirmation
+    /// (`P/D/ack`) or an agent's catch-up nonce (`P/D/sync`): not a device
+    /// message, not stored, not counted.
+    #[error("'{0}' is a command, confirmation or sync topic, not a device message")]
     Command(String),
     #[error("topic '{0}' is not a fieldlink device topic")]
     Topic(String),
@@ -126,7 +128,7 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8], received_at: &str) -> Re
         [d, "heartbeat"] => (*d, Kind::Heartbeat, None),
         [d, "sensor", n] => (*d, Kind::Sensor, Some(*n)),
         [d, "error"] => (*d, Kind::Error, None),
-        [_, "relay", _, "set"] => return Err(IngestError::Command(topic.to_string())),
+        [_, "relay", _, "set"] | [_, "ack"] | [_, "sync"] => return Err(IngestError::Command(topic.to_string())),
         _ => return Err(bad_topic()),
     };
     if device.is_empty() || name.is_some_and(str::is_empty) {
@@ -185,6 +187,19 @@ pub fn topic_kind(prefix: &str, topic: &str) -> &'static str {
         [_, "error"] => "error",
         _ => "other",
     }
+}
+
+/// The device and `(epoch, seq)` of a message that could not be stored
+/// (refused at ingest), when its topic names a device under `prefix` and
+/// its payload carries an identity: the hub confirms it all the same, or
+/// the agent would send it again forever (DESIGN: Delivery promises).
+pub fn identity(prefix: &str, topic: &str, payload: &[u8]) -> Option<(String, u64, u64)> {
+    let device = topic.strip_prefix(prefix)?.strip_prefix('/')?.split('/').next()?;
+    if device.is_empty() || device.contains('\0') || topic.contains('\0') {
+        return None;
+    }
+    let (epoch, seq) = crate::proto::identity(payload)?;
+    Some((device.to_string(), epoch, seq))
 }
 
 /// How much of a set-aside payload is kept, in characters.
@@ -346,6 +361,8 @@ mod tests {
     fn foreign_topics_and_broken_payloads_are_refused() {
         assert!(matches!(parse("fl", "other/pi/heartbeat", b"{}", AT), Err(IngestError::Topic(_))));
         assert!(matches!(parse("fl", "fl/pi/relay/pump/set", b"on", AT), Err(IngestError::Command(_))));
+        assert!(matches!(parse("fl", "fl/pi/ack", br#"{"epoch":1,"seqs":[]}"#, AT), Err(IngestError::Command(_))));
+        assert!(matches!(parse("fl", "fl/pi/sync", b"0123456789abcdef", AT), Err(IngestError::Command(_))));
         assert!(matches!(parse("fl", "fl/pi/relay/pump/other", b"{}", AT), Err(IngestError::Topic(_))));
         let no_seq = br#"{"device":"pi","ts":"2026-11-21T10:00:00.000Z"}"#;
         assert!(matches!(parse("fl", "fl/pi/heartbeat", no_seq, AT), Err(IngestError::Payload { .. })));
@@ -426,5 +443,15 @@ mod tests {
             br#"{"device":"pi","seq":1,"ts":"2026-11-21T10:00:00.000Z","relay":"pump","state":1,"command_id":["c"]}"#;
         let parsed = parse("fl", "fl/pi/relay/pump/state", p, AT).expect("stored, with nulls");
         assert_eq!(parsed.nulled, ["state", "command_id"]);
+    }
+
+    #[test]
+    fn a_refused_message_still_has_an_identity_to_confirm_when_its_topic_and_payload_name_one() {
+        let nul = b"{\"device\":\"pi\",\"epoch\":4,\"seq\":9,\"ts\":\"x\",\"message\":\"a\\u0000b\"}";
+        assert!(parse("fl", "fl/pi/error", nul, AT).is_err());
+        assert_eq!(identity("fl", "fl/pi/error", nul), Some(("pi".to_string(), 4, 9)));
+        assert_eq!(identity("fl", "other/pi/error", nul), None);
+        assert_eq!(identity("fl", "fl/pi/error", b"not json"), None);
+        assert_eq!(identity("fl", "fl/p\0i/error", nul), None);
     }
 }

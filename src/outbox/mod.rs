@@ -1,6 +1,7 @@
 //! The durable outbox: every device-to-cloud message (all but `status`) is
-//! recorded here before it is sent, and removed only once the broker has
-//! acknowledged it (DESIGN: Delivery promises). This module doc is the
+//! recorded here before it is sent, and removed only once the Link says it
+//! was delivered: the hub confirmed storing it, or the broker acknowledged
+//! it with `confirm = "broker"` (DESIGN: Delivery promises). This module doc is the
 //! design document. The module owns the on-disk queue under
 //! `<state_dir>/outbox` and the files beside it; it must not know about
 //! MQTT, packet ids or payload contents (payloads are opaque bytes built by

@@ -892,6 +892,69 @@ pub fn query_i64(url: &str, sql: &str) -> i64 {
     })
 }
 
+/// A write lock on a SQLite database: another connection in `BEGIN
+/// IMMEDIATE`, so the hub's commits wait (its `busy_timeout`, then its
+/// retries) until [`DbLock::release`] or drop. Held on a thread of its own.
+pub struct DbLock {
+    release: Option<mpsc::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl DbLock {
+    /// Returns once the lock is held.
+    pub fn sqlite(url: &str) -> DbLock {
+        sqlx::any::install_default_drivers();
+        let url = url.to_string();
+        let (locked_tx, locked_rx) = mpsc::channel::<Result<(), String>>();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let thread = thread::spawn(move || {
+            block_on(async {
+                let mut conn = match AnyConnection::connect(&url).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = locked_tx.send(Err(format!("connect to {url}: {e}")));
+                        return;
+                    }
+                };
+                if let Err(e) = conn.execute("BEGIN IMMEDIATE").await {
+                    let _ = locked_tx.send(Err(format!("BEGIN IMMEDIATE: {e}")));
+                    return;
+                }
+                let _ = locked_tx.send(Ok(()));
+                // Nothing else runs on this runtime: blocking here is fine.
+                let _ = release_rx.recv();
+                if let Err(e) = conn.execute("ROLLBACK").await {
+                    eprintln!("DbLock: ROLLBACK: {e}");
+                }
+                let _ = conn.close().await;
+            })
+        });
+        match locked_rx.recv_timeout(DEADLINE) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("could not lock the database: {e}"),
+            Err(e) => panic!("the database lock was not taken within {DEADLINE:?}: {e}"),
+        }
+        DbLock { release: Some(release), thread: Some(thread) }
+    }
+
+    /// Rolls the lock's transaction back and closes its connection.
+    pub fn release(&mut self) {
+        drop(self.release.take());
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the lock thread panicked");
+        }
+    }
+}
+
+impl Drop for DbLock {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Fake agent
 

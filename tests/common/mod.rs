@@ -752,9 +752,20 @@ pub struct AgentBuilder {
     keep_alive: String,
     reconnect_min: String,
     reconnect_max: String,
+    confirm: String,
+    confirm_timeout: String,
 }
 
 impl AgentBuilder {
+    /// `[outbox] confirm`: "broker" (the harness default: most agent tests
+    /// talk to a plain mosquitto with no hub) or "hub" (the product default),
+    /// and `confirm_timeout` (default "1s").
+    pub fn confirm(mut self, mode: &str, timeout: &str) -> Self {
+        self.confirm = mode.to_string();
+        self.confirm_timeout = timeout.to_string();
+        self
+    }
+
     /// `durability`: "always" or "batch" (default).
     pub fn durability(mut self, d: &str) -> Self {
         self.durability = d.to_string();
@@ -855,6 +866,8 @@ reconnect_max = "{reconnect_max}"
 [outbox]
 durability = "{durability}"
 flush_interval = "{flush}"
+confirm = "{confirm}"
+confirm_timeout = "{confirm_timeout}"
 {outbox_extra}
 
 [gpio]
@@ -905,6 +918,8 @@ backoff_max = "{backoff_max}"
             keep_alive = self.keep_alive,
             reconnect_min = self.reconnect_min,
             reconnect_max = self.reconnect_max,
+            confirm = self.confirm,
+            confirm_timeout = self.confirm_timeout,
         )
     }
 
@@ -961,6 +976,8 @@ impl Agent {
             keep_alive: "5s".into(),
             reconnect_min: "100ms".into(),
             reconnect_max: "1s".into(),
+            confirm: "broker".into(),
+            confirm_timeout: "1s".into(),
         }
     }
 
