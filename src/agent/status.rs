@@ -237,7 +237,12 @@ impl StatusBoard {
 
     /// Another supervised actor to list (not running until it says so).
     pub fn add_actor(&self, name: &'static str) {
-        self.lock().actors.entry(name).or_insert(ActorStatus { running: false, restarts: 0, last_error: None, down_since: Some(Instant::now()) });
+        self.lock().actors.entry(name).or_insert(ActorStatus {
+            running: false,
+            restarts: 0,
+            last_error: None,
+            down_since: Some(Instant::now()),
+        });
     }
 
     /// Restarts per actor, by name.
