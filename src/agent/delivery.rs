@@ -181,6 +181,8 @@ pub enum Tag {
     Offline,
     /// The catch-up nonce on `P/D/sync`.
     Sync,
+    /// A Home Assistant discovery config (or its removal).
+    Discovery,
 }
 
 /// Something to put into rumqttc's request channel. rumqttc numbers it.

@@ -127,14 +127,18 @@ const HEARTBEAT_FIELDS: &[HeartbeatField] = &[
     },
 ];
 
-/// `fieldlink_<device>`: the node id in every config topic and the
-/// device's identifier in Home Assistant's device registry.
+/// `fieldlink_<device>`: the device's identifier in Home Assistant's device
+/// registry and the stem of every `unique_id`.
 fn node_id(topics: &Topics) -> String {
     format!("fieldlink_{}", topics.device())
 }
 
+/// `<prefix>/<component>/<device>/<object>/config`: the device id alone is
+/// the node level, so that a broker ACL can grant each device its own
+/// discovery topics with a `%u` pattern (mosquitto allows a substitution
+/// only as a whole topic level).
 fn config_topic(inputs: &Inputs<'_>, component: &str, object: &str) -> String {
-    format!("{}/{component}/{}/{object}/config", inputs.prefix, node_id(inputs.topics))
+    format!("{}/{component}/{}/{object}/config", inputs.prefix, inputs.topics.device())
 }
 
 /// The fields every entity of the device shares: availability, the device
@@ -284,6 +288,37 @@ pub fn plan(before: &Published, current: Vec<Message>) -> Plan {
     Plan { messages, published: Published { topics: now } }
 }
 
+/// A planned round, as the Link carries it: what to publish on every
+/// connect and Home Assistant birth, and what to remember once a broker
+/// has acknowledged all of it.
+#[derive(Debug, Clone)]
+pub struct Round {
+    /// `Some(prefix)` when discovery is on: the Link subscribes to the
+    /// birth topic under it.
+    pub birth_prefix: Option<String>,
+    pub plan: Plan,
+    pub state_dir: PathBuf,
+}
+
+impl Round {
+    /// Reads what was published before from `state_dir` and plans this
+    /// process's round; `None` when there is nothing to publish (discovery
+    /// off and nothing published before).
+    pub fn prepare(enabled: bool, state_dir: &Path, inputs: &Inputs<'_>) -> Option<Round> {
+        let before = Published::load(state_dir);
+        let current = if enabled { configs(inputs) } else { Vec::new() };
+        let plan = plan(&before, current);
+        if plan.messages.is_empty() {
+            return None;
+        }
+        Some(Round {
+            birth_prefix: enabled.then(|| inputs.prefix.to_string()),
+            plan,
+            state_dir: state_dir.to_path_buf(),
+        })
+    }
+}
+
 /// Whether an incoming message is Home Assistant's birth message.
 pub fn is_birth(prefix: &str, topic: &str, payload: &[u8]) -> bool {
     topic.strip_prefix(prefix) == Some("/status") && payload.eq_ignore_ascii_case(BIRTH)
@@ -335,7 +370,7 @@ mod tests {
     fn a_button_is_a_binary_sensor_reading_the_state_field_of_its_messages() {
         let t = topics();
         let all = configs(&inputs(&t));
-        let v = by_topic(&all, "homeassistant/binary_sensor/fieldlink_pi-1/button_door/config");
+        let v = by_topic(&all, "homeassistant/binary_sensor/pi-1/button_door/config");
         assert_common(&v, "fieldlink_pi-1_button_door");
         assert_eq!(v["name"], "door");
         assert_eq!(v["state_topic"], "fieldlink/pi-1/button/door");
@@ -347,7 +382,7 @@ mod tests {
     fn a_relay_is_a_switch_commanded_on_its_set_topic_with_state_from_its_retained_json() {
         let t = topics();
         let all = configs(&inputs(&t));
-        let v = by_topic(&all, "homeassistant/switch/fieldlink_pi-1/relay_pump/config");
+        let v = by_topic(&all, "homeassistant/switch/pi-1/relay_pump/config");
         assert_common(&v, "fieldlink_pi-1_relay_pump");
         assert_eq!(v["command_topic"], "fieldlink/pi-1/relay/pump/set");
         // The agent takes plain `on` / `off` as a command.
@@ -363,30 +398,30 @@ mod tests {
     fn heartbeat_fields_are_sensors_with_units_and_device_classes() {
         let t = topics();
         let all = configs(&inputs(&t));
-        let cpu = by_topic(&all, "homeassistant/sensor/fieldlink_pi-1/cpu/config");
+        let cpu = by_topic(&all, "homeassistant/sensor/pi-1/cpu/config");
         assert_common(&cpu, "fieldlink_pi-1_cpu");
         assert_eq!(cpu["state_topic"], "fieldlink/pi-1/heartbeat");
         assert_eq!(cpu["value_template"], "{{ value_json.cpu_percent }}");
         assert_eq!(cpu["unit_of_measurement"], "%");
         assert_eq!(cpu["state_class"], "measurement");
-        let temp = by_topic(&all, "homeassistant/sensor/fieldlink_pi-1/temperature/config");
+        let temp = by_topic(&all, "homeassistant/sensor/pi-1/temperature/config");
         assert_eq!(
             (temp["device_class"].as_str(), temp["unit_of_measurement"].as_str()),
             (Some("temperature"), Some("°C"))
         );
-        let disk = by_topic(&all, "homeassistant/sensor/fieldlink_pi-1/disk_free/config");
+        let disk = by_topic(&all, "homeassistant/sensor/pi-1/disk_free/config");
         assert_eq!(
             (disk["device_class"].as_str(), disk["unit_of_measurement"].as_str()),
             (Some("data_size"), Some("B"))
         );
-        let mem = by_topic(&all, "homeassistant/sensor/fieldlink_pi-1/memory_used/config");
+        let mem = by_topic(&all, "homeassistant/sensor/pi-1/memory_used/config");
         assert_eq!(mem["value_template"], "{{ value_json.mem_used_bytes }}");
-        let uptime = by_topic(&all, "homeassistant/sensor/fieldlink_pi-1/uptime/config");
+        let uptime = by_topic(&all, "homeassistant/sensor/pi-1/uptime/config");
         assert_eq!(
             (uptime["device_class"].as_str(), uptime["entity_category"].as_str()),
             (Some("duration"), Some("diagnostic"))
         );
-        let depth = by_topic(&all, "homeassistant/sensor/fieldlink_pi-1/outbox_depth/config");
+        let depth = by_topic(&all, "homeassistant/sensor/pi-1/outbox_depth/config");
         assert_eq!(depth["value_template"], "{{ value_json.outbox.depth }}");
         assert_eq!(depth["entity_category"], "diagnostic");
     }
@@ -395,7 +430,7 @@ mod tests {
     fn a_sensor_reads_the_value_field_with_its_configured_unit() {
         let t = topics();
         let all = configs(&inputs(&t));
-        let v = by_topic(&all, "homeassistant/sensor/fieldlink_pi-1/sensor_soil/config");
+        let v = by_topic(&all, "homeassistant/sensor/pi-1/sensor_soil/config");
         assert_common(&v, "fieldlink_pi-1_sensor_soil");
         assert_eq!(v["state_topic"], "fieldlink/pi-1/sensor/soil");
         assert_eq!(v["value_template"], "{{ value_json.value }}");
@@ -426,7 +461,7 @@ mod tests {
         let p = plan(&before, configs(&fewer));
         let removed: Vec<&Message> = p.messages.iter().filter(|m| m.payload.is_empty()).collect();
         assert_eq!(removed.len(), 1);
-        assert_eq!(removed[0].topic, "homeassistant/switch/fieldlink_pi-1/relay_pump/config");
+        assert_eq!(removed[0].topic, "homeassistant/switch/pi-1/relay_pump/config");
         assert!(!p.published.topics.contains(&removed[0].topic), "a removed topic is forgotten");
         // Nothing is removed twice.
         let again = plan(&p.published, configs(&fewer));

@@ -100,6 +100,7 @@ use tokio::sync::oneshot;
 use super::backoff::{Failure, Reconnect, Wait, probe_pause};
 use super::confirmations::ConfirmClock;
 use super::delivery::{Action, Control, Delivery, Desync, Submit, Tag, rumqttc_inflight, subscribe_filters};
+use super::homeassistant;
 use super::inbox::{Arrival, Inbox};
 use super::relay::{CaughtUp, LinkDown, LinkUp, Relay, RelayCommand};
 use super::supervisor::{self, SupervisedActor, Supervision};
@@ -244,6 +245,18 @@ pub struct Link {
     /// SIGTERM: no more reconnects; who waits for the goodbye.
     closing: bool,
     closing_reply: Option<oneshot::Sender<()>>,
+    /// Home Assistant discovery, when configured or when configs published
+    /// before must be removed.
+    discovery: Option<Discovery>,
+}
+
+/// The discovery round and how far the current connection got with it.
+struct Discovery {
+    round: homeassistant::Round,
+    /// Configs acknowledged on the current connection.
+    acked: usize,
+    /// [`homeassistant::Published`] has been saved (once per process).
+    saved: bool,
 }
 
 impl Link {
@@ -278,7 +291,55 @@ impl Link {
             down_since: Some(Instant::now()),
             closing: false,
             closing_reply: None,
+            discovery: None,
         }
+    }
+
+    /// Announces the device to Home Assistant on every connect (see
+    /// `homeassistant.rs`).
+    pub fn with_discovery(mut self, round: Option<homeassistant::Round>) -> Link {
+        self.discovery = round.map(|round| Discovery { round, acked: 0, saved: false });
+        self
+    }
+
+    /// The discovery configs (and removals), as control publishes.
+    fn discovery_publishes(&mut self) -> Vec<Control> {
+        let Some(d) = self.discovery.as_mut() else { return Vec::new() };
+        d.acked = 0;
+        d.round
+            .plan
+            .messages
+            .iter()
+            .map(|m| {
+                Control::Publish(
+                    Tag::Discovery,
+                    Submit::Publish {
+                        topic: m.topic.clone(),
+                        qos: QoS::AtLeastOnce,
+                        retain: true,
+                        payload: m.payload.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// A discovery publish was acknowledged; once the whole round is, what
+    /// was published is remembered (off this thread: it is a file write).
+    fn discovery_done(&mut self) {
+        let Some(d) = self.discovery.as_mut() else { return };
+        d.acked += 1;
+        if d.saved || d.acked < d.round.plan.messages.len() {
+            return;
+        }
+        d.saved = true;
+        let (published, dir) = (d.round.plan.published.clone(), d.round.state_dir.clone());
+        let count = published.topics.len();
+        let removed = d.round.plan.messages.len() - count;
+        tokio::task::spawn_blocking(move || match published.save(&dir) {
+            Ok(()) => tracing::info!("Home Assistant discovery: {count} entities announced, {removed} removed"),
+            Err(e) => tracing::warn!("Home Assistant discovery: {e}; removed inputs may be announced again"),
+        });
     }
 
     fn report(&mut self) {
@@ -292,6 +353,9 @@ impl Link {
         let mut filters = vec![self.topics.relay_set_filter(), self.topics.sync()];
         if self.confirm.mode == Confirm::Hub {
             filters.push(self.topics.ack());
+        }
+        if let Some(prefix) = self.discovery.as_ref().and_then(|d| d.round.birth_prefix.as_deref()) {
+            filters.push(homeassistant::birth_topic(prefix));
         }
         filters
     }
@@ -389,11 +453,12 @@ impl Link {
             retain: false,
             payload: nonce.clone().into_bytes(),
         };
-        let control = vec![
+        let mut control = vec![
             Control::Subscribe(self.filters()),
             Control::Publish(Tag::Online, status),
             Control::Publish(Tag::Sync, sync),
         ];
+        control.extend(self.discovery_publishes());
         let unconfirmed = self.delivery.unconfirmed();
         let connected = self.delivery.connected(session_present, control);
         if unconfirmed > 0 {
@@ -485,6 +550,14 @@ impl Link {
             }
             Arrival::Echo { caught_up: false } => {}
             Arrival::Other if confirmation => self.on_stored_ack(&payload, ctx),
+            Arrival::Other if self.is_birth(&topic, &payload) => {
+                tracing::info!("Home Assistant (re)started: announcing the device again");
+                let mut actions = Vec::new();
+                for c in self.discovery_publishes() {
+                    actions.extend(self.delivery.control(c));
+                }
+                self.perform(actions, ctx);
+            }
             Arrival::Other => {
                 tracing::warn!(topic = %topic, "message on a topic the agent does not handle; acknowledged and ignored")
             }
@@ -495,6 +568,13 @@ impl Link {
         }
         let acks = self.inbox.ready();
         self.send_acks(acks);
+    }
+
+    fn is_birth(&self, topic: &str, payload: &[u8]) -> bool {
+        self.discovery
+            .as_ref()
+            .and_then(|d| d.round.birth_prefix.as_deref())
+            .is_some_and(|prefix| homeassistant::is_birth(prefix, topic, payload))
     }
 
     /// The Relay is done with command `id`.
@@ -535,6 +615,7 @@ impl Link {
                 Action::Remove(seq) => removed.push(seq),
                 Action::Done(Tag::Offline) => self.finish_closing(true, ctx),
                 Action::Done(Tag::Online | Tag::Sync) => {}
+                Action::Done(Tag::Discovery) => self.discovery_done(),
                 Action::Reconnect(desync) => {
                     self.flush_removed(&mut removed);
                     return self.desync(desync, ctx);

@@ -244,8 +244,9 @@ fn start(
     let link = {
         let (mqtt, confirm, topics, outbox, reader, relay, sup) =
             (cfg.mqtt.clone(), cfg.confirm, topics.clone(), outbox.clone(), reader.clone(), relay.clone(), sup("link"));
+        let discovery = discovery_round(cfg, &topics);
         Supervisor::start_in_arbiter(&link_arbiter.handle(), move |_| {
-            link::Link::new(mqtt, confirm, topics, outbox, reader, relay, sup)
+            link::Link::new(mqtt, confirm, topics, outbox, reader, relay, sup).with_discovery(discovery.clone())
         })
     };
     {
@@ -302,4 +303,19 @@ fn start(
     lifecycle::Lifecycle::new(signals, dumper, outbox, link, supervised, notifier).start();
     tracing::info!(device = %cfg.device_id, "agent started");
     Ok(())
+}
+
+/// Home Assistant discovery for this config (DESIGN: Home Assistant
+/// discovery), planned against what earlier runs published.
+fn discovery_round(cfg: &AgentConfig, topics: &Topics) -> Option<homeassistant::Round> {
+    let ha = &cfg.homeassistant;
+    let inputs = homeassistant::Inputs {
+        prefix: &ha.prefix,
+        topics,
+        version: crate::VERSION,
+        buttons: cfg.buttons.iter().map(|b| b.name.as_str()).collect(),
+        relays: cfg.relays.iter().map(|r| r.name.as_str()).collect(),
+        sensors: cfg.sensors.iter().map(|s| (s.name.as_str(), s.unit.as_deref().unwrap_or(""))).collect(),
+    };
+    homeassistant::Round::prepare(ha.discovery, &cfg.state_dir, &inputs)
 }

@@ -125,7 +125,7 @@ pub fn topic(device: &str, rest: &str) -> String {
 }
 
 /// A unique suffix for device and client ids within this process.
-fn unique() -> usize {
+pub fn unique() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
