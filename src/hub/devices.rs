@@ -133,6 +133,11 @@ pub fn acl_text(prefix: &str, hub_user: Option<&str>) -> String {
     let _ = writeln!(s, "pattern read {prefix}/%u/relay/+/set");
     let _ = writeln!(s, "pattern readwrite {prefix}/%u/sync");
     let _ = writeln!(s, "pattern read {prefix}/%u/ack");
+    // Home Assistant discovery (DESIGN: Home Assistant discovery), under
+    // Home Assistant's default prefix.
+    let ha = crate::agent::homeassistant::DEFAULT_PREFIX;
+    let _ = writeln!(s, "pattern write {ha}/+/%u/+/config");
+    let _ = writeln!(s, "pattern read {ha}/status");
     if let Some(user) = hub_user {
         let _ = writeln!(
             s,
@@ -467,6 +472,8 @@ mod tests {
             "pattern read acme/site1/%u/relay/+/set",
             "pattern readwrite acme/site1/%u/sync",
             "pattern read acme/site1/%u/ack",
+            "pattern write homeassistant/+/%u/+/config",
+            "pattern read homeassistant/status",
             "user hub",
             "topic readwrite acme/site1/#",
         ] {
