@@ -338,6 +338,26 @@ fn a_backlog_of_50000_queued_before_the_hub_starts_is_all_stored() {
     a_backlog_at_the_broker_is_drained(hub, broker.port(), 50_000);
 }
 
+#[test]
+#[ignore = "a soak: 50,000 messages; run with --ignored"]
+fn a_backlog_of_50000_queued_before_the_hub_starts_is_all_stored_on_mariadb() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let Some(db) = TestDb::create(Server::MariaDb) else { return };
+    let hub = Hub::builder(&broker).database(db.url()).start();
+    a_backlog_at_the_broker_is_drained(hub, broker.port(), 50_000);
+}
+
+#[test]
+#[ignore = "a soak: 50,000 messages; run with --ignored"]
+fn a_backlog_of_50000_queued_before_the_hub_starts_is_all_stored_on_postgresql() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let Some(db) = TestDb::create(Server::Postgres) else { return };
+    let hub = Hub::builder(&broker).database(db.url()).start();
+    a_backlog_at_the_broker_is_drained(hub, broker.port(), 50_000);
+}
+
 /// Error messages with a NUL (`\u0000`) in `code`, `message` or
 /// `command_id`, which PostgreSQL's TEXT refuses, then ordinary messages:
 /// the NUL ones are refused at ingest, the others stored, and SIGTERM ends
