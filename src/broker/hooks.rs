@@ -155,22 +155,20 @@ fn truncated(s: &str) -> String {
 pub struct Fitters {
     pub policy: SharedPolicy,
     pub hub_mqueue: usize,
-    pub hub_inflight: NonZeroU16,
 }
 
 impl FitterManager for Fitters {
     fn create(&self, conn_info: Arc<ConnectInfo>, id: Id, cfg: ListenerConfig) -> FitterType {
         let is_hub = id.username.as_deref() == Some(current(&self.policy).hub_user());
         let inner = DefaultFitterManager.create(conn_info, id, cfg);
-        if is_hub { Arc::new(HubFitter { inner, mqueue: self.hub_mqueue, inflight: self.hub_inflight }) } else { inner }
+        if is_hub { Arc::new(HubFitter { inner, mqueue: self.hub_mqueue }) } else { inner }
     }
 }
 
-/// rmqtt's default fitter (`src/fitter.rs`) with a bigger queue and window.
+/// rmqtt's default fitter (`src/fitter.rs`) with a bigger queue.
 struct HubFitter {
     inner: FitterType,
     mqueue: usize,
-    inflight: NonZeroU16,
 }
 
 impl Fitter for HubFitter {
@@ -184,7 +182,7 @@ impl Fitter for HubFitter {
         self.inner.mqueue_rate_limit()
     }
     fn max_inflight(&self) -> NonZeroU16 {
-        self.inflight
+        self.inner.max_inflight()
     }
     fn session_expiry_interval(&self, d: Option<&Disconnect>) -> Duration {
         self.inner.session_expiry_interval(d)

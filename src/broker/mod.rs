@@ -77,6 +77,9 @@
 //!   (`src/v3.rs:224-230`).
 //! * PUBLISH topic names with `+`, `#` or NUL are accepted by rmqtt; the ACL
 //!   refuses them.
+//! * A retained message sent to a new subscriber arrives with the retain
+//!   flag clear (seen with rumqttc, MQTT 3.1.1; `src/session.rs:2033` sets it,
+//!   something later clears it; not located). fieldlink never reads the flag.
 
 pub mod hooks;
 pub mod policy;
@@ -146,8 +149,11 @@ pub struct Limits {
     pub device_queue: usize,
     /// Messages queued for the hub's own sessions.
     pub hub_queue: usize,
-    /// Unacknowledged messages in flight to the hub's sessions (devices: 16).
-    pub hub_inflight: NonZeroU16,
+    /// Unacknowledged QoS 1/2 messages in flight per connection, each way.
+    /// rmqtt closes a connection that has more incoming QoS 2 (or QoS 1
+    /// still in the ACL hook) than this (`src/session.rs:165-174`,
+    /// `src/inflight.rs:396-400`): it is the agent's largest `max_inflight`.
+    pub inflight: NonZeroU16,
     /// How long a queued message waits for its subscriber.
     pub message_expiry: Duration,
     /// How long a parked persistent session is kept.
@@ -163,7 +169,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             device_queue: 1_000,
             hub_queue: 200_000,
-            hub_inflight: NonZeroU16::new(1_000).unwrap_or(NonZeroU16::MIN),
+            inflight: NonZeroU16::new(1_000).unwrap_or(NonZeroU16::MIN),
             message_expiry: 7 * DAY,
             session_expiry: 7 * DAY,
         }
@@ -226,15 +232,18 @@ impl EmbeddedBroker {
 
         let hooks = Hooks { policy: Arc::clone(&policy), dropped: Arc::new(AtomicU64::new(0)) };
         let register = scx.extends.hook_mgr().register();
-        for typ in
-            [Type::ClientAuthenticate, Type::ClientSubscribeCheckAcl, Type::MessagePublishCheckAcl, Type::MessageDropped]
-        {
+        for typ in [
+            Type::ClientAuthenticate,
+            Type::ClientSubscribeCheckAcl,
+            Type::MessagePublishCheckAcl,
+            Type::MessageDropped,
+        ] {
             // The highest priority: the policy decides before any other handler.
             register.add_priority(typ, u32::MAX, Box::new(hooks.clone())).await;
         }
         register.start().await;
         *scx.extends.fitter_mgr_mut().await =
-            Box::new(Fitters { policy: Arc::clone(&policy), hub_mqueue: limits.hub_queue, hub_inflight: limits.hub_inflight });
+            Box::new(Fitters { policy: Arc::clone(&policy), hub_mqueue: limits.hub_queue });
         *scx.extends.retain_mut().await = Box::new(Retained(DefaultRetainStorage::new()));
 
         let plain = builder(&settings, "fieldlink/tcp", settings.listen)
@@ -327,6 +336,7 @@ fn builder(s: &Settings, name: &str, laddr: SocketAddr) -> Builder {
         .allow_anonymous(false)
         .max_packet_size(u32::try_from(MAX_PACKET_BYTES).unwrap_or(u32::MAX))
         .max_clientid_len(MAX_CLIENT_ID_BYTES)
+        .max_inflight(l.inflight)
         .handshake_timeout(l.handshake_timeout)
         .max_mqueue_len(l.device_queue)
         .message_expiry_interval(l.message_expiry)
@@ -334,7 +344,8 @@ fn builder(s: &Settings, name: &str, laddr: SocketAddr) -> Builder {
 }
 
 fn bind_error(addr: SocketAddr, e: &rmqtt::Error) -> BrokerError {
-    let in_use = e.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::AddrInUse));
+    let in_use =
+        e.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::AddrInUse));
     if in_use { BrokerError::AddrInUse { addr } } else { BrokerError::Listen { addr, reason: format!("{e:#}") } }
 }
 
@@ -367,7 +378,8 @@ mod tests {
     #[tokio::test]
     async fn port_zero_starts_on_a_real_port() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let broker = EmbeddedBroker::start(settings(dir.path(), "127.0.0.1:0".parse().expect("addr"))).await.expect("start");
+        let broker =
+            EmbeddedBroker::start(settings(dir.path(), "127.0.0.1:0".parse().expect("addr"))).await.expect("start");
         assert_ne!(broker.addr().port(), 0);
         tokio::net::TcpStream::connect(broker.addr()).await.expect("it accepts");
     }

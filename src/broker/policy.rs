@@ -62,7 +62,12 @@ impl Policy {
     /// appear there, is ignored: its password is `hub_password`).
     pub fn new(prefix: &str, hub_user: &str, hub_password: &str, devices: Vec<(String, String)>) -> Policy {
         let devices = devices.into_iter().filter(|(u, _)| u != hub_user).collect();
-        Policy { prefix: prefix.to_string(), hub_user: hub_user.to_string(), hub_password: hub_password.to_string(), devices }
+        Policy {
+            prefix: prefix.to_string(),
+            hub_user: hub_user.to_string(),
+            hub_password: hub_password.to_string(),
+            devices,
+        }
     }
 
     pub fn hub_user(&self) -> &str {
@@ -72,8 +77,12 @@ impl Policy {
     /// The device ids whose credentials `next` removes or changes: their
     /// live connections must be closed.
     pub fn revoked_by(&self, next: &Policy) -> Vec<String> {
-        let mut gone: Vec<String> =
-            self.devices.iter().filter(|(id, hash)| next.devices.get(*id) != Some(*hash)).map(|(id, _)| id.clone()).collect();
+        let mut gone: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(id, hash)| next.devices.get(*id) != Some(*hash))
+            .map(|(id, _)| id.clone())
+            .collect();
         gone.sort();
         gone
     }
@@ -113,7 +122,10 @@ impl Policy {
         if let Some(topic) = c.will_topic
             && !self.may_publish(&role, topic)
         {
-            return Err(Refusal::NotAuthorized(format!("last will on '{}' is not its own topic", topic.escape_debug())));
+            return Err(Refusal::NotAuthorized(format!(
+                "last will on '{}' is not its own topic",
+                topic.escape_debug()
+            )));
         }
         Ok(role)
     }
@@ -205,7 +217,9 @@ mod tests {
         let p = policy();
         let with_will = |topic| Connect { will_topic: Some(topic), ..connect("a", Some("a"), "pw-a") };
         assert!(p.authenticate(with_will("fl/site/a/status")).is_ok());
-        for topic in ["fl/site/b/status", "fl/site/a", "fl/site/a/", "other/a/status", "fl/site/a/#", "fl/site/+/status"] {
+        for topic in
+            ["fl/site/b/status", "fl/site/a", "fl/site/a/", "other/a/status", "fl/site/a/#", "fl/site/+/status"]
+        {
             assert!(matches!(p.authenticate(with_will(topic)), Err(Refusal::NotAuthorized(_))), "{topic}");
         }
     }

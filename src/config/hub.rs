@@ -423,7 +423,11 @@ fn broker_config(t: &Table, env_password: Option<String>, p: &mut Problems) -> C
         Ok(true) => embedded_tls(&mut r, p),
         Ok(false) => {
             for key in EMBEDDED_TLS {
-                r.refuse(key, "is set but broker.embedded is false (it is for the embedded broker's mqtts listener)", p);
+                r.refuse(
+                    key,
+                    "is set but broker.embedded is false (it is for the embedded broker's mqtts listener)",
+                    p,
+                );
             }
             Ok(None)
         }
@@ -470,16 +474,16 @@ fn embedded_tls(r: &mut Reader, p: &mut Problems) -> Checked<Option<TlsListen>> 
                 p.warn(pem::too_open_warning(&r.place.path("tls_key_file"), &key_file, mode));
             }
             let (certs, key) = (certs?, key?);
-            pem::matching_pair(certs, key).map_err(|why| {
-                r.problem("tls_key_file", p, format!("does not belong to tls_cert_file ({why})"))
-            })?;
+            pem::matching_pair(certs, key)
+                .map_err(|why| r.problem("tls_key_file", p, format!("does not belong to tls_cert_file ({why})")))?;
             Ok(Some(TlsListen { listen, cert_file, key_file }))
         }
         (listen, cert, key) => {
-            let missing: Vec<&str> = [("tls_listen", listen.is_none()), ("tls_cert_file", cert.is_none()), ("tls_key_file", key.is_none())]
-                .into_iter()
-                .filter_map(|(k, absent)| absent.then_some(k))
-                .collect();
+            let missing: Vec<&str> =
+                [("tls_listen", listen.is_none()), ("tls_cert_file", cert.is_none()), ("tls_key_file", key.is_none())]
+                    .into_iter()
+                    .filter_map(|(k, absent)| absent.then_some(k))
+                    .collect();
             Err(r.missing(missing[0], "tls_listen, tls_cert_file and tls_key_file go together (all three or none)", p))
         }
     }

@@ -44,7 +44,9 @@ pub enum DevicesError {
     Exists(String),
     #[error("device '{0}' is not provisioned (see `fieldlink hub device list`)")]
     Unknown(String),
-    #[error("'{0}' is the hub's own user (broker.username, or broker.client_id with the embedded broker), not a device")]
+    #[error(
+        "'{0}' is the hub's own user (broker.username, or broker.client_id with the embedded broker), not a device"
+    )]
     HubUser(String),
     #[error(transparent)]
     Passwd(#[from] PasswdError),

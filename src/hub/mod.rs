@@ -92,7 +92,11 @@ pub struct Hub {
 /// The hub's client always keeps its session: unacknowledged messages are
 /// what make a hub crash lose nothing. With the embedded broker it logs in
 /// as the hub's own user (its client id) with `own_password`.
-fn mqtt_options(cfg: &HubConfig, url: &BrokerUrl, own_password: Option<&crate::config::Secret>) -> Result<MqttOptions, HubError> {
+fn mqtt_options(
+    cfg: &HubConfig,
+    url: &BrokerUrl,
+    own_password: Option<&crate::config::Secret>,
+) -> Result<MqttOptions, HubError> {
     let b = &cfg.broker;
     let (username, password) = match own_password {
         Some(pw) => (Some(b.client_id.as_str()), Some(pw)),
