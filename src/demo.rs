@@ -3,7 +3,8 @@
 //! process; one agent with simulated GPIO runs as a child process (the real
 //! `fieldlink agent`, so the demo shows exactly what a Pi would do), and a
 //! presser presses its button every few seconds. It prints a one-time login
-//! link to the dashboard, the token file and the broker address, picks free ports when the default
+//! link to the dashboard, the token file and the broker address (with the
+//! hub's own broker user and its password file, for watching the traffic), picks free ports when the default
 //! ones are taken, and stops everything cleanly on Ctrl-C. Everything it
 //! writes lives under `state/demo/`. The agent is provisioned like any
 //! device (`hub device add`'s logic): its password is in
@@ -24,6 +25,8 @@ use crate::hub::{Hub, HubError};
 
 /// The demo device.
 pub const DEVICE: &str = "demo-pi";
+/// The hub's client id, which is also its user on the embedded broker.
+const HUB_USER: &str = "fieldlink-demo-hub";
 /// How often the simulated button is pressed.
 pub const PRESS_EVERY: Duration = Duration::from_secs(4);
 const HOLD: Duration = Duration::from_millis(400);
@@ -54,7 +57,7 @@ pub fn free_or_any(preferred: u16) -> SocketAddr {
 fn hub_config(dir: &Path, broker: SocketAddr, web: SocketAddr) -> Result<HubConfig, DemoError> {
     let text = format!(
         "state_dir = {dir:?}\n\
-         [broker]\nembedded = true\nlisten = \"{broker}\"\nclient_id = \"fieldlink-demo-hub\"\n\
+         [broker]\nembedded = true\nlisten = \"{broker}\"\nclient_id = \"{HUB_USER}\"\n\
          [database]\nurl = \"sqlite://{db}\"\n\
          [web]\nlisten = \"{web}\"\ntoken_file = {token:?}\n",
         dir = dir.display().to_string(),
@@ -182,7 +185,11 @@ pub fn run(dir: &Path) -> Result<i32, DemoError> {
             Err(e) => println!("  dashboard: http://{}/ (no login link: {e})", started.web),
         }
         println!("  token:     {} (sign in with it at /login)", dir.join("hub.token").display());
-        println!("  broker:    mqtt://{broker}");
+        // The broker needs credentials: the hub's own user may watch everything.
+        println!(
+            "  broker:    mqtt://{broker} (user {HUB_USER}, password in {})",
+            dir.join(crate::hub::BROKER_PASSWORD_FILE).display()
+        );
         println!("  device:    {DEVICE} (simulated GPIO; its button is pressed every {} s)", PRESS_EVERY.as_secs());
         println!("  files:     {} (agent log: {})", dir.display(), dir.join("agent.log").display());
         println!("press Ctrl-C to stop");

@@ -465,12 +465,11 @@ fn qos2_cut_between_pubrec_and_pubrel_with_the_embedded_broker_loses_nothing_and
     let _serial = serial();
     let hub = Hub::builder_embedded().start();
     let proxy = Proxy::start(hub.broker_port());
-    let mut agent = Agent::builder("chaos-qos2-emb", proxy.port())
-        .door_qos(2)
-        .door_debounce("0ms")
-        .mqtt_line("max_inflight = 4")
-        .build();
-    let watcher = Watcher::for_device(hub.broker_port(), agent.device());
+    let builder = Agent::builder("chaos-qos2-emb", proxy.port());
+    let password = hub.provision(builder.device());
+    let mut agent =
+        builder.credentials(&password).door_qos(2).door_debounce("0ms").mqtt_line("max_inflight = 4").build();
+    let watcher = hub.watcher(agent.device());
     qos2_run("qos2 embedded", &mut agent, &watcher, &proxy, "qos 2 through the embedded broker");
 }
 
