@@ -82,9 +82,20 @@ pub struct HubBuilder {
     batch_wait: String,
     command_ttl: String,
     command_wait: String,
+    /// The embedded broker's mqtts listener port (test certificates).
+    tls_port: Option<u16>,
 }
 
 impl HubBuilder {
+    /// An `mqtts` listener for the embedded broker on a free port, with the
+    /// test server certificate of `tests/fixtures/tls` (`localhost`,
+    /// 127.0.0.1, signed by `ca.pem`).
+    pub fn tls(mut self) -> Self {
+        assert!(matches!(self.broker, Broker::Embedded { .. }), "TLS listeners are the embedded broker's");
+        self.tls_port = Some(free_port());
+        self
+    }
+
     /// `[broker] shared_group` (external broker only).
     pub fn shared_group(mut self, group: &str) -> Self {
         self.shared_group = Some(group.to_string());
@@ -127,6 +138,17 @@ impl HubBuilder {
             Broker::Embedded { port } => format!("embedded = true\nlisten = \"127.0.0.1:{port}\""),
         };
         let group = self.shared_group.as_ref().map(|g| format!("shared_group = \"{g}\"")).unwrap_or_default();
+        let tls = self
+            .tls_port
+            .map(|port| {
+                let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+                format!(
+                    "tls_listen = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+                    fixtures.join("server.pem").display(),
+                    fixtures.join("server.key").display()
+                )
+            })
+            .unwrap_or_default();
         format!(
             r#"# written by tests/common/hub.rs
 state_dir = "{state_dir}"
@@ -136,6 +158,7 @@ topic_prefix = "fieldlink"
 {broker}
 client_id = "{client_id}"
 {group}
+{tls}
 keep_alive = "5s"
 reconnect_min = "100ms"
 reconnect_max = "1s"
@@ -175,6 +198,7 @@ command_wait = "{wait}"
             cfg_path,
             web_port,
             client_id: self.client_id,
+            tls_port: self.tls_port,
             database_url,
             broker: self.broker,
             child: None,
@@ -227,6 +251,7 @@ pub struct Hub {
     token_file: PathBuf,
     web_port: u16,
     client_id: String,
+    tls_port: Option<u16>,
     database_url: String,
     broker: Broker,
     child: Option<Child>,
@@ -270,6 +295,11 @@ impl Hub {
         match &self.broker {
             Broker::External { port, .. } | Broker::Embedded { port } => *port,
         }
+    }
+
+    /// The embedded broker's mqtts port (see [`HubBuilder::tls`]).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 
     pub fn web_port(&self) -> u16 {
@@ -699,6 +729,7 @@ impl HubBuilder {
             batch_wait: "50ms".into(),
             command_ttl: "30s".into(),
             command_wait: "5s".into(),
+            tls_port: None,
         }
     }
 }
