@@ -77,9 +77,12 @@
 //!   (`src/v3.rs:224-230`).
 //! * PUBLISH topic names with `+`, `#` or NUL are accepted by rmqtt; the ACL
 //!   refuses them.
-//! * A retained message sent to a new subscriber arrives with the retain
-//!   flag clear (seen with rumqttc, MQTT 3.1.1; `src/session.rs:2033` sets it,
-//!   something later clears it; not located). fieldlink never reads the flag.
+//! * Retained messages sent on SUBSCRIBE carry the retain flag
+//!   (`src/session.rs:2033`); a message forwarded live has it clear
+//!   (`src/shared.rs:888-901`, MQTT-3.3.1-9), also when it was published
+//!   retained. A retained PUBLISH that reaches the broker after a SUBSCRIBE
+//!   is therefore delivered live, flag clear: wait for its PUBACK first
+//!   (`tests/broker.rs` does).
 
 pub mod hooks;
 pub mod policy;
