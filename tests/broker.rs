@@ -799,7 +799,7 @@ async fn a_command_sent_while_a_device_is_offline_is_delivered_when_it_reconnect
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_connects_over_tls_with_the_agents_options_and_an_untrusted_ca_is_refused() {
-    // As `fieldlink` does at start (src/main.rs): rustls has two providers here.
+    // As `fieldlink` does at start (src/main.rs).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let b = broker_with(Limits::default(), true).await;
     let tls = b.broker.tls_addr().expect("a TLS listener");

@@ -55,7 +55,8 @@ use rmqtt_codec::cert::CertInfo;
 use rmqtt_codec::types::QoS;
 #[cfg(not(target_os = "windows"))]
 #[cfg(feature = "tls")]
-use rustls::crypto::aws_lc_rs as provider;
+// fieldlink: ring everywhere (upstream: aws_lc_rs off Windows).
+use rustls::crypto::ring as provider;
 #[cfg(feature = "tls")]
 #[cfg(target_os = "windows")]
 use rustls::crypto::ring as provider;
