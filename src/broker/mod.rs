@@ -59,6 +59,12 @@
 //! * A connection that never sends a CONNECT was held forever: the first
 //!   read (`rmqtt-net` `src/stream.rs` `probe_version`) had no timeout. Our
 //!   copy in `vendor/rmqtt-net` bounds it by `handshake_timeout`.
+//! * A QoS 1/2 message whose write failed because its subscriber had just
+//!   gone was lost: `src/session.rs:1580-1585` (`deliver`) wrote before
+//!   caching it in the inflight window and returned on the error. And a
+//!   returning client got its unacknowledged messages newest first
+//!   (`src/session.rs:1500`, `pop()` off the back). Our copy in
+//!   `vendor/rmqtt` caches first and resends oldest first (PATCHED.md).
 //! * `allow_anonymous` defaults to true and skips the authenticate hook for
 //!   a CONNECT without user name (`src/hook.rs:726-728`): set to false.
 //! * A superuser skips the ACL hooks (`src/hook.rs:942-973`): nobody is one;
