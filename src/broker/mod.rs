@@ -63,7 +63,7 @@
 //!   gone was lost: `src/session.rs:1580-1585` (`deliver`) wrote before
 //!   caching it in the inflight window and returned on the error. And a
 //!   returning client got its unacknowledged messages newest first
-//!   (`src/session.rs:1500`, `pop()` off the back). Our copy in
+//!   (`src/session.rs:1501`, `pop()` off the back). Our copy in
 //!   `vendor/rmqtt` caches first and resends oldest first (PATCHED.md).
 //! * `allow_anonymous` defaults to true and skips the authenticate hook for
 //!   a CONNECT without user name (`src/hook.rs:726-728`): set to false.
