@@ -139,6 +139,25 @@ def main():
     print(f"hub VmRSS: idle {before} KiB, {n} parked sessions {parked} KiB, with the queued messages {queued} KiB")
     print(f"per parked session {(parked - before) / n:.1f} KiB, per queued message {(queued - parked) / (n * a.queued) * 1024:.0f} B")
 
+    # Proof that the broker kept them: the last device returns and counts
+    # what it gets (acknowledging each).
+    device, password = creds[-1]
+    sock = connect(a.port, device, device if password else None, password, clean=False)
+    sock.settimeout(3)
+    got = 0
+    try:
+        while True:
+            kind, body = read_packet(sock)
+            if kind >> 4 == 3:
+                got += 1
+                topic_len = struct.unpack("!H", body[:2])[0]
+                packet_id = body[2 + topic_len : 4 + topic_len]
+                sock.sendall(packet(0x40, packet_id))
+    except (socket.timeout, ConnectionError):
+        pass
+    sock.close()
+    print(f"device {device} reconnected and received {got} of its {a.queued} queued messages")
+
 
 if __name__ == "__main__":
     main()
