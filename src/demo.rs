@@ -3,9 +3,12 @@
 //! process; one agent with simulated GPIO runs as a child process (the real
 //! `fieldlink agent`, so the demo shows exactly what a Pi would do), and a
 //! presser presses its button every few seconds. It prints a one-time login
-//! link to the dashboard, the token file and the broker address, picks free ports when the default
+//! link to the dashboard, the token file and the broker address (with the
+//! hub's own broker user and its password file, for watching the traffic), picks free ports when the default
 //! ones are taken, and stops everything cleanly on Ctrl-C. Everything it
-//! writes lives under `state/demo/`.
+//! writes lives under `state/demo/`. The agent is provisioned like any
+//! device (`hub device add`'s logic): its password is in
+//! `state/demo/agent-mqtt.pass`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -17,10 +20,13 @@ use nix::unistd::Pid;
 
 use crate::config::HubConfig;
 use crate::gpio::sim;
+use crate::hub::devices::{DevicesError, Provisioning};
 use crate::hub::{Hub, HubError};
 
 /// The demo device.
 pub const DEVICE: &str = "demo-pi";
+/// The hub's client id, which is also its user on the embedded broker.
+const HUB_USER: &str = "fieldlink-demo-hub";
 /// How often the simulated button is pressed.
 pub const PRESS_EVERY: Duration = Duration::from_secs(4);
 const HOLD: Duration = Duration::from_millis(400);
@@ -51,7 +57,7 @@ pub fn free_or_any(preferred: u16) -> SocketAddr {
 fn hub_config(dir: &Path, broker: SocketAddr, web: SocketAddr) -> Result<HubConfig, DemoError> {
     let text = format!(
         "state_dir = {dir:?}\n\
-         [broker]\nembedded = true\nlisten = \"{broker}\"\nclient_id = \"fieldlink-demo-hub\"\n\
+         [broker]\nembedded = true\nlisten = \"{broker}\"\nclient_id = \"{HUB_USER}\"\n\
          [database]\nurl = \"sqlite://{db}\"\n\
          [web]\nlisten = \"{web}\"\ntoken_file = {token:?}\n",
         dir = dir.display().to_string(),
@@ -61,17 +67,42 @@ fn hub_config(dir: &Path, broker: SocketAddr, web: SocketAddr) -> Result<HubConf
     HubConfig::parse(&text).map_err(|e| DemoError::Config(e.to_string()))
 }
 
+/// The demo device's MQTT password, in the demo directory (mode 0600).
+const AGENT_PASSWORD_FILE: &str = "agent-mqtt.pass";
+
+/// Provisions the demo device with the embedded broker (as `fieldlink hub
+/// device add` would), unless its password file still matches.
+fn provision(cfg: &HubConfig, dir: &Path) -> Result<(), DemoError> {
+    let p = Provisioning::from_config(cfg);
+    let path = dir.join(AGENT_PASSWORD_FILE);
+    let fail = |e: DevicesError| DemoError::Config(format!("provisioning {DEVICE}: {e}"));
+    if let Ok(password) = std::fs::read_to_string(&path)
+        && p.verifies(DEVICE, password.trim()).map_err(fail)?
+    {
+        return Ok(());
+    }
+    match p.remove(DEVICE) {
+        Ok(_) | Err(DevicesError::Unknown(_)) => {}
+        Err(e) => return Err(fail(e)),
+    }
+    let (password, _) = p.create(DEVICE).map_err(fail)?;
+    crate::fsutil::write_atomic_private(&path, format!("{password}\n").as_bytes())
+        .map_err(|source| DemoError::Dir { path, source })
+}
+
 fn agent_config(dir: &Path, broker: SocketAddr) -> String {
     format!(
         "# written by `fieldlink demo`\n\
          device_id = \"{DEVICE}\"\nstate_dir = {state:?}\n\
          [mqtt]\nurl = \"mqtt://{broker}\"\nkeep_alive = \"15s\"\nreconnect_max = \"5s\"\n\
+         client_id = \"{DEVICE}\"\nusername = \"{DEVICE}\"\npassword_file = {pass:?}\n\
          [outbox]\nconfirm = \"hub\"\n\
          [gpio]\nbackend = \"sim\"\n\
          [[button]]\nname = \"door\"\npin = 17\n\
          [[relay]]\nname = \"pump\"\npin = 27\npower_on_state = \"last\"\n\
          [heartbeat]\ninterval = \"5s\"\n",
         state = dir.join("agent").display().to_string(),
+        pass = dir.join(AGENT_PASSWORD_FILE).display().to_string(),
     )
 }
 
@@ -136,6 +167,7 @@ pub fn run(dir: &Path) -> Result<i32, DemoError> {
         let mut int = signal(SignalKind::interrupt()).map_err(|e| DemoError::Hub(HubError::Signals(e)))?;
 
         let cfg = hub_config(dir, free_or_any(1883), free_or_any(8080))?;
+        provision(&cfg, dir)?;
         let hub = Hub::start(&cfg).await?;
         let started = hub.started().clone();
         let broker = SocketAddr::from(([127, 0, 0, 1], started.broker.port));
@@ -154,7 +186,11 @@ pub fn run(dir: &Path) -> Result<i32, DemoError> {
             Err(e) => println!("  dashboard: http://{}/ (no login link: {e})", started.web),
         }
         println!("  token:     {} (sign in with it at /login)", dir.join("hub.token").display());
-        println!("  broker:    mqtt://{broker}");
+        // The broker needs credentials: the hub's own user may watch everything.
+        println!(
+            "  broker:    mqtt://{broker} (user {HUB_USER}, password in {})",
+            dir.join(crate::hub::BROKER_PASSWORD_FILE).display()
+        );
         println!("  device:    {DEVICE} (simulated GPIO; its button is pressed every {} s)", PRESS_EVERY.as_secs());
         println!("  files:     {} (agent log: {})", dir.display(), dir.join("agent.log").display());
         println!("press Ctrl-C to stop");

@@ -23,7 +23,8 @@
 //!   dump and socket, and the process lifecycle.
 //! * [`hub`]: the cloud side: collector, store, commands, web API and
 //!   dashboard, device provisioning for a hub-managed mosquitto.
-//! * [`broker`]: the embedded MQTT broker (rumqttd).
+//! * [`broker`]: the embedded MQTT broker (rmqtt) with its auth and ACL.
+//! * [`passwd`]: MQTT credentials in mosquitto_passwd format.
 //! * [`demo`]: `fieldlink demo`, the whole system on one machine.
 //! * [`cli`]: the small client commands (`status`, `sim`, `check-config`).
 //! * [`mqtt_options`]: the rumqttc options the agent and the hub share;
@@ -42,6 +43,7 @@ pub mod gpio;
 pub mod hub;
 pub mod mqtt_options;
 pub mod outbox;
+pub mod passwd;
 pub mod proto;
 pub mod sd_notify;
 pub mod timefmt;

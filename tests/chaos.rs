@@ -34,12 +34,11 @@ use std::time::{Duration, Instant, SystemTime};
 use common::hub::Hub;
 use common::proxy::{Rule, packet};
 use common::tmpfs::{Tmpfs, fill};
-use common::wire::{Recv, Wire};
+use common::wire::Wire;
 use common::{
     Agent, DEADLINE, Dir, Msg, PUMP_PIN, Proxy, Rig, SimSocket, Verdict, Watcher, assert_strictly_increasing,
     first_occurrences, has_status, identity, records, relay_states, rfc3339_from_now, serial, topic, wait_until,
 };
-use fieldlink::broker::EmbeddedBroker;
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
@@ -466,12 +465,11 @@ fn qos2_cut_between_pubrec_and_pubrel_with_the_embedded_broker_loses_nothing_and
     let _serial = serial();
     let hub = Hub::builder_embedded().start();
     let proxy = Proxy::start(hub.broker_port());
-    let mut agent = Agent::builder("chaos-qos2-emb", proxy.port())
-        .door_qos(2)
-        .door_debounce("0ms")
-        .mqtt_line("max_inflight = 4")
-        .build();
-    let watcher = Watcher::for_device(hub.broker_port(), agent.device());
+    let builder = Agent::builder("chaos-qos2-emb", proxy.port());
+    let password = hub.provision(builder.device());
+    let mut agent =
+        builder.credentials(&password).door_qos(2).door_debounce("0ms").mqtt_line("max_inflight = 4").build();
+    let watcher = hub.watcher(agent.device());
     qos2_run("qos2 embedded", &mut agent, &watcher, &proxy, "qos 2 through the embedded broker");
 }
 
@@ -800,7 +798,8 @@ fn several_unacked_commands_redelivered_after_a_reconnect_are_each_applied_once(
 // `three_hundred_plain_toggles_queued_while_the_agent_is_offline_switch_the_relay_at_most_once`.
 
 // ---------------------------------------------------------------------------
-// 9. QoS 2 on the wire, embedded broker (rumqttd 0.20) against mosquitto
+// 9. QoS 2 on the wire, against mosquitto (the rumqttd 0.20 comparison
+// below is history: the embedded broker is rmqtt now, see tests/broker.rs)
 //
 // A raw client sends exactly the packets a reconnecting QoS 2 publisher
 // sends. What rumqttd does (paths under rumqttd-0.20.0/src):
@@ -827,55 +826,6 @@ fn payloads_until_sentinel(watcher: &Watcher, topic: &str, sentinel: &str) -> Ve
     watcher.publish(sentinel, "sentinel", 1, false);
     let msgs = watcher.wait_for(|m| m.iter().any(|m| m.topic == sentinel), DEADLINE, "the sentinel");
     msgs.iter().filter(|m| m.topic == topic).map(Msg::text).collect()
-}
-
-fn embedded_broker() -> EmbeddedBroker {
-    EmbeddedBroker::start("127.0.0.1:0".parse().expect("a socket address")).expect("the embedded broker starts")
-}
-
-#[test]
-fn the_embedded_broker_answers_a_pubrel_resent_after_a_reconnect_with_a_disconnect_and_loses_the_message() {
-    let _serial = serial();
-    let broker = embedded_broker();
-    let port = broker.addr().port();
-    let watcher = Watcher::connect(port, "wire-watch-1", "wire1/#");
-    let (mut client, _) = Wire::connect(port, "wire-pub-1", false);
-    client.publish_qos2(1, "wire1/a", b"one", false);
-    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(1));
-    drop(client); // the link drops between PUBREC and PUBREL
-
-    let (mut client, session_present) = Wire::connect(port, "wire-pub-1", false);
-    assert!(session_present, "rumqttd kept the persistent session");
-    client.pubrel(1);
-    assert_eq!(client.closed_or_next(), Recv::Closed, "rumqttd closes the connection instead of sending PUBCOMP");
-    let got = payloads_until_sentinel(&watcher, "wire1/a", "wire1/sentinel");
-    assert!(got.is_empty(), "the message whose PUBREL was resent is never delivered: {got:?}");
-
-    // Resending the PUBLISH (DUP, same id) instead of the PUBREL works.
-    let (mut client, _) = Wire::connect(port, "wire-pub-1", false);
-    client.publish_qos2(1, "wire1/a", b"one", true);
-    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(1));
-    client.pubrel(1);
-    assert_eq!(packet::ack_id(&client.expect(packet::PUBCOMP)), Some(1));
-    let got = payloads_until_sentinel(&watcher, "wire1/a", "wire1/sentinel");
-    assert_eq!(got, ["one"], "the resent PUBLISH is delivered once");
-}
-
-#[test]
-fn the_embedded_broker_releases_its_oldest_qos2_message_whatever_id_the_pubrel_names() {
-    let _serial = serial();
-    let broker = embedded_broker();
-    let port = broker.addr().port();
-    let watcher = Watcher::connect(port, "wire-watch-2", "wire2/#");
-    let (mut client, _) = Wire::connect(port, "wire-pub-2", false);
-    client.publish_qos2(1, "wire2/a", b"one", false);
-    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(1));
-    client.publish_qos2(2, "wire2/a", b"two", false);
-    assert_eq!(packet::ack_id(&client.expect(packet::PUBREC)), Some(2));
-    client.pubrel(2);
-    assert_eq!(packet::ack_id(&client.expect(packet::PUBCOMP)), Some(2));
-    let got = payloads_until_sentinel(&watcher, "wire2/a", "wire2/sentinel");
-    assert_eq!(got, ["one"], "PUBREL 2 released message 1: a client that deletes record 2 on this PUBCOMP loses it");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! temporary working directory with `--dir <tmp>/demo`, it prints the
 //! dashboard URL as a one-time login link and the broker address (the link signs in once and
 //! opens the dashboard; the address is a broker carrying the device's
-//! traffic), its API shows the simulated device `demo-pi` online with its
+//! traffic, to the hub's user whose password file the line names), its API shows the simulated device `demo-pi` online with its
 //! relay and heartbeat and then its button events (the demo presses the
 //! button every few seconds), and SIGINT (Ctrl-C) stops it with exit code 0,
 //! taking its agent child process with it.
@@ -204,7 +204,20 @@ fn the_demo_serves_the_dashboard_shows_the_sim_device_and_its_button_events_and_
         .rsplit_once(':')
         .and_then(|(_, p)| p.trim_end_matches('/').parse().ok())
         .unwrap_or_else(|| panic!("no port in the broker address {broker}"));
-    let watcher = Watcher::connect(port, &format!("demo-test-{}", std::process::id()), "fieldlink/demo-pi/#");
+    // It needs credentials; the line names the hub's user and its password file.
+    let line = demo.stdout().lines().find(|l| l.contains("broker:")).unwrap_or_default().to_string();
+    let user = line
+        .split_once("(user ")
+        .and_then(|(_, r)| r.split_once(','))
+        .map(|(u, _)| u.to_string())
+        .unwrap_or_else(|| panic!("no user in the broker line: {line}"));
+    let pass_file = line
+        .split_once("password in ")
+        .map(|(_, r)| r.trim_end().trim_end_matches(')').to_string())
+        .unwrap_or_else(|| panic!("no password file in the broker line: {line}"));
+    let password = fs::read_to_string(&pass_file).unwrap_or_else(|e| panic!("read {pass_file}: {e}"));
+    let client_id = format!("demo-test-{}", std::process::id());
+    let watcher = Watcher::connect_as_with_id(port, &client_id, &user, password.trim(), "fieldlink/demo-pi/#");
     watcher.wait_for(
         |m| m.iter().any(|m| m.topic == "fieldlink/demo-pi/status" && m.payload == b"online"),
         DEADLINE,

@@ -12,7 +12,7 @@
 //!   broker keeps and redelivers the rest to the same persistent session.
 //!   This needs an external broker that outlives the hub: the embedded one
 //!   runs inside the hub process and keeps everything in memory
-//!   (`src/broker.rs`, "Limits"), so a killed hub takes its queued messages
+//!   (`src/broker/mod.rs`, "Queues, expiry and what a restart loses"), so a killed hub takes its queued messages
 //!   with it. Hence mosquitto here.
 //! * A device whose epoch changes (its seqs restart at 1 under a greater
 //!   epoch, as after a lost `seq.floor`) has its new messages stored, not
@@ -24,7 +24,11 @@
 //! publishes a "fence" after its messages: one message of another device on
 //! the same connection. The broker delivers one publisher's messages to the
 //! hub in order and the collector commits in arrival order, so once the
-//! fence is visible in the API, everything before it has been handled.
+//! fence is visible in the API, everything before it has been handled. With
+//! the embedded broker a device may publish only its own topics, so the
+//! fence comes from a provisioned device of its own, sent once every message
+//! before it was acknowledged (rmqtt routes a PUBLISH into the subscribers'
+//! queues before it acknowledges it).
 
 mod common;
 
@@ -40,26 +44,34 @@ use common::{DEADLINE, require_mosquitto, serial, wait_until};
 /// sent, and waits until the hub stored it.
 fn fence(hub: &Hub, fake: &mut FakeAgent, n: u64) {
     let device = format!("{}-fence", fake.device());
+    fence_as(hub, fake, &device, n);
+}
+
+/// [`fence`] through `publisher`, which may publish for `device`.
+fn fence_as(hub: &Hub, fake: &mut FakeAgent, device: &str, n: u64) {
     let topic = format!("fieldlink/{device}/button/door");
     let payload = serde_json::json!({
         "device": device, "seq": n, "ts": common::hub::rfc3339(SystemTime::now()), "button": "door", "state": "pressed",
     });
     fake.publish(&topic, payload.to_string());
     fake.wait_acked();
-    hub.wait_events(&device, None, |e| event_seqs(e).contains(&n), &format!("fence #{n} to be stored"));
+    hub.wait_events(device, None, |e| event_seqs(e).contains(&n), &format!("fence #{n} to be stored"));
 }
 
 /// 1..=500 with every 7th seq sent twice, then 1..=500 all over again: the
 /// API lists each seq once, newest first, and the table holds 500 rows.
-fn duplicates_and_a_replay_are_stored_once(hub: &Hub, broker_port: u16) {
+/// The fakes are provisioned devices on the embedded broker, whose ACL lets
+/// a device publish only its own topics: the fence is then a device of its own.
+fn duplicates_and_a_replay_are_stored_once(hub: &Hub) {
     let device = unique_device("dup");
-    let mut fake = FakeAgent::connect(broker_port, &device);
+    let mut fake = hub.fake_agent(&device);
     let first_pass = with_duplicates(1..=500, 7);
     assert_eq!(first_pass.len(), 571, "500 seqs and 71 repeats");
     fake.buttons(first_pass);
     fake.buttons(1..=500);
     fake.wait_acked();
-    fence(hub, &mut fake, 1);
+    let fence_device = format!("{device}-fence");
+    fence_as(hub, &mut hub.fake_agent(&fence_device), &fence_device, 1);
 
     // Pages of 64 (the last one partial), each asking for the seqs before
     // the oldest of the page before.
@@ -83,7 +95,7 @@ fn duplicated_and_replayed_messages_are_stored_once() {
     let _serial = serial();
     let Some(broker) = require_mosquitto(false) else { return };
     let hub = Hub::builder(&broker).start();
-    duplicates_and_a_replay_are_stored_once(&hub, broker.port());
+    duplicates_and_a_replay_are_stored_once(&hub);
 }
 
 #[test]
@@ -92,7 +104,7 @@ fn duplicated_and_replayed_messages_are_stored_once_on_mariadb() {
     let Some(broker) = require_mosquitto(false) else { return };
     let Some(db) = TestDb::create(Server::MariaDb) else { return };
     let mut hub = Hub::builder(&broker).database(db.url()).start();
-    duplicates_and_a_replay_are_stored_once(&hub, broker.port());
+    duplicates_and_a_replay_are_stored_once(&hub);
     assert_eq!(hub.sigterm().code(), Some(0), "the hub's exit on SIGTERM");
 }
 
@@ -102,7 +114,7 @@ fn duplicated_and_replayed_messages_are_stored_once_on_postgresql() {
     let Some(broker) = require_mosquitto(false) else { return };
     let Some(db) = TestDb::create(Server::Postgres) else { return };
     let mut hub = Hub::builder(&broker).database(db.url()).start();
-    duplicates_and_a_replay_are_stored_once(&hub, broker.port());
+    duplicates_and_a_replay_are_stored_once(&hub);
     assert_eq!(hub.sigterm().code(), Some(0), "the hub's exit on SIGTERM");
 }
 
@@ -110,7 +122,7 @@ fn duplicated_and_replayed_messages_are_stored_once_on_postgresql() {
 fn duplicated_and_replayed_messages_are_stored_once_with_the_embedded_broker() {
     let _serial = serial();
     let hub = Hub::builder_embedded().start();
-    duplicates_and_a_replay_are_stored_once(&hub, hub.broker_port());
+    duplicates_and_a_replay_are_stored_once(&hub);
 }
 
 #[test]

@@ -24,6 +24,7 @@ use toml::Table;
 
 use super::ConfigError;
 use super::mqtt::{self, BrokerUrl, Secret};
+use super::pem;
 use super::reader::{Checked, NAME_HINT, Place, Problems, Reader, is_name, millis, parse_with, quote, read_file, secs};
 
 /// The environment variable holding the password for an external broker
@@ -83,6 +84,18 @@ pub struct BrokerConfig {
     /// file it writes (`pid_file` in mosquitto.conf); a device change sends
     /// SIGHUP to that pid so mosquitto rereads its password and ACL files.
     pub mosquitto_pid_file: Option<PathBuf>,
+    /// Embedded broker only: its `mqtts` listener (`tls_listen`,
+    /// `tls_cert_file`, `tls_key_file`, all three or none).
+    pub tls_listener: Option<TlsListen>,
+}
+
+/// The embedded broker's `mqtts` listener; the PEM files were parsed and
+/// the key matches the certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListen {
+    pub listen: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// `[database]`: where messages are stored, and how they are written.
@@ -155,6 +168,8 @@ const DAY: u64 = 86_400;
 const BATCH_MAX_LIMIT: i64 = 10_000;
 /// The `[broker]` keys that only an external broker takes.
 const EXTERNAL_ONLY: [&str; 5] = ["username", "password_file", "ca_file", "cert_file", "key_file"];
+/// The `[broker]` keys that only the embedded broker takes.
+const EMBEDDED_TLS: [&str; 3] = ["tls_listen", "tls_cert_file", "tls_key_file"];
 
 impl HubConfig {
     /// Reads and validates the config file at `path`. Relative paths inside it
@@ -358,7 +373,7 @@ fn broker_config(t: &Table, env_password: Option<String>, p: &mut Problems) -> C
         // Which keys apply is unknown; take them as read, the problem with
         // `embedded` has been reported.
         Err(e) => {
-            for key in ["listen", "url"].into_iter().chain(EXTERNAL_ONLY) {
+            for key in ["listen", "url"].into_iter().chain(EXTERNAL_ONLY).chain(EMBEDDED_TLS) {
                 r.value(key);
             }
             Err(e)
@@ -367,14 +382,14 @@ fn broker_config(t: &Table, env_password: Option<String>, p: &mut Problems) -> C
     let client_id = mqtt::client_id(&mut r, DEFAULT_CLIENT_ID.to_string(), p);
     let shared_group = match r.str_opt("shared_group", p) {
         Ok(Some(group)) if is_name(group) && matches!(embedded, Ok(true)) => {
-            // rumqttd 0.20 panics in its router when the last member of a
-            // shared group with a persistent session drops its link (see
-            // broker.rs), and then accepts no client at all.
+            // The embedded broker is built without rmqtt's shared
+            // subscriptions: `$share/...` would silently match nothing
+            // (see broker/mod.rs).
             Err(r.problem(
                 "shared_group",
                 p,
                 format!(
-                    "{} needs an external broker (embedded = false, e.g. mosquitto): the embedded broker cannot serve shared subscriptions reliably",
+                    "{} needs an external broker (embedded = false, e.g. mosquitto): the embedded broker does not serve shared subscriptions",
                     quote(group)
                 ),
             ))
@@ -408,6 +423,20 @@ fn broker_config(t: &Table, env_password: Option<String>, p: &mut Problems) -> C
         }
         Err(e) => (Err(e), Err(e), Err(e)),
     };
+    let tls_listener = match embedded {
+        Ok(true) => embedded_tls(&mut r, p),
+        Ok(false) => {
+            for key in EMBEDDED_TLS {
+                r.refuse(
+                    key,
+                    "is set but broker.embedded is false (it is for the embedded broker's mqtts listener)",
+                    p,
+                );
+            }
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    };
     let keep_alive = mqtt::keep_alive(&mut r, p);
     let reconnect = mqtt::reconnect(&mut r, secs(30), p);
     let mosquitto_pid_file = r.path_opt("mosquitto_pid_file", p);
@@ -428,7 +457,40 @@ fn broker_config(t: &Table, env_password: Option<String>, p: &mut Problems) -> C
         reconnect_min,
         reconnect_max,
         mosquitto_pid_file: mosquitto_pid_file?,
+        tls_listener: tls_listener?,
     })
+}
+
+/// `tls_listen`, `tls_cert_file` and `tls_key_file`: all or none; the
+/// certificate chain and the key are parsed, and must belong together.
+fn embedded_tls(r: &mut Reader, p: &mut Problems) -> Checked<Option<TlsListen>> {
+    let listen =
+        if r.has("tls_listen") { r.socket_addr_or("tls_listen", DEFAULT_BROKER_LISTEN, p).map(Some) } else { Ok(None) };
+    let cert = r.path_opt("tls_cert_file", p);
+    let key = r.path_opt("tls_key_file", p);
+    let (listen, cert, key) = (listen?, cert?, key?);
+    match (listen, cert, key) {
+        (None, None, None) => Ok(None),
+        (Some(listen), Some(cert_file), Some(key_file)) => {
+            let certs = pem::certificates(&cert_file).map_err(|why| r.problem("tls_cert_file", p, why));
+            let key = pem::private_key(&key_file).map_err(|why| r.problem("tls_key_file", p, why));
+            if let Some(mode) = pem::too_open(&key_file) {
+                p.warn(pem::too_open_warning(&r.place.path("tls_key_file"), &key_file, mode));
+            }
+            let (certs, key) = (certs?, key?);
+            pem::matching_pair(certs, key)
+                .map_err(|why| r.problem("tls_key_file", p, format!("does not belong to tls_cert_file ({why})")))?;
+            Ok(Some(TlsListen { listen, cert_file, key_file }))
+        }
+        (listen, cert, key) => {
+            let missing: Vec<&str> =
+                [("tls_listen", listen.is_none()), ("tls_cert_file", cert.is_none()), ("tls_key_file", key.is_none())]
+                    .into_iter()
+                    .filter_map(|(k, absent)| absent.then_some(k))
+                    .collect();
+            Err(r.missing(missing[0], "tls_listen, tls_cert_file and tls_key_file go together (all three or none)", p))
+        }
+    }
 }
 
 fn database_config(t: &Table, state_dir: &Path, p: &mut Problems) -> Checked<DatabaseConfig> {

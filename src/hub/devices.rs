@@ -27,23 +27,14 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
-use ring::pbkdf2;
-
 use crate::config::hub::{BrokerMode, HubConfig};
 use crate::fsutil;
+use crate::passwd::{Passwd, PasswdError, new_hash, new_password, verify};
 
 /// The password file, in `state_dir`.
 pub const PASSWD_FILE: &str = "mosquitto.passwd";
 /// The ACL file, in `state_dir`.
 pub const ACL_FILE: &str = "mosquitto.acl";
-/// mosquitto 2's default PBKDF2 iteration count.
-pub const ITERATIONS: u32 = 101;
-const SALT_LEN: usize = 12;
-const HASH_LEN: usize = 64;
-const PASSWORD_LEN: usize = 32;
-const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevicesError {
@@ -53,14 +44,14 @@ pub enum DevicesError {
     Exists(String),
     #[error("device '{0}' is not provisioned (see `fieldlink hub device list`)")]
     Unknown(String),
-    #[error("'{0}' is the hub's own user (broker.username), not a device")]
+    #[error(
+        "'{0}' is the hub's own user (broker.username, or broker.client_id with the embedded broker), not a device"
+    )]
     HubUser(String),
-    #[error("{path}: line {line} is not 'user:$7$iterations$salt$hash'")]
-    BadLine { path: PathBuf, line: usize },
+    #[error(transparent)]
+    Passwd(#[from] PasswdError),
     #[error("cannot {what} '{path}': {source}")]
     Io { what: &'static str, path: PathBuf, source: io::Error },
-    #[error("no randomness from the operating system: {0}")]
-    Random(String),
 }
 
 impl DevicesError {
@@ -71,56 +62,6 @@ impl DevicesError {
             _ => 1,
         }
     }
-}
-
-/// A password line's hash part, `$7$...`, for `password` with `salt`.
-pub fn hash(password: &str, salt: &[u8], iterations: u32) -> String {
-    let mut out = [0u8; HASH_LEN];
-    let rounds = std::num::NonZeroU32::new(iterations.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
-    pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA512, rounds, salt, password.as_bytes(), &mut out);
-    format!("$7${iterations}${}${}", B64.encode(salt), B64.encode(out))
-}
-
-/// Whether `password` matches a `$7$` hash (as mosquitto checks it).
-pub fn verify(hashed: &str, password: &str) -> bool {
-    let parts: Vec<&str> = hashed.split('$').collect();
-    let ["", "7", iterations, salt, expected] = parts.as_slice() else {
-        return false;
-    };
-    let (Ok(iterations), Ok(salt), Ok(expected)) = (iterations.parse::<u32>(), B64.decode(salt), B64.decode(expected))
-    else {
-        return false;
-    };
-    let Some(rounds) = std::num::NonZeroU32::new(iterations) else {
-        return false;
-    };
-    pbkdf2::verify(pbkdf2::PBKDF2_HMAC_SHA512, rounds, &salt, password.as_bytes(), &expected).is_ok()
-}
-
-fn random_bytes(buf: &mut [u8]) -> Result<(), DevicesError> {
-    getrandom::fill(buf).map_err(|e| DevicesError::Random(e.to_string()))
-}
-
-/// A fresh random password: 32 characters of `[A-Za-z0-9]` (190 bits).
-fn new_password() -> Result<String, DevicesError> {
-    let mut out = String::with_capacity(PASSWORD_LEN);
-    while out.len() < PASSWORD_LEN {
-        let mut buf = [0u8; 64];
-        random_bytes(&mut buf)?;
-        // Rejection sampling: 248 = 4 * 62, so every character is equally likely.
-        for b in buf.into_iter().filter(|b| *b < 248) {
-            if out.len() < PASSWORD_LEN {
-                out.push(char::from(ALPHABET[usize::from(b) % ALPHABET.len()]));
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn new_hash(password: &str) -> Result<String, DevicesError> {
-    let mut salt = [0u8; SALT_LEN];
-    random_bytes(&mut salt)?;
-    Ok(hash(password, &salt, ITERATIONS))
 }
 
 /// The ACL for topic prefix `prefix` and the hub's user `hub_user`.
@@ -147,46 +88,6 @@ pub fn acl_text(prefix: &str, hub_user: Option<&str>) -> String {
     s
 }
 
-/// The provisioned users, in file order.
-struct Passwd {
-    path: PathBuf,
-    users: Vec<(String, String)>,
-}
-
-impl Passwd {
-    fn load(path: &Path) -> Result<Passwd, DevicesError> {
-        let text = match fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-            Err(source) => return Err(DevicesError::Io { what: "read", path: path.to_path_buf(), source }),
-        };
-        let mut users = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let Some((user, hashed)) = line.split_once(':').filter(|(u, h)| !u.is_empty() && h.starts_with('$')) else {
-                return Err(DevicesError::BadLine { path: path.to_path_buf(), line: i + 1 });
-            };
-            users.push((user.to_string(), hashed.to_string()));
-        }
-        Ok(Passwd { path: path.to_path_buf(), users })
-    }
-
-    fn find(&self, user: &str) -> Option<usize> {
-        self.users.iter().position(|(u, _)| u == user)
-    }
-
-    fn save(&self) -> Result<(), DevicesError> {
-        let text: String = self.users.iter().map(|(u, h)| format!("{u}:{h}\n")).collect();
-        fsutil::write_atomic_private(&self.path, text.as_bytes()).map_err(|source| DevicesError::Io {
-            what: "write",
-            path: self.path.clone(),
-            source,
-        })
-    }
-}
-
 /// The hub config's part that provisioning needs.
 pub struct Provisioning {
     pub state_dir: PathBuf,
@@ -196,24 +97,45 @@ pub struct Provisioning {
     pub pid_file: Option<PathBuf>,
     /// The broker url the agents should use, when the hub's config knows it.
     pub url: Option<String>,
+    /// The hub runs the embedded broker: `pid_file` is the hub's own, and
+    /// the hub's user is not in the password file (it has its own).
+    pub embedded: bool,
 }
 
 impl Provisioning {
     pub fn from_config(cfg: &HubConfig) -> Provisioning {
-        let url = match &cfg.broker.mode {
-            BrokerMode::External { url } => {
-                let host = if url.host.contains(':') { format!("[{}]", url.host) } else { url.host.clone() };
-                Some(format!("{}://{host}:{}", if url.tls { "mqtts" } else { "mqtt" }, url.port))
-            }
-            BrokerMode::Embedded { .. } => None,
+        let url_text = |tls: bool, host: &str, port: u16| {
+            let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+            format!("{}://{host}:{port}", if tls { "mqtts" } else { "mqtt" })
         };
-        Provisioning {
-            state_dir: cfg.state_dir.clone(),
-            topic_prefix: cfg.topic_prefix.clone(),
-            hub_user: cfg.broker.username.clone(),
-            hub_password: cfg.broker.password.as_ref().map(|s| s.0.clone()),
-            pid_file: cfg.broker.mosquitto_pid_file.clone(),
-            url,
+        match &cfg.broker.mode {
+            BrokerMode::External { url } => Provisioning {
+                state_dir: cfg.state_dir.clone(),
+                topic_prefix: cfg.topic_prefix.clone(),
+                hub_user: cfg.broker.username.clone(),
+                hub_password: cfg.broker.password.as_ref().map(|s| s.0.clone()),
+                pid_file: cfg.broker.mosquitto_pid_file.clone(),
+                url: Some(url_text(url.tls, &url.host, url.port)),
+                embedded: false,
+            },
+            BrokerMode::Embedded { listen } => {
+                // An unspecified or loopback address says nothing about the
+                // name devices reach the hub by: leave the placeholder then.
+                let (tls, addr) = match &cfg.broker.tls_listener {
+                    Some(t) => (true, t.listen),
+                    None => (false, *listen),
+                };
+                let known = !addr.ip().is_unspecified() && !addr.ip().is_loopback();
+                Provisioning {
+                    state_dir: cfg.state_dir.clone(),
+                    topic_prefix: cfg.topic_prefix.clone(),
+                    hub_user: Some(cfg.broker.client_id.clone()),
+                    hub_password: None,
+                    pid_file: Some(cfg.state_dir.join(super::PID_FILE)),
+                    url: known.then(|| url_text(tls, &addr.ip().to_string(), addr.port())),
+                    embedded: true,
+                }
+            }
         }
     }
 
@@ -247,7 +169,7 @@ impl Provisioning {
         let mut passwd = Passwd::load(&self.passwd_path())?;
         if let (Some(user), Some(password)) = (&self.hub_user, &self.hub_password) {
             match passwd.find(user) {
-                Some(i) if verify(&passwd.users[i].1, password) => {}
+                Some(i) if verify(&passwd.users[i].1, password.as_bytes()) => {}
                 Some(i) => passwd.users[i].1 = new_hash(password)?,
                 None => passwd.users.insert(0, (user.clone(), new_hash(password)?)),
             }
@@ -265,6 +187,9 @@ impl Provisioning {
             source,
         })?;
         let mut done = self.reload();
+        if self.embedded {
+            return Ok(done);
+        }
         match (&self.hub_user, &self.hub_password) {
             (None, _) => done.push_str(
                 "\nWARNING: broker.username is not set: no user may read the devices' topics, so the hub cannot collect; \
@@ -292,14 +217,7 @@ impl Provisioning {
     /// the password, a ready-to-paste `[mqtt]` section and what was done
     /// about reloading mosquitto.
     pub fn add(&self, id: &str, url: Option<&str>) -> Result<String, DevicesError> {
-        self.check_id(id)?;
-        let mut passwd = self.load()?;
-        if passwd.find(id).is_some() {
-            return Err(DevicesError::Exists(id.to_string()));
-        }
-        let password = new_password()?;
-        passwd.users.push((id.to_string(), new_hash(&password)?));
-        let reload = self.save(&passwd)?;
+        let (password, reload) = self.create(id)?;
         let url = url.or(self.url.as_deref()).unwrap_or("mqtts://hub.example:8883");
         let prefix = &self.topic_prefix;
         Ok(format!(
@@ -325,6 +243,26 @@ impl Provisioning {
         ))
     }
 
+    /// Creates `id` with a new password; returns the password and what was
+    /// done about reloading the broker.
+    pub fn create(&self, id: &str) -> Result<(String, String), DevicesError> {
+        self.check_id(id)?;
+        let mut passwd = self.load()?;
+        if passwd.find(id).is_some() {
+            return Err(DevicesError::Exists(id.to_string()));
+        }
+        let password = new_password()?;
+        passwd.users.push((id.to_string(), new_hash(&password)?));
+        let reload = self.save(&passwd)?;
+        Ok((password, reload))
+    }
+
+    /// Whether `id` is provisioned with `password`.
+    pub fn verifies(&self, id: &str, password: &str) -> Result<bool, DevicesError> {
+        let passwd = Passwd::load(&self.passwd_path())?;
+        Ok(passwd.find(id).is_some_and(|i| verify(&passwd.users[i].1, password.as_bytes())))
+    }
+
     /// Removes `id`; returns what was done about reloading mosquitto.
     pub fn remove(&self, id: &str) -> Result<String, DevicesError> {
         self.check_id(id)?;
@@ -343,9 +281,25 @@ impl Provisioning {
         self.save(&passwd)
     }
 
-    /// SIGHUP to mosquitto when its pid file is configured; one line saying
-    /// what happened.
+    /// SIGHUP to mosquitto when its pid file is configured, or to the hub
+    /// running the embedded broker; one line saying what happened.
     fn reload(&self) -> String {
+        if self.embedded {
+            let Some(pid_file) = &self.pid_file else {
+                return String::new();
+            };
+            if !pid_file.exists() {
+                return "the hub is not running: it reads the password file when it starts".to_string();
+            }
+            return match signal_pid_file(pid_file) {
+                Ok(pid) => format!(
+                    "the hub (pid {pid}) was sent SIGHUP: its broker rereads the password file and disconnects removed devices"
+                ),
+                Err(why) => format!(
+                    "WARNING: could not signal the hub ({why}): restart it (or `kill -HUP <pid>`) to apply the change"
+                ),
+            };
+        }
         let manual = "reload mosquitto to apply it (e.g. `systemctl reload mosquitto` or `kill -HUP <pid>`); \
                       on reload mosquitto disconnects clients whose user was removed";
         let Some(pid_file) = &self.pid_file else {
@@ -373,9 +327,6 @@ fn signal_pid_file(pid_file: &Path) -> Result<i32, String> {
 mod tests {
     use super::*;
 
-    /// Made with `mosquitto_passwd -b pw.txt dev-a secret123` (mosquitto 2.0.11).
-    const FROM_MOSQUITTO: &str = "$7$101$jgI4rMNPLKoYTKwH$0eJ3mzg4KDtdOZeVk88cFA8Z267+k25meHeL3xEI5ZwHsUaQUhHbHuqmFenCydGnCufpSYoM9MaiF9gODnmeoQ==";
-
     fn prov(dir: &Path) -> Provisioning {
         Provisioning {
             state_dir: dir.to_path_buf(),
@@ -384,23 +335,8 @@ mod tests {
             hub_password: Some("hub-secret".into()),
             pid_file: None,
             url: Some("mqtt://10.0.0.1:1883".into()),
+            embedded: false,
         }
-    }
-
-    #[test]
-    fn a_line_made_by_mosquitto_passwd_verifies_and_our_hash_reproduces_it() {
-        assert!(verify(FROM_MOSQUITTO, "secret123"));
-        assert!(!verify(FROM_MOSQUITTO, "secret124"));
-        let salt = B64.decode("jgI4rMNPLKoYTKwH").expect("salt");
-        assert_eq!(hash("secret123", &salt, 101), FROM_MOSQUITTO);
-    }
-
-    #[test]
-    fn passwords_are_long_random_and_never_repeat() {
-        let (a, b) = (new_password().expect("random"), new_password().expect("random"));
-        assert_eq!(a.len(), PASSWORD_LEN);
-        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()));
-        assert_ne!(a, b);
     }
 
     #[test]
@@ -410,14 +346,14 @@ mod tests {
         let out = p.add("pi-b", None).expect("add");
         p.add("pi-a", Some("mqtts://hub.example:8883")).expect("add");
         let password = out.lines().skip_while(|l| !l.contains("shown only now")).nth(2).expect("password line").trim();
-        assert_eq!(password.len(), PASSWORD_LEN, "{out}");
+        assert_eq!(password.len(), crate::passwd::PASSWORD_LEN, "{out}");
         assert!(out.contains("username = \"pi-b\"") && out.contains("url = \"mqtt://10.0.0.1:1883\""), "{out}");
         let file = fs::read_to_string(p.passwd_path()).expect("passwd");
         assert!(!file.contains(password));
         let line = file.lines().find_map(|l| l.strip_prefix("pi-b:")).expect("pi-b line");
-        assert!(verify(line, password));
+        assert!(verify(line, password.as_bytes()));
         let hub = file.lines().find_map(|l| l.strip_prefix("hub:")).expect("hub line");
-        assert!(verify(hub, "hub-secret"));
+        assert!(verify(hub, b"hub-secret"));
         assert_eq!(p.list().expect("list"), ["pi-a", "pi-b"]);
         use std::os::unix::fs::PermissionsExt;
         for f in [p.passwd_path(), p.acl_path()] {
@@ -450,7 +386,7 @@ mod tests {
         p.sync().expect("sync");
         let after = fs::read_to_string(p.passwd_path()).expect("passwd");
         let hub = after.lines().find_map(|l| l.strip_prefix("hub:")).expect("hub line");
-        assert!(verify(hub, "new-secret"));
+        assert!(verify(hub, b"new-secret"));
         let pi = |t: &str| t.lines().find(|l| l.starts_with("pi:")).map(str::to_string);
         assert_eq!(pi(&before), pi(&after));
     }

@@ -38,6 +38,13 @@ use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::config::BrokerUrl;
 use crate::config::hub::HubConfig;
 
+/// The embedded broker's password for the hub's own user, in `state_dir`
+/// (created on first start like the API token: random, mode 0600).
+pub const BROKER_PASSWORD_FILE: &str = "broker-hub.pass";
+/// The running hub's pid, in `state_dir`, while it runs an embedded broker:
+/// `fieldlink hub device add|remove` sends it SIGHUP to reload credentials.
+pub const PID_FILE: &str = "hub.pid";
+
 /// How often expired commands are marked and old heartbeats pruned.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -58,12 +65,16 @@ pub enum HubError {
     Signals(std::io::Error),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot write the pid file '{path}': {source}")]
+    PidFile { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// What a started hub tells its caller (`fieldlink demo` prints it).
 #[derive(Debug, Clone)]
 pub struct Started {
     pub broker: BrokerUrl,
+    /// The embedded broker's `mqtts` listener, when it has one.
+    pub broker_tls: Option<SocketAddr>,
     pub web: SocketAddr,
     /// Where `/metrics` is served without authentication (`[web] metrics_listen`).
     pub metrics: Option<SocketAddr>,
@@ -78,21 +89,30 @@ pub struct Hub {
     started: Started,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    // Lives as long as the hub (rumqttd has no shutdown; see broker.rs).
-    _broker: Option<EmbeddedBroker>,
+    /// Stops accepting when dropped, after the collector has disconnected.
+    broker: Option<EmbeddedBroker>,
 }
 
 /// The hub's client always keeps its session: unacknowledged messages are
-/// what make a hub crash lose nothing.
-fn mqtt_options(cfg: &HubConfig, url: &BrokerUrl) -> Result<MqttOptions, HubError> {
+/// what make a hub crash lose nothing. With the embedded broker it logs in
+/// as the hub's own user (its client id) with `own_password`.
+fn mqtt_options(
+    cfg: &HubConfig,
+    url: &BrokerUrl,
+    own_password: Option<&crate::config::Secret>,
+) -> Result<MqttOptions, HubError> {
     let b = &cfg.broker;
+    let (username, password) = match own_password {
+        Some(pw) => (Some(b.client_id.as_str()), Some(pw)),
+        None => (b.username.as_deref(), b.password.as_ref()),
+    };
     crate::mqtt_options::options(crate::mqtt_options::Client {
         client_id: &b.client_id,
         url,
         keep_alive: b.keep_alive,
         clean_session: false,
-        username: b.username.as_deref(),
-        password: b.password.as_ref(),
+        username,
+        password,
         ca_file: b.ca_file.as_ref(),
         cert_file: b.cert_file.as_ref(),
         key_file: b.key_file.as_ref(),
@@ -103,9 +123,25 @@ fn mqtt_options(cfg: &HubConfig, url: &BrokerUrl) -> Result<MqttOptions, HubErro
 impl Hub {
     /// Starts everything inside the current tokio runtime.
     pub async fn start(cfg: &HubConfig) -> Result<Hub, HubError> {
-        let broker = match cfg.broker.embedded() {
-            Some(listen) => Some(EmbeddedBroker::start(listen)?),
-            None => None,
+        let (broker, own_password) = match cfg.broker.embedded() {
+            Some(listen) => {
+                let (password, _) = token::load_or_create(&cfg.state_dir.join(BROKER_PASSWORD_FILE))?;
+                let settings = crate::broker::Settings {
+                    listen,
+                    tls: cfg.broker.tls_listener.as_ref().map(|t| crate::broker::TlsListener {
+                        listen: t.listen,
+                        cert_file: t.cert_file.clone(),
+                        key_file: t.key_file.clone(),
+                    }),
+                    topic_prefix: cfg.topic_prefix.clone(),
+                    passwd_file: cfg.state_dir.join(devices::PASSWD_FILE),
+                    hub_user: cfg.broker.client_id.clone(),
+                    hub_password: password.clone(),
+                    limits: crate::broker::Limits::default(),
+                };
+                (Some(EmbeddedBroker::start(settings).await?), Some(crate::config::Secret(password)))
+            }
+            None => (None, None),
         };
         let mut url = cfg.broker.client_url();
         if let Some(b) = &broker {
@@ -117,7 +153,7 @@ impl Hub {
         let (live, _) = broadcast::channel(4096);
         let (stop, stopped) = watch::channel(false);
 
-        let (client, eventloop) = AsyncClient::new(mqtt_options(cfg, &url)?, 1024);
+        let (client, eventloop) = AsyncClient::new(mqtt_options(cfg, &url, own_password.as_ref())?, 1024);
         let counters = Arc::new(collector::Counters::default());
         let commander = commands::Commander::new(
             store.clone(),
@@ -191,12 +227,32 @@ impl Hub {
             }
         }));
         tracing::info!(broker = %format!("{}:{}", url.host, url.port), web = %web_addr, "hub started");
-        let started = Started { broker: url, web: web_addr, metrics: metrics_addr, token, token_created, access };
-        Ok(Hub { started, stop, tasks, _broker: broker })
+        let started = Started {
+            broker: url,
+            broker_tls: broker.as_ref().and_then(EmbeddedBroker::tls_addr),
+            web: web_addr,
+            metrics: metrics_addr,
+            token,
+            token_created,
+            access,
+        };
+        Ok(Hub { started, stop, tasks, broker })
     }
 
     pub fn started(&self) -> &Started {
         &self.started
+    }
+
+    /// With the embedded broker: rereads the devices' credentials and closes
+    /// the connections of removed ones (SIGHUP; `hub device remove`).
+    pub async fn reload_devices(&self) {
+        let Some(broker) = &self.broker else {
+            tracing::info!("SIGHUP ignored: the hub runs no broker (devices are the external broker's business)");
+            return;
+        };
+        if let Err(e) = broker.reload().await {
+            tracing::warn!("reloading the broker's credentials failed, the previous ones stay in force: {e}");
+        }
     }
 
     /// Stops serving, commits and acknowledges what the collector holds, and
@@ -209,6 +265,7 @@ impl Hub {
                 tracing::warn!("hub task ended badly: {e}");
             }
         }
+        drop(self.broker);
     }
 }
 
@@ -249,6 +306,9 @@ pub fn announce(started: &Started) {
     }
     println!("dashboard: http://{}/", started.web);
     println!("broker: mqtt://{}:{}", started.broker.host, started.broker.port);
+    if let Some(tls) = started.broker_tls {
+        println!("broker (tls): mqtts://{tls}");
+    }
 }
 
 /// `fieldlink hub`: runs until SIGTERM or SIGINT; exit code 0.
@@ -258,20 +318,39 @@ pub fn run(cfg: HubConfig) -> Result<i32, HubError> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).map_err(HubError::Signals)?;
         let mut int = signal(SignalKind::interrupt()).map_err(HubError::Signals)?;
+        let mut hup = signal(SignalKind::hangup()).map_err(HubError::Signals)?;
         let hub = Hub::start(&cfg).await?;
+        // SIGHUP is handled from here on: tell `hub device add|remove` whom to signal.
+        let pid_file = match hub.broker {
+            Some(_) => {
+                let path = cfg.state_dir.join(PID_FILE);
+                crate::fsutil::write_atomic(&path, format!("{}\n", std::process::id()).as_bytes())
+                    .map_err(|source| HubError::PidFile { path: path.clone(), source })?;
+                Some(path)
+            }
+            None => None,
+        };
         announce(hub.started());
         // The database is open, the web listener bound and the collector
         // running (it connects to the broker on its own): systemd may count
         // the hub as started.
         let notifier = crate::sd_notify::Notifier::from_env();
         notifier.send(&format!("READY=1\nSTATUS=dashboard on http://{}/", hub.started().web));
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => hub.reload_devices().await,
+            }
         }
         notifier.send("STOPPING=1");
         tracing::info!("stopping: committing what is in hand, then disconnecting");
         hub.shutdown().await;
+        if let Some(path) = pid_file {
+            // Best effort: a stale pid file only makes `device add` signal
+            // a process that is gone, which it reports.
+            let _ = std::fs::remove_file(path);
+        }
         Ok(0)
     })
 }

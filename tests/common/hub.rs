@@ -9,6 +9,12 @@
 //!   the web side on a free port. `start` returns once the web port answers,
 //!   the token file is read and the hub is subscribed; `sigterm`, `kill9`,
 //!   `restart`. Its log is printed when a test fails.
+//! * The embedded broker lets nobody in without credentials:
+//!   [`Hub::provision`] runs the real `fieldlink hub device add` (which
+//!   signals a running hub to reload) and returns the password;
+//!   [`Hub::fake_agent`] and [`Hub::watcher`] connect as a provisioned device
+//!   or as the hub's own user ([`Hub::broker_user`]) when the hub embeds the
+//!   broker, anonymously on the test mosquitto.
 //! * HTTP: [`Hub::get`], [`Hub::post`] with the token, [`Hub::request`] with
 //!   no token or a wrong one ([`Auth`]), paging through events
 //!   ([`Hub::all_events`]), and [`SseReader`] for `GET /api/stream`.
@@ -40,7 +46,10 @@ use serde_json::{Value, json};
 use sqlx::{AnyConnection, AssertSqlSafe, Connection, Executor, Row};
 use tempfile::TempDir;
 
-use super::{DEADLINE, Mosquitto, POLL, fieldlink_bin, free_port, send_signal, tail, topic, unique, wait_until};
+use super::{
+    DEADLINE, Mosquitto, POLL, Watcher, fieldlink, fieldlink_bin, free_port, send_signal, tail, topic, unique,
+    wait_until,
+};
 
 /// The most events one API page may hold (the hub's `MAX_LIMIT`).
 pub const PAGE: usize = 1000;
@@ -58,7 +67,7 @@ enum Broker {
     /// when the hub's subscription is in place.
     External { port: u16, log: PathBuf },
     /// `[broker] embedded = true` on this port: it lives and dies with the
-    /// hub, and keeps nothing across a restart (see `src/broker.rs`).
+    /// hub, and keeps nothing across a restart (see `src/broker/mod.rs`).
     Embedded { port: u16 },
 }
 
@@ -74,12 +83,23 @@ pub struct HubBuilder {
     command_ttl: String,
     command_wait: String,
     web_extra: Vec<String>,
+    /// The embedded broker's mqtts listener port (test certificates).
+    tls_port: Option<u16>,
 }
 
 impl HubBuilder {
     /// One more line in `[web]` (e.g. `metrics_listen = "127.0.0.1:9187"`).
     pub fn web_extra(mut self, line: &str) -> Self {
         self.web_extra.push(line.to_string());
+        self
+    }
+
+    /// An `mqtts` listener for the embedded broker on a free port, with the
+    /// test server certificate of `tests/fixtures/tls` (`localhost`,
+    /// 127.0.0.1, signed by `ca.pem`).
+    pub fn tls(mut self) -> Self {
+        assert!(matches!(self.broker, Broker::Embedded { .. }), "TLS listeners are the embedded broker's");
+        self.tls_port = Some(free_port());
         self
     }
 
@@ -125,6 +145,17 @@ impl HubBuilder {
             Broker::Embedded { port } => format!("embedded = true\nlisten = \"127.0.0.1:{port}\""),
         };
         let group = self.shared_group.as_ref().map(|g| format!("shared_group = \"{g}\"")).unwrap_or_default();
+        let tls = self
+            .tls_port
+            .map(|port| {
+                let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+                format!(
+                    "tls_listen = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+                    fixtures.join("server.pem").display(),
+                    fixtures.join("server.key").display()
+                )
+            })
+            .unwrap_or_default();
         format!(
             r#"# written by tests/common/hub.rs
 state_dir = "{state_dir}"
@@ -134,6 +165,7 @@ topic_prefix = "fieldlink"
 {broker}
 client_id = "{client_id}"
 {group}
+{tls}
 keep_alive = "5s"
 reconnect_min = "100ms"
 reconnect_max = "1s"
@@ -175,12 +207,14 @@ command_wait = "{wait}"
             cfg_path,
             web_port,
             client_id: self.client_id,
+            tls_port: self.tls_port,
             database_url,
             broker: self.broker,
             child: None,
             starts: 0,
             token: String::new(),
             http: http_agent(Some(HTTP_DEADLINE)),
+            probe_password: None,
         }
     }
 
@@ -226,12 +260,15 @@ pub struct Hub {
     token_file: PathBuf,
     web_port: u16,
     client_id: String,
+    tls_port: Option<u16>,
     database_url: String,
     broker: Broker,
     child: Option<Child>,
     starts: u32,
     token: String,
     http: ureq::Agent,
+    /// The embedded broker's probe device's password, once provisioned.
+    probe_password: Option<String>,
 }
 
 impl Hub {
@@ -269,6 +306,11 @@ impl Hub {
         }
     }
 
+    /// The embedded broker's mqtts port (see [`HubBuilder::tls`]).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
     pub fn web_port(&self) -> u16 {
         self.web_port
     }
@@ -299,6 +341,10 @@ impl Hub {
     /// in the API (device `probe-<client_id>`).
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "the hub is already running");
+        if matches!(self.broker, Broker::Embedded { .. }) && self.probe_password.is_none() {
+            // Before the hub runs: it reads the password file when it starts.
+            self.probe_password = Some(self.provision(&self.probe_device()));
+        }
         let subacks_before = self.subacks();
         self.starts += 1;
         let mut log = fs::OpenOptions::new().create(true).append(true).open(&self.log_path).expect("open hub.log");
@@ -346,10 +392,15 @@ impl Hub {
         }
     }
 
+    fn probe_device(&self) -> String {
+        format!("probe-{}", self.client_id)
+    }
+
     /// Publishes button messages for a probe device until one is stored.
     fn probe(&mut self, broker_port: u16) {
-        let device = format!("probe-{}", self.client_id);
-        let mut fake = FakeAgent::connect(broker_port, &device);
+        let device = self.probe_device();
+        let password = self.probe_password.clone().expect("the probe device is provisioned before the hub starts");
+        let mut fake = FakeAgent::connect_as(broker_port, &device, &password);
         let mut seq = u64::from(self.starts) * 1_000_000;
         let start = Instant::now();
         loop {
@@ -376,6 +427,68 @@ impl Hub {
         if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
             self.child = None;
             panic!("the hub exited with {status} {when}");
+        }
+    }
+
+    /// `fieldlink hub device <args> -c <this hub's config>`: the real CLI,
+    /// which signals a running hub to reload. Panics unless it succeeds.
+    pub fn device_cli(&self, args: &[&str]) -> String {
+        let config = self.cfg_path.display().to_string();
+        let mut all = vec!["hub", "device"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-c", &config]);
+        let out = fieldlink(&all);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "fieldlink {all:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    }
+
+    /// Provisions `device` with `fieldlink hub device add` and returns the
+    /// password it printed once (client id = user name = device id).
+    pub fn provision(&self, device: &str) -> String {
+        let out = self.device_cli(&["add", device]);
+        assert!(out.contains(&format!("username = \"{device}\"")), "{out}");
+        out.lines()
+            .skip_while(|l| !l.contains("shown only now"))
+            .nth(2)
+            .map(|l| l.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| panic!("no password in the output of `device add {device}`:\n{out}"))
+    }
+
+    /// The embedded broker's own user of the hub (its `client_id`) and its
+    /// password (`state_dir/broker-hub.pass`, written on the first start);
+    /// `None` with an external broker.
+    pub fn broker_user(&self) -> Option<(String, String)> {
+        match self.broker {
+            Broker::External { .. } => None,
+            Broker::Embedded { .. } => {
+                let path = self.dir.path().join("state").join("broker-hub.pass");
+                let password = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+                Some((self.client_id.clone(), password.trim().to_string()))
+            }
+        }
+    }
+
+    /// A [`FakeAgent`] for `device` on this hub's broker: with the embedded
+    /// broker provisioned first and connected as the device; with mosquitto
+    /// anonymous (the test mosquitto has no auth).
+    pub fn fake_agent(&self, device: &str) -> FakeAgent {
+        match self.broker {
+            Broker::External { port, .. } => FakeAgent::connect(port, device),
+            Broker::Embedded { port } => FakeAgent::connect_as(port, device, &self.provision(device)),
+        }
+    }
+
+    /// A [`Watcher`] of `fieldlink/<device>/#` on this hub's broker (as
+    /// the hub's own user with the embedded broker).
+    pub fn watcher(&self, device: &str) -> Watcher {
+        let port = self.broker_port();
+        match self.broker_user() {
+            None => Watcher::for_device(port, device),
+            Some((user, password)) => {
+                Watcher::connect_as_with_id(port, &format!("watcher-{device}"), &user, &password, &topic(device, "#"))
+            }
         }
     }
 
@@ -626,6 +739,7 @@ impl HubBuilder {
             command_ttl: "30s".into(),
             command_wait: "5s".into(),
             web_extra: Vec::new(),
+            tls_port: None,
         }
     }
 }
@@ -986,8 +1100,22 @@ impl FakeAgent {
     /// Connects (clean session, client id `fake-<device>`) and returns once
     /// the broker accepted the connection.
     pub fn connect(broker_port: u16, device: &str) -> FakeAgent {
-        let mut opts = MqttOptions::new(format!("fake-{device}"), "127.0.0.1", broker_port);
+        FakeAgent::connect_with(broker_port, device, None)
+    }
+
+    /// [`FakeAgent::connect`] as the provisioned device `device` (client id
+    /// = user name = device id), as the embedded broker requires.
+    pub fn connect_as(broker_port: u16, device: &str, password: &str) -> FakeAgent {
+        FakeAgent::connect_with(broker_port, device, Some(password))
+    }
+
+    fn connect_with(broker_port: u16, device: &str, password: Option<&str>) -> FakeAgent {
+        let client_id = if password.is_some() { device.to_string() } else { format!("fake-{device}") };
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", broker_port);
         opts.set_keep_alive(Duration::from_secs(5)).set_clean_session(true);
+        if let Some(password) = password {
+            opts.set_credentials(device, password);
+        }
         let (client, mut conn) = Client::new(opts, 100);
         let shared = Arc::new(FakeShared::default());
         let sh = Arc::clone(&shared);

@@ -443,6 +443,12 @@ impl Watcher {
         Watcher::connect_with(port, user, filter, Some((user, password)))
     }
 
+    /// [`Watcher::connect`] as an MQTT user with a client id of its own
+    /// (the embedded broker's hub user may use any id but a device's).
+    pub fn connect_as_with_id(port: u16, client_id: &str, user: &str, password: &str, filter: &str) -> Watcher {
+        Watcher::connect_with(port, client_id, filter, Some((user, password)))
+    }
+
     fn connect_with(port: u16, client_id: &str, filter: &str, credentials: Option<(&str, &str)>) -> Watcher {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5)).set_clean_session(false);
@@ -754,6 +760,8 @@ pub struct AgentBuilder {
     reconnect_max: String,
     confirm: String,
     confirm_timeout: String,
+    /// MQTT password of a provisioned device (see [`AgentBuilder::credentials`]).
+    password: Option<String>,
 }
 
 impl AgentBuilder {
@@ -763,6 +771,19 @@ impl AgentBuilder {
     pub fn confirm(mut self, mode: &str, timeout: &str) -> Self {
         self.confirm = mode.to_string();
         self.confirm_timeout = timeout.to_string();
+        self
+    }
+
+    /// The device id the agent will have.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Connects as a provisioned device: client id and user name = the
+    /// device id, `password` in a mode-0600 file beside the config (what
+    /// `fieldlink hub device add` tells an operator to write).
+    pub fn credentials(mut self, password: &str) -> Self {
+        self.password = Some(password.to_string());
         self
     }
 
@@ -929,11 +950,28 @@ backoff_max = "{backoff_max}"
         let dir = tempfile::Builder::new().prefix("fieldlink-agent-").tempdir().expect("create a temp dir");
         let state_dir = dir.path().join("state");
         let cfg_path = dir.path().join("agent.toml");
-        fs::write(&cfg_path, self.render(&state_dir)).expect("write agent.toml");
+        let mut b = self;
+        // The agent's client id: its default, or the device id when it
+        // connects as a provisioned device.
+        let mut client_id = format!("fieldlink-{}", b.device);
+        if let Some(password) = b.password.take() {
+            use std::os::unix::fs::PermissionsExt;
+            let pass = dir.path().join("mqtt.pass");
+            fs::write(&pass, format!("{password}\n")).expect("write mqtt.pass");
+            fs::set_permissions(&pass, fs::Permissions::from_mode(0o600)).expect("chmod mqtt.pass");
+            let device = &b.device;
+            b.mqtt_extra.push(format!(
+                "client_id = \"{device}\"\nusername = \"{device}\"\npassword_file = \"{}\"",
+                pass.display()
+            ));
+            client_id = device.clone();
+        }
+        fs::write(&cfg_path, b.render(&state_dir)).expect("write agent.toml");
         Agent {
+            client_id,
             log_path: dir.path().join("agent.log"),
             dir,
-            device: self.device,
+            device: b.device,
             cfg_path,
             state_dir,
             child: None,
@@ -946,6 +984,7 @@ backoff_max = "{backoff_max}"
 pub struct Agent {
     dir: TempDir,
     device: String,
+    client_id: String,
     cfg_path: PathBuf,
     state_dir: PathBuf,
     log_path: PathBuf,
@@ -978,6 +1017,7 @@ impl Agent {
             reconnect_max: "1s".into(),
             confirm: "broker".into(),
             confirm_timeout: "1s".into(),
+            password: None,
         }
     }
 
@@ -985,9 +1025,10 @@ impl Agent {
         &self.device
     }
 
-    /// The agent's MQTT client id (the default `fieldlink-<device_id>`).
+    /// The agent's MQTT client id: the default `fieldlink-<device_id>`,
+    /// or the device id with [`AgentBuilder::credentials`].
     pub fn client_id(&self) -> String {
-        format!("fieldlink-{}", self.device)
+        self.client_id.clone()
     }
 
     pub fn dir(&self) -> &Path {
