@@ -84,7 +84,9 @@ fn assert_all_stored_once_and_drained(hub: &Hub, agent: &Agent, at_least: u64, w
 fn kill_9_of_the_hub_with_its_embedded_broker_while_the_database_is_locked_loses_nothing() {
     let _serial = serial();
     let mut hub = Hub::builder_embedded().start();
-    let mut agent = Agent::builder("confirm-emb", hub.broker_port()).confirm("hub", "1s").door_debounce("0ms").build();
+    let builder = Agent::builder("confirm-emb", hub.broker_port());
+    let password = hub.provision(builder.device());
+    let mut agent = builder.credentials(&password).confirm("hub", "1s").door_debounce("0ms").build();
     agent.start();
     // The startup records are confirmed: the hub answers.
     wait_startup_confirmed(&agent);
