@@ -831,3 +831,107 @@ async fn a_device_connects_over_tls_with_the_agents_options_and_an_untrusted_ca_
     assert!(text.contains("UnknownIssuer") || text.contains("Tls"), "{text}");
     drop(client);
 }
+
+/// A well-formed session of device `dev`: CONNECT, SUBSCRIBE, PUBLISH at
+/// QoS 1 and 2, PINGREQ, DISCONNECT.
+fn session_bytes(dev: &str, password: &str) -> Vec<u8> {
+    let mut out = connect_packet(dev.as_bytes(), Some(dev), Some(password), Some(&format!("fieldlink/{dev}/status")));
+    let filter = format!("fieldlink/{dev}/relay/+/set");
+    let mut sub = vec![0x82, 0, 0, 1];
+    sub.extend_from_slice(&u16::try_from(filter.len()).expect("short").to_be_bytes());
+    sub.extend_from_slice(filter.as_bytes());
+    sub.push(1);
+    sub[1] = u8::try_from(sub.len() - 2).expect("short");
+    out.extend_from_slice(&sub);
+    for (header, id) in [(0x32u8, 2u8), (0x34, 3)] {
+        let topic = format!("fieldlink/{dev}/button/door");
+        let mut p = vec![header, 0];
+        p.extend_from_slice(&u16::try_from(topic.len()).expect("short").to_be_bytes());
+        p.extend_from_slice(topic.as_bytes());
+        p.extend_from_slice(&[0, id]);
+        p.extend_from_slice(br#"{"device":"x","seq":1}"#);
+        p[1] = u8::try_from(p.len() - 2).expect("short");
+        out.extend_from_slice(&p);
+    }
+    out.extend_from_slice(&[0xc0, 0, 0xe0, 0]);
+    out
+}
+
+/// One random mutation of `bytes`: flipped bytes, a cut, inserted garbage,
+/// a repeated slice, or a forged remaining length.
+fn mutate(rng: &mut fastrand::Rng, bytes: &[u8]) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    for _ in 0..rng.usize(1..4) {
+        match rng.u8(0..5) {
+            0 => {
+                for _ in 0..rng.usize(1..8) {
+                    let i = rng.usize(0..b.len());
+                    b[i] ^= 1 << rng.u8(0..8);
+                }
+            }
+            1 => b.truncate(rng.usize(1..b.len())),
+            2 => {
+                let at = rng.usize(0..b.len());
+                let junk: Vec<u8> = (0..rng.usize(1..64)).map(|_| rng.u8(..)).collect();
+                b.splice(at..at, junk);
+            }
+            3 => {
+                let from = rng.usize(0..b.len());
+                let to = rng.usize(from..b.len());
+                let copy = b[from..to].to_vec();
+                b.extend_from_slice(&copy);
+            }
+            _ => {
+                let i = rng.usize(0..b.len());
+                b.splice(i..i, [0xff, 0xff, 0xff, 0x7f]);
+            }
+        }
+        if b.is_empty() {
+            b.push(0x10);
+        }
+    }
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_mutated_packet_streams_neither_panic_nor_stop_the_broker() {
+    static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        previous(info);
+    }));
+    let b = broker().await;
+    let base = session_bytes("dev-b", b.password("dev-b"));
+    // The unmutated stream is a real session: accepted, subscribed.
+    let mut s = TcpStream::connect(b.addr()).await.expect("tcp connect");
+    s.write_all(&base).await.expect("send");
+    let mut answer = [0u8; 9];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut answer)).await.expect("in time").expect("CONNACK and SUBACK");
+    assert_eq!(answer, [0x20, 2, 0, 0, 0x90, 3, 0, 1, 1], "CONNACK accepted, then SUBACK granting QoS 1");
+    drop(s);
+    let mut rng = fastrand::Rng::with_seed(0x5eed_f1e1d);
+    let streams: Vec<Vec<u8>> = (0..500).map(|_| mutate(&mut rng, &base)).collect();
+    for chunk in streams.chunks(50) {
+        let sends = chunk.iter().cloned().map(|bytes| {
+            let addr = b.addr();
+            tokio::spawn(async move {
+                let Ok(mut s) = TcpStream::connect(addr).await else { return };
+                let _ = s.write_all(&bytes).await;
+                let _ = s.shutdown().await;
+                // Whatever the broker answers, until it closes or a second passes.
+                let mut sink = [0u8; 4096];
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
+            })
+        });
+        for task in sends.collect::<Vec<_>>() {
+            task.await.expect("a sender task");
+        }
+    }
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a mutated packet stream made something panic");
+    a_command_reaches(&b, "dev-a", "after-mutations").await;
+    a_command_reaches(&b, "dev-b", "after-mutations-b").await;
+}
