@@ -291,7 +291,7 @@ impl Provisioning {
             if !pid_file.exists() {
                 return "the hub is not running: it reads the password file when it starts".to_string();
             }
-            return match signal_pid_file(pid_file) {
+            return match signal_pid_file(pid_file, "fieldlink") {
                 Ok(pid) => format!(
                     "the hub (pid {pid}) was sent SIGHUP: its broker rereads the password file and disconnects removed devices"
                 ),
@@ -305,7 +305,7 @@ impl Provisioning {
         let Some(pid_file) = &self.pid_file else {
             return format!("broker.mosquitto_pid_file is not set: {manual}");
         };
-        match signal_pid_file(pid_file) {
+        match signal_pid_file(pid_file, "mosquitto") {
             Ok(pid) => format!(
                 "mosquitto (pid {pid}) was sent SIGHUP: it rereads the password and ACL files and disconnects removed users"
             ),
@@ -314,10 +314,22 @@ impl Provisioning {
     }
 }
 
-fn signal_pid_file(pid_file: &Path) -> Result<i32, String> {
+/// Sends SIGHUP to the pid in `pid_file`, but only when that process is
+/// `program` (its `/proc/<pid>/comm`): a pid file left by a killed process
+/// may name an unrelated one by now, which SIGHUP would kill.
+fn signal_pid_file(pid_file: &Path, program: &str) -> Result<i32, String> {
     let text = fs::read_to_string(pid_file).map_err(|e| format!("cannot read '{}': {e}", pid_file.display()))?;
     let pid: i32 =
         text.trim().parse().ok().filter(|p| *p > 1).ok_or_else(|| format!("'{}' holds no pid", pid_file.display()))?;
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_err(|_| format!("no process {pid} (a stale '{}')", pid_file.display()))?;
+    if comm.trim() != program {
+        return Err(format!(
+            "process {pid} is '{}', not {program}: '{}' is stale, so it was not signalled",
+            comm.trim(),
+            pid_file.display()
+        ));
+    }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP)
         .map_err(|e| format!("kill -HUP {pid}: {e}"))?;
     Ok(pid)
@@ -326,6 +338,20 @@ fn signal_pid_file(pid_file: &Path) -> Result<i32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_pid_file_naming_another_program_is_not_signalled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("hub.pid");
+        // This test process is not `fieldlink`: it must be left alone (a
+        // SIGHUP would kill it).
+        fs::write(&pid_file, format!("{}\n", std::process::id())).expect("write");
+        let why = signal_pid_file(&pid_file, "fieldlink").expect_err("refused");
+        assert!(why.contains("is stale"), "{why}");
+        fs::write(&pid_file, "999999999\n").expect("write");
+        let why = signal_pid_file(&pid_file, "fieldlink").expect_err("refused");
+        assert!(why.contains("no process"), "{why}");
+    }
 
     fn prov(dir: &Path) -> Provisioning {
         Provisioning {
