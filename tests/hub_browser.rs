@@ -21,6 +21,14 @@
 //! Sensors (issue 9): the agent reads a `file` sensor `tank` from a temp
 //! dir; the script waits for its chart and newest value on the card.
 //!
+//! The dashboard's history (issue 9 item 7): seven more devices (fake
+//! agents publishing a status and a heartbeat) make a fleet of eight, so
+//! the script checks the fleet table (search, sort) and opens the agent's
+//! card from it; then the link timeline, lateness, the range switch, the
+//! command history (who asked) and the error log (a command for a relay
+//! the agent lacks). The phone screenshot is 375×812 and must not scroll
+//! sideways.
+//!
 //! The hub is the shared fixture of `tests/common/hub.rs` (on the test
 //! mosquitto, SQLite in its temp dir); the agent is the harness's [`Rig`].
 
@@ -31,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::hub::Hub;
+use common::hub::{FakeAgent, Hub, unique_device};
 use common::{DEADLINE, PUMP_PIN, Rig, Watcher, run_with_deadline, topic};
 
 /// The browser the script drives (Debian's package `chromium`).
@@ -163,6 +171,21 @@ fn a_browser_signs_in_sees_the_agent_online_and_switches_its_relay_on_with_the_a
     hub.wait_events(&device, Some("button"), |e| e.len() >= 4, "four door events");
     assert_eq!(rig.agent.sim(&["get", PUMP_PIN]), "0", "the pump is off before the browser switches it");
 
+    // Seven more devices: a fleet of eight, half of the others offline.
+    let fleet: Vec<FakeAgent> = (1..=7)
+        .map(|i| {
+            let mut fake = FakeAgent::connect(rig.broker.port(), &unique_device(&format!("fleet{i}")));
+            let status = if i % 2 == 1 { "online" } else { "offline" };
+            fake.publish(&topic(fake.device(), "status"), status);
+            fake.heartbeat(1, std::time::SystemTime::now());
+            fake.wait_acked();
+            fake
+        })
+        .collect();
+    for fake in &fleet {
+        hub.wait_device(fake.device(), |d| d["heartbeat"].is_object(), "a fleet device with its heartbeat");
+    }
+
     // Every command the hub publishes to the agent, from here on.
     let commands = Watcher::connect(rig.broker.port(), "browser-commands", &topic(&device, "relay/+/set"));
 
@@ -179,6 +202,8 @@ fn a_browser_signs_in_sees_the_agent_online_and_switches_its_relay_on_with_the_a
         .arg(&device)
         .arg("--screenshot")
         .arg(&base)
+        .arg("--fleet")
+        .arg((fleet.len() + 1).to_string())
         .current_dir(manifest_dir());
     let out = run_with_deadline(cmd, SCRIPT_DEADLINE);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -206,9 +231,10 @@ fn a_browser_signs_in_sees_the_agent_online_and_switches_its_relay_on_with_the_a
 
     // The cross-origin POSTs published nothing: one command went to the
     // agent, and one relay state answers a command.
-    let msgs = commands.wait_for(|m| !m.is_empty(), DEADLINE, "the dashboard's command on the broker");
-    assert_eq!(msgs.len(), 1, "only the dashboard's own click sent a command: {msgs:?}");
+    let msgs = commands.wait_for(|m| m.len() >= 2, DEADLINE, "the dashboard's commands on the broker");
+    assert_eq!(msgs.len(), 2, "only the dashboard's click and its unknown-relay command were sent: {msgs:?}");
     assert_eq!(msgs[0].json().map(|c| c["state"].clone()), Some("on".into()), "{msgs:?}");
+    assert!(msgs[0].topic.ends_with("/relay/pump/set") && msgs[1].topic.ends_with("/relay/nosuch/set"), "{msgs:?}");
     let states = hub.all_events(&device, Some("relay"));
     let answered = states.iter().filter(|e| e["payload"]["command_id"].is_string()).count();
     assert_eq!(answered, 1, "one relay state answers a command: {states:#?}");

@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, broadcast};
 
 use super::metrics::Metrics;
-use super::model::{CommandRow, CommandStatus, LiveEvent};
+use super::model::{CommandRow, CommandStatus, LiveEvent, Requester};
 use super::store::{Store, StoreError};
 use crate::timefmt;
 
@@ -163,14 +163,15 @@ impl Commander {
     }
 
     /// Publishes `{"state","id","expires_at"}` (QoS 1) to
-    /// `P/<device>/relay/<relay>/set`, records the command as requested, and
-    /// waits up to `wait` for the agent's answer.
+    /// `P/<device>/relay/<relay>/set`, records the command as requested (by
+    /// `by`), and waits up to `wait` for the agent's answer.
     pub async fn send(
         &self,
         device: &str,
         relay: &str,
         req: Requested,
         wait: Duration,
+        by: &Requester,
     ) -> Result<Outcome, CommandError> {
         let id = fresh_id()?;
         let now = SystemTime::now();
@@ -186,6 +187,9 @@ impl Commander {
             confirmed_at: None,
             state: None,
             error: None,
+            requested_by: Some(by.origin.as_str().to_string()),
+            client: by.client.clone(),
+            answered_at: None,
         };
         // Recorded before it is published, so the answer always finds it.
         self.inner.store.insert_command(&row).await?;
@@ -261,6 +265,9 @@ mod tests {
             confirmed_at: None,
             state: Some("on".into()),
             error: Some("expired: command expired at ...".into()),
+            requested_by: None,
+            client: None,
+            answered_at: None,
         }
     }
 

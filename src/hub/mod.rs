@@ -13,6 +13,8 @@
 //!   / expired.
 //! * [`web`]: the REST API, the live stream and the dashboard.
 //! * [`metrics`]: the counters and histogram behind `GET /metrics`.
+//! * [`history`]: a device's history over 1 h / 24 h / 7 d for the dashboard
+//!   (downsampled series, outages, reconnects, lateness; sans-IO).
 //! * [`token`]: the API token file.
 //! * [`devices`]: provisioning for a hub-managed mosquitto (password file, ACL).
 //! * [`model`]: the types they share.
@@ -20,6 +22,7 @@
 pub mod collector;
 pub mod commands;
 pub mod devices;
+pub mod history;
 pub mod ingest;
 pub mod metrics;
 pub mod model;

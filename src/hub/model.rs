@@ -201,6 +201,59 @@ pub struct CommandRow {
     pub state: Option<String>,
     /// The agent's refusal (`code: message`) when rejected.
     pub error: Option<String>,
+    /// Who asked: [`Origin::as_str`] ("api token" or "dashboard session");
+    /// `None` for commands recorded before schema v5.
+    pub requested_by: Option<String>,
+    /// The requester's IP address, when the hub knew it.
+    pub client: Option<String>,
+    /// When it was confirmed (the state message's `ts`), rejected (the
+    /// error's `ts`) or expired (the hub's clock when it noticed).
+    pub answered_at: Option<String>,
+}
+
+/// How a command's requester signed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `Authorization: Bearer <token>`: a script or tool.
+    ApiToken,
+    /// The `fieldlink_session` cookie: someone at the dashboard.
+    DashboardSession,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::ApiToken => "api token",
+            Origin::DashboardSession => "dashboard session",
+        }
+    }
+}
+
+/// Who requested a command: how they signed in, and from where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requester {
+    pub origin: Origin,
+    pub client: Option<String>,
+}
+
+/// A change of a device's online state, as `status_events` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusEvent {
+    pub online: bool,
+    /// When the hub received the status (RFC 3339 UTC, ms).
+    pub at: String,
+}
+
+/// One message of a device over a time range, as the dashboard's history
+/// reads it: the device's time (`ts`) and the hub's commit time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangeRow {
+    pub ts_ms: u64,
+    pub received_ms: u64,
+    pub kind: Kind,
+    pub name: Option<String>,
+    /// Parsed only for heartbeats and sensor readings (the charted kinds).
+    pub payload: Option<Value>,
 }
 
 /// What `GET /api/stream` sends (one SSE `data:` line of JSON each): every

@@ -14,6 +14,8 @@
 //! GET  /assets/{app.js,style.css}     its script and style
 //! GET  /api/devices                   [DeviceView]
 //! GET  /api/devices/{d}/events        [EventView], newest first; ?kind=&limit=&before_seq=
+//! GET  /api/devices/{d}/history       HistoryView; ?range=1h|24h|7d (downsampled on the server)
+//! GET  /api/devices/{d}/commands      [CommandRow], newest first; ?limit=
 //! POST /api/devices/{d}/relays/{r}    {"state":"on"|"off"|"toggle"}; ?wait=5s
 //! GET  /api/commands/{id}             CommandRow
 //! GET  /api/stream                    SSE: one `data:` JSON line per LiveEvent
@@ -225,6 +227,8 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/devices", get(api::devices))
         .route("/devices/{d}/events", get(api::events))
+        .route("/devices/{d}/history", get(api::history))
+        .route("/devices/{d}/commands", get(api::device_commands))
         .route("/devices/{d}/relays/{r}", post(api::set_relay))
         .route("/commands/{id}", get(api::command))
         .route("/set-aside", get(api::set_aside))

@@ -20,6 +20,15 @@
 //   --screenshot FIELDLINK_SCREENSHOT      screenshot base path: writes <base>-desktop.png
 //                                          and <base>-phone.png (".png" on the base is dropped)
 //   --chromium   FIELDLINK_CHROMIUM        the browser (default /usr/bin/chromium)
+//   --fleet      FIELDLINK_FLEET           how many devices the hub has; more than 6 means the
+//                                          fleet table is checked (search, sort) and the
+//                                          device's card is opened from it (default 0: no table)
+//
+// Issue 9 item 7: the card's link timeline and lateness, the range switch
+// (1h / 24h / 7d, each drawn from at most 300 server-side buckets), the
+// command history (who asked) and the error log (a command for a relay the
+// agent does not have is refused and shows in both) are checked, and the
+// phone screenshot (375×812) must not scroll sideways.
 //
 // Exit 0: every step passed and both screenshots were written (their paths
 // are printed as `screenshot: <path>`). Exit 1: a step failed; what the page
@@ -39,7 +48,7 @@ import { chromium } from 'playwright-core';
 
 const STEP_MS = 30_000;
 const DESKTOP = { width: 1280, height: 800 };
-const PHONE = { width: 390, height: 844 };
+const PHONE = { width: 375, height: 812 };
 
 // The launch flags this machine's notes prescribe (rust-svc): without the
 // background-networking ones Chromium keeps dialing Google's hosts, which
@@ -74,6 +83,7 @@ function options() {
         relay: { type: 'string' },
         screenshot: { type: 'string' },
         chromium: { type: 'string' },
+        fleet: { type: 'string' },
       },
     }).values;
   } catch (e) {
@@ -87,6 +97,7 @@ function options() {
     relay: parsed.relay ?? env.FIELDLINK_RELAY ?? 'pump',
     screenshot: parsed.screenshot ?? env.FIELDLINK_SCREENSHOT,
     chromium: parsed.chromium ?? env.FIELDLINK_CHROMIUM ?? '/usr/bin/chromium',
+    fleet: Number(parsed.fleet ?? env.FIELDLINK_FLEET ?? 0),
   };
   for (const key of ['url', 'token', 'device', 'screenshot']) {
     if (!o[key]) usage(`--${key} is missing`);
@@ -265,11 +276,65 @@ async function shoot(page, card, size, path, label) {
   mkdirSync(dirname(path), { recursive: true });
   await page.screenshot({ path, fullPage: true, timeout: STEP_MS });
   const o = await overflow(page);
+  console.log(`screenshot: ${path}`);
   if (o.scrollWidth > o.viewport) {
-    console.log(`layout note (${label} ${size.width}px): page is ${o.scrollWidth}px wide; ` +
+    throw new Error(`${label} ${size.width}px: the page scrolls sideways (${o.scrollWidth}px wide); ` +
       `widest overflow: <${o.worst?.tag} class="${o.worst?.cls}"> to ${o.worst?.right}px`);
   }
-  console.log(`screenshot: ${path}`);
+}
+
+// The fleet table's visible device names, top to bottom.
+const fleetNames = (page) => page.$$eval('#fleet-table tbody tr:not([hidden])', (rows) => rows.map((r) => r.dataset.fleetDevice));
+
+// The fleet table: every device listed, search narrows it to one, sorting by
+// name and by online works, and clicking the device's row opens its card.
+async function checkFleet(page, o, card) {
+  await step(`the fleet table lists all ${o.fleet} devices`, async () => {
+    await visible(page, '#fleet-table');
+    await page.waitForFunction((n) => document.querySelectorAll('#fleet-table tbody tr').length === n, o.fleet, { timeout: STEP_MS });
+    if (await page.locator(card).isVisible()) throw new Error('with a fleet, no card is open before one is chosen');
+  });
+  await step('searching by name leaves only that device', async () => {
+    await page.locator('#fleet-search').fill(o.device);
+    const names = await fleetNames(page);
+    if (names.length !== 1 || names[0] !== o.device) throw new Error(`search "${o.device}" shows [${names}]`);
+    await page.locator('#fleet-search').fill('');
+    const all = await fleetNames(page);
+    if (all.length !== o.fleet) throw new Error(`an empty search shows ${all.length} of ${o.fleet}`);
+  });
+  await step('sorting by name (twice: reversed) and by online', async () => {
+    const byName = await fleetNames(page);
+    const sorted = [...byName].sort();
+    if (JSON.stringify(byName) !== JSON.stringify(sorted)) throw new Error(`not sorted by name at first: [${byName}]`);
+    await page.locator('#fleet-table th[data-sort="name"]').click();
+    const reversed = await fleetNames(page);
+    if (JSON.stringify(reversed) !== JSON.stringify([...sorted].reverse())) throw new Error(`name descending: [${reversed}]`);
+    await page.locator('#fleet-table th[data-sort="online"]').click();
+    const online = await page.$$eval('#fleet-table tbody tr td:nth-child(2)', (tds) => tds.map((td) => td.dataset.online));
+    const firstOnline = online.indexOf('true');
+    if (firstOnline < 0 || online.slice(firstOnline).includes('false')) throw new Error(`online ascending: [${online}]`);
+    const sort = await page.locator('#fleet-table th[data-sort="online"]').getAttribute('aria-sort');
+    if (sort !== 'ascending') throw new Error(`aria-sort on online is ${sort}`);
+  });
+  await step(`clicking ${o.device}'s row opens its card`, async () => {
+    await page.locator(`#fleet-table tr[data-fleet-device=${q(o.device)}]`).click();
+    await visible(page, `${card}[data-open="true"]`);
+  });
+}
+
+// The card's timeline, lateness and charts over each range.
+async function checkRanges(page, card) {
+  for (const r of ['24h', '7d', '1h']) {
+    await step(`range ${r}: the timeline and charts are redrawn from at most 300 buckets`, async () => {
+      await page.locator(`#range button[data-range="${r}"]`).click();
+      await visible(page, `${card} [data-timeline][data-range="${r}"][data-loaded="true"]`);
+      const buckets = await page.$$eval(`${card} canvas[data-chart]`, (cs) => cs.map((c) => Number(c.dataset.buckets)));
+      if (!buckets.length || buckets.some((n) => !(n >= 0 && n <= 300))) throw new Error(`bucket counts ${buckets}`);
+      if (!buckets.some((n) => n > 0)) throw new Error(`no chart has data over ${r}: ${buckets}`);
+      const pressed = await page.locator(`#range button[data-range="${r}"]`).getAttribute('aria-pressed');
+      if (pressed !== 'true') throw new Error(`the ${r} button is not shown pressed`);
+    });
+  }
 }
 
 async function main() {
@@ -318,6 +383,8 @@ async function main() {
 
     await step('the live stream opens (body[data-stream="open"])', () =>
       visible(page, 'body[data-stream="open"]'));
+
+    if (o.fleet > 6) await checkFleet(page, o, card);
 
     await step(`device ${o.device} is shown online`, () => visible(page, `${card} [data-online="true"]`));
 
@@ -414,6 +481,25 @@ async function main() {
         { timeout: STEP_MS },
       );
     });
+
+    await step('a command for a relay the agent lacks is refused: error log and command history show it', async () => {
+      const status = await page.evaluate(async (path) => {
+        const r = await fetch(path, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: '{"state":"on"}' });
+        return r.status;
+      }, `/api/devices/${encodeURIComponent(o.device)}/relays/nosuch?wait=30s`);
+      if (status !== 409) throw new Error(`POST for relay nosuch answered ${status}, not 409`);
+      await visible(page, `${card} [data-error-log] li[data-code="unknown_relay"]`);
+      await visible(page, `${card} [data-command-log] li[data-status="rejected"]`);
+      const by = await page.locator(`${card} [data-command-log] li[data-status="confirmed"] [data-by]`).first().textContent();
+      if (!/dashboard session/.test(by)) throw new Error(`the confirmed command says "${by}", not who asked`);
+    });
+
+    await step('the link timeline and lateness are shown', async () => {
+      await visible(page, `${card} [data-timeline][data-loaded="true"]`);
+      await page.waitForFunction((sel) => document.querySelector(sel)?.dataset.p50Ms !== undefined, `${card} [data-lateness]`, { timeout: STEP_MS });
+    });
+
+    await checkRanges(page, card);
 
     if (seen.pageErrors.length) {
       throw new Error(`the page threw ${seen.pageErrors.length} uncaught error(s)`);

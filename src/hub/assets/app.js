@@ -1,18 +1,26 @@
 // fieldlink hub dashboard. Reads the devices and their history from the
-// REST API, then stays live over server-sent events (/api/stream). No
+// REST API (charts, timeline and lateness come downsampled from
+// /api/devices/{d}/history?range=), then stays live over server-sent events
+// (/api/stream); a live change re-reads the card's history at most every
+// REFRESH_MS. With FLEET_MIN devices or more, a sortable, searchable fleet
+// table shows and only the opened card is loaded. No
 // framework and no build step; the element hooks are listed in index.html.
 // Everything from the network is written with textContent, never as HTML.
 'use strict';
 
-const HEARTBEATS = 720;   // points per chart: 6 h at a 30 s interval
 const BUTTON_EVENTS = 50; // rows per button log
-const SENSOR_EVENTS = 1000; // readings loaded per device (all its sensors together)
-const SENSOR_POINTS = 500;  // points per sensor chart
+const COMMANDS = 20;      // rows per command history
+const ERRORS = 20;        // rows per error log
 const POLL_MS = 2000;     // re-reading a pending command
 const POLL_TRIES = 90;    // ... for at most 3 minutes
+const REFRESH_MS = 3000;  // a live change re-reads the card's history at most this often
+const FLEET_MIN = 7;      // from this many devices on, the fleet table shows
+const RANGES = ['1h', '24h', '7d'];
 
 const devices = new Map(); // device id -> Device (below)
 const pending = new Map(); // command id -> relay row element
+let range = RANGES.includes(localStorage.getItem('fieldlink.range')) ? localStorage.getItem('fieldlink.range') : '1h';
+const fleet = { sort: 'name', dir: 1, query: '', open: null };
 
 // --- helpers -------------------------------------------------------------
 
@@ -63,11 +71,38 @@ function ago(ts) {
 }
 
 const clock = (ts) => new Date(ts).toLocaleTimeString();
+const stamp = (ts) => (range === '1h' ? clock(ts) : new Date(ts).toLocaleString([], { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' }));
+
+function ms(n) {
+  if (n == null) return '?';
+  if (n < 1000) return `${n} ms`;
+  if (n < 60000) return `${(n / 1000).toFixed(1)} s`;
+  if (n < 3600000) return `${(n / 60000).toFixed(1)} min`;
+  return `${(n / 3600000).toFixed(1)} h`;
+}
+
+function li(dataset, parts) {
+  const el = document.createElement('li');
+  Object.assign(el.dataset, dataset);
+  for (const [cls, text, ts] of parts) {
+    const part = document.createElement(ts ? 'time' : 'span');
+    if (cls) part.className = cls;
+    if (ts) part.dateTime = ts;
+    part.textContent = text;
+    el.append(part);
+  }
+  return el;
+}
+
+function emptyRow(text) {
+  const el = document.createElement('li');
+  el.className = 'empty';
+  el.textContent = text;
+  return el;
+}
 
 // A message's identity is (epoch, seq): seqs restart under a greater epoch
 // when a device lost its seq counter. Epochs are unix ms, exact in a number.
-const sameMessage = (x, y) => x.epoch === y.epoch && x.seq === y.seq;
-
 // Merges two lists of {epoch, seq} into one, oldest first, each message once.
 function mergeByIdentity(a, b) {
   const byId = new Map();
@@ -77,15 +112,15 @@ function mergeByIdentity(a, b) {
 
 // --- devices ---------------------------------------------------------------
 
-// Device: { id, card, lastSeen, points: [{epoch, seq, t, hb}], buttons: [{epoch, seq, ts, name, state}],
-//          sensors: Map(name -> [{epoch, seq, t, hb: payload}]) }
+// Device: { id, card, online, lastSeen, outbox, history (HistoryView), buttons: [{epoch, seq, ts, name, state}],
+//          sensors: {name -> {value, unit, ts}}, refresh (timer) }
 function device(id) {
   let dev = devices.get(id);
   if (dev) return dev;
   const card = document.getElementById('device-card').content.firstElementChild.cloneNode(true);
   card.dataset.device = id;
   $(card, '.name').textContent = id;
-  dev = { id, card, lastSeen: null, points: [], buttons: [], sensors: new Map() };
+  dev = { id, card, online: false, lastSeen: null, outbox: null, history: null, buttons: [], sensors: {}, refresh: null };
   devices.set(id, dev);
   // Keep the cards in name order.
   const list = document.getElementById('devices');
@@ -102,6 +137,7 @@ function showView(view) {
   if (view.heartbeat) showHeartbeat(dev, view.heartbeat);
   for (const [name, state] of Object.entries(view.relays || {})) setRelayState(dev, name, state);
   setSetAside(dev, view.set_aside);
+  dev.sensors = view.sensors || {};
 }
 
 // Messages the hub set aside (refused, never stored): shown only when there are any.
@@ -115,6 +151,7 @@ function setSetAside(dev, count) {
 }
 
 function setOnline(dev, online) {
+  dev.online = !!online;
   const badge = $(dev.card, '[data-online]');
   badge.dataset.online = String(!!online);
   badge.textContent = online ? 'online' : 'offline';
@@ -136,6 +173,7 @@ function showHeartbeat(dev, hb) {
   if (hb.version) parts.push(`v${hb.version}`);
   $(dev.card, '[data-heartbeat]').textContent = parts.join(' · ');
   const outbox = hb.outbox || {};
+  dev.outbox = typeof outbox.depth === 'number' ? outbox.depth : null;
   $(dev.card, '[data-outbox-depth]').textContent = outbox.depth ?? '–';
   $(dev.card, '.outbox-more').textContent = `(${bytes(outbox.bytes)}, ${outbox.dropped ?? 0} dropped)`;
 }
@@ -231,83 +269,128 @@ async function poll(id) {
   }
 }
 
-// --- button log ----------------------------------------------------------------
+// --- button log, commands, errors ------------------------------------------------
 
 function showButtons(dev) {
-  const log = $(dev.card, '[data-button-log]');
-  const rows = dev.buttons.slice(-BUTTON_EVENTS).reverse().map((b) => {
-    const li = document.createElement('li');
-    li.dataset.seq = b.seq;
-    li.dataset.button = b.name;
-    li.dataset.state = b.state;
-    const time = document.createElement('time');
-    time.dateTime = b.ts;
-    time.textContent = clock(b.ts);
-    const what = document.createElement('span');
-    what.className = 'what';
-    what.textContent = `${b.name} ${b.state}`;
-    li.append(time, what);
-    return li;
-  });
-  if (!rows.length) {
-    const li = document.createElement('li');
-    li.className = 'empty';
-    li.textContent = 'No button events yet.';
-    rows.push(li);
-  }
-  log.replaceChildren(...rows);
+  const rows = dev.buttons.slice(-BUTTON_EVENTS).reverse().map((b) =>
+    li({ seq: b.seq, button: b.name, state: b.state }, [[null, clock(b.ts), b.ts], ['what', `${b.name} ${b.state}`]]));
+  if (!rows.length) rows.push(emptyRow('No button events yet.'));
+  $(dev.card, '[data-button-log]').replaceChildren(...rows);
 }
 
 const buttonOf = (e) => ({
   epoch: e.epoch ?? 0, seq: e.seq, ts: e.ts, name: e.name || e.payload.button, state: e.payload.state,
 });
-const pointOf = (e) => ({ epoch: e.epoch ?? 0, seq: e.seq, t: Date.parse(e.ts), hb: e.payload });
+
+function showCommands(dev, commands) {
+  const rows = commands.map((c) => {
+    const answer = c.status === 'confirmed' ? `confirmed ${c.state || ''}`.trim()
+      : c.status === 'rejected' ? `rejected: ${c.error || 'refused'}`
+      : c.status === 'expired' ? 'expired: no answer' : 'requested…';
+    const when = c.answered_at ? ` (answered ${clock(c.answered_at)})` : '';
+    const by = [c.requested_by || 'unknown', c.client].filter(Boolean).join(' from ');
+    return li({ commandId: c.command_id, status: c.status }, [
+      [null, stamp(c.requested_at), c.requested_at],
+      ['what', `${c.relay} ${c.requested} → ${answer}${when}`],
+      ['by', `by ${by}`],
+    ]);
+  });
+  if (!rows.length) rows.push(emptyRow('No commands yet.'));
+  $(dev.card, '[data-command-log]').replaceChildren(...rows);
+  for (const el of $(dev.card, '[data-command-log]').querySelectorAll('.by')) el.dataset.by = '';
+}
+
+function showErrors(dev, errors) {
+  const rows = errors.map((e) => li({ seq: e.seq, code: e.payload.code || '' }, [
+    [null, stamp(e.ts), e.ts],
+    ['what', `${e.payload.code || 'error'}: ${e.payload.message || ''}`],
+  ]));
+  if (!rows.length) rows.push(emptyRow('No errors.'));
+  $(dev.card, '[data-error-log]').replaceChildren(...rows);
+}
+
+// --- timeline ----------------------------------------------------------------------
+
+function showTimeline(dev) {
+  const h = dev.history;
+  const bar = $(dev.card, '[data-timeline]');
+  const t0 = Date.parse(h.from), t1 = Date.parse(h.to);
+  const pct = (t) => Math.max(0, Math.min(100, (t - t0) / (t1 - t0) * 100));
+  const span = (attr, from, to, title, minPct) => {
+    const el = document.createElement('span');
+    el.setAttribute(attr, '');
+    const left = pct(Date.parse(from));
+    el.style.left = `${left}%`;
+    if (to !== undefined) el.style.width = `${Math.max(minPct, pct(to == null ? t1 : Date.parse(to)) - left)}%`;
+    el.title = title;
+    return el;
+  };
+  const parts = [];
+  for (const o of h.outages) parts.push(span('data-outage', o.from, o.to, `offline ${stamp(o.from)} – ${o.to ? stamp(o.to) : 'now'}`, 0.4));
+  for (const r of h.replays) {
+    parts.push(span('data-replay', r.from, r.to, `${r.count} message(s) from ${stamp(r.from)} – ${stamp(r.to)} arrived up to ${ms(r.max_late_ms)} late`, 0.6));
+  }
+  for (const r of h.reconnects) parts.push(span('data-reconnect', r.at, undefined, `reconnected ${r.connects}× before ${stamp(r.at)}`, 0));
+  bar.replaceChildren(...parts);
+  bar.dataset.range = h.range;
+  bar.dataset.empty = String(h.online_at_start == null && !h.status.length && !h.lateness.messages);
+  bar.dataset.loaded = 'true';
+  $(dev.card, '[data-timeline-from]').textContent = stamp(h.from);
+  $(dev.card, '[data-timeline-to]').textContent = 'now';
+  const l = h.lateness;
+  const p = $(dev.card, '[data-lateness]');
+  p.dataset.p50Ms = l.p50_ms;
+  p.dataset.maxMs = l.max_ms;
+  p.dataset.replayed = l.replayed;
+  p.textContent = l.messages
+    ? `lateness p50 ${ms(l.p50_ms)} · max ${ms(l.max_ms)} · ${l.replayed} of ${l.messages} replayed · ${h.outages.length} outage(s), ${h.reconnects.length} reconnect(s)`
+    : 'lateness: no messages in this range';
+}
 
 // --- charts ----------------------------------------------------------------------
 
 const CHARTS = {
-  temp: { pick: (hb) => hb.temp_c, unit: '°C' },
-  cpu: { pick: (hb) => hb.cpu_percent, unit: '%', min: 0, max: 100 },
-  mem: { pick: (hb) => (hb.mem_total_bytes ? 100 * hb.mem_used_bytes / hb.mem_total_bytes : null), unit: '%', min: 0, max: 100 },
+  temp: { pick: (h) => h.heartbeat.temp, unit: '°C' },
+  cpu: { pick: (h) => h.heartbeat.cpu, unit: '%', min: 0, max: 100 },
+  mem: { pick: (h) => h.heartbeat.mem, unit: '%', min: 0, max: 100 },
 };
 
 function drawCharts(dev) {
+  if (!dev.history) return;
   for (const canvas of dev.card.querySelectorAll('canvas[data-chart]')) {
-    drawChart(canvas, dev.points, CHARTS[canvas.dataset.chart]);
+    const chart = CHARTS[canvas.dataset.chart];
+    drawChart(canvas, chart.pick(dev.history), dev.history, chart);
   }
 }
 
-function drawChart(canvas, points, chart) {
+// Draws buckets ({t, min, avg, max}) over the history's range: the avg as a
+// line, min..max as a band; a gap where a bucket is missing.
+function drawChart(canvas, buckets, h, chart) {
+  canvas.dataset.buckets = String(buckets.length);
   const css = getComputedStyle(document.documentElement);
   const color = (name) => css.getPropertyValue(name).trim();
   const dpr = window.devicePixelRatio || 1;
-  const w = canvas.clientWidth, h = canvas.clientHeight;
-  if (!w || !h) return;
+  const w = canvas.clientWidth, ht = canvas.clientHeight;
+  if (!w || !ht) return;
   canvas.width = Math.round(w * dpr);
-  canvas.height = Math.round(h * dpr);
+  canvas.height = Math.round(ht * dpr);
   const ctx = canvas.getContext('2d');
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-  ctx.clearRect(0, 0, w, h);
+  ctx.clearRect(0, 0, w, ht);
   ctx.font = '10px system-ui, sans-serif';
   ctx.fillStyle = color('--muted');
-
-  const data = points.map((p) => ({ t: p.t, v: chart.pick(p.hb) })).filter((p) => Number.isFinite(p.t));
-  const values = data.map((p) => p.v).filter((v) => v != null && Number.isFinite(v));
-  if (!values.length) {
-    // Heartbeats that arrived but carry no value: the board has no sensor
-    // for this (temp_c is null on boards without one).
-    ctx.fillText(data.length ? 'no sensor' : 'no data yet', 4, h / 2);
+  if (!buckets.length) {
+    ctx.fillText('no data in this range', 4, ht / 2);
     return;
   }
-  let lo = chart.min ?? Math.floor(Math.min(...values) - 1);
-  let hi = chart.max ?? Math.ceil(Math.max(...values) + 1);
+  let lo = chart.min ?? Math.floor(Math.min(...buckets.map((b) => b.min)) - 1);
+  let hi = chart.max ?? Math.ceil(Math.max(...buckets.map((b) => b.max)) + 1);
   if (hi <= lo) hi = lo + 1;
-  const t0 = data[0].t, t1 = Math.max(data[data.length - 1].t, t0 + 1);
+  const t0 = Date.parse(h.from), t1 = Date.parse(h.to), step = h.bucket_s * 1000;
   const left = 30, right = 4, top = 12, bottom = 14;
   const x = (t) => left + (t - t0) / (t1 - t0) * (w - left - right);
-  const y = (v) => top + (1 - (v - lo) / (hi - lo)) * (h - top - bottom);
+  const y = (v) => top + (1 - (v - lo) / (hi - lo)) * (ht - top - bottom);
 
-  // Axes: the range on the left, the time span below, the latest value on top.
   ctx.strokeStyle = color('--line');
   ctx.lineWidth = 1;
   ctx.beginPath();
@@ -317,42 +400,150 @@ function drawChart(canvas, points, chart) {
   ctx.textAlign = 'right';
   ctx.fillText(String(hi), left - 3, y(hi) + 3);
   ctx.fillText(String(lo), left - 3, y(lo) + 3);
-  ctx.fillText(`${values[values.length - 1].toFixed(1)} ${chart.unit}`, w - right, 9);
-  const hhmm = (t) => new Date(t).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  ctx.fillText(`${buckets[buckets.length - 1].avg.toFixed(1)} ${chart.unit || ''}`, w - right, 9);
   ctx.textAlign = 'left';
-  ctx.fillText(hhmm(t0), left, h - 2);
+  ctx.fillText(stamp(h.from), left, ht - 2);
   ctx.textAlign = 'right';
-  ctx.fillText(hhmm(t1), w - right, h - 2);
+  ctx.fillText('now', w - right, ht - 2);
 
-  // The line, with a gap wherever a value is missing; a lone value is a dot.
-  ctx.strokeStyle = ctx.fillStyle = color('--accent');
+  const accent = color('--accent');
+  ctx.fillStyle = accent;
+  ctx.globalAlpha = 0.2;
+  for (const b of buckets) {
+    const t = Date.parse(b.t);
+    ctx.fillRect(x(t), y(b.max), Math.max(1, x(t + step) - x(t)), Math.max(1, y(b.min) - y(b.max)));
+  }
+  ctx.globalAlpha = 1;
+  ctx.strokeStyle = accent;
   ctx.lineWidth = 1.5;
-  const ok = (p) => p && p.v != null && Number.isFinite(p.v);
   ctx.beginPath();
-  data.forEach((p, i) => {
-    if (!ok(p)) return;
-    if (ok(data[i - 1])) ctx.lineTo(x(p.t), y(p.v)); else ctx.moveTo(x(p.t), y(p.v));
-    if (!ok(data[i - 1]) && !ok(data[i + 1])) ctx.fillRect(x(p.t) - 2, y(p.v) - 2, 4, 4);
-  });
+  let prev = null;
+  for (const b of buckets) {
+    const t = Date.parse(b.t) + step / 2;
+    if (prev != null && t - prev <= step * 1.5) ctx.lineTo(x(t), y(b.avg)); else ctx.moveTo(x(t), y(b.avg));
+    prev = t;
+  }
   ctx.stroke();
+  if (buckets.length === 1) ctx.fillRect(x(Date.parse(buckets[0].t) + step / 2) - 2, y(buckets[0].avg) - 2, 4, 4);
+}
+
+function drawSensors(dev) {
+  const box = $(dev.card, '[data-sensors]');
+  const series = (dev.history && dev.history.sensors) || {};
+  const names = [...new Set(Object.keys(series).concat(Object.keys(dev.sensors)))].sort();
+  box.hidden = !names.length;
+  $(dev.card, '[data-sensors-label]').hidden = !names.length;
+  for (const name of names) {
+    let fig = [...box.querySelectorAll('figure[data-sensor]')].find((f) => f.dataset.sensor === name);
+    if (!fig) {
+      fig = document.getElementById('sensor-chart').content.firstElementChild.cloneNode(true);
+      fig.dataset.sensor = name;
+      $(fig, '.sensor-name').textContent = name;
+      box.append(fig);
+    }
+    const newest = dev.sensors[name];
+    const unit = (newest && newest.unit) || (series[name] && series[name].unit) || '';
+    if (newest) $(fig, '[data-sensor-value]').textContent = `${newest.value} ${unit}`.trim();
+    if (dev.history) drawChart($(fig, 'canvas[data-sensor-chart]'), (series[name] && series[name].buckets) || [], dev.history, { unit });
+  }
+}
+
+// --- fleet table -------------------------------------------------------------------
+
+const FLEET_KEYS = {
+  name: (d) => d.id,
+  online: (d) => (d.online ? 1 : 0),
+  last_seen: (d) => (d.lastSeen ? Date.parse(d.lastSeen) : 0),
+  outbox: (d) => (d.outbox == null ? -1 : d.outbox),
+};
+
+function fleetMode() {
+  return devices.size >= FLEET_MIN;
+}
+
+function showFleet() {
+  const on = fleetMode();
+  document.body.dataset.fleet = String(on);
+  document.getElementById('fleet').hidden = !on;
+  if (!on) return;
+  const key = FLEET_KEYS[fleet.sort];
+  const list = [...devices.values()].sort((a, b) => {
+    const x = key(a), y = key(b);
+    return (x < y ? -1 : x > y ? 1 : 0) * fleet.dir || (a.id < b.id ? -1 : 1);
+  });
+  const q = fleet.query.trim().toLowerCase();
+  const rows = list.map((d) => {
+    const tr = document.createElement('tr');
+    tr.dataset.fleetDevice = d.id;
+    tr.hidden = q !== '' && !d.id.toLowerCase().includes(q);
+    tr.setAttribute('aria-selected', String(fleet.open === d.id));
+    const cells = [d.id, d.online ? 'online' : 'offline', d.lastSeen ? ago(d.lastSeen).replace(/^.*\((.*)\)$/, '$1') : 'never', d.outbox ?? '–'];
+    for (const text of cells) {
+      const td = document.createElement('td');
+      td.textContent = String(text);
+      tr.append(td);
+    }
+    tr.children[1].dataset.online = String(d.online);
+    tr.addEventListener('click', () => openCard(d.id));
+    return tr;
+  });
+  document.querySelector('#fleet-table tbody').replaceChildren(...rows);
+  for (const th of document.querySelectorAll('#fleet-table th[data-sort]')) {
+    if (th.dataset.sort === fleet.sort) th.setAttribute('aria-sort', fleet.dir > 0 ? 'ascending' : 'descending');
+    else th.removeAttribute('aria-sort');
+  }
+}
+
+function openCard(id) {
+  fleet.open = fleet.open === id ? null : id;
+  for (const dev of devices.values()) dev.card.dataset.open = String(dev.id === fleet.open);
+  showFleet();
+  const dev = devices.get(fleet.open);
+  if (dev) {
+    loadHistory(dev).catch((e) => console.warn(`fieldlink: history of ${dev.id}:`, e.message));
+    dev.card.scrollIntoView({ block: 'start' });
+  }
+}
+
+let fleetTimer = null;
+function fleetLater() {
+  if (fleetTimer || !fleetMode()) return;
+  fleetTimer = setTimeout(() => { fleetTimer = null; showFleet(); }, 1000);
 }
 
 // --- loading and live updates ------------------------------------------------------
 
+// Whether a card is on screen (every card, or the opened one in fleet mode).
+const shown = (dev) => !fleetMode() || fleet.open === dev.id;
+
 async function loadHistory(dev) {
-  const base = `/api/devices/${enc(dev.id)}/events`;
-  const [heartbeats, buttons, readings] = await Promise.all([
-    getJson(`${base}?kind=heartbeat&limit=${HEARTBEATS}`),
-    getJson(`${base}?kind=button&limit=${BUTTON_EVENTS}`),
-    getJson(`${base}?kind=sensor&limit=${SENSOR_EVENTS}`),
+  if (!shown(dev)) return;
+  const base = `/api/devices/${enc(dev.id)}`;
+  const [history, buttons, commands, errors] = await Promise.all([
+    getJson(`${base}/history?range=${enc(range)}`),
+    getJson(`${base}/events?kind=button&limit=${BUTTON_EVENTS}`),
+    getJson(`${base}/commands?limit=${COMMANDS}`),
+    getJson(`${base}/events?kind=error&limit=${ERRORS}`),
   ]);
-  addReadings(dev, readings);
-  drawSensors(dev);
+  dev.history = history;
   // Merged with what the stream brought in the meantime.
-  dev.points = mergeByIdentity(heartbeats.map(pointOf), dev.points).slice(-HEARTBEATS);
   dev.buttons = mergeByIdentity(buttons.map(buttonOf), dev.buttons).slice(-BUTTON_EVENTS);
-  drawCharts(dev);
-  showButtons(dev);
+  // Each part on its own: one that cannot be drawn never hides the others.
+  for (const [what, draw] of [
+    ['timeline', () => showTimeline(dev)], ['charts', () => drawCharts(dev)], ['sensors', () => drawSensors(dev)],
+    ['buttons', () => showButtons(dev)], ['commands', () => showCommands(dev, commands)], ['errors', () => showErrors(dev, errors)],
+  ]) {
+    try { draw(); } catch (e) { console.warn(`fieldlink: ${dev.id} ${what}:`, e.message); }
+  }
+}
+
+// A live change: re-read the card's history soon (at most every REFRESH_MS).
+function refreshLater(dev) {
+  if (dev.refresh || !shown(dev)) return;
+  dev.refresh = setTimeout(() => {
+    dev.refresh = null;
+    loadHistory(dev).catch((e) => console.warn(`fieldlink: history of ${dev.id}:`, e.message));
+  }, REFRESH_MS);
 }
 
 let loading = null;
@@ -370,6 +561,7 @@ async function loadAll() {
         for (const view of views) {
           try { showView(view); } catch (e) { console.warn(`fieldlink: card ${view.device}:`, e.message); }
         }
+        showFleet();
         await Promise.all(views.map((v) => loadHistory(device(v.device)).catch((e) => {
           console.warn(`fieldlink: history of ${v.device}:`, e.message);
         })));
@@ -386,14 +578,16 @@ function onMessage(m) {
   if (!devices.has(m.device)) { loadAll(); return; } // a new device: read it whole
   const dev = device(m.device);
   setLastSeen(dev, new Date().toISOString());
+  fleetLater();
   if (m.kind === 'heartbeat') {
-    const point = pointOf(m);
-    dev.points = mergeByIdentity(dev.points, [point]).slice(-HEARTBEATS);
-    if (sameMessage(dev.points[dev.points.length - 1], point)) showHeartbeat(dev, m.payload);
-    drawCharts(dev);
+    showHeartbeat(dev, m.payload);
+    refreshLater(dev);
   } else if (m.kind === 'sensor') {
-    addReadings(dev, [m]);
-    drawSensors(dev);
+    const name = m.name || m.payload.sensor;
+    const old = dev.sensors[name];
+    if (!old || Date.parse(old.ts) <= Date.parse(m.ts)) dev.sensors[name] = { value: m.payload.value, unit: m.payload.unit, ts: m.ts };
+    try { drawSensors(dev); } catch (e) { console.warn(`fieldlink: ${dev.id} sensors:`, e.message); }
+    refreshLater(dev);
   } else if (m.kind === 'button') {
     dev.buttons = mergeByIdentity(dev.buttons, [buttonOf(m)]).slice(-BUTTON_EVENTS);
     showButtons(dev);
@@ -402,9 +596,11 @@ function onMessage(m) {
     setRelayState(dev, name, m.payload.state);
     const row = pending.get(m.payload.command_id);
     if (row) settle(row, { command_id: m.payload.command_id, status: 'confirmed', state: m.payload.state });
+    if (m.payload.command_id) refreshLater(dev);
   } else if (m.kind === 'error') {
     const row = pending.get(m.payload.command_id);
     if (row) settle(row, { command_id: m.payload.command_id, status: 'rejected', error: `${m.payload.code}: ${m.payload.message}` });
+    refreshLater(dev);
   }
 }
 
@@ -417,9 +613,12 @@ function onLive(event) {
     const dev = device(m.device);
     setOnline(dev, m.online);
     setLastSeen(dev, m.at);
+    fleetLater();
+    refreshLater(dev);
   } else if (m.type === 'command') {
     const row = pending.get(m.command_id);
     if (row) settle(row, m);
+    if (devices.has(m.device)) refreshLater(devices.get(m.device));
   } else if (m.type === 'reload') {
     loadAll(); // the stream fell behind: re-read rather than show a gap
   }
@@ -449,14 +648,37 @@ function connect() {
   };
 }
 
+function setRange(r) {
+  range = r;
+  localStorage.setItem('fieldlink.range', r);
+  document.body.dataset.range = r;
+  for (const b of document.querySelectorAll('#range button[data-range]')) b.setAttribute('aria-pressed', String(b.dataset.range === r));
+  for (const dev of devices.values()) {
+    $(dev.card, '[data-timeline]').dataset.loaded = 'false';
+    loadHistory(dev).catch((e) => console.warn(`fieldlink: history of ${dev.id}:`, e.message));
+  }
+}
+
 // --- start ------------------------------------------------------------------------
 
 let resizeTimer = null;
 window.addEventListener('resize', () => {
   clearTimeout(resizeTimer);
-  resizeTimer = setTimeout(() => devices.forEach((dev) => { drawCharts(dev); drawSensors(dev); }), 150);
+  resizeTimer = setTimeout(() => devices.forEach((dev) => {
+    try { drawCharts(dev); drawSensors(dev); } catch (e) { console.warn(`fieldlink: ${dev.id} charts:`, e.message); }
+  }), 150);
 });
-setInterval(() => devices.forEach((dev) => setLastSeen(dev, null)), 5000);
+setInterval(() => { devices.forEach((dev) => setLastSeen(dev, null)); fleetLater(); }, 5000);
+
+for (const b of document.querySelectorAll('#range button[data-range]')) b.addEventListener('click', () => setRange(b.dataset.range));
+for (const th of document.querySelectorAll('#fleet-table th[data-sort]')) {
+  th.addEventListener('click', () => {
+    fleet.dir = fleet.sort === th.dataset.sort ? -fleet.dir : 1;
+    fleet.sort = th.dataset.sort;
+    showFleet();
+  });
+}
+document.getElementById('fleet-search').addEventListener('input', (ev) => { fleet.query = ev.target.value; showFleet(); });
 
 // Logging out ends the session on the hub (POST, so no other page can do
 // it with a link or an image), then shows the login page.
@@ -469,5 +691,6 @@ document.getElementById('logout').addEventListener('click', async (ev) => {
   }
 });
 
+setRange(range);
 connect();
 loadAll();

@@ -1,5 +1,6 @@
 //! The `commands` table: recording a published command, reading one back,
-//! expiring the unanswered ones, and setting a status by hand. Confirmation
+//! expiring the unanswered ones, a device's command history, and setting a
+//! status by hand. Confirmation
 //! and rejection by the agent's answer happen in `write`, inside the batch
 //! that stores the answer. It never publishes anything (`hub::commands`
 //! does).
@@ -43,7 +44,10 @@ pub async fn insert(pool: &AnyPool, sql: &Statements, cmd: &CommandRow) -> Resul
         .bind(expires_at)
         .bind(confirmed_at)
         .bind(cmd.state.as_deref())
-        .bind(cmd.error.as_deref());
+        .bind(cmd.error.as_deref())
+        .bind(cmd.requested_by.as_deref())
+        .bind(cmd.client.as_deref())
+        .bind(cmd.answered_at.as_deref().map(|t| time("answered_at", t)).transpose()?);
     let mut conn = pool.acquire().await.map_err(StoreError::db("record a command"))?;
     affected(q, &mut conn, "record a command").await?;
     Ok(())
@@ -75,7 +79,7 @@ pub async fn expire(pool: &AnyPool, sql: &Statements, now: SystemTime) -> Result
     }
     let mut conn = pool.acquire().await.map_err(StoreError::db("expire commands"))?;
     for id in &ids {
-        let q = sqlx::query(AssertSqlSafe(sql.expire_command.clone())).bind(id.as_str());
+        let q = sqlx::query(AssertSqlSafe(sql.expire_command.clone())).bind(now.as_str()).bind(id.as_str());
         if affected(q, &mut conn, "expire a command").await? == 1
             && let Some(row) = fetch(&mut conn, sql, id).await?
         {
@@ -83,6 +87,22 @@ pub async fn expire(pool: &AnyPool, sql: &Statements, now: SystemTime) -> Result
         }
     }
     Ok(expired)
+}
+
+/// A device's commands, newest requested first, at most `limit`.
+pub async fn of_device(
+    pool: &AnyPool,
+    sql: &Statements,
+    device: &str,
+    limit: u32,
+) -> Result<Vec<CommandRow>, StoreError> {
+    let rows = sqlx::query(AssertSqlSafe(sql.select_device_commands.clone()))
+        .bind(device)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await
+        .map_err(StoreError::db("read a device's commands"))?;
+    rows.iter().map(command_row).collect()
 }
 
 /// Sets a command's status, whatever it was.
@@ -113,5 +133,8 @@ fn command_row(row: &AnyRow) -> Result<CommandRow, StoreError> {
         confirmed_at: opt(7)?,
         state: opt(8)?,
         error: opt(9)?,
+        requested_by: opt(10)?,
+        client: opt(11)?,
+        answered_at: opt(12)?,
     })
 }

@@ -25,8 +25,9 @@
 //! * `dialect`: placeholders and "insert unless present", per database.
 //! * `sql`: the data statements, rendered once per dialect.
 //! * `write`: the batch write path and its rules.
-//! * `read`: devices, events and set-aside messages for the API.
-//! * `commands`: the `commands` table.
+//! * `read`: devices, events, set-aside messages and a device's history
+//!   over a time range, for the API.
+//! * `commands`: the `commands` table (and a device's command history).
 //! * `error`: [`StoreError`] and URL redaction.
 
 mod commands;
@@ -52,7 +53,10 @@ use sqlx::{AnyConnection, AssertSqlSafe};
 pub use self::dialect::Dialect;
 pub use self::error::{StoreError, redact_url};
 pub use self::write::{BatchReport, MAX_NAME_CHARS};
-use super::model::{Before, CommandRow, CommandStatus, DeviceView, EventView, Kind, SetAside, SetAsideView, Update};
+use super::model::{
+    Before, CommandRow, CommandStatus, DeviceView, EventView, Kind, RangeRow, SetAside, SetAsideView, StatusEvent,
+    Update,
+};
 use crate::timefmt;
 
 /// A handle to the database (cheap to clone; a connection pool inside).
@@ -144,6 +148,30 @@ impl Store {
     /// [`Store::expire_commands`], returning the commands it expired.
     pub async fn expire_commands_returning(&self, now: SystemTime) -> Result<Vec<CommandRow>, StoreError> {
         commands::expire(&self.pool, &self.sql, now).await
+    }
+
+    /// A device's commands, newest requested first, at most `limit`.
+    pub async fn device_commands(&self, device: &str, limit: u32) -> Result<Vec<CommandRow>, StoreError> {
+        commands::of_device(&self.pool, &self.sql, device, limit).await
+    }
+
+    /// A device's online/offline changes between `from` and `to`, oldest
+    /// first, with the newest change before `from`.
+    pub async fn status_events(
+        &self,
+        device: &str,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> Result<(Option<StatusEvent>, Vec<StatusEvent>), StoreError> {
+        let (from, to) = (timefmt::rfc3339_millis(from), timefmt::rfc3339_millis(to));
+        read::status_events(&self.pool, &self.sql, device, &from, &to).await
+    }
+
+    /// A device's messages whose `ts` is between `from` and `to`, by `ts`,
+    /// with payloads for heartbeats and sensor readings only.
+    pub async fn range(&self, device: &str, from: SystemTime, to: SystemTime) -> Result<Vec<RangeRow>, StoreError> {
+        let (from, to) = (timefmt::rfc3339_millis(from), timefmt::rfc3339_millis(to));
+        read::range(&self.pool, &self.sql, device, &from, &to).await
     }
 
     /// Sets a command's status unconditionally; [`StoreError::UnknownCommand`]

@@ -1,6 +1,7 @@
 //! The read side for the API: the device list (with newest heartbeat and
-//! relay states and set-aside count), a device's events, newest first, and
-//! the set-aside messages. It turns rows into the
+//! relay states and set-aside count), a device's events, newest first, the
+//! set-aside messages, and a device's messages and status changes over a
+//! time range (the dashboard's history; `hub::history` summarizes them). It turns rows into the
 //! model's views; it never writes.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,7 +12,10 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::error::StoreError;
 use super::sql::Statements;
-use crate::hub::model::{Before, DeviceView, EventView, Kind, SensorView, SetAside, SetAsideView};
+use crate::hub::model::{
+    Before, DeviceView, EventView, Kind, RangeRow, SensorView, SetAside, SetAsideView, StatusEvent,
+};
+use crate::timefmt;
 
 /// Every device the hub has heard of, by name.
 pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>, StoreError> {
@@ -173,6 +177,78 @@ pub async fn events(
         });
     }
     Ok(events)
+}
+
+/// A device's status changes with `from <= at <= to`, oldest first, and the
+/// newest one before `from` (the state the range starts in).
+pub async fn status_events(
+    pool: &AnyPool,
+    sql: &Statements,
+    device: &str,
+    from: &str,
+    to: &str,
+) -> Result<(Option<StatusEvent>, Vec<StatusEvent>), StoreError> {
+    let what = "read status changes";
+    let event = |row: &sqlx::any::AnyRow| -> Result<StatusEvent, StoreError> {
+        Ok(StatusEvent {
+            online: row.try_get::<i64, _>(0).map_err(StoreError::db(what))? != 0,
+            at: row.try_get(1).map_err(StoreError::db(what))?,
+        })
+    };
+    let before = sqlx::query(AssertSqlSafe(sql.status_before.clone()))
+        .bind(device)
+        .bind(from)
+        .fetch_optional(pool)
+        .await
+        .map_err(StoreError::db(what))?;
+    let rows = sqlx::query(AssertSqlSafe(sql.select_status_events.clone()))
+        .bind(device)
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await
+        .map_err(StoreError::db(what))?;
+    Ok((before.as_ref().map(event).transpose()?, rows.iter().map(event).collect::<Result<_, _>>()?))
+}
+
+/// A device's messages with `from <= ts <= to`, by `ts` (an index range
+/// scan on `(device, ts)`). Payloads come only for heartbeats and sensor
+/// readings; a row whose times do not parse is skipped (they were
+/// normalized on the way in, so that is a row written by hand).
+pub async fn range(
+    pool: &AnyPool,
+    sql: &Statements,
+    device: &str,
+    from: &str,
+    to: &str,
+) -> Result<Vec<RangeRow>, StoreError> {
+    let what = "read a device's messages over a range";
+    let rows = sqlx::query(AssertSqlSafe(sql.select_range.clone()))
+        .bind(device)
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await
+        .map_err(StoreError::db(what))?;
+    let ms = |s: &str| timefmt::parse_rfc3339(s).map(timefmt::to_millis);
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let ts: String = row.try_get(0).map_err(StoreError::db(what))?;
+        let received: String = row.try_get(1).map_err(StoreError::db(what))?;
+        let kind: String = row.try_get(2).map_err(StoreError::db(what))?;
+        let payload: Option<String> = row.try_get(4).map_err(StoreError::db(what))?;
+        let (Some(ts_ms), Some(received_ms), Some(kind)) = (ms(&ts), ms(&received), Kind::parse(&kind)) else {
+            continue;
+        };
+        out.push(RangeRow {
+            ts_ms,
+            received_ms,
+            kind,
+            name: row.try_get(3).map_err(StoreError::db(what))?,
+            payload: payload.map(|p| json("payload", p)).transpose()?,
+        });
+    }
+    Ok(out)
 }
 
 fn corrupt(what: &'static str, value: i64) -> StoreError {

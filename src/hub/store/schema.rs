@@ -58,10 +58,11 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 2, name: "message identity (device, epoch, seq)", steps: v2_epoch },
     Migration { version: 3, name: "set_aside", steps: v3_set_aside },
     Migration { version: 4, name: "sensors", steps: v4_sensors },
+    Migration { version: 5, name: "status history, command origin, time indexes", steps: v5_history },
 ];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 4;
+pub const LATEST: i64 = 5;
 
 /// Key of the PostgreSQL advisory lock ("fieldlin" in ASCII).
 const PG_LOCK_KEY: &str = "7378697629483820654";
@@ -398,6 +399,79 @@ fn v4_sensors(d: Dialect) -> Vec<Step> {
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
         }
     })]
+}
+
+/// Schema version 5: what the dashboard's timeline and command history need
+/// (#9 item 7).
+///
+/// ```text
+/// status_events  id PK (ascending)  device, online (0/1), at: one row per
+///                                   change of a device's online state
+///                index (device, at): a device's changes over a range
+/// commands       + requested_by     "api token" | "dashboard session" (NULL before v5)
+///                + client           the requester's IP address (NULL: unknown)
+///                + answered_at      when it was confirmed, rejected or expired
+///                index (device, requested_at): a device's command history
+/// messages       index (device, ts): a device's messages over a time range
+/// ```
+fn v5_history(d: Dialect) -> Vec<Step> {
+    match d {
+        Dialect::Sqlite => [
+            "CREATE TABLE IF NOT EXISTS status_events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                device TEXT NOT NULL,
+                online INTEGER NOT NULL,
+                at TEXT NOT NULL
+            )",
+            "CREATE INDEX IF NOT EXISTS status_events_device_at ON status_events (device, at)",
+            "ALTER TABLE commands ADD COLUMN requested_by TEXT",
+            "ALTER TABLE commands ADD COLUMN client TEXT",
+            "ALTER TABLE commands ADD COLUMN answered_at TEXT",
+            "CREATE INDEX IF NOT EXISTS commands_device_requested ON commands (device, requested_at)",
+            "CREATE INDEX IF NOT EXISTS messages_device_ts ON messages (device, ts)",
+        ]
+        .map(Step::Sql)
+        .to_vec(),
+        Dialect::Postgres => [
+            "CREATE TABLE IF NOT EXISTS status_events (
+                id BIGSERIAL PRIMARY KEY,
+                device TEXT NOT NULL,
+                online SMALLINT NOT NULL,
+                at TEXT NOT NULL
+            )",
+            "CREATE INDEX IF NOT EXISTS status_events_device_at ON status_events (device, at)",
+            "ALTER TABLE commands ADD COLUMN IF NOT EXISTS requested_by TEXT",
+            "ALTER TABLE commands ADD COLUMN IF NOT EXISTS client TEXT",
+            "ALTER TABLE commands ADD COLUMN IF NOT EXISTS answered_at TEXT",
+            "CREATE INDEX IF NOT EXISTS commands_device_requested ON commands (device, requested_at)",
+            "CREATE INDEX IF NOT EXISTS messages_device_ts ON messages (device, ts)",
+        ]
+        .map(Step::Sql)
+        .to_vec(),
+        Dialect::MySql => vec![
+            Step::Sql(
+                "CREATE TABLE IF NOT EXISTS status_events (
+                    id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                    device VARCHAR(255) NOT NULL,
+                    online SMALLINT NOT NULL,
+                    at VARCHAR(32) NOT NULL,
+                    INDEX status_events_device_at (device, at)
+                ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+            ),
+            Step::Unless {
+                probe: "SELECT COUNT(*) FROM information_schema.columns \
+                        WHERE table_schema = DATABASE() AND table_name = 'commands' AND column_name = 'requested_by'",
+                sql: "ALTER TABLE commands ADD COLUMN requested_by VARCHAR(32) NULL, \
+                      ADD COLUMN client VARCHAR(64) NULL, ADD COLUMN answered_at VARCHAR(32) NULL, \
+                      ADD INDEX commands_device_requested (device, requested_at)",
+            },
+            Step::Unless {
+                probe: "SELECT COUNT(*) FROM information_schema.statistics \
+                        WHERE table_schema = DATABASE() AND table_name = 'messages' AND index_name = 'messages_device_ts'",
+                sql: "ALTER TABLE messages ADD INDEX messages_device_ts (device, ts)",
+            },
+        ],
+    }
 }
 
 fn schema_table(d: Dialect) -> &'static str {

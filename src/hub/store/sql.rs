@@ -8,8 +8,8 @@ use std::sync::Arc;
 use super::dialect::Dialect;
 
 /// Columns of `commands`, in the order `read::command_row` reads them.
-pub const COMMAND_COLUMNS: &str =
-    "command_id, device, relay, requested, status, requested_at, expires_at, confirmed_at, state, error";
+pub const COMMAND_COLUMNS: &str = "command_id, device, relay, requested, status, requested_at, expires_at, \
+     confirmed_at, state, error, requested_by, client, answered_at";
 
 /// Every statement the store runs against the data tables.
 #[derive(Debug)]
@@ -39,9 +39,9 @@ pub struct Statements {
     pub select_sensors: Arc<str>,
     /// () -> how many devices are online
     pub count_online: Arc<str>,
-    /// confirmed_at, state, command_id, device -> 1 row if it moved
+    /// confirmed_at, answered_at (the same), state, command_id, device -> 1 row if it moved
     pub confirm_command: Arc<str>,
-    /// error, command_id, device -> 1 row if it moved
+    /// error, answered_at, command_id, device -> 1 row if it moved
     pub reject_command: Arc<str>,
     /// command_id -> one row of [`COMMAND_COLUMNS`]
     pub select_command: Arc<str>,
@@ -49,7 +49,7 @@ pub struct Statements {
     pub insert_command: Arc<str>,
     /// now -> command ids that are requested and past `expires_at`
     pub select_expirable: Arc<str>,
-    /// command_id -> 1 row if it moved from requested to expired
+    /// answered_at, command_id -> 1 row if it moved from requested to expired
     pub expire_command: Arc<str>,
     /// status, command_id
     pub set_command_status: Arc<str>,
@@ -68,6 +68,19 @@ pub struct Statements {
     pub select_set_aside: Arc<str>,
     /// () -> device, how many set aside (devices named by a topic only)
     pub count_set_aside: Arc<str>,
+    /// device -> online of its newest status event (none: no event yet)
+    pub last_status_event: Arc<str>,
+    /// device, online, at
+    pub insert_status_event: Arc<str>,
+    /// device, from, to -> online, at, oldest first
+    pub select_status_events: Arc<str>,
+    /// device, before -> online, at of the newest status event before it
+    pub status_before: Arc<str>,
+    /// device, from, to -> ts, received_at, kind, name, payload (payload
+    /// only for heartbeats and sensors), by ts
+    pub select_range: Arc<str>,
+    /// device, limit -> rows of [`COMMAND_COLUMNS`], newest requested first
+    pub select_device_commands: Arc<str>,
     dialect: Dialect,
 }
 
@@ -113,21 +126,23 @@ impl Statements {
             select_sensors: d.render("SELECT device, sensor, value, unit, ts FROM sensors ORDER BY device, sensor"),
             count_online: d.render("SELECT COUNT(*) FROM devices WHERE online = 1"),
             confirm_command: d.render(
-                "UPDATE commands SET status = 'confirmed', confirmed_at = ?, state = ? \
+                "UPDATE commands SET status = 'confirmed', confirmed_at = ?, answered_at = ?, state = ? \
                  WHERE command_id = ? AND device = ? AND status IN ('requested', 'expired')",
             ),
             reject_command: d.render(
-                "UPDATE commands SET status = 'rejected', error = ? \
+                "UPDATE commands SET status = 'rejected', error = ?, answered_at = ? \
                  WHERE command_id = ? AND device = ? AND status IN ('requested', 'expired')",
             ),
             select_command: d.render(&format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = ?")),
-            insert_command: d
-                .render(&format!("INSERT INTO commands ({COMMAND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")),
+            insert_command: d.render(&format!(
+                "INSERT INTO commands ({COMMAND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            )),
             select_expirable: d.render(
                 "SELECT command_id FROM commands WHERE status = 'requested' AND expires_at < ? ORDER BY expires_at",
             ),
-            expire_command: d
-                .render("UPDATE commands SET status = 'expired' WHERE command_id = ? AND status = 'requested'"),
+            expire_command: d.render(
+                "UPDATE commands SET status = 'expired', answered_at = ? WHERE command_id = ? AND status = 'requested'",
+            ),
             set_command_status: d.render("UPDATE commands SET status = ? WHERE command_id = ?"),
             select_devices: d.render("SELECT device, online, last_seen, heartbeat FROM devices ORDER BY device"),
             select_relays: d.render("SELECT device, relay, state FROM relays ORDER BY device, relay"),
@@ -143,6 +158,22 @@ impl Statements {
             ),
             count_set_aside: d
                 .render("SELECT device, COUNT(*) FROM set_aside WHERE device IS NOT NULL GROUP BY device"),
+            last_status_event: d.render("SELECT online FROM status_events WHERE device = ? ORDER BY id DESC LIMIT 1"),
+            insert_status_event: d.render("INSERT INTO status_events (device, online, at) VALUES (?, ?, ?)"),
+            select_status_events: d.render(
+                "SELECT online, at FROM status_events WHERE device = ? AND at >= ? AND at <= ? ORDER BY at, id",
+            ),
+            status_before: d.render(
+                "SELECT online, at FROM status_events WHERE device = ? AND at < ? ORDER BY at DESC, id DESC LIMIT 1",
+            ),
+            select_range: d.render(
+                "SELECT ts, received_at, kind, name, \
+                 CASE WHEN kind IN ('heartbeat', 'sensor') THEN payload ELSE NULL END \
+                 FROM messages WHERE device = ? AND ts >= ? AND ts <= ? ORDER BY ts",
+            ),
+            select_device_commands: d.render(&format!(
+                "SELECT {COMMAND_COLUMNS} FROM commands WHERE device = ? ORDER BY requested_at DESC, command_id LIMIT ?"
+            )),
             dialect: d,
         }
     }
@@ -191,6 +222,12 @@ impl Statements {
             &self.insert_set_aside,
             &self.select_set_aside,
             &self.count_set_aside,
+            &self.last_status_event,
+            &self.insert_status_event,
+            &self.select_status_events,
+            &self.status_before,
+            &self.select_range,
+            &self.select_device_commands,
         ]
         .into_iter()
         .map(|s| &**s)

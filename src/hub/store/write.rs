@@ -23,7 +23,9 @@
 //!     `"<code>: <message>"`;
 //!   - a sensor reading with a numeric `value` replaces `sensors`' row for
 //!     its sensor if its `(epoch, seq)` is greater.
-//! * A status sets `online` and moves `last_seen` forward to its `at`.
+//! * A status sets `online` and moves `last_seen` forward to its `at`; when
+//!   it differs from the device's newest `status_events` row (or there is
+//!   none), it is added there too (the dashboard's outage timeline).
 //! * Updates are written grouped by device (in arrival order within a
 //!   device, which is all that order means here), so hubs sharing a
 //!   database take row locks in the same order and rarely deadlock.
@@ -222,6 +224,17 @@ async fn set_online(
         let q = sqlx::query(AssertSqlSafe(sql.set_online.clone())).bind(flag).bind(at).bind(at).bind(device);
         affected(q, conn, "update a device's online state").await?;
     }
+    // History keeps changes only: a retained status the broker hands out
+    // again (a hub reconnecting) says nothing new.
+    let last: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.last_status_event.clone()))
+        .bind(device)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(StoreError::db("read a device's last status change"))?;
+    if last.map(|l| l != 0) != Some(online) {
+        let q = sqlx::query(AssertSqlSafe(sql.insert_status_event.clone())).bind(device).bind(flag).bind(at);
+        affected(q, conn, "record a status change").await?;
+    }
     Ok(())
 }
 
@@ -270,8 +283,12 @@ async fn apply_effect<'a>(
                 affected(q, conn, "keep the newest relay state").await?;
             }
             let Some(id) = command_id else { return Ok(None) };
-            let q =
-                sqlx::query(AssertSqlSafe(sql.confirm_command.clone())).bind(ts).bind(*state).bind(*id).bind(device);
+            let q = sqlx::query(AssertSqlSafe(sql.confirm_command.clone()))
+                .bind(ts)
+                .bind(ts)
+                .bind(*state)
+                .bind(*id)
+                .bind(device);
             Ok((affected(q, conn, "confirm a command").await? == 1).then_some(*id))
         }
         Effect::Sensor { sensor, value, unit } => {
@@ -302,6 +319,7 @@ async fn apply_effect<'a>(
         Effect::Rejects { command_id, error } => {
             let q = sqlx::query(AssertSqlSafe(sql.reject_command.clone()))
                 .bind(error.as_str())
+                .bind(ts)
                 .bind(*command_id)
                 .bind(device);
             Ok((affected(q, conn, "reject a command").await? == 1).then_some(*command_id))

@@ -19,9 +19,15 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{ApiError, AppState};
+use std::time::SystemTime;
+
+use axum::Extension;
+use axum::http::HeaderMap;
+
+use super::{ApiError, AppState, Peer, auth};
 use crate::hub::commands::{Outcome, Requested};
-use crate::hub::model::{Before, CommandRow, DeviceView, EventView, Kind, SetAsideView};
+use crate::hub::history::{self, HistoryView, Range};
+use crate::hub::model::{Before, CommandRow, DeviceView, EventView, Kind, Requester, SetAsideView};
 
 /// `limit` when the request does not say.
 pub(super) const DEFAULT_LIMIT: u32 = 100;
@@ -123,6 +129,12 @@ pub(super) fn wait_param(params: &[(String, String)], default: Duration) -> Resu
     Ok(wait)
 }
 
+/// `?range=` (1h, 24h or 7d), or 1h.
+pub(super) fn range_param(params: &[(String, String)]) -> Result<Range, ApiError> {
+    let Some(r) = param(params, "range") else { return Ok(Range::Hour) };
+    Range::parse(r).ok_or_else(|| ApiError::BadRequest(format!("range: '{r}' is not a range (expected 1h, 24h or 7d)")))
+}
+
 #[derive(Deserialize)]
 struct RelayBody {
     state: String,
@@ -169,6 +181,37 @@ pub(super) async fn events(
     Ok(Json(st.store.events(&device, q.kind, q.limit, q.before).await?))
 }
 
+/// `GET /api/devices/{d}/history?range=1h|24h|7d`: the device's charts
+/// (downsampled), outages, reconnects and lateness over the range ending
+/// now (`hub::history`). An unknown device has an empty history.
+pub(super) async fn history(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<Params>, QueryRejection>,
+) -> Result<Json<HistoryView>, ApiError> {
+    let Path(device) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let device = name_param("device", device)?;
+    let range = range_param(&query_params(query)?)?;
+    let to = SystemTime::now();
+    let from = to - range.duration();
+    let (before, status) = st.store.status_events(&device, from, to).await?;
+    let rows = st.store.range(&device, from, to).await?;
+    Ok(Json(history::build(range, to, before.as_ref(), status, &rows)))
+}
+
+/// `GET /api/devices/{d}/commands?limit=`: the device's relay commands,
+/// newest first, with who asked and when they were answered.
+pub(super) async fn device_commands(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<Params>, QueryRejection>,
+) -> Result<Json<Vec<CommandRow>>, ApiError> {
+    let Path(device) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let device = name_param("device", device)?;
+    let limit = limit_param(&query_params(query)?)?;
+    Ok(Json(st.store.device_commands(&device, limit).await?))
+}
+
 /// `GET /api/set-aside?limit=`: the messages the collector set aside,
 /// newest first.
 pub(super) async fn set_aside(
@@ -182,6 +225,8 @@ pub(super) async fn set_aside(
 /// `POST /api/devices/{d}/relays/{r}?wait=` with `{"state":...}`.
 pub(super) async fn set_relay(
     State(st): State<AppState>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<Params>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
@@ -192,7 +237,9 @@ pub(super) async fn set_relay(
     let wait = wait_param(&query_params(query)?, st.command_wait)?;
     let body = body.map_err(|e| ApiError::BadRequest(format!("body: {}", e.body_text())))?;
     let requested = relay_body(&body)?;
-    let outcome = st.commander.send(&device, &relay, requested, wait).await?;
+    let by =
+        Requester { origin: auth::origin(&st, &headers), client: peer.map(|Extension(Peer(a))| a.ip().to_string()) };
+    let outcome = st.commander.send(&device, &relay, requested, wait, &by).await?;
     let (status, body) = outcome_answer(&outcome);
     Ok((status, Json(body)).into_response())
 }
@@ -273,6 +320,16 @@ mod tests {
             "limit: '99999999999' is out of range (expected 1..=1000)"
         );
         assert_eq!(limit_param(&params(&[])).expect("default"), 100);
+    }
+
+    #[test]
+    fn range_defaults_to_an_hour_and_names_what_it_accepts() {
+        assert_eq!(range_param(&[]).expect("default"), Range::Hour);
+        assert_eq!(range_param(&params(&[("range", "7d")])).expect("valid"), Range::Week);
+        assert_eq!(
+            bad(range_param(&params(&[("range", "1y")]))),
+            "range: '1y' is not a range (expected 1h, 24h or 7d)"
+        );
     }
 
     #[test]

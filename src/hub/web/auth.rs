@@ -26,6 +26,7 @@ use serde::Deserialize;
 
 use super::session::ABSOLUTE;
 use super::{ApiError, AppState, Peer, assets};
+use crate::hub::model::Origin;
 use crate::hub::token::matches;
 
 /// The cookie's name.
@@ -57,6 +58,12 @@ pub(super) fn authorized(st: &AppState, headers: &HeaderMap) -> bool {
     // A session id is 256 random bits: looking it up in a hash map tells an
     // attacker nothing usable about other ids.
     session_ids(headers).any(|id| st.access.sessions.check(id, now))
+}
+
+/// How an authorized request signed in: the token wins when both are
+/// there (a script that also carries a cookie is still a script).
+pub(super) fn origin(st: &AppState, headers: &HeaderMap) -> Origin {
+    if bearer(headers).is_some_and(|t| matches(&st.token, t)) { Origin::ApiToken } else { Origin::DashboardSession }
 }
 
 fn set_cookie(value: &str, max_age_s: u64, secure: bool) -> HeaderValue {

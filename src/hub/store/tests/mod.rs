@@ -92,6 +92,9 @@ fn command(id: &str, device: &str, relay: &str, expires_sec: u64) -> CommandRow 
         confirmed_at: None,
         state: None,
         error: None,
+        requested_by: Some("api token".into()),
+        client: Some("127.0.0.1".into()),
+        answered_at: None,
     }
 }
 
@@ -529,7 +532,97 @@ async fn a_version_3_database_gains_the_sensors_table(url: String) {
     let mut versions: Vec<i64> =
         sqlx::query_scalar("SELECT version FROM fieldlink_schema").fetch_all(&mut conn).await.expect("versions");
     versions.sort_unstable();
-    assert_eq!(versions, [1, 2, 3, 4]);
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    let _ = conn.close().await; // as above
+}
+
+async fn status_changes_are_kept_as_history_and_repeats_are_not(store: Store, _: String) {
+    write(&store, &[status("pi", true, 1), status("pi", true, 2), status("pi", false, 3)]).await;
+    write(&store, &[status("pi", false, 4), status("pi", true, 5), status("barn", false, 6)]).await;
+    let (before, changes) = store.status_events("pi", at(0), at(100)).await.expect("status events");
+    assert_eq!(before, None);
+    let seen: Vec<(bool, String)> = changes.into_iter().map(|e| (e.online, e.at)).collect();
+    assert_eq!(seen, [(true, ts(1)), (false, ts(3)), (true, ts(5))], "changes only, oldest first, pi's only");
+    let (before, changes) = store.status_events("pi", at(4), at(100)).await.expect("status events");
+    assert_eq!(before.map(|b| (b.online, b.at)), Some((false, ts(3))), "the state the range starts in");
+    assert_eq!(changes.len(), 1);
+}
+
+async fn a_devices_commands_list_newest_first_with_who_asked_and_when_each_was_answered(store: Store, _: String) {
+    let mut first = command("c1", "pi", "pump", 30);
+    first.requested_by = Some("dashboard session".into());
+    store.insert_command(&first).await.expect("insert");
+    let mut second = command("c2", "pi", "pump", 30);
+    second.requested_at = ts(1);
+    store.insert_command(&second).await.expect("insert");
+    let mut third = command("c3", "pi", "pump", 5);
+    third.requested_at = ts(2);
+    store.insert_command(&third).await.expect("insert");
+    store.insert_command(&command("other", "barn", "pump", 30)).await.expect("insert");
+    write(&store, &[relay("pi", 7, "pump", "on", Some("c1")), error("pi", 8, "busy", "try later", "c2")]).await;
+    assert_eq!(store.expire_commands(at(20)).await.expect("expire"), 1);
+    let list = store.device_commands("pi", 10).await.expect("commands");
+    let got: Vec<_> = list
+        .iter()
+        .map(|c| (c.command_id.as_str(), c.status, c.requested_by.as_deref(), c.answered_at.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("c3", CommandStatus::Expired, Some("api token"), Some(ts(20))),
+            ("c2", CommandStatus::Rejected, Some("api token"), Some(ts(8))),
+            ("c1", CommandStatus::Confirmed, Some("dashboard session"), Some(ts(7))),
+        ]
+    );
+    assert_eq!(list[0].client.as_deref(), Some("127.0.0.1"));
+    assert_eq!(store.device_commands("pi", 1).await.expect("commands").len(), 1, "limit holds");
+}
+
+async fn a_range_read_returns_the_devices_messages_by_time_with_their_commit_time(store: Store, _: String) {
+    write(&store, &[heartbeat("pi", 1, 40.0), button("pi", 2, "pressed"), sensor("pi", 3, "tank", 2.5)]).await;
+    write(&store, &[button("pi", 50, "released"), button("barn", 2, "pressed")]).await;
+    let rows = store.range("pi", at(0), at(10)).await.expect("range");
+    let kinds: Vec<Kind> = rows.iter().map(|r| r.kind).collect();
+    assert_eq!(kinds, [Kind::Heartbeat, Kind::Button, Kind::Sensor], "pi's, inside the range, by ts");
+    assert_eq!(rows[0].payload.as_ref().and_then(|p| p["temp_c"].as_f64()), Some(40.0));
+    assert_eq!(rows[1].payload, None, "no payload for uncharted kinds");
+    assert_eq!(rows[2].name.as_deref(), Some("tank"));
+    assert_eq!(rows[1].ts_ms, timefmt::to_millis(at(2)));
+    // The suite's times are in 2025; the hub committed them just now.
+    assert!(rows.iter().all(|r| r.received_ms > r.ts_ms), "received_at is the commit time");
+}
+
+async fn a_version_4_database_gains_status_history_and_command_origins(url: String) {
+    let dialect = super::Dialect::from_url(&url).expect("a test url");
+    let create = if dialect == super::Dialect::Sqlite { format!("{url}?mode=rwc") } else { url.clone() };
+    super::schema::migrate_upto(&create, dialect, 4).await.expect("schema version 4");
+    let mut conn = AnyConnection::connect(&url).await.expect("connect");
+    sqlx::query(
+        "INSERT INTO commands (command_id, device, relay, requested, status, requested_at, expires_at, \
+         confirmed_at, state, error) VALUES ('old', 'pi', 'pump', 'on', 'confirmed', '2025-11-21T10:00:00.000Z', \
+         '2025-11-21T10:00:30.000Z', '2025-11-21T10:00:01.000Z', 'on', NULL)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("a version-4 command");
+    let _ = conn.close().await; // test connection; nothing to flush
+    let store = Store::connect(&url).await.expect("connect and migrate");
+    let old = cmd(&store, "old").await;
+    assert_eq!((old.status, old.requested_by, old.answered_at), (CommandStatus::Confirmed, None, None));
+    store.insert_command(&command("new", "pi", "pump", 30)).await.expect("insert");
+    let ids: Vec<String> =
+        store.device_commands("pi", 10).await.expect("commands").into_iter().map(|c| c.command_id).collect();
+    assert_eq!(ids, ["new", "old"], "both, newest requested first (both at t0: by id)");
+    write(&store, &[status("pi", false, 1)]).await;
+    let (_, changes) = store.status_events("pi", at(0), at(10)).await.expect("status events");
+    assert_eq!(changes.len(), 1);
+    store.close().await;
+    let mut conn = AnyConnection::connect(&url).await.expect("connect");
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM fieldlink_schema WHERE version = 5")
+        .fetch_one(&mut conn)
+        .await
+        .expect("versions");
+    assert_eq!(n, 1);
     let _ = conn.close().await; // as above
 }
 
@@ -568,6 +661,9 @@ suite!(
     a_device_whose_epoch_changed_has_its_new_messages_stored_and_its_newest_state_is_the_new_one,
     set_aside_messages_read_back_newest_first_and_are_counted_per_device,
     the_newest_sensor_reading_wins_by_seq_and_every_reading_is_an_event,
+    status_changes_are_kept_as_history_and_repeats_are_not,
+    a_devices_commands_list_newest_first_with_who_asked_and_when_each_was_answered,
+    a_range_read_returns_the_devices_messages_by_time_with_their_commit_time,
 );
 
 mod migrations {
@@ -601,6 +697,21 @@ mod migrations {
     #[tokio::test]
     async fn postgres_a_version_3_database_gains_the_sensors_table() {
         run_unmigrated(Backend::Postgres, super::a_version_3_database_gains_the_sensors_table).await
+    }
+
+    #[tokio::test]
+    async fn sqlite_a_version_4_database_gains_status_history_and_command_origins() {
+        run_unmigrated(Backend::Sqlite, super::a_version_4_database_gains_status_history_and_command_origins).await
+    }
+
+    #[tokio::test]
+    async fn mariadb_a_version_4_database_gains_status_history_and_command_origins() {
+        run_unmigrated(Backend::MariaDb, super::a_version_4_database_gains_status_history_and_command_origins).await
+    }
+
+    #[tokio::test]
+    async fn postgres_a_version_4_database_gains_status_history_and_command_origins() {
+        run_unmigrated(Backend::Postgres, super::a_version_4_database_gains_status_history_and_command_origins).await
     }
 
     /// MySQL commits each DDL statement: a migration cut short runs again
