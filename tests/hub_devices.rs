@@ -104,22 +104,6 @@ impl HubFiles {
     }
 }
 
-/// The broker's answer to a CONNECT as `user`.
-fn connack(port: u16, user: &str, password: &str) -> Result<(), String> {
-    let mut opts = MqttOptions::new(user, "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(5)).set_credentials(user, password);
-    let (_client, mut conn) = Client::new(opts, 10);
-    for event in conn.iter() {
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(a))) if a.code == ConnectReturnCode::Success => return Ok(()),
-            Ok(Event::Incoming(Packet::ConnAck(a))) => return Err(format!("{:?}", a.code)),
-            Err(e) => return Err(e.to_string()),
-            Ok(_) => {}
-        }
-    }
-    Err("no answer".into())
-}
-
 /// A client as `user` that publishes `publishes` at QoS 1 and returns
 /// once the broker has acknowledged each (mosquitto acknowledges a publish
 /// the ACL refuses, and drops it).
@@ -184,8 +168,8 @@ fn a_provisioned_device_delivers_and_cannot_touch_another_devices_topics() {
     let ack_topic = format!("fieldlink/{a}/ack");
     let ack = format!("{{\"epoch\":{epoch},\"seqs\":[[1,1000]]}}");
 
-    assert!(connack(port, &a, "wrong-password").is_err(), "a wrong password is refused");
-    assert!(connack(port, "nobody", &pw_a).is_err(), "an unknown user is refused");
+    assert!(common::connack(port, &a, "wrong-password").is_err(), "a wrong password is refused");
+    assert!(common::connack(port, "nobody", &pw_a).is_err(), "an unknown user is refused");
 
     // B forges A's messages, then publishes a marker of its own.
     let forged = format!(
@@ -250,7 +234,7 @@ fn a_removed_device_is_disconnected_and_cannot_connect_again() {
     assert!(out.contains("was sent SIGHUP"), "{out}");
     assert!(hub.device(&["list"]).trim().is_empty());
     wait_until(DEADLINE, "the removed device's new connects to be refused", || {
-        connack(port, &id, &password).is_err().then_some(())
+        common::connack(port, &id, &password).is_err().then_some(())
     });
     // mosquitto re-checks connected clients on reload
     // (security_default.c, mosquitto_security_apply_default): the live

@@ -20,30 +20,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::hub::{Hub, unique_device};
 use common::{Agent, DEADLINE, serial, wait_until};
-use rumqttc::{Client, ConnectReturnCode, Event, MqttOptions, Packet};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name)
-}
-
-/// The broker's answer to a CONNECT as device `user` (client id = user).
-fn connack(port: u16, user: &str, password: &str) -> Result<(), String> {
-    let mut opts = MqttOptions::new(user, "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(5)).set_credentials(user, password);
-    let (_client, mut conn) = Client::new(opts, 10);
-    for event in conn.iter() {
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(a))) if a.code == ConnectReturnCode::Success => return Ok(()),
-            Ok(Event::Incoming(Packet::ConnAck(a))) => return Err(format!("{:?}", a.code)),
-            Err(e) => return Err(e.to_string()),
-            Ok(_) => {}
-        }
-    }
-    Err("no answer".into())
 }
 
 /// The lines of `log` at WARN that contain `text`.
@@ -88,7 +70,7 @@ fn a_device_removed_with_the_cli_is_disconnected_for_good_and_one_added_connects
     wait_until(DEADLINE, "the removed agent to log its refused logins at warn", || {
         (warn_lines(&agent.log(), &refused).len() >= 2).then_some(())
     });
-    let answer = connack(hub.broker_port(), &x, &x_password);
+    let answer = common::connack(hub.broker_port(), &x, &x_password);
     assert!(answer.is_err(), "the removed device's old password must not log in again: {answer:?}");
     assert!(!hub.device_cli(&["list"]).lines().any(|l| l.trim() == x), "removed from the list");
     agent.sigterm();

@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Client, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -122,6 +122,23 @@ pub fn free_port() -> u16 {
 /// `fieldlink/<device>/<rest>`.
 pub fn topic(device: &str, rest: &str) -> String {
     format!("fieldlink/{device}/{rest}")
+}
+
+/// The broker's answer to a CONNECT as `user` (client id = user name, as
+/// for a provisioned device): `Ok` when accepted, else the refusal.
+pub fn connack(port: u16, user: &str, password: &str) -> Result<(), String> {
+    let mut opts = MqttOptions::new(user, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5)).set_credentials(user, password);
+    let (_client, mut conn) = Client::new(opts, 10);
+    for event in conn.iter() {
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(a))) if a.code == ConnectReturnCode::Success => return Ok(()),
+            Ok(Event::Incoming(Packet::ConnAck(a))) => return Err(format!("{:?}", a.code)),
+            Err(e) => return Err(e.to_string()),
+            Ok(_) => {}
+        }
+    }
+    Err("no answer".into())
 }
 
 /// A unique suffix for device and client ids within this process.
