@@ -83,13 +83,7 @@ impl Button {
     }
 }
 
-impl Actor for Button {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        supervisor::start_after_backoff(self, ctx);
-    }
-}
+supervisor::supervised_actor!(Button);
 
 impl Supervised for Button {
     fn restarting(&mut self, _: &mut Context<Self>) {

@@ -158,13 +158,7 @@ impl Heartbeat {
     }
 }
 
-impl Actor for Heartbeat {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        supervisor::start_after_backoff(self, ctx);
-    }
-}
+supervisor::supervised_actor!(Heartbeat);
 
 impl Supervised for Heartbeat {
     fn restarting(&mut self, _: &mut Context<Self>) {

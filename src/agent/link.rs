@@ -755,13 +755,7 @@ impl Link {
     }
 }
 
-impl Actor for Link {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        supervisor::start_after_backoff(self, ctx);
-    }
-}
+supervisor::supervised_actor!(Link);
 
 impl Supervised for Link {
     fn restarting(&mut self, _: &mut Context<Self>) {

@@ -433,13 +433,7 @@ impl Relay {
     }
 }
 
-impl Actor for Relay {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        supervisor::start_after_backoff(self, ctx);
-    }
-}
+supervisor::supervised_actor!(Relay);
 
 impl Supervised for Relay {
     fn restarting(&mut self, _: &mut Context<Self>) {

@@ -97,13 +97,7 @@ impl Sensor {
     }
 }
 
-impl Actor for Sensor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        supervisor::start_after_backoff(self, ctx);
-    }
-}
+supervisor::supervised_actor!(Sensor);
 
 impl Supervised for Sensor {
     fn restarting(&mut self, _: &mut Context<Self>) {

@@ -76,6 +76,22 @@ pub trait SupervisedActor: Actor<Context = Context<Self>> + Supervised {
     fn init(&mut self, ctx: &mut Context<Self>) -> Result<(), String>;
 }
 
+/// `impl Actor` for a [`SupervisedActor`]: `started` waits the pending
+/// back-off, then runs `init` ([`start_after_backoff`]). Every supervised
+/// actor starts this way.
+macro_rules! supervised_actor {
+    ($actor:ty) => {
+        impl ::actix::Actor for $actor {
+            type Context = ::actix::Context<Self>;
+
+            fn started(&mut self, ctx: &mut ::actix::Context<Self>) {
+                $crate::agent::supervisor::start_after_backoff(self, ctx);
+            }
+        }
+    };
+}
+pub(crate) use supervised_actor;
+
 /// Call from `Actor::started`: waits the pending back-off, then `init`.
 pub fn start_after_backoff<A: SupervisedActor>(act: &mut A, ctx: &mut Context<A>) {
     let delay = std::mem::take(&mut act.supervision().delay);
