@@ -103,7 +103,13 @@ impl SupervisedActor for Button {
         let generation = self.generation;
         for (index, cfg) in self.buttons.iter().enumerate() {
             let addr = ctx.address();
-            let spec = InputSpec { chip: cfg.chip.clone(), pin: cfg.pin, pull: cfg.pull, debounce: cfg.debounce };
+            let spec = InputSpec {
+                chip: cfg.chip.clone(),
+                pin: cfg.pin,
+                pull: cfg.pull,
+                debounce: cfg.debounce,
+                active_low: cfg.active_low,
+            };
             let pin = self
                 .gpio
                 .input(&spec, Box::new(move |event| addr.do_send(PinEvent { generation, index, event })))

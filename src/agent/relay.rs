@@ -466,6 +466,7 @@ impl SupervisedActor for Relay {
                     chip: u.cfg.chip.clone(),
                     pin: u.cfg.pin,
                     initial: relay_level(desired, u.cfg.active_low),
+                    active_low: u.cfg.active_low,
                 };
                 u.pin = Some(self.gpio.output(&spec).map_err(|e| format!("relay '{}': {e}", u.cfg.name))?);
             }

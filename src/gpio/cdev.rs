@@ -4,9 +4,14 @@
 //! (RP1) and Orange Pi boards; **not tested on hardware** (see README).
 //!
 //! It owns the translation between our trait and a line request, and
-//! nothing else: no persistence, no retries, no active-low (levels at the
-//! trait are electrical, as for every backend; the actors apply
-//! `active_low`, so the line is requested active-high).
+//! nothing else: no persistence, no retries.
+//!
+//! * **Active-low** is the kernel's line flag (`GPIO_V2_LINE_FLAG_ACTIVE_LOW`),
+//!   so `gpioinfo` and every other consumer see the line's polarity. The
+//!   kernel then speaks in logical values (active/inactive, and edges
+//!   inverted); levels at our trait stay electrical like every backend's
+//!   (the actors apply `active_low`), so this backend converts both ways
+//!   ([`value_of`], [`level_of`], [`edge_level`]).
 //!
 //! * **Pins** are line offsets on a chip (`chip = "gpiochip0"` or a path;
 //!   default `gpiochip0`). The offset is checked against the chip's line
@@ -75,21 +80,21 @@ pub fn bias(pull: Pull) -> Bias {
     }
 }
 
-/// The value to request for an electrical level on an active-high line.
-pub fn value_of(level: Level) -> Value {
-    if level.is_high() { Value::Active } else { Value::Inactive }
+/// The kernel's (logical) value for an electrical level on a line whose
+/// active-low flag is `active_low`.
+pub fn value_of(level: Level, active_low: bool) -> Value {
+    if level.is_high() != active_low { Value::Active } else { Value::Inactive }
 }
 
-fn level_of(value: Value) -> Level {
-    Level::from_bit(value == Value::Active)
+/// The electrical level of a (logical) kernel value.
+pub fn level_of(value: Value, active_low: bool) -> Level {
+    Level::from_bit((value == Value::Active) != active_low)
 }
 
-/// The level after an edge on an active-high line.
-pub fn edge_level(kind: EdgeKind) -> Level {
-    match kind {
-        EdgeKind::Rising => Level::High,
-        EdgeKind::Falling => Level::Low,
-    }
+/// The electrical level after an edge the kernel reports (a logical rising
+/// edge is an electrical fall on an active-low line).
+pub fn edge_level(kind: EdgeKind, active_low: bool) -> Level {
+    Level::from_bit((kind == EdgeKind::Rising) != active_low)
 }
 
 /// The errno inside a gpiocdev error, if it came from the kernel.
@@ -151,6 +156,9 @@ impl Gpio for CdevGpio {
                 .as_input()
                 .with_bias(bias(spec.pull))
                 .with_edge_detection(EdgeDetection::BothEdges);
+            if spec.active_low {
+                b.as_active_low();
+            }
             if let Some(d) = debounce {
                 b.with_debounce_period(d);
             }
@@ -170,38 +178,47 @@ impl Gpio for CdevGpio {
             Err(e) => return Err(line_error(&path, pin, &e)),
         };
         let req = Arc::new(req);
-        let first = level_of(req.value(pin).map_err(|e| line_error(&path, pin, &e))?);
+        let active_low = spec.active_low;
+        let first = level_of(req.value(pin).map_err(|e| line_error(&path, pin, &e))?, active_low);
         let stop = Arc::new(AtomicBool::new(false));
         {
             let (req, stop, path) = (req.clone(), stop.clone(), path.clone());
             let debouncer = software.map(|p| Debouncer::new(p, first));
             std::thread::Builder::new()
                 .name(format!("gpio-{pin}"))
-                .spawn(move || watch(&req, pin, &path, debouncer, &stop, &sink))
+                .spawn(move || watch(&req, pin, active_low, &path, debouncer, &stop, &sink))
                 .map_err(|e| GpioError::Backend(format!("cannot start the thread for line {pin}: {e}")))?;
         }
-        Ok(Box::new(CdevInput { req, pin, path, stop }))
+        Ok(Box::new(CdevInput { req, pin, active_low, path, stop }))
     }
 
     fn output(&self, spec: &OutputSpec) -> Result<Box<dyn OutputPin>, GpioError> {
         let pin = spec.pin;
         let path = self.open(spec.chip.as_deref(), pin)?;
-        // Direction and value in one request: no glitch.
-        let req = Request::builder()
-            .on_chip(&path)
-            .with_consumer(CONSUMER)
-            .with_line(pin)
-            .as_output(value_of(spec.initial))
-            .request()
-            .map_err(|e| line_error(&path, pin, &e))?;
-        Ok(Box::new(CdevOutput { req: Some(req), pin, path, level: spec.initial }))
+        // Direction, polarity and value in one request: no glitch.
+        let mut b = Request::builder();
+        b.on_chip(&path).with_consumer(CONSUMER).with_line(pin);
+        if spec.active_low {
+            b.as_active_low();
+        }
+        let req =
+            b.as_output(value_of(spec.initial, spec.active_low)).request().map_err(|e| line_error(&path, pin, &e))?;
+        Ok(Box::new(CdevOutput { req: Some(req), pin, active_low: spec.active_low, path, level: spec.initial }))
     }
 }
 
 /// Reads edges until `stop`; reports them (debounced by `debouncer` when the
 /// kernel could not) to `sink`. A read error is reported once and ends the
 /// thread: the Button fails and its supervisor claims the line again.
-fn watch(req: &Request, pin: u32, path: &Path, mut debouncer: Option<Debouncer>, stop: &AtomicBool, sink: &EdgeSink) {
+fn watch(
+    req: &Request,
+    pin: u32,
+    active_low: bool,
+    path: &Path,
+    mut debouncer: Option<Debouncer>,
+    stop: &AtomicBool,
+    sink: &EdgeSink,
+) {
     while !stop.load(Ordering::Acquire) {
         let wait = debouncer
             .as_ref()
@@ -216,7 +233,7 @@ fn watch(req: &Request, pin: u32, path: &Path, mut debouncer: Option<Debouncer>,
                 Ok(ev) => ev,
                 Err(e) => return sink(Err(line_error(path, pin, &e))),
             };
-            let level = edge_level(event.kind);
+            let level = edge_level(event.kind, active_low);
             match debouncer.as_mut() {
                 Some(d) => d.raw(level, Instant::now()),
                 None => sink(Ok(Edge { pin, level, at: SystemTime::now() })),
@@ -232,13 +249,15 @@ fn watch(req: &Request, pin: u32, path: &Path, mut debouncer: Option<Debouncer>,
 struct CdevInput {
     req: Arc<Request>,
     pin: u32,
+    active_low: bool,
     path: PathBuf,
     stop: Arc<AtomicBool>,
 }
 
 impl InputPin for CdevInput {
     fn level(&self) -> Result<Level, GpioError> {
-        self.req.value(self.pin).map(level_of).map_err(|e| line_error(&self.path, self.pin, &e))
+        let active_low = self.active_low;
+        self.req.value(self.pin).map(|v| level_of(v, active_low)).map_err(|e| line_error(&self.path, self.pin, &e))
     }
 }
 
@@ -253,6 +272,7 @@ struct CdevOutput {
     /// Always `Some` until drop, which leaks it (see the module doc).
     req: Option<Request>,
     pin: u32,
+    active_low: bool,
     path: PathBuf,
     /// What we drive (an output's value reads back as requested).
     level: Level,
@@ -265,7 +285,7 @@ impl OutputPin for CdevOutput {
 
     fn set(&mut self, level: Level) -> Result<(), GpioError> {
         let Some(req) = &self.req else { return Err(GpioError::Failed { pin: self.pin, reason: "released".into() }) };
-        req.set_value(self.pin, value_of(level)).map_err(|e| line_error(&self.path, self.pin, &e))?;
+        req.set_value(self.pin, value_of(level, self.active_low)).map_err(|e| line_error(&self.path, self.pin, &e))?;
         self.level = level;
         Ok(())
     }
@@ -311,12 +331,21 @@ mod tests {
     }
 
     #[test]
-    fn levels_are_electrical_on_an_active_high_line() {
-        assert_eq!(value_of(Level::High), Value::Active);
-        assert_eq!(value_of(Level::Low), Value::Inactive);
-        assert_eq!(level_of(value_of(Level::High)), Level::High);
-        assert_eq!(edge_level(EdgeKind::Rising), Level::High);
-        assert_eq!(edge_level(EdgeKind::Falling), Level::Low);
+    fn levels_at_the_trait_stay_electrical_whatever_the_kernels_active_low_flag() {
+        // Active-high: logical = electrical.
+        assert_eq!(value_of(Level::High, false), Value::Active);
+        assert_eq!(value_of(Level::Low, false), Value::Inactive);
+        assert_eq!(edge_level(EdgeKind::Rising, false), Level::High);
+        // Active-low: the kernel inverts; we invert back.
+        assert_eq!(value_of(Level::Low, true), Value::Active);
+        assert_eq!(value_of(Level::High, true), Value::Inactive);
+        assert_eq!(edge_level(EdgeKind::Rising, true), Level::Low);
+        assert_eq!(edge_level(EdgeKind::Falling, true), Level::High);
+        for active_low in [false, true] {
+            for level in [Level::Low, Level::High] {
+                assert_eq!(level_of(value_of(level, active_low), active_low), level);
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! `/dev/gpiochipN` by offset) and [`sim`] (an in-process board driven over a
 //! Unix socket). Each backend owns the range of pin numbers it accepts
 //! ([`pin_range`]). Levels here are
-//! electrical (`High`/`Low`); `active_low` is applied by the actors, not here.
+//! electrical (`High`/`Low`); `active_low` is applied by the actors, and
+//! passed in the specs only so that cdev can set the kernel's line flag.
 //! Nothing in this module knows about MQTT or the outbox.
 
 pub mod cdev;
@@ -58,6 +59,10 @@ pub struct InputSpec {
     pub pull: Pull,
     /// Edges are reported only after the level has been stable this long.
     pub debounce: Duration,
+    /// The line is active-low. Levels at this trait stay electrical (the
+    /// actors apply `active_low`); a backend that can tell the kernel (cdev)
+    /// sets the line's active-low flag and converts back.
+    pub active_low: bool,
 }
 
 /// How an output pin is set up.
@@ -68,6 +73,8 @@ pub struct OutputSpec {
     pub pin: u32,
     /// The electrical level it drives from the moment it is claimed.
     pub initial: Level,
+    /// As [`InputSpec::active_low`].
+    pub active_low: bool,
 }
 
 /// A debounced level change on an input pin.

@@ -863,7 +863,7 @@ mod tests {
     }
 
     fn out(pin: u32, initial: Level) -> OutputSpec {
-        OutputSpec { chip: None, pin, initial }
+        OutputSpec { chip: None, pin, initial, active_low: false }
     }
 
     fn button(sim: &SimGpio, pin: u8, pull: Pull, debounce_ms: u64) -> (Box<dyn InputPin>, Events) {
@@ -872,7 +872,13 @@ mod tests {
             // The test may have stopped listening; that is fine.
             let _ = tx.send(event);
         });
-        let spec = InputSpec { chip: None, pin: pin.into(), pull, debounce: Duration::from_millis(debounce_ms) };
+        let spec = InputSpec {
+            chip: None,
+            pin: pin.into(),
+            pull,
+            debounce: Duration::from_millis(debounce_ms),
+            active_low: false,
+        };
         let pin = sim.input(&spec, sink).expect("claim the input");
         (pin, rx)
     }
