@@ -5,8 +5,10 @@ mosquitto. Prints the table recorded in BENCHMARKS.md.
 
 What it does:
 
-* starts mosquitto on a free port under a temp dir (no persistence), and
-  stops it by pid at the end;
+* starts mosquitto on a free port under a temp dir (no persistence,
+  `set_tcp_nodelay true`), and stops it by pid at the end; the Python
+  clients set TCP_NODELAY too (paho leaves Nagle on, and its 40 ms delayed
+  ACK stalls would measure the kernel, not the agents);
 * each round runs every variant once, in an order rotated from round to
   round (interleaved A/B): the fieldlink agent (sim GPIO, `confirm =
   "broker"`, a fresh state_dir) with `durability = "always"` and with
@@ -100,7 +102,8 @@ def start_mosquitto(tmp):
     conf = os.path.join(tmp, "mosquitto.conf")
     with open(conf, "w") as f:
         f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                f"log_dest file {tmp}/mosquitto.log\nlog_type error\nmax_queued_messages 100000\n")
+                f"log_dest file {tmp}/mosquitto.log\nlog_type error\nmax_queued_messages 100000\n"
+                "set_tcp_nodelay true\n")
         if os.geteuid() == 0:
             f.write("user root\n")
     proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -164,6 +167,8 @@ def on_message(client, userdata, msg):
 c.on_connect = on_connect
 c.on_message = on_message
 c.connect("127.0.0.1", port)
+import socket
+c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 c.loop_forever()
 """
 
@@ -185,6 +190,7 @@ class Client:
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{device}")
         self.c.on_message = self.on_message
         self.c.connect("127.0.0.1", port)
+        self.c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.c.subscribe(f"{PREFIX}/{device}/relay/pump/state", qos=0)
         self.c.loop_start()
 

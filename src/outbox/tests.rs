@@ -1666,7 +1666,8 @@ fn always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group() {
 /// `batch_never`'s hour: `None` there means it waited for `flush_interval`.
 fn within_30s<F: Future>(f: F) -> F::Output {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
-    rt.block_on(tokio::time::timeout(Duration::from_secs(30), f)).expect("not left waiting for flush_interval")
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), f).await })
+        .expect("not left waiting for flush_interval")
 }
 
 fn relays(bytes: &[u8]) -> Saved {
