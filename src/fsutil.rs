@@ -1,7 +1,7 @@
-//! Small durable-file helpers shared by every state file (status dump, relay
-//! memory, the sim board's latched outputs, the outbox's side files, the API
-//! token). Owns "write to a temp file, fsync, rename, fsync the directory";
-//! it knows nothing about what the bytes mean.
+//! Small durable-file helpers shared by every state file (status dump, the
+//! outbox's side files, the API token; the sim board's latched outputs
+//! without the fsyncs). Owns "write to a temp file, fsync, rename, fsync the
+//! directory"; it knows nothing about what the bytes mean.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -29,6 +29,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// (also when it replaces a file with looser permissions).
 pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic_mode(path, bytes, 0o600)
+}
+
+/// Replaces `path` with `bytes` (temp file, rename) without any fsync: a
+/// reader, or the process after a crash or `kill -9`, sees the old content
+/// or the new, never a torn file; a power cut or kernel crash may leave the
+/// old content (or, on some filesystems, an empty file). For state whose
+/// loss on power-off is the real thing being simulated (the sim board's
+/// latched outputs), never for anything a promise rests on.
+pub fn replace_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    if let Err(e) = fs::write(&tmp, bytes) {
+        // Best effort: it may not even exist, and the write's error is the one to report.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, path)
 }
 
 fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {

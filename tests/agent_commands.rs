@@ -256,6 +256,8 @@ fn a_command_delivered_twice_with_the_same_id_is_applied_once() {
 struct FilterCounts {
     /// Lose the agent's PUBACKs while set.
     drop_pubacks: AtomicBool,
+    /// Lose the agent's PUBLISH packets (its records never reach the broker) while set.
+    drop_publishes: AtomicBool,
     /// PUBACKs from the agent that were dropped / forwarded.
     dropped: AtomicUsize,
     forwarded: AtomicUsize,
@@ -275,6 +277,9 @@ fn puback_filter(counts: Arc<FilterCounts>) -> Rule {
                 return Verdict::Drop;
             }
             counts.forwarded.fetch_add(1, Ordering::SeqCst);
+        }
+        if dir == Dir::ToBroker && kind == packet::PUBLISH && counts.drop_publishes.load(Ordering::SeqCst) {
+            return Verdict::Drop;
         }
         if dir == Dir::ToClient && kind == packet::PUBLISH && frame[0] & 0x08 != 0 {
             counts.redelivered.fetch_add(1, Ordering::SeqCst);
@@ -391,6 +396,56 @@ fn two_unacknowledged_commands_with_ids_redelivered_after_a_reconnect_are_each_a
     assert_eq!(c["state"], "on");
     assert_eq!(c["epoch"].as_u64().map(|_| ()), Some(()), "payloads carry an epoch: {c}");
     assert_eq!(rig.pump_changes(), changes + 3);
+}
+
+#[test]
+fn a_kill_9_between_recording_commands_and_acknowledging_them_neither_applies_them_twice_nor_loses_their_states() {
+    let Some(mut rig) = FilterRig::new("cmd-kill9") else { return };
+    let changes = rig.pump_changes();
+    // The agent's records and PUBACKs go nowhere: what it recorded stays in
+    // its outbox, and the broker still holds both commands as unacknowledged.
+    rig.counts.drop_publishes.store(true, Ordering::SeqCst);
+    rig.counts.drop_pubacks.store(true, Ordering::SeqCst);
+    let dropped = rig.counts.dropped.load(Ordering::SeqCst);
+    let k = json!({"state": "off", "id": "K", "expires_at": rfc3339_from_now(300)}).to_string();
+    rig.watcher.publish(&rig.set_topic(), "toggle", 1, false);
+    rig.watcher.publish(&rig.set_topic(), k.as_bytes(), 1, false);
+    // A PUBACK leaves only once the command's state (and the saved relay
+    // state) is durable: both are recorded now, neither acknowledged.
+    wait_until(DEADLINE, "the agent to acknowledge both commands (PUBACKs lost)", || {
+        (rig.counts.dropped.load(Ordering::SeqCst) >= dropped + 2).then_some(())
+    });
+    assert_eq!(rig.pump_changes(), changes + 2, "the toggle switched the pump on, K off");
+    rig.agent.kill9();
+
+    let mark = rig.watcher.len();
+    let redelivered = rig.counts.redelivered.load(Ordering::SeqCst);
+    let forwarded = rig.counts.forwarded.load(Ordering::SeqCst);
+    rig.counts.drop_publishes.store(false, Ordering::SeqCst);
+    rig.counts.drop_pubacks.store(false, Ordering::SeqCst);
+    rig.agent.start();
+    wait_until(DEADLINE, "the broker to deliver both commands again, with DUP set", || {
+        (rig.counts.redelivered.load(Ordering::SeqCst) >= redelivered + 2).then_some(())
+    });
+    wait_until(DEADLINE, "the restarted agent to acknowledge both redeliveries", || {
+        (rig.counts.forwarded.load(Ordering::SeqCst) >= forwarded + 2).then_some(())
+    });
+    let device = rig.agent.device().to_string();
+    let msgs = rig.watcher.wait_for_since(
+        mark,
+        |m| {
+            let states = relay_states(m, &device, "pump");
+            states.iter().any(|v| v["command_id"] == "K" && v["cause"] == "command")
+                && states.iter().any(|v| v["state"] == "on" && v["cause"] == "command")
+        },
+        DEADLINE,
+        "the states recorded before the kill -9 (the toggle's and K's) to arrive from the outbox",
+    );
+    assert_eq!(rig.pump_changes(), changes + 2, "neither command was applied again after the restart");
+    assert_eq!(rig.agent.sim(&["get", PUMP_PIN]), "0", "K (off) is the last command applied");
+    let commanded: Vec<Value> =
+        relay_states(&msgs, &device, "pump").into_iter().filter(|v| v["cause"] == "command").collect();
+    assert_eq!(commanded.len(), 2, "one state per command, none for the redeliveries: {commanded:?}");
 }
 
 #[test]

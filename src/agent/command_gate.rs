@@ -2,8 +2,9 @@
 //! backlog of queued commands from flapping a relay (DESIGN: Command rules).
 //! Sans-IO: it is told what arrived and what was applied, and answers what
 //! to do; it never touches a pin, a file, the outbox or a clock. The Relay
-//! actor persists what [`CommandGate::remembered`] returns (in
-//! `relays.json`, see `saved_relays`) and applies the verdicts.
+//! actor persists what [`CommandGate::remembered`] returns (in the outbox's
+//! database, with the command's record: see `saved_relays`) and applies the
+//! verdicts.
 //!
 //! # Rules, in the order they are checked
 //!

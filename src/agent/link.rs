@@ -420,6 +420,15 @@ impl Link {
         let generation = self.generation;
         let capacity = usize::from(self.delivery.rumqttc_inflight()) + CHANNEL_SLACK;
         let (client, mut eventloop) = AsyncClient::new(options, capacity);
+        // rumqttc leaves Nagle on (`NetworkOptions::new`, lib.rs:405-414 in
+        // 0.25.1). A command's state PUBLISH and its PUBACK are two small
+        // writes; with Nagle the second waits for the broker's delayed ACK
+        // of the first (about 40 ms on Linux), which dominated a command's
+        // round trip (#8). Keep the rest of rumqttc's defaults (its 5 s
+        // connect time-out).
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         eventloop.pending.extend(self.delivery.connecting());
         tracing::debug!(generation, resends = eventloop.pending.len(), "connecting");
         let stream = ctx.add_stream(connection_events(generation, eventloop));

@@ -9,7 +9,7 @@
 //!
 //! ```text
 //!  main arbiter      Button (edges from the gpio thread), Lifecycle (signals)
-//!  relay arbiter     Relay      (fsyncs relays.json)
+//!  relay arbiter     Relay      (reads its saved state from sled)
 //!  link arbiter      Link       (polls the rumqttc event loop without pause)
 //!  heartbeat arbiter Heartbeat  (sysinfo reads /proc and /sys; the metrics textfile)
 //!  sensor arbiter    Sensor     (readings run on tokio's blocking pool)

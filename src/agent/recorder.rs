@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::time::SystemTime;
 
-use crate::outbox::{Class, Draft, OutboxError, OutboxHandle};
+use crate::outbox::{Class, Draft, OutboxError, OutboxHandle, Saved};
 use crate::proto::{self, Body, Qos};
 
 #[derive(Clone)]
@@ -39,12 +39,32 @@ impl Recorder {
         ts: SystemTime,
         body: Body,
     ) -> impl Future<Output = Result<u64, OutboxError>> + Send + 'static {
+        self.outbox.append(self.draft(topic, qos, retain, ts, body))
+    }
+
+    /// [`Recorder::record`] for a message someone waits on (a command's
+    /// confirmation or refusal): committed at once in `batch` mode too, with
+    /// `saved` (the Relay's saved state) written before it in the same
+    /// commit ([`OutboxHandle::append_urgent`]).
+    pub fn record_urgent(
+        &self,
+        topic: String,
+        qos: Qos,
+        retain: bool,
+        ts: SystemTime,
+        body: Body,
+        saved: Option<Saved>,
+    ) -> impl Future<Output = Result<u64, OutboxError>> + Send + 'static {
+        self.outbox.append_urgent(self.draft(topic, qos, retain, ts, body), saved)
+    }
+
+    fn draft(&self, topic: String, qos: Qos, retain: bool, ts: SystemTime, body: Body) -> Draft {
         let class = match body {
             Body::Heartbeat(_) => Class::Heartbeat,
             _ => Class::Event,
         };
         let (device, epoch) = (self.device.clone(), self.epoch);
         let payload = Box::new(move |seq| proto::render(&device, epoch, seq, ts, &body));
-        self.outbox.append(Draft { topic, qos, retain, class, ts, payload })
+        Draft { topic, qos, retain, class, ts, payload }
     }
 }

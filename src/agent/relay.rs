@@ -15,7 +15,8 @@
 //!    switches and nothing is recorded.
 //! 2. **Refused** (bad payload, unknown relay, a topic that names no relay
 //!    such as `P/D/relay//set`, expired, too large): an `error` message is
-//!    recorded; `done` once it is durable.
+//!    recorded (urgent, like every record a command waits on); `done` once
+//!    it is durable.
 //! 3. **Already applied** (its `id` is among the 256 most recently applied
 //!    ids, all relays): nothing switches. If the relay still shows that
 //!    command (its `command_id` is that id: nothing newer happened to it),
@@ -32,9 +33,12 @@
 //!    Trade-off: a held command is acknowledged before it is applied, so a
 //!    crash in that short window loses that one stale plain command. 300
 //!    queued plain toggles switch the relay at most once.
-//! 5. **Applied**: the pin is switched; the relay state, the command's id and
-//!    its packet id are written to `relays.json` in one atomic write; the
-//!    `state` message is recorded; `done` once it is durable. Any command
+//! 5. **Applied**: the pin is switched; the `state` message is recorded
+//!    together with the saved relay state (the relay states, the command's
+//!    id and its packet id: `saved_relays`), which the outbox writes just
+//!    before the record in the same group commit; `done` once that one
+//!    commit made both durable. The record is urgent: in `batch` mode the
+//!    outbox commits at once instead of waiting for `flush_interval`. Any command
 //!    applied to a relay discards the plain command held for it (the applied
 //!    one is newer; a backlog command with an `id` is applied at once).
 //!    If the pin cannot be switched, an `error` with code `gpio_failed` is
@@ -73,8 +77,17 @@
 //! * `power_on_state` is applied on the first start only; `failsafe_after`
 //!   switches to `failsafe_state` when the link has been down that long.
 //!
-//! It runs on its own arbiter: `relays.json` is fsynced on every change and
-//! the outbox lookup above reads sled.
+//! # Saved state
+//!
+//! The saved relay state lives in the outbox's database (`saved_relays`).
+//! A command's snapshot rides on its record (one commit). Changes without a
+//! command (power-on, failsafe, held commands applied, the session's packet
+//! ids forgotten on a lost session) are saved on their own, ordered with the
+//! records that follow, and durable with the next commit (at once for a lost
+//! session, as before #8).
+//!
+//! It runs on its own arbiter: the saved state is read from sled when the
+//! actor is created, and the outbox lookup above reads sled.
 
 use std::future::Future;
 use std::path::Path;
@@ -91,7 +104,7 @@ use super::status::RelayStatus;
 use super::supervisor::{self, SupervisedActor, Supervision};
 use crate::config::{PowerOnState, RelayConfig};
 use crate::gpio::{Gpio, Level, OutputPin, OutputSpec};
-use crate::outbox::{OutboxError, OutboxReader};
+use crate::outbox::{OutboxError, OutboxReader, Saved};
 use crate::proto::{self, Body, Cause, ErrorCode, Qos, Refusal, RelayState, RelayStateBody, Topics};
 
 /// A command as received on a topic under `relay/+/set`. The Link knows
@@ -215,7 +228,7 @@ impl Relay {
                 reconnect: ReconnectRecord::default(),
             })
             .collect();
-        let saved = SavedRelays::load(state_dir);
+        let saved = SavedRelays::load(&reader, state_dir);
         let gate = CommandGate::restore(saved.command_ids(), saved.session());
         Relay { units, gpio, recorder, reader, topics, saved, gate, sup, link_up: false, powered_on: false }
     }
@@ -225,7 +238,7 @@ impl Relay {
     }
 
     /// Drives unit `i` to `state` (if it is not there already) and remembers
-    /// why, in memory: [`Relay::persist`] writes it.
+    /// why, in memory: [`Relay::snapshot`] takes it for the outbox.
     fn switch(&mut self, i: usize, state: RelayState, cause: Cause, command_id: Option<String>) -> Result<(), String> {
         let unit = &mut self.units[i];
         let pin = unit.pin.as_mut().ok_or_else(|| format!("relay '{}': pin not acquired", unit.cfg.name))?;
@@ -243,45 +256,67 @@ impl Relay {
         Ok(())
     }
 
-    /// Writes the relay states and what the command gate remembers, in one
-    /// atomic write. A failure is logged, not fatal: the pin is the truth,
-    /// and the gate still remembers in memory.
-    fn persist(&mut self) {
+    /// The relay states and what the command gate remembers, as the value
+    /// to save in the outbox; `None` if nothing changed since the last one.
+    fn snapshot(&mut self) -> Option<Saved> {
         let (ids, session) = self.gate.remembered();
         self.saved.set_gate(ids, session);
-        if let Err(e) = self.saved.commit() {
-            tracing::error!(
-                "relays.json not saved ({e}): after a restart power_on_state = \"last\" may not restore the relays, \
-                 and a command delivered again may be applied again"
-            );
-        }
+        self.saved.snapshot()
+    }
+
+    /// Saves what changed without a command's record to carry it (see the
+    /// module doc: Saved state). A failure is logged, not fatal: the pin is
+    /// the truth, and the gate still remembers in memory.
+    fn save_in_background(&mut self, ctx: &mut Context<Self>, urgent: bool) {
+        let Some(saved) = self.snapshot() else { return };
+        let save = self.recorder.outbox().save(saved, urgent);
+        ctx.spawn(save.into_actor(self).map(|res, act, _| match res {
+            Ok(()) => act.saved.migrated(),
+            Err(e) => tracing::error!(
+                "the relays' saved state is not durable ({e}): after a restart power_on_state = \"last\" may not \
+                 restore the relays, and a command delivered again may be applied again"
+            ),
+        }));
     }
 
     /// Records unit `i`'s current state; resolves when durable.
     fn record_state(&self, i: usize) -> impl Future<Output = Result<u64, OutboxError>> + 'static {
-        let u = &self.units[i];
-        self.recorder.record(
-            self.topics.relay_state(&u.cfg.name),
-            u.cfg.qos,
-            true,
-            SystemTime::now(),
-            Body::RelayState(RelayStateBody {
-                relay: u.cfg.name.clone(),
-                state: u.state,
-                cause: u.cause,
-                command_id: u.command_id.clone(),
-            }),
-        )
+        let (topic, qos, body) = self.state_message(i);
+        self.recorder.record(topic, qos, true, SystemTime::now(), body)
     }
 
-    /// Records an `error` message for a command on `topic`; resolves when durable.
+    /// Records unit `i`'s current state for a command waiting on it: urgent,
+    /// with `saved` in the same commit; resolves when both are durable.
+    fn record_command_state(
+        &self,
+        i: usize,
+        saved: Option<Saved>,
+    ) -> impl Future<Output = Result<u64, OutboxError>> + 'static {
+        let (topic, qos, body) = self.state_message(i);
+        self.recorder.record_urgent(topic, qos, true, SystemTime::now(), body, saved)
+    }
+
+    fn state_message(&self, i: usize) -> (String, Qos, Body) {
+        let u = &self.units[i];
+        let body = Body::RelayState(RelayStateBody {
+            relay: u.cfg.name.clone(),
+            state: u.state,
+            cause: u.cause,
+            command_id: u.command_id.clone(),
+        });
+        (self.topics.relay_state(&u.cfg.name), u.cfg.qos, body)
+    }
+
+    /// Records an `error` message for a command on `topic` (urgent: the
+    /// command waits on it); resolves when durable.
     fn record_error(&self, topic: &str, refusal: Refusal) -> impl Future<Output = Result<u64, OutboxError>> + 'static {
-        self.recorder.record(
+        self.recorder.record_urgent(
             self.topics.error(),
             Qos::AtLeastOnce,
             false,
             SystemTime::now(),
             Body::Error(refusal.into_body(topic)),
+            None,
         )
     }
 
@@ -360,7 +395,7 @@ impl Relay {
                 }
             }
         }
-        self.persist();
+        self.save_in_background(ctx, false);
         if let Some(e) = failure {
             supervisor::fail(self, ctx, e);
         }
@@ -425,7 +460,7 @@ impl Relay {
         tracing::warn!(relay = %self.units[i].cfg.name, "link down for failsafe_after: switching to failsafe state {}", state.as_str());
         match self.switch(i, state, Cause::Failsafe, None) {
             Ok(()) => {
-                self.persist();
+                self.save_in_background(ctx, false);
                 self.record_in_background(i, ctx);
             }
             Err(e) => supervisor::fail(self, ctx, e),
@@ -485,7 +520,7 @@ impl SupervisedActor for Relay {
         }
         if !self.powered_on {
             self.powered_on = true;
-            self.persist();
+            self.save_in_background(ctx, false);
             for i in 0..self.units.len() {
                 self.record_in_background(i, ctx);
             }
@@ -512,7 +547,7 @@ impl Handler<LinkUp> for Relay {
             return;
         }
         if self.gate.session_lost() {
-            self.persist();
+            self.save_in_background(ctx, true);
         }
         self.apply_held(ctx, "the broker kept no session, so nothing more is queued");
         for i in 0..self.units.len() {
@@ -579,8 +614,9 @@ impl Handler<RelayCommand> for Relay {
                 let u = &self.units[i];
                 if u.command_id == cmd.id {
                     tracing::info!(relay = %u.cfg.name, id = ?cmd.id, "command delivered again; already applied: recording the relay's state again");
-                    let record = Box::pin(self.record_state(i));
-                    self.finish(ctx, record, done, topic, |_| {}, None);
+                    let saved = self.snapshot();
+                    let record = Box::pin(self.record_command_state(i, saved));
+                    self.finish(ctx, record, done, topic, |act| act.saved.migrated(), None);
                 } else {
                     tracing::info!(relay = %u.cfg.name, id = ?cmd.id, "command delivered again; already applied and since superseded: acknowledged, nothing recorded");
                     // An error only means the Link dropped that connection.
@@ -602,9 +638,9 @@ impl Handler<RelayCommand> for Relay {
                         if let Some(old) = self.gate.applied(&cmd, pkid, fingerprint) {
                             tracing::info!(relay = %cmd.relay, "queued plain command '{}' superseded by a newer command; not applied", old.action.as_str());
                         }
-                        self.persist();
-                        let record = Box::pin(self.record_state(i));
-                        self.finish(ctx, record, done, topic, |_| {}, None);
+                        let saved = self.snapshot();
+                        let record = Box::pin(self.record_command_state(i, saved));
+                        self.finish(ctx, record, done, topic, |act| act.saved.migrated(), None);
                     }
                     Err(e) => {
                         let refusal = self.gpio_failed(i, target, &e, cmd.id);
@@ -720,16 +756,43 @@ mod tests {
         }
     }
 
-    /// One run of the agent's Relay over `state_dir` (its `relays.json`).
+    /// What survives a run: the state_dir and the outbox's database.
+    struct Disk {
+        dir: tempfile::TempDir,
+        store: Mutex<MemStore>,
+    }
+
+    impl Disk {
+        fn new() -> Disk {
+            Disk { dir: tempfile::tempdir().expect("tempdir"), store: Mutex::new(MemStore::new()) }
+        }
+
+        fn store(&self) -> MemStore {
+            self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        }
+
+        /// A power cut (or `kill -9`) now: the next run finds only what the
+        /// outbox had committed.
+        fn crash(&self) {
+            let crashed = self.store().crashed();
+            *self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = crashed;
+        }
+    }
+
+    /// One run of the agent's Relay over `disk`.
     struct Run {
         relay: Addr<Relay>,
         outbox: OutboxHandle,
         reader: OutboxReader,
     }
 
-    fn start(state_dir: &Path, gpio: &FakeGpio) -> Run {
-        let cfg = OutboxConfig { max_bytes: 1 << 20, durability: Durability::Always, flush_interval: Duration::ZERO };
-        let (outbox, reader, _) = crate::outbox::open_in_memory(&MemStore::new(), &cfg).expect("in-memory outbox");
+    fn start(disk: &Disk, gpio: &FakeGpio) -> Run {
+        start_with(disk, gpio, Durability::Always, Duration::ZERO)
+    }
+
+    fn start_with(disk: &Disk, gpio: &FakeGpio, durability: Durability, flush_interval: Duration) -> Run {
+        let cfg = OutboxConfig { max_bytes: 1 << 20, durability, flush_interval };
+        let (outbox, reader, _) = crate::outbox::open_in_memory(&disk.store(), &cfg).expect("in-memory outbox");
         let pump = RelayConfig {
             name: "pump".into(),
             chip: None,
@@ -746,8 +809,12 @@ mod tests {
             backoff_max: Duration::from_millis(10),
         };
         let sup = Supervision::new("relay", Arc::new(StatusBoard::new("pi")), &sup_cfg);
-        let (dir, gpio, recorder, r) =
-            (state_dir.to_path_buf(), Arc::new(gpio.clone()), Recorder::new("pi", 7, outbox.clone()), reader.clone());
+        let (dir, gpio, recorder, r) = (
+            disk.dir.path().to_path_buf(),
+            Arc::new(gpio.clone()),
+            Recorder::new("pi", 7, outbox.clone()),
+            reader.clone(),
+        );
         let relay =
             Supervisor::start(move |_| Relay::new(vec![pump], &dir, gpio, recorder, r, Topics::new("fl", "pi"), sup));
         Run { relay, outbox, reader }
@@ -775,6 +842,13 @@ mod tests {
             // A generous deadline, not a timing assertion: `false` means
             // `done` was dropped or never came.
             matches!(tokio::time::timeout(Duration::from_secs(30), rx).await, Ok(Ok(())))
+        }
+
+        /// Returns once the actor has run `init` (messages wait for it):
+        /// the pins are claimed and the start-up records appended.
+        async fn started(&self) {
+            // The link is down already; this only arms failsafes (none here).
+            self.tell(LinkDown).await;
         }
 
         async fn pump(&self, payload: &str, pkid: u16, dup: bool) -> bool {
@@ -822,10 +896,10 @@ mod tests {
 
     #[test]
     fn a_redelivered_plain_toggle_switches_the_relay_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = Disk::new();
         let gpio = FakeGpio::default();
         in_system(|| async {
-            let run = start(dir.path(), &gpio);
+            let run = start(&dir, &gpio);
             assert!(run.pump("toggle", 1, false).await, "the toggle is done with");
             // Its PUBACK was lost; the broker sends it again with DUP set.
             assert!(run.pump("toggle", 1, true).await, "the redelivery is done with");
@@ -837,18 +911,19 @@ mod tests {
 
     #[test]
     fn commands_with_ids_are_not_applied_again_after_a_restart_even_on_a_new_session() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = Disk::new();
         let gpio = FakeGpio::default();
         in_system(|| async {
-            let run = start(dir.path(), &gpio);
+            let run = start(&dir, &gpio);
             assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, false).await);
             assert!(run.pump(r#"{"state":"off","id":"B"}"#, 2, false).await);
         });
         assert_eq!(gpio.board().switches, 2);
+        dir.crash();
         in_system(|| async {
             // The agent restarted; the broker still has the session and
             // redelivers both (their PUBACKs never went out).
-            let run = start(dir.path(), &gpio);
+            let run = start(&dir, &gpio);
             run.tell(LinkUp { session_present: true }).await;
             assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, true).await);
             assert!(run.pump(r#"{"state":"off","id":"B"}"#, 2, true).await);
@@ -864,10 +939,10 @@ mod tests {
 
     #[test]
     fn a_command_delivered_again_is_confirmed_again_only_while_nothing_newer_set_the_relay() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = Disk::new();
         let gpio = FakeGpio::default();
         in_system(|| async {
-            let run = start(dir.path(), &gpio);
+            let run = start(&dir, &gpio);
             assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, false).await);
             assert!(run.pump(r#"{"state":"on","id":"A"}"#, 2, false).await);
             assert!(run.pump(r#"{"state":"off","id":"B"}"#, 3, false).await);
@@ -880,10 +955,10 @@ mod tests {
 
     #[test]
     fn three_hundred_queued_plain_toggles_switch_the_relay_once_the_backlog_is_delivered() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = Disk::new();
         let gpio = FakeGpio::default();
         in_system(|| async {
-            let run = start(dir.path(), &gpio);
+            let run = start(&dir, &gpio);
             run.tell(LinkUp { session_present: true }).await;
             for pkid in 1..=300 {
                 assert!(run.deliver(PUMP_SET, "toggle", pkid, false, true).await, "toggle #{pkid} is acknowledged");
@@ -901,10 +976,10 @@ mod tests {
 
     #[test]
     fn a_queued_command_with_an_id_is_applied_at_once_and_supersedes_the_held_plain_one() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = Disk::new();
         let gpio = FakeGpio::default();
         in_system(|| async {
-            let run = start(dir.path(), &gpio);
+            let run = start(&dir, &gpio);
             run.tell(LinkUp { session_present: true }).await;
             assert!(run.deliver(PUMP_SET, "on", 1, false, true).await);
             assert!(run.deliver(PUMP_SET, r#"{"state":"off","id":"J"}"#, 2, false, true).await);
@@ -917,10 +992,10 @@ mod tests {
 
     #[test]
     fn held_commands_are_applied_when_the_broker_reports_no_session() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = Disk::new();
         let gpio = FakeGpio::default();
         in_system(|| async {
-            let run = start(dir.path(), &gpio);
+            let run = start(&dir, &gpio);
             run.tell(LinkUp { session_present: true }).await;
             assert!(run.deliver(PUMP_SET, "on", 1, false, true).await);
             // The link dropped before the backlog ended, and the broker lost
@@ -933,10 +1008,10 @@ mod tests {
 
     #[test]
     fn a_failed_switch_records_gpio_failed_and_is_still_done_with() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = Disk::new();
         let gpio = FakeGpio::default();
         in_system(|| async {
-            let run = start(dir.path(), &gpio);
+            let run = start(&dir, &gpio);
             gpio.board().fail = true;
             assert!(run.pump(r#"{"state":"on","id":"F"}"#, 1, false).await, "done fires although the pin failed");
             let errors = run.errors();
@@ -954,10 +1029,10 @@ mod tests {
 
     #[test]
     fn a_topic_that_names_no_relay_gets_an_unknown_relay_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = Disk::new();
         let gpio = FakeGpio::default();
         in_system(|| async {
-            let run = start(dir.path(), &gpio);
+            let run = start(&dir, &gpio);
             assert!(run.deliver("fl/pi/relay//set", r#"{"state":"on","id":"E"}"#, 1, false, false).await);
             let errors = run.errors();
             assert_eq!(errors.len(), 1, "{errors:?}");
@@ -973,10 +1048,10 @@ mod tests {
 
     #[test]
     fn a_reconnect_storm_adds_at_most_one_reconnect_state_per_relay() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = Disk::new();
         let gpio = FakeGpio::default();
         in_system(|| async {
-            let run = start(dir.path(), &gpio);
+            let run = start(&dir, &gpio);
             for _ in 0..50 {
                 run.tell(LinkUp { session_present: false }).await;
                 run.tell(LinkDown).await;
@@ -993,6 +1068,106 @@ mod tests {
             let reconnects = run.states("reconnect");
             assert_eq!(reconnects.len(), 1, "the first was acknowledged; one new: {reconnects:?}");
             assert_eq!(reconnects[0]["epoch"], 7, "the recorder's epoch is in every payload");
+        });
+    }
+
+    /// Counts the outbox commits (MemStore flushes) one command costs, once
+    /// everything before it is durable.
+    async fn commits_for_one_command(run: &Run, store: &MemStore, id: &str, pkid: u16) -> u64 {
+        run.started().await;
+        run.outbox.flush().await.expect("flush what start-up recorded");
+        let before = store.flush_count();
+        assert!(run.pump(&format!(r#"{{"state":"on","id":"{id}"}}"#), pkid, false).await, "confirmed");
+        store.flush_count() - before
+    }
+
+    #[test]
+    fn a_command_is_made_durable_with_its_saved_state_in_one_commit_in_both_modes() {
+        for (durability, interval) in
+            [(Durability::Always, Duration::ZERO), (Durability::Batch, Duration::from_secs(3600))]
+        {
+            let dir = Disk::new();
+            let gpio = FakeGpio::default();
+            let store = dir.store();
+            in_system(|| async {
+                let run = start_with(&dir, &gpio, durability, interval);
+                assert_eq!(commits_for_one_command(&run, &store, "A", 1).await, 1, "{durability:?}: one commit");
+                // An id already applied is confirmed again, also in one commit.
+                assert!(run.pump(r#"{"state":"off","id":"B"}"#, 2, false).await);
+                assert_eq!(commits_for_one_command(&run, &store, "C", 3).await, 1, "{durability:?}: one commit");
+            });
+            // Power cut right after the last confirmation: the state message
+            // and the saved state are both there.
+            dir.crash();
+            // The power cut reset the pin.
+            gpio.board().high = false;
+            in_system(|| async {
+                let run = start_with(&dir, &gpio, durability, interval);
+                let confirmed = run.states("command");
+                assert!(confirmed.iter().any(|v| v["command_id"] == "C"), "{durability:?}: {confirmed:?}");
+                // A redelivery of C on the same session is recognised (the
+                // packet id was saved with it): nothing switches.
+                run.tell(LinkUp { session_present: true }).await;
+                let switches = gpio.board().switches;
+                assert!(run.pump(r#"{"state":"on","id":"C"}"#, 3, true).await);
+                assert_eq!(gpio.board().switches, switches, "{durability:?}: C not applied again");
+                assert!(gpio.board().high, "{durability:?}: power_on_state = last restored C (on)");
+            });
+        }
+    }
+
+    #[test]
+    fn in_batch_mode_a_command_is_confirmed_without_waiting_for_the_flush_interval() {
+        let dir = Disk::new();
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            // An hour: `pump` gives up after 30 s, so only a commit forced
+            // by the command can confirm it.
+            let run = start_with(&dir, &gpio, Durability::Batch, Duration::from_secs(3600));
+            assert!(run.pump(r#"{"state":"on","id":"A"}"#, 1, false).await, "confirmed before flush_interval");
+            assert!(
+                run.deliver("fl/pi/relay/nope/set", r#"{"state":"on","id":"E"}"#, 2, false, false).await,
+                "refused, and that is confirmed too"
+            );
+            assert!(gpio.board().high);
+        });
+        dir.crash();
+        in_system(|| async {
+            let run = start_with(&dir, &gpio, Durability::Batch, Duration::from_secs(3600));
+            assert!(run.states("command").iter().any(|v| v["command_id"] == "A"), "the confirmation was durable");
+            assert!(run.errors().iter().any(|v| v["command_id"] == "E"), "the refusal was durable");
+        });
+    }
+
+    #[test]
+    fn relay_states_saved_by_a_build_before_8_are_restored_and_then_kept_in_the_outbox() {
+        let dir = Disk::new();
+        let legacy = dir.dir.path().join(super::super::saved_relays::LEGACY_FILE);
+        std::fs::write(
+            &legacy,
+            br#"{"version":2,"relays":{"pump":{"state":"on","command_id":"old"}},"command_ids":["old"],"session":[]}"#,
+        )
+        .expect("write relays.json");
+        let gpio = FakeGpio::default();
+        in_system(|| async {
+            let run = start(&dir, &gpio);
+            run.started().await;
+            run.outbox.flush().await.expect("flush");
+            assert!(gpio.board().high, "power_on_state = last restored the pump from relays.json");
+            // The id applied by the old build still counts.
+            assert!(run.pump(r#"{"state":"off","id":"old"}"#, 1, false).await);
+            assert!(gpio.board().high, "'old' was applied before; not again");
+        });
+        assert!(!legacy.exists(), "relays.json was renamed once its content was durable in the outbox");
+        dir.crash();
+        // The power cut reset the pin.
+        gpio.board().high = false;
+        in_system(|| async {
+            let run = start(&dir, &gpio);
+            run.started().await;
+            assert!(gpio.board().high, "restored from the outbox, without relays.json");
+            assert!(run.pump(r#"{"state":"off","id":"old"}"#, 2, false).await);
+            assert!(gpio.board().high, "the old build's id still counts");
         });
     }
 }

@@ -52,8 +52,12 @@
 //! # Latched outputs (`<state_dir>/sim-gpio.json`)
 //!
 //! Every pin in output mode, with its level and change count, is rewritten on
-//! every change of either (temporary file, fsync, rename, fsync of the
-//! directory) and loaded at [`SimGpio::start`]:
+//! every change of either (temporary file, rename; no fsync since #8, so the
+//! latch is off a command's critical path) and loaded at [`SimGpio::start`].
+//! A crash or `kill -9` of the agent loses nothing (the kernel has the
+//! file); a power cut or kernel crash may bring back older levels, as the
+//! power cut would reset a real board's pins (a real relay pin has no file
+//! at all):
 //!
 //! ```text
 //! {"version": 1, "outputs": {"27": {"level": 1, "changes": 3}}}
@@ -603,7 +607,7 @@ impl Board {
             .collect();
         let file = StateFile { version: STATE_VERSION, outputs };
         let bytes = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
-        crate::fsutil::write_atomic(&self.state_file, &bytes)
+        crate::fsutil::replace_unsynced(&self.state_file, &bytes)
     }
 }
 

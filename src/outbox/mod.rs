@@ -124,6 +124,9 @@
 //!                            key: "clean"     value: 0x01, u64 BE: 1 = last run closed cleanly
 //!                            key: "commit"    value: 0x01, u64 BE: the commit number; the
 //!                                             ledger names the commit it describes
+//!                            key: "saved/<name>"  value: 0x01, then the owner's bytes: a
+//!                                             saved value (see Saved values); "saved/relays"
+//!                                             is the Relay's (agent/saved_relays.rs)
 //!   outbox.corrupt-<unix secs>[-n]/   a database that could not be used, kept for inspection
 //!
 //! record value (at most 1 MiB):
@@ -168,9 +171,29 @@
 //! `fdatasync`s of `outbox/db` and 10 of `outbox.ledger` (and sled's 10
 //! `sync_file_range`s).
 //!
-//! [`OutboxHandle::flush`] and [`OutboxHandle::shutdown`] force a commit.
+//! *Urgent appends.* [`OutboxHandle::append_urgent`] (a record a command
+//! waits on) makes the writer commit at the end of its group in `batch`
+//! mode too; whatever else is in the group rides along, and the
+//! `flush_interval` timer goes on for groups without one.
+//!
+//! //! [`OutboxHandle::flush`] and [`OutboxHandle::shutdown`] force a commit.
 //! After each successful commit that moves `durable_seq`, the `on_durable`
 //! callback runs on the writer thread, before the waiters are resolved.
+//!
+//! # Saved values
+//!
+//! An owner may keep one small value per name in the database beside the
+//! records ([`Saved`]: the Relay keeps its saved relay state there), so that
+//! the value and the record it belongs to are made durable by the same
+//! commit: [`OutboxHandle::append_urgent`] carries the value with the
+//! record (written just before the record, in the same group),
+//! [`OutboxHandle::save`] sends it alone (durable at the end of the group in
+//! `always` mode or when urgent, else with the next commit).
+//! [`OutboxReader::saved`] reads it back. The writer keeps each value
+//! written since the last commit in memory, writes it again after a reopen
+//! (a disk fault), and loses it, logged, only if the process stops while the
+//! disk still cannot be written. A database moved aside as corrupt takes its
+//! saved values with it (salvage reads only the record trees).
 //!
 //! # Disk faults
 //!
@@ -364,6 +387,38 @@ impl fmt::Debug for Draft {
     }
 }
 
+/// A value the outbox keeps for its owner beside the records (the Relay's
+/// saved state, see the module doc: Saved values). The outbox never looks
+/// inside `bytes`; their format is the owner's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    /// Which value: one per name, a later save replaces it.
+    pub name: &'static str,
+    pub bytes: Vec<u8>,
+}
+
+impl Saved {
+    /// Its key in the meta tree.
+    pub(crate) fn meta_key(&self) -> String {
+        saved_key(self.name)
+    }
+
+    /// Its value in the meta tree: the version byte, then the owner's bytes.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(1 + self.bytes.len());
+        v.push(SAVED_VERSION);
+        v.extend_from_slice(&self.bytes);
+        v
+    }
+}
+
+/// The version byte of a saved value in the meta tree.
+const SAVED_VERSION: u8 = 0x01;
+
+fn saved_key(name: &str) -> String {
+    format!("saved/{name}")
+}
+
 /// A stored message.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -501,8 +556,45 @@ impl OutboxHandle {
     /// The draft is handed to the writer when this is called, so seqs follow
     /// call order; the future needs no runtime to be created.
     pub fn append(&self, draft: Draft) -> impl Future<Output = Result<u64, OutboxError>> + Send + 'static {
+        self.send_append(draft, false, None)
+    }
+
+    /// Like [`OutboxHandle::append`], for a record someone is waiting on (a
+    /// command's confirmation): the writer commits at the end of its group
+    /// even in `batch` mode, instead of waiting for `flush_interval`; what
+    /// else is in the group (telemetry) rides along. `saved`, if any, is
+    /// written just before the record, in the same group, so one commit
+    /// makes both durable (see the module doc: Saved values).
+    pub fn append_urgent(
+        &self,
+        draft: Draft,
+        saved: Option<Saved>,
+    ) -> impl Future<Output = Result<u64, OutboxError>> + Send + 'static {
+        self.send_append(draft, true, saved)
+    }
+
+    fn send_append(
+        &self,
+        draft: Draft,
+        urgent: bool,
+        saved: Option<Saved>,
+    ) -> impl Future<Output = Result<u64, OutboxError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
-        let sent = self.inner.send(Msg::Append { draft, reply });
+        let sent = self.inner.send(Msg::Append { draft, reply, urgent, saved });
+        async move {
+            sent?;
+            rx.await.map_err(|_| OutboxError::Closed)?
+        }
+    }
+
+    /// Keeps `saved` in the outbox's database (replacing the value of that
+    /// name); resolves once it is durable: at the end of the writer's group
+    /// in `always` mode or when `urgent`, else with the next commit (at most
+    /// `flush_interval` later). Ordered with appends: a save sent after an
+    /// append is never durable without it.
+    pub fn save(&self, saved: Saved, urgent: bool) -> impl Future<Output = Result<(), OutboxError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.inner.send(Msg::Save { saved, urgent, reply });
         async move {
             sent?;
             rx.await.map_err(|_| OutboxError::Closed)?

@@ -727,6 +727,9 @@ pub(crate) fn start(
         ledger_dirty: false,
         append_waiters: Vec::new(),
         flush_waiters: Vec::new(),
+        save_waiters: Vec::new(),
+        urgent: false,
+        saves: Default::default(),
         held_replies: Vec::new(),
         on_durable: None,
     };

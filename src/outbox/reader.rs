@@ -19,6 +19,7 @@
 //! can block on the disk and can write, but never fsyncs; the Link's thread
 //! must do neither, hence [`OutboxReader::read_async`].
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, Weak, mpsc};
 use std::thread;
@@ -128,6 +129,36 @@ impl OutboxReader {
             cursor = last + 1;
         }
         Ok(out)
+    }
+
+    /// The value last saved under `name` ([`super::OutboxHandle::save`],
+    /// [`super::OutboxHandle::append_urgent`]) that this database holds, on
+    /// the caller's thread (the Relay reads it once, when it is created).
+    /// Includes a value written but not yet committed, as reads of records
+    /// do not; after a restart only what was committed (or what sled
+    /// recovered of a commit a crash interrupted) is there.
+    pub fn saved(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError> {
+        let guard = self.slot.read();
+        let Some(store) = guard.as_ref() else {
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(OutboxError::Closed);
+            }
+            return Err(OutboxError::Unavailable);
+        };
+        let Some(value) = store.meta(&super::saved_key(name)).map_err(OutboxError::Read)? else {
+            return Ok(None);
+        };
+        match value.split_first() {
+            Some((&super::SAVED_VERSION, bytes)) => Ok(Some(bytes.to_vec())),
+            _ => Err(OutboxError::Corrupt {
+                dir: PathBuf::from("<outbox meta>"),
+                reason: format!(
+                    "saved value '{name}' starts with {:?}, not the version byte {}",
+                    value.first(),
+                    super::SAVED_VERSION
+                ),
+            }),
+        }
     }
 
     /// [`OutboxReader::read`] on the outbox reader thread, never on the

@@ -521,6 +521,14 @@ impl MemStore {
         use super::store::Store;
         [Class::Heartbeat, Class::Event].into_iter().map(|c| self.scan(c, 0, 0).expect("scan").records).sum()
     }
+
+    /// The owner's bytes of a saved value, as the meta tree holds them.
+    fn meta_saved(&self, name: &str) -> Option<Vec<u8>> {
+        use super::store::Store;
+        let v = self.meta(&super::saved_key(name)).expect("meta")?;
+        assert_eq!(v.first(), Some(&super::SAVED_VERSION), "version byte");
+        Some(v[1..].to_vec())
+    }
 }
 
 /// The seq an append reported, also when it was kept in memory or shed
@@ -1649,4 +1657,90 @@ fn always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group() {
     );
     assert!(db >= STRACE_APPENDS, "one fdatasync of the sled db file per group: {db}\n{window}");
     assert!(ledger >= STRACE_APPENDS, "one fdatasync of the ledger per group: {ledger}\n{window}");
+}
+
+// ---------------------------------------------------------------------------
+// Urgent appends and saved values (#8)
+
+/// Waits for `f` with a generous deadline that is still far short of
+/// `batch_never`'s hour: `None` there means it waited for `flush_interval`.
+fn within_30s<F: Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), f).await })
+        .expect("not left waiting for flush_interval")
+}
+
+fn relays(bytes: &[u8]) -> Saved {
+    Saved { name: "relays", bytes: bytes.to_vec() }
+}
+
+#[test]
+fn an_urgent_append_in_batch_mode_is_committed_at_once_with_the_telemetry_before_it() {
+    let store = MemStore::new();
+    let (h, r, _) = open_in_memory(&store, &batch_never()).expect("open");
+    wait(h.flush()).expect("flush the open");
+    let flushes = store.flush_count();
+    // Telemetry waits for flush_interval (an hour here) ...
+    let telemetry = h.append(draft(Class::Heartbeat));
+    // ... until a command's record needs the commit: a deadline of 30 s is
+    // generous for a commit and far short of the hour.
+    let seq = within_30s(h.append_urgent(draft(Class::Event), None)).expect("durable");
+    assert_eq!(wait(telemetry).expect("rode along"), seq - 1);
+    assert_eq!(store.flush_count() - flushes, 1, "one commit for both");
+    assert_eq!(store.crashed().scan_len(), 2, "both durable");
+    drop(r);
+    h.shutdown();
+}
+
+#[test]
+fn a_saved_value_is_durable_in_the_same_commit_as_the_record_it_rides_on() {
+    for config in [cfg(Durability::Always), batch_never()] {
+        let store = MemStore::new();
+        let (h, r, _) = open_in_memory(&store, &config).expect("open");
+        wait(h.flush()).expect("flush the open");
+        let flushes = store.flush_count();
+        wait(h.append_urgent(draft(Class::Event), Some(relays(b"v1")))).expect("durable");
+        assert_eq!(store.flush_count() - flushes, 1, "{:?}: one commit", config.durability);
+        assert_eq!(r.saved("relays").expect("read"), Some(b"v1".to_vec()));
+        // A power cut now keeps both.
+        let crashed = store.crashed();
+        let (h2, r2, _) = open_in_memory(&crashed, &config).expect("reopen after the crash");
+        assert_eq!(r2.saved("relays").expect("read"), Some(b"v1".to_vec()), "{:?}", config.durability);
+        assert_eq!(all(&r2).len(), 1, "{:?}", config.durability);
+        assert_eq!(r2.saved("other").expect("read"), None);
+        h2.shutdown();
+        drop(r);
+        h.shutdown();
+    }
+}
+
+#[test]
+fn in_batch_mode_a_save_is_durable_with_the_next_commit_or_at_once_when_urgent() {
+    let store = MemStore::new();
+    let (h, r, _) = open_in_memory(&store, &batch_never()).expect("open");
+    wait(h.flush()).expect("flush the open");
+    let lazy = h.save(relays(b"lazy"), false);
+    wait(h.flush()).expect("a flush commits it");
+    wait(lazy).expect("durable with that commit");
+    assert_eq!(store.crashed().meta_saved("relays"), Some(b"lazy".to_vec()));
+    within_30s(h.save(relays(b"now"), true)).expect("durable");
+    assert_eq!(store.crashed().meta_saved("relays"), Some(b"now".to_vec()));
+    drop(r);
+    h.shutdown();
+}
+
+#[test]
+fn a_saved_value_written_during_a_disk_fault_is_written_after_the_reopen() {
+    let store = MemStore::new();
+    let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    wait(h.append_urgent(draft(Class::Event), Some(relays(b"before")))).expect("durable");
+    store.set_fail_writes(true);
+    let kept = wait(h.append_urgent(draft(Class::Event), Some(relays(b"during"))));
+    assert!(matches!(kept, Err(OutboxError::KeptInMemory { .. })), "{kept:?}");
+    assert_eq!(store.crashed().meta_saved("relays"), Some(b"before".to_vec()), "not durable yet");
+    store.set_fail_writes(false);
+    wait(h.flush()).expect("the flush reopens and writes back what was kept");
+    assert_eq!(store.crashed().meta_saved("relays"), Some(b"during".to_vec()));
+    assert_eq!(r.saved("relays").expect("read"), Some(b"during".to_vec()));
+    h.shutdown();
 }

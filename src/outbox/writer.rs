@@ -26,7 +26,7 @@ use super::ledger::Ledger;
 use super::record::{self, Floor};
 use super::salvage::Salvage;
 use super::store::{self, Side, Store, StoreError, StoreSlot};
-use super::{Class, Draft, OutboxError, Record, Shared};
+use super::{Class, Draft, OutboxError, Record, Saved, Shared};
 use crate::config::{Durability, OutboxConfig};
 use crate::timefmt;
 
@@ -49,6 +49,16 @@ pub(crate) enum Msg {
     Append {
         draft: Draft,
         reply: AppendReply,
+        /// Commit at the end of this group, even in `batch` mode.
+        urgent: bool,
+        /// Written just before the record, so it is durable in the same commit.
+        saved: Option<Saved>,
+    },
+    /// An owner's value on its own; the reply comes once it is durable.
+    Save {
+        saved: Saved,
+        urgent: bool,
+        reply: FlushReply,
     },
     Ack(Vec<u64>),
     /// A reader found a record it cannot decode.
@@ -133,6 +143,14 @@ pub(crate) struct Writer {
     pub ledger_dirty: bool,
     pub append_waiters: Vec<(u64, AppendReply)>,
     pub flush_waiters: Vec<FlushReply>,
+    /// Waiters of [`Msg::Save`]: answered like flushes, but in `batch` mode
+    /// they wait for `flush_interval` unless urgent.
+    pub save_waiters: Vec<FlushReply>,
+    /// An urgent append or save is in this group: commit at its end.
+    pub urgent: bool,
+    /// Saved values written since the last commit (or kept through a disk
+    /// fault), by meta key: written again after a reopen.
+    pub saves: BTreeMap<String, Vec<u8>>,
     pub held_replies: Vec<(AppendReply, OutboxError)>,
     pub on_durable: Option<Box<dyn Fn(u64) + Send>>,
 }
@@ -175,7 +193,18 @@ impl Writer {
     /// Applies one message; `true` means stop after this group.
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::Append { draft, reply } => self.append(draft, reply),
+            Msg::Append { draft, reply, urgent, saved } => {
+                self.urgent |= urgent;
+                if let Some(saved) = saved {
+                    self.save(saved);
+                }
+                self.append(draft, reply);
+            }
+            Msg::Save { saved, urgent, reply } => {
+                self.urgent |= urgent;
+                self.save(saved);
+                self.save_waiters.push(reply);
+            }
             Msg::Ack(seqs) => {
                 for seq in seqs {
                     self.remove(seq, "ack");
@@ -202,7 +231,7 @@ impl Writer {
             self.commit_and_resolve();
         }
         if let Some(f) = &self.fault
-            && (stop || !self.flush_waiters.is_empty() || f.due(Instant::now()))
+            && (stop || !self.flush_waiters.is_empty() || self.urgent || f.due(Instant::now()))
         {
             self.try_recover();
         }
@@ -216,6 +245,28 @@ impl Writer {
             // The appender may have given up waiting; the outcome stands.
             let _gone = reply.send(Err(e));
         }
+        // Whoever asked for it has been answered: durable, or not (fault).
+        self.urgent = false;
+    }
+
+    /// Writes an owner's value into the meta tree before whatever append
+    /// carries it: one thread writes both, so the value's log entry has the
+    /// lower LSN, and sled 0.34.7 recovers its log in LSN order up to the
+    /// first tear (`pagecache/iterator.rs:23-200`, contiguity of the tail at
+    /// 386-450). So a crash before the commit can leave the value without
+    /// the record, never the record without the value. Kept until the next
+    /// commit, to be written again after a reopen; during a disk fault only
+    /// kept.
+    fn save(&mut self, saved: Saved) {
+        let key = saved.meta_key();
+        let value = saved.encode();
+        self.mark_dirty();
+        if self.fault.is_none()
+            && let Err(e) = self.store().and_then(|s| s.set_meta(&key, &value))
+        {
+            self.enter_fault(&e);
+        }
+        self.saves.insert(key, value);
     }
 
     fn append(&mut self, draft: Draft, reply: AppendReply) {
@@ -455,7 +506,9 @@ impl Writer {
 
     fn flush_due(&self) -> bool {
         !self.flush_waiters.is_empty()
-            || (self.cfg.durability == Durability::Always && !self.append_waiters.is_empty())
+            || self.urgent
+            || (self.cfg.durability == Durability::Always
+                && (!self.append_waiters.is_empty() || !self.save_waiters.is_empty()))
             || self.deadline().is_some_and(|at| at <= Instant::now())
     }
 
@@ -504,6 +557,7 @@ impl Writer {
         self.ledger = ledger;
         self.unsaved.clear();
         self.unsaved_bytes = 0;
+        self.saves.clear();
         self.removed.clear();
         self.dirty_since = None;
         self.ledger_dirty = false;
@@ -552,7 +606,7 @@ impl Writer {
             // The appender may have given up waiting; the record is stored regardless.
             let _gone = reply.send(r);
         }
-        for reply in self.flush_waiters.drain(..) {
+        for reply in self.flush_waiters.drain(..).chain(self.save_waiters.drain(..)) {
             let r = result.clone().map_err(OutboxError::Flush);
             // The caller may have given up waiting.
             let _gone = reply.send(r);
@@ -702,6 +756,9 @@ impl Writer {
         }
         // Seqs handed out while the floor could not be raised: raise it first.
         self.reserve(1)?;
+        for (key, value) in &self.saves {
+            store.set_meta(key, value)?;
+        }
         for (seq, (class, value)) in &self.unsaved {
             store.insert(*class, *seq, value)?;
         }
@@ -776,6 +833,13 @@ impl Writer {
             }
             self.unsaved.clear();
             self.unsaved_bytes = 0;
+            if !self.saves.is_empty() {
+                tracing::error!(
+                    saved = ?self.saves.keys().collect::<Vec<_>>(),
+                    "outbox: shutting down while the disk still cannot be written: saved values kept in memory are lost"
+                );
+                self.saves.clear();
+            }
             self.ledger_dirty = true;
             self.write_fault_ledger();
             return;
