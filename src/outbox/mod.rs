@@ -192,8 +192,9 @@
 //! [`OutboxReader::saved`] reads it back. The writer keeps each value
 //! written since the last commit in memory, writes it again after a reopen
 //! (a disk fault), and loses it, logged, only if the process stops while the
-//! disk still cannot be written. A database moved aside as corrupt takes its
-//! saved values with it (salvage reads only the record trees).
+//! disk still cannot be written. A database moved aside as corrupt keeps its
+//! saved values: salvage reads them with the records, and open writes them
+//! into the fresh database.
 //!
 //! # Disk faults
 //!

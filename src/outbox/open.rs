@@ -504,9 +504,15 @@ pub(crate) fn load(
     };
     let mut floor_r = floor.map_or(0, |f| f.r);
 
-    // Replay what was salvaged (records already acked stay behind).
+    // Replay what was salvaged (records already acked stay behind), and the
+    // saved values (the relays' power-on state) as they were.
     let mut replayed = 0;
     if let Some(r) = replacing {
+        for (key, value) in &r.salvage.saved {
+            if let Err(e) = store.set_meta(key, value) {
+                tracing::error!(error = %e, key = %key, "outbox: cannot restore a salvaged saved value");
+            }
+        }
         let records: Vec<_> = r.salvage.records.into_iter().filter(|rec| rec.seq >= live_from).collect();
         let n = records.len() as u64;
         if n > 0 && next_seq.saturating_add(n) >= floor_r {

@@ -2,7 +2,8 @@
 //! aside as corrupt, so that its records can be replayed into the fresh
 //! outbox instead of being silently left behind. Owns opening the aside
 //! directory with sled (once, under [`panics::catch`]), walking both record
-//! trees until the first error, and decoding what it finds.
+//! trees and the saved values until the first error, and decoding what it
+//! finds.
 //!
 //! It must not write to the fresh outbox or assign seqs (open and the writer
 //! replay what it returns), and it must never fail: an unreadable database
@@ -26,6 +27,9 @@ pub(crate) struct Salvage {
     pub unreadable: Option<String>,
     /// Entries that were found but did not decode.
     pub undecodable: u64,
+    /// Saved values (`saved/<name>` in the meta tree, e.g. the relays'
+    /// power-on state) that could be read, key and raw value.
+    pub saved: Vec<(String, Vec<u8>)>,
 }
 
 impl Salvage {
@@ -55,6 +59,9 @@ pub(crate) fn salvage(dir: &Path) -> Salvage {
                 false => continue,
             }
         }
+        if db.tree_names().iter().any(|n| n.as_ref() == b"meta") {
+            saved_values(&db, &mut out);
+        }
     });
     if let Err(panic) = walked {
         out.unreadable = Some(format!("sled panicked while reading it: {panic}"));
@@ -77,6 +84,19 @@ pub(crate) fn rekey(mut rec: Record, seq: u64) -> Result<(Class, Vec<u8>), recor
 
 fn unreadable(reason: String) -> Salvage {
     Salvage { unreadable: Some(reason), ..Salvage::default() }
+}
+
+/// Reads the saved values of the meta tree until its end or its first
+/// error; an unreadable one is simply not salvaged (its owner falls back to
+/// its default, as on a fresh outbox).
+fn saved_values(db: &sled::Db, out: &mut Salvage) {
+    let Ok(meta) = db.open_tree("meta") else { return };
+    for entry in meta.scan_prefix(b"saved/") {
+        let Ok((k, v)) = entry else { return };
+        if let Ok(key) = std::str::from_utf8(&k) {
+            out.saved.push((key.to_string(), v.to_vec()));
+        }
+    }
 }
 
 /// Reads one tree until its end or its first error.

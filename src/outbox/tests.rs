@@ -1083,6 +1083,7 @@ fn a_database_moved_aside_is_salvaged_and_its_records_replayed_with_their_origin
     let (h, r, _) = open(dir.path(), &cfg(Durability::Always)).expect("open");
     let stored: Vec<u64> = (0..6).map(|i| append(&h, if i == 2 { Class::Heartbeat } else { Class::Event })).collect();
     h.ack(vec![stored[0]]);
+    wait(h.save(relays(b"pump=on"), true)).expect("save");
     wait(h.flush()).expect("flush");
     close(h, r);
     {
@@ -1112,6 +1113,11 @@ fn a_database_moved_aside_is_salvaged_and_its_records_replayed_with_their_origin
     assert!(logs.contains("1 records lost from a damaged outbox"), "{logs}");
     let next = append(&h, Class::Event);
     assert!(next > got.last().expect("replayed").seq, "new records come after the replayed ones");
+    assert_eq!(
+        r.saved("relays").expect("read").as_deref(),
+        Some(b"pump=on".as_slice()),
+        "the relays' saved state survives the move aside"
+    );
     close(h, r);
 }
 
