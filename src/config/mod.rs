@@ -313,6 +313,7 @@ fn mqtt_config(
         .map(|url| url.unwrap_or_else(|| BrokerUrl { tls: false, host: "127.0.0.1".to_string(), port: MQTT_PORT }));
     // An invalid device_id has been reported already; the default is only
     // needed when the whole config is valid.
+    let explicit_client_id = r.has("client_id");
     let client_id = mqtt::client_id(&mut r, format!("fieldlink-{}", device_id.unwrap_or_default()), p);
     let topic_prefix = mqtt::topic_prefix(&mut r, p);
     let keep_alive = mqtt::keep_alive(&mut r, p);
@@ -326,6 +327,21 @@ fn mqtt_config(
 
     let tls = tls?;
     let (reconnect_min, reconnect_max) = reconnect?;
+    // A fieldlink hub's broker (embedded, or mosquitto with
+    // use_username_as_clientid) takes the user name as the client id: that
+    // is the default when a user name is set.
+    let client_id = match (client_id, &username) {
+        (Ok(_), Ok(Some(user))) if !explicit_client_id => Ok(user.clone()),
+        (Ok(id), Ok(Some(user))) if id != *user => {
+            p.warn(format!(
+                "warning: mqtt.client_id '{id}' is not the user name '{user}'; a fieldlink hub's broker (embedded, \
+                 or mosquitto with use_username_as_clientid) takes the user name as the client id: leave client_id \
+                 out or set it to \"{user}\""
+            ));
+            Ok(id)
+        }
+        (other, _) => other,
+    };
     Ok(MqttConfig {
         url: url?,
         client_id: client_id?,
@@ -1140,6 +1156,30 @@ interval = { s = 1 }
                 .contains("has 129 characters")
         );
         assert!(parse(&with_device(&format!("[mqtt]\nclient_id = \"{}\"", "é".repeat(128)))).is_ok());
+    }
+
+    #[test]
+    fn an_odd_client_id_is_a_warning_and_a_control_character_an_error() {
+        let c = parse(&with_device("[mqtt]\nclient_id = \"site/pi-7\"")).expect("valid MQTT");
+        assert!(
+            c.warnings.iter().any(|w| w.starts_with("warning: mqtt.client_id ") && w.contains("'/'")),
+            "{:?}",
+            c.warnings
+        );
+        assert!(problem(&with_device("[mqtt]\nclient_id = \"a\\u0000b\"")).contains("control character"));
+        let plain = parse(&with_device("[mqtt]\nclient_id = \"fieldlink-pi.7:a_b\"")).expect("valid");
+        assert!(plain.warnings.is_empty(), "{:?}", plain.warnings);
+    }
+
+    #[test]
+    fn a_client_id_other_than_the_user_name_is_a_warning_naming_the_fix() {
+        let c = parse(&with_device("[mqtt]\nusername = \"pi-7\"\nclient_id = \"fieldlink-pi-7\"")).expect("valid");
+        assert!(c.warnings.iter().any(|w| w.contains("set it to \"pi-7\"")), "{:?}", c.warnings);
+        let default = parse(&with_device("[mqtt]\nusername = \"pi-7\"")).expect("valid");
+        assert_eq!(default.mqtt.client_id, "pi-7", "with a user name, the client id defaults to it");
+        assert!(default.warnings.is_empty(), "{:?}", default.warnings);
+        let same = parse(&with_device("[mqtt]\nusername = \"pi-7\"\nclient_id = \"pi-7\"")).expect("valid");
+        assert!(same.warnings.is_empty(), "{:?}", same.warnings);
     }
 
     #[test]

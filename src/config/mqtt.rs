@@ -58,7 +58,19 @@ pub(super) fn url_opt(r: &mut Reader<'_>, p: &mut Problems) -> Checked<Option<Br
 pub(super) fn client_id(r: &mut Reader<'_>, default: String, p: &mut Problems) -> Checked<String> {
     let Some(id) = r.str_opt("client_id", p)? else { return Ok(default) };
     let chars = id.chars().count();
-    if (1..=CLIENT_ID_MAX_CHARS).contains(&chars) {
+    if id.chars().any(char::is_control) {
+        Err(r.problem("client_id", p, format!("{} holds a control character (NUL, newline, ...)", quote(id))))
+    } else if (1..=CLIENT_ID_MAX_CHARS).contains(&chars) {
+        if let Some(odd) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || "-_.:".contains(*c))) {
+            // Legal MQTT, but brokers have mishandled such ids (rumqttd 0.20
+            // died of a '/', issue #7), and a provisioned device's client id
+            // is its device id.
+            p.warn(format!(
+                "warning: {} {} contains '{odd}'; use letters, digits and -_.: (some brokers mishandle others)",
+                r.place.path("client_id"),
+                quote(id)
+            ));
+        }
         Ok(id.to_string())
     } else {
         Err(r.problem(
