@@ -1,7 +1,8 @@
 //! Small durable-file helpers shared by every state file (status dump, the
-//! outbox's side files, the API token; the sim board's latched outputs
-//! without the fsyncs). Owns "write to a temp file, fsync, rename, fsync the
-//! directory"; it knows nothing about what the bytes mean.
+//! outbox's side files, the API token; the sim board's latched outputs,
+//! overwritten in place without fsync). Owns "write to a temp file, fsync,
+//! rename, fsync the directory" and the unsynced in-place overwrite; it
+//! knows nothing about what the bytes mean.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -31,22 +32,37 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic_mode(path, bytes, 0o600)
 }
 
-/// Replaces `path` with `bytes` (temp file, rename) without any fsync: a
-/// reader, or the process after a crash or `kill -9`, sees the old content
-/// or the new, never a torn file; a power cut or kernel crash may leave the
-/// old content (or, on some filesystems, an empty file). For state whose
-/// loss on power-off is the real thing being simulated (the sim board's
-/// latched outputs), never for anything a promise rests on.
-pub fn replace_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    if let Err(e) = fs::write(&tmp, bytes) {
-        // Best effort: it may not even exist, and the write's error is the one to report.
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
+/// Overwrites `path` in place with `bytes`, without any fsync, creating it
+/// if missing: one `pwrite` at offset 0 into the file's existing blocks, no
+/// temporary file, no rename, no truncation. When `bytes` is shorter than
+/// the file, the rest is overwritten with ASCII spaces, so the content must
+/// tolerate trailing whitespace (JSON does). For state whose loss on
+/// power-off is the real thing being simulated (the sim board's latched
+/// outputs), never for anything a promise rests on.
+///
+/// Why not temp file + rename (what this replaced, issue #8): on ext4 every
+/// rename allocated a new inode and data block, which the next journal
+/// commit had to write first (`data=ordered`), and the next journal commit
+/// is the outbox's `fdatasync` on a command's critical path. An overwrite of
+/// an already allocated block adds nothing to that commit but the inode's
+/// times.
+///
+/// A crash or `kill -9` of the process loses nothing and never tears the
+/// file while it fits one page (the kernel copies a one-page `pwrite` whole
+/// before it looks at a fatal signal: `mm/filemap.c`,
+/// `generic_perform_write`); a power cut or kernel crash may leave the old
+/// content or, unlike a rename, a torn one.
+pub fn overwrite_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = fs::OpenOptions::new().write(true).create(true).truncate(false).open(path)?;
+    let old_len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+    if bytes.len() >= old_len {
+        return file.write_all_at(bytes, 0);
     }
-    fs::rename(&tmp, path)
+    let mut padded = Vec::with_capacity(old_len);
+    padded.extend_from_slice(bytes);
+    padded.resize(old_len, b' ');
+    file.write_all_at(&padded, 0)
 }
 
 fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
@@ -87,6 +103,23 @@ mod tests {
         assert_eq!(fs::read(&p).expect("read"), b"second");
         let names: Vec<_> = fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn an_in_place_overwrite_keeps_the_same_file_and_reads_back_as_the_new_content() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("x.json");
+        overwrite_unsynced(&p, br#"{"a": "first, longer content"}"#).expect("create");
+        let inode = fs::metadata(&p).expect("stat").ino();
+        overwrite_unsynced(&p, br#"{"a": 2}"#).expect("overwrite");
+        let text = fs::read_to_string(&p).expect("read");
+        assert_eq!(text.trim_end(), r#"{"a": 2}"#, "only trailing spaces remain of the old content");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("still valid JSON");
+        assert_eq!(v["a"], 2);
+        assert_eq!(fs::metadata(&p).expect("stat").ino(), inode, "the same file, not a replacement");
+        let names: Vec<_> = fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(names.len(), 1, "no temp file: {names:?}");
     }
 
     #[test]

@@ -968,6 +968,10 @@ mod tests {
             assert_eq!(gpio.board().switches, 1, "the last queued toggle is applied, once");
             run.tell(CaughtUp).await;
             assert_eq!(gpio.board().switches, 1, "a held command is applied once");
+            // The held command's record is appended in the background (the
+            // writer thread may not have taken it yet when `tell` returns);
+            // `flush` resolves once everything appended before it is durable.
+            run.outbox.flush().await.expect("flush the outbox");
             let commanded = run.states("command");
             assert_eq!(commanded.len(), 1, "{commanded:?}");
             assert_eq!(commanded[0]["state"], "on");
@@ -1058,6 +1062,7 @@ mod tests {
             }
             run.outbox.flush().await.expect("flush");
             run.tell(LinkUp { session_present: false }).await;
+            run.outbox.flush().await.expect("flush");
             assert_eq!(run.states("reconnect").len(), 1, "one reconnect state waits in the outbox");
             // A resumed session records none.
             run.tell(LinkUp { session_present: true }).await;

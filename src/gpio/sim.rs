@@ -52,12 +52,15 @@
 //! # Latched outputs (`<state_dir>/sim-gpio.json`)
 //!
 //! Every pin in output mode, with its level and change count, is rewritten on
-//! every change of either (temporary file, rename; no fsync since #8, so the
-//! latch is off a command's critical path) and loaded at [`SimGpio::start`].
-//! A crash or `kill -9` of the agent loses nothing (the kernel has the
-//! file); a power cut or kernel crash may bring back older levels, as the
-//! power cut would reset a real board's pins (a real relay pin has no file
-//! at all):
+//! every change of either and loaded at [`SimGpio::start`]. The file is
+//! overwritten in place (`fsutil::overwrite_unsynced`: one `pwrite`, padded
+//! with spaces, no temporary file, no rename, no fsync), so that it adds
+//! nothing to the journal commit of the outbox's `fdatasync` on a command's
+//! critical path (#8: the rename's new inode and block did). A crash or
+//! `kill -9` of the agent loses nothing (the kernel has the file); a power
+//! cut or kernel crash may bring back older levels or a torn file (then
+//! reported as unreadable at start), as the power cut would reset a real
+//! board's pins (a real relay pin has no file at all):
 //!
 //! ```text
 //! {"version": 1, "outputs": {"27": {"level": 1, "changes": 3}}}
@@ -607,7 +610,7 @@ impl Board {
             .collect();
         let file = StateFile { version: STATE_VERSION, outputs };
         let bytes = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
-        crate::fsutil::replace_unsynced(&self.state_file, &bytes)
+        crate::fsutil::overwrite_unsynced(&self.state_file, &bytes)
     }
 }
 
@@ -965,6 +968,29 @@ mod tests {
         let relay = sim.output(&out(27, Level::High)).expect("claim the output again");
         assert_eq!(relay.level().expect("read"), Level::High);
         assert_eq!(ask(&sim, "changes 27"), "1", "the restart glitched the relay");
+    }
+
+    #[test]
+    fn a_latch_file_that_shrank_in_place_still_loads_after_a_restart() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(STATE_FILE);
+        {
+            let sim = SimGpio::start(dir.path()).expect("start");
+            let mut pump = sim.output(&out(27, Level::Low)).expect("claim 27");
+            let mut fan = sim.output(&out(22, Level::Low)).expect("claim 22");
+            pump.set(Level::High).expect("drive 27 high");
+            let inode = fs::metadata(&file).expect("the latch file exists").ino();
+            fan.set(Level::High).expect("drive 22 high");
+            drop(fan);
+            // Claiming 22 as an input drops it from the file: the content shrinks.
+            let (_input, _events) = button(&sim, 22, Pull::Down, 0);
+            assert_eq!(fs::metadata(&file).expect("stat").ino(), inode, "rewritten in place, never replaced");
+        }
+        let sim = SimGpio::start(dir.path()).expect("restart on the shrunk file");
+        assert_eq!(ask(&sim, "get 27"), "1", "the relay's latch survives");
+        assert_eq!(ask(&sim, "get 22"), "0", "the pin given back as an input is not latched");
+        let (_input, _events) = button(&sim, 22, Pull::Down, 0);
     }
 
     #[test]
