@@ -1,6 +1,8 @@
 //! The `fieldlink` binary: parses the command line, sets up logging, loads
 //! the config and maps results to exit codes (0 ok, 1 runtime failure, 2 bad
-//! usage or config). All logic lives in the library.
+//! usage or config). All logic lives in the library. Without the `hub`
+//! feature the `demo` and `hub` subcommands do not exist (the lean agent
+//! build: clap answers "unrecognized subcommand").
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,12 +21,14 @@ struct Cli {
 enum Command {
     /// The whole system on one machine: embedded broker, hub on SQLite and a
     /// simulated agent whose button is pressed every few seconds.
+    #[cfg(feature = "hub")]
     Demo {
         /// Where the demo keeps its files.
         #[arg(long, default_value = "state/demo")]
         dir: PathBuf,
     },
     /// Run the cloud side: broker, collector, database, API and dashboard.
+    #[cfg(feature = "hub")]
     Hub {
         #[arg(short, long, default_value = "config/hub.toml", global = true)]
         config: PathBuf,
@@ -56,6 +60,7 @@ enum Command {
     },
 }
 
+#[cfg(feature = "hub")]
 #[derive(Subcommand)]
 enum HubAction {
     /// Devices of a hub-managed mosquitto: `<state_dir>/mosquitto.passwd` and `mosquitto.acl`.
@@ -65,6 +70,7 @@ enum HubAction {
     },
 }
 
+#[cfg(feature = "hub")]
 #[derive(Subcommand)]
 enum DeviceAction {
     /// Create a device's credentials; prints its password (once) and an agent `[mqtt]` section.
@@ -80,6 +86,7 @@ enum DeviceAction {
     Remove { id: String },
 }
 
+#[cfg(feature = "hub")]
 fn device(config: &std::path::Path, action: DeviceAction) -> ExitCode {
     let cfg = match fieldlink::config::HubConfig::load(config) {
         Ok(c) => c,
@@ -165,12 +172,15 @@ fn install_crypto() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        #[cfg(feature = "hub")]
         Command::Demo { dir } => {
             init_logging("warn,fieldlink=info");
             install_crypto();
             finish(fieldlink::demo::run(&dir))
         }
+        #[cfg(feature = "hub")]
         Command::Hub { config, action: Some(HubAction::Device { action }) } => device(&config, action),
+        #[cfg(feature = "hub")]
         Command::Hub { config, action: None } => {
             init_logging("info");
             let cfg = match fieldlink::config::HubConfig::load(&config) {
