@@ -54,6 +54,10 @@ enum Command {
         request: Vec<String>,
     },
     /// Validate a config file (agent or hub): exit 0, or print every problem and exit 2.
+    #[cfg_attr(
+        not(feature = "hub"),
+        command(about = "Validate an agent config file: exit 0, or print every problem and exit 2")
+    )]
     CheckConfig {
         #[arg(short, long)]
         config: PathBuf,
@@ -239,5 +243,44 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use clap::error::ErrorKind;
+
+    use super::Cli;
+
+    #[cfg(not(feature = "hub"))]
+    #[test]
+    fn the_agent_only_build_has_no_hub_and_no_demo_command() {
+        for command in ["hub", "demo"] {
+            let err = Cli::try_parse_from(["fieldlink", command]).err().expect("no such subcommand");
+            assert_eq!(err.kind(), ErrorKind::InvalidSubcommand, "{command}: {err}");
+        }
+    }
+
+    #[cfg(feature = "hub")]
+    #[test]
+    fn the_full_build_has_the_hub_and_the_demo() {
+        for args in [&["fieldlink", "hub"][..], &["fieldlink", "demo"], &["fieldlink", "hub", "device", "list"]] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn every_build_has_the_agent_commands() {
+        for args in [
+            &["fieldlink", "agent"][..],
+            &["fieldlink", "status"],
+            &["fieldlink", "sim", "get", "17"],
+            &["fieldlink", "check-config", "-c", "x.toml"],
+        ] {
+            if let Err(e) = Cli::try_parse_from(args) {
+                panic!("{args:?}: {e}");
+            }
+        }
     }
 }
