@@ -249,6 +249,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
+    #[cfg(not(feature = "hub"))]
     use clap::error::ErrorKind;
 
     use super::Cli;
