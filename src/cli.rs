@@ -168,8 +168,18 @@ pub fn is_hub_config(text: &str) -> bool {
 
 /// `fieldlink check-config`: the one-line summary of a valid agent or hub
 /// config and its warnings (each one line, for stderr), or every problem.
+/// A build without the `hub` feature refuses a hub config, saying why.
 pub fn check_config(path: &std::path::Path) -> Result<(String, Vec<String>), crate::config::ConfigError> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
+    #[cfg(not(feature = "hub"))]
+    if is_hub_config(&text) {
+        return Err(crate::config::ConfigError::Invalid(vec![format!(
+            "'{}' is a hub config (it has [broker], [database] or [web] and no device_id), and this fieldlink is the \
+             agent-only build (without the cargo feature `hub`): check it with a full build",
+            path.display()
+        )]));
+    }
+    #[cfg(feature = "hub")]
     if is_hub_config(&text) {
         let cfg = crate::config::HubConfig::load(path)?;
         let summary = format!(
@@ -188,4 +198,42 @@ pub fn check_config(path: &std::path::Path) -> Result<(String, Vec<String>), cra
         return Ok((summary, cfg.warnings));
     }
     crate::config::AgentConfig::load(path).map(|cfg| (describe(&cfg), cfg.warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// The shipped hub config, as a user would pass it.
+    fn hub_toml() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.toml")
+    }
+
+    #[test]
+    fn the_shipped_configs_are_told_apart() {
+        let hub = std::fs::read_to_string(hub_toml()).expect("config/hub.toml");
+        let agent = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent.toml"))
+            .expect("config/agent.toml");
+        assert!(is_hub_config(&hub));
+        assert!(!is_hub_config(&agent));
+    }
+
+    #[cfg(not(feature = "hub"))]
+    #[test]
+    fn the_agent_only_build_refuses_a_hub_config_and_says_why() {
+        let err = check_config(&hub_toml()).expect_err("a hub config in the agent-only build");
+        let text = err.to_string();
+        assert!(text.contains("is a hub config"), "{text}");
+        assert!(text.contains("agent-only build"), "{text}");
+        assert!(text.contains("`hub`"), "{text}");
+    }
+
+    #[cfg(feature = "hub")]
+    #[test]
+    fn the_full_build_checks_a_hub_config_as_a_hub() {
+        let (summary, _) = check_config(&hub_toml()).expect("the shipped hub config is valid");
+        assert!(summary.starts_with("ok: hub,"), "{summary}");
+    }
 }

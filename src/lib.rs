@@ -31,18 +31,30 @@
 //!   [`connect_failure`]: why a connect failed, in words, and its log line.
 //! * [`fsutil`], [`timefmt`]: atomic file writes; RFC 3339 timestamps.
 //! * [`sd_notify`]: systemd's notification socket (`READY=1`, `WATCHDOG=1`).
+//!
+//! # Features
+//!
+//! `hub` (default) builds [`hub`], [`broker`], [`passwd`], [`demo`] and the
+//! hub's config with their dependencies (rmqtt, sqlx, axum, hyper, tower).
+//! Without it (`--no-default-features --features agent`) the crate is the
+//! agent and its client commands only: the lean build for a Pi. Nothing the
+//! agent uses may depend on `hub` code.
 
 pub mod agent;
+#[cfg(feature = "hub")]
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod connect_failure;
+#[cfg(feature = "hub")]
 pub mod demo;
 pub mod fsutil;
 pub mod gpio;
+#[cfg(feature = "hub")]
 pub mod hub;
 pub mod mqtt_options;
 pub mod outbox;
+#[cfg(feature = "hub")]
 pub mod passwd;
 pub mod proto;
 pub mod sd_notify;

@@ -1,6 +1,8 @@
 //! The `fieldlink` binary: parses the command line, sets up logging, loads
 //! the config and maps results to exit codes (0 ok, 1 runtime failure, 2 bad
-//! usage or config). All logic lives in the library.
+//! usage or config). All logic lives in the library. Without the `hub`
+//! feature the `demo` and `hub` subcommands do not exist (the lean agent
+//! build: clap answers "unrecognized subcommand").
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,12 +21,14 @@ struct Cli {
 enum Command {
     /// The whole system on one machine: embedded broker, hub on SQLite and a
     /// simulated agent whose button is pressed every few seconds.
+    #[cfg(feature = "hub")]
     Demo {
         /// Where the demo keeps its files.
         #[arg(long, default_value = "state/demo")]
         dir: PathBuf,
     },
     /// Run the cloud side: broker, collector, database, API and dashboard.
+    #[cfg(feature = "hub")]
     Hub {
         #[arg(short, long, default_value = "config/hub.toml", global = true)]
         config: PathBuf,
@@ -50,12 +54,17 @@ enum Command {
         request: Vec<String>,
     },
     /// Validate a config file (agent or hub): exit 0, or print every problem and exit 2.
+    #[cfg_attr(
+        not(feature = "hub"),
+        command(about = "Validate an agent config file: exit 0, or print every problem and exit 2")
+    )]
     CheckConfig {
         #[arg(short, long)]
         config: PathBuf,
     },
 }
 
+#[cfg(feature = "hub")]
 #[derive(Subcommand)]
 enum HubAction {
     /// Devices of a hub-managed mosquitto: `<state_dir>/mosquitto.passwd` and `mosquitto.acl`.
@@ -65,6 +74,7 @@ enum HubAction {
     },
 }
 
+#[cfg(feature = "hub")]
 #[derive(Subcommand)]
 enum DeviceAction {
     /// Create a device's credentials; prints its password (once) and an agent `[mqtt]` section.
@@ -80,6 +90,7 @@ enum DeviceAction {
     Remove { id: String },
 }
 
+#[cfg(feature = "hub")]
 fn device(config: &std::path::Path, action: DeviceAction) -> ExitCode {
     let cfg = match fieldlink::config::HubConfig::load(config) {
         Ok(c) => c,
@@ -165,12 +176,15 @@ fn install_crypto() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        #[cfg(feature = "hub")]
         Command::Demo { dir } => {
             init_logging("warn,fieldlink=info");
             install_crypto();
             finish(fieldlink::demo::run(&dir))
         }
+        #[cfg(feature = "hub")]
         Command::Hub { config, action: Some(HubAction::Device { action }) } => device(&config, action),
+        #[cfg(feature = "hub")]
         Command::Hub { config, action: None } => {
             init_logging("info");
             let cfg = match fieldlink::config::HubConfig::load(&config) {
@@ -229,5 +243,45 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    #[cfg(not(feature = "hub"))]
+    use clap::error::ErrorKind;
+
+    use super::Cli;
+
+    #[cfg(not(feature = "hub"))]
+    #[test]
+    fn the_agent_only_build_has_no_hub_and_no_demo_command() {
+        for command in ["hub", "demo"] {
+            let err = Cli::try_parse_from(["fieldlink", command]).err().expect("no such subcommand");
+            assert_eq!(err.kind(), ErrorKind::InvalidSubcommand, "{command}: {err}");
+        }
+    }
+
+    #[cfg(feature = "hub")]
+    #[test]
+    fn the_full_build_has_the_hub_and_the_demo() {
+        for args in [&["fieldlink", "hub"][..], &["fieldlink", "demo"], &["fieldlink", "hub", "device", "list"]] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn every_build_has_the_agent_commands() {
+        for args in [
+            &["fieldlink", "agent"][..],
+            &["fieldlink", "status"],
+            &["fieldlink", "sim", "get", "17"],
+            &["fieldlink", "check-config", "-c", "x.toml"],
+        ] {
+            if let Err(e) = Cli::try_parse_from(args) {
+                panic!("{args:?}: {e}");
+            }
+        }
     }
 }

@@ -15,6 +15,7 @@
 //! working directory, not to the config file.
 
 pub mod homeassistant;
+#[cfg(feature = "hub")]
 pub mod hub;
 mod mqtt;
 mod pem;
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 use toml::Table;
 
+#[cfg(feature = "hub")]
 pub use self::hub::HubConfig;
 use self::mqtt::MQTT_PORT;
 pub use self::mqtt::{BrokerUrl, Secret};

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
+#[cfg(feature = "hub")]
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -324,6 +325,8 @@ impl<'t> Reader<'t> {
     }
 
     /// An `ip:port` address to listen on. Port 0 means any free port.
+    /// Only the hub's config has listen keys.
+    #[cfg(feature = "hub")]
     pub(super) fn socket_addr_or(&mut self, key: &str, default: SocketAddr, p: &mut Problems) -> Checked<SocketAddr> {
         const EXPECTED: &str = "expected ip:port, e.g. 127.0.0.1:8080 or [::]:8080; not a host name";
         let text = match self.value(key) {
