@@ -15,7 +15,9 @@ What it does:
   `"batch"` (`flush_interval` 100 ms), for `--bin` and, if given, for
   `--baseline-bin` (e.g. a build of `main`), and the paho echo agent (a
   separate Python process that subscribes to the set topic at QoS 1 and
-  publishes the state JSON with the same id, QoS 1, retained);
+  publishes the state JSON with the same id, QoS 1, retained), and mqtt-io
+  with its mock GPIO module when it can be run (`benches/mqttio.py` says
+  how; skipped with the reason otherwise, or with `--no-mqtt-io`);
 * a paho client publishes `{"state": "on"|"off", "id": ...}` at QoS 1 to the
   pump's set topic and waits for the `state` message naming that id
   (subscribed at QoS 0), one command at a time, after 20 untimed warm-up
@@ -53,6 +55,9 @@ import tempfile
 import threading
 import time
 import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mqttio  # noqa: E402  (benches/mqttio.py: the mqtt-io anchor)
 
 try:
     import paho.mqtt.client as mqtt
@@ -224,8 +229,52 @@ class Client:
         self.c.disconnect()
 
 
-def measure(port, device, n, before_timed=None):
-    client = Client(port, device)
+class MqttIoClient:
+    """Publishes ON/OFF to mqtt-io's output and waits for the state with that
+    payload that arrives after the publish (mqtt-io's state carries no id)."""
+
+    def __init__(self, port, prefix):
+        self.set_topic, state_topic = mqttio.topics(prefix)
+        self.cond = threading.Condition()
+        self.arrivals = []  # (time, payload)
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{prefix}")
+        self.c.on_message = self.on_message
+        self.c.connect("127.0.0.1", port)
+        self.c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.c.subscribe(state_topic, qos=0)
+        self.c.loop_start()
+
+    def on_message(self, client, userdata, msg):
+        t = time.perf_counter()
+        with self.cond:
+            self.arrivals.append((t, msg.payload.decode(errors="replace")))
+            self.cond.notify_all()
+
+    def command(self, state, deadline=DEADLINE):
+        want = state.upper()
+        with self.cond:
+            seen = len(self.arrivals)
+        t0 = time.perf_counter()
+        self.c.publish(self.set_topic, want, qos=1)
+        end = time.monotonic() + deadline
+        with self.cond:
+            while True:
+                for t, payload in self.arrivals[seen:]:
+                    if payload == want:
+                        return t - t0
+                seen = len(self.arrivals)
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+
+    def close(self):
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def measure(port, device, n, before_timed=None, mqttio_prefix=None):
+    client = MqttIoClient(port, mqttio_prefix) if mqttio_prefix else Client(port, device)
     try:
         # The agent may still be connecting: retry the first warm-up command.
         for attempt in range(10):
@@ -261,7 +310,7 @@ def count_syscalls(variants, port, tmp, n):
     print("| variant | " + " | ".join(SYSCALLS) + " |")
     print("|---|" + "---:|" * len(SYSCALLS))
     for name, b, d in variants:
-        if b is None:
+        if b is None or b == "mqtt-io":
             continue
         device = f"strace-{uuid.uuid4().hex[:8]}"
         proc = start_fieldlink(b, d, port, tmp, device)
@@ -305,10 +354,18 @@ def main():
     ap.add_argument("--baseline-bin", help="an older fieldlink binary (e.g. main) measured in the same run")
     ap.add_argument("--commands", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-mqtt-io", action="store_true", help="leave out the mqtt-io anchor")
     ap.add_argument("--syscalls", type=int, metavar="N", help="count fsyncs per command over N commands instead")
     args = ap.parse_args()
 
     variants = [("paho echo", None, None)]
+    why_not = None if args.no_mqtt_io else mqttio.available()
+    if args.no_mqtt_io:
+        print("mqtt-io: skipped (--no-mqtt-io)", file=sys.stderr)
+    elif why_not:
+        print(f"mqtt-io: skipped: {why_not}", file=sys.stderr)
+    else:
+        variants.append((f"mqtt-io {mqttio.version()} (mock GPIO)", "mqtt-io", None))
     for label, b in [("fieldlink", args.bin), ("baseline", args.baseline_bin)]:
         if b:
             for d in ("always", "batch"):
@@ -329,9 +386,16 @@ def main():
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for name, b, d in order:
                 device = f"bench-{r}-{uuid.uuid4().hex[:8]}"
-                proc = start_echo(port, tmp, device) if b is None else start_fieldlink(b, d, port, tmp, device)
+                prefix = None
+                if b is None:
+                    proc = start_echo(port, tmp, device)
+                elif b == "mqtt-io":
+                    prefix = f"mqttio-{r}-{uuid.uuid4().hex[:8]}"
+                    proc = mqttio.start(port, tmp, prefix)
+                else:
+                    proc = start_fieldlink(b, d, port, tmp, device)
                 try:
-                    samples = measure(port, device, args.commands)
+                    samples = measure(port, device, args.commands, mqttio_prefix=prefix)
                 finally:
                     stop(proc)
                 p50, p99 = percentile(samples, 50), percentile(samples, 99)
