@@ -250,6 +250,12 @@ fn topic_prefix_problem(prefix: &str) -> Option<String> {
     Some(format!("{} {why} (expected e.g. 'fieldlink' or 'acme/site1')", quote(prefix)))
 }
 
+/// A broker url given on a command line (`fieldlink fleet-sim --broker`):
+/// `mqtt[s]://host[:port]`, or a bare `host:port` taken as `mqtt://`.
+pub fn parse_broker_arg(url: &str) -> Result<BrokerUrl, String> {
+    if url.contains("://") { parse_url(url, "the command line") } else { parse_url(&format!("mqtt://{url}"), "the command line") }
+}
+
 /// `mqtt[s]://host[:port]`. Returns the message tail on failure; `section`
 /// names the keys to use instead of credentials. The url is never quoted
 /// when it holds credentials.
