@@ -52,7 +52,8 @@ fn assert_every_message_stored_once(out: &Output, hub: &Hub, prefix: &str) {
     }
     let epoch = r.get("epoch").expect("the report names its epoch");
     let db = hub.database_url();
-    let rows = query_i64(db, &format!("SELECT COUNT(*) FROM messages WHERE device LIKE '{prefix}-%' AND epoch = {epoch}"));
+    let rows =
+        query_i64(db, &format!("SELECT COUNT(*) FROM messages WHERE device LIKE '{prefix}-%' AND epoch = {epoch}"));
     let distinct = query_i64(
         db,
         &format!(

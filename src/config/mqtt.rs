@@ -253,7 +253,11 @@ fn topic_prefix_problem(prefix: &str) -> Option<String> {
 /// A broker url given on a command line (`fieldlink fleet-sim --broker`):
 /// `mqtt[s]://host[:port]`, or a bare `host:port` taken as `mqtt://`.
 pub fn parse_broker_arg(url: &str) -> Result<BrokerUrl, String> {
-    if url.contains("://") { parse_url(url, "the command line") } else { parse_url(&format!("mqtt://{url}"), "the command line") }
+    if url.contains("://") {
+        parse_url(url, "the command line")
+    } else {
+        parse_url(&format!("mqtt://{url}"), "the command line")
+    }
 }
 
 /// `mqtt[s]://host[:port]`. Returns the message tail on failure; `section`

@@ -127,7 +127,10 @@ fn check(o: &Options) -> Result<(), FleetError> {
         return bad("--devices must be at least 1".into());
     }
     if !(o.plan.rate.is_finite() && o.plan.rate > 0.0 && o.plan.rate <= 1000.0) {
-        return bad(format!("--rate {}: expected messages per second per device, above 0 and at most 1000", o.plan.rate));
+        return bad(format!(
+            "--rate {}: expected messages per second per device, above 0 and at most 1000",
+            o.plan.rate
+        ));
     }
     if o.plan.duration.is_zero() {
         return bad("--duration must be above 0".into());
@@ -135,7 +138,10 @@ fn check(o: &Options) -> Result<(), FleetError> {
     if o.plan.id_prefix.is_empty()
         || !o.plan.id_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
-        return bad(format!("--id-prefix '{}': expected [A-Za-z0-9_-]+ (device ids are <prefix>-<n>)", o.plan.id_prefix));
+        return bad(format!(
+            "--id-prefix '{}': expected [A-Za-z0-9_-]+ (device ids are <prefix>-<n>)",
+            o.plan.id_prefix
+        ));
     }
     Ok(())
 }

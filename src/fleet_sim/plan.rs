@@ -96,7 +96,7 @@ pub fn message(topic_prefix: &str, device: &str, index: usize, epoch: u64, seq: 
     let kind = kind(index, seq);
     // Alternate pressed/released and on/off so the stored history looks like
     // a real device's.
-    let even = seq % 2 == 0;
+    let even = seq.is_multiple_of(2);
     let (topic, body) = match kind {
         MessageKind::Button => (
             topics.button(BUTTON),
@@ -175,7 +175,10 @@ mod tests {
         for seq in 1..=MIX_CYCLE {
             let m = message("fieldlink", "sim-07", 6, 42, seq, now);
             let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
-            assert_eq!((v["device"].as_str(), v["epoch"].as_u64(), v["seq"].as_u64()), (Some("sim-07"), Some(42), Some(seq)));
+            assert_eq!(
+                (v["device"].as_str(), v["epoch"].as_u64(), v["seq"].as_u64()),
+                (Some("sim-07"), Some(42), Some(seq))
+            );
             assert_eq!(v["ts"], "2025-11-21T10:00:00.123Z");
             assert_eq!(proto::identity(&m.payload), Some((42, seq)));
             match m.kind {

@@ -133,7 +133,8 @@ pub fn render(qos: u8, sent: &Sent, verified: Option<&Verified>) -> String {
         let _ = writeln!(s, "acked        - (QoS 0: the broker acknowledges nothing)");
     }
     let _ = writeln!(s, "reconnects   {}", sent.reconnects);
-    let _ = writeln!(s, "late sends   {} (sent over one period after their time: the sim fell behind)", sent.late_sends);
+    let _ =
+        writeln!(s, "late sends   {} (sent over one period after their time: the sim fell behind)", sent.late_sends);
     match verified {
         None => {
             let _ = writeln!(s, "stored       - (give --verify-db to check the hub's database)");
@@ -148,11 +149,8 @@ pub fn render(qos: u8, sent: &Sent, verified: Option<&Verified>) -> String {
             let _ = writeln!(s, "duplicates   {}", v.duplicates);
             match v.latency {
                 Some(l) => {
-                    let _ = writeln!(
-                        s,
-                        "publish→commit ms  p50 {}  p95 {}  p99 {}  max {}",
-                        l.p50, l.p95, l.p99, l.max
-                    );
+                    let _ =
+                        writeln!(s, "publish→commit ms  p50 {}  p95 {}  p99 {}  max {}", l.p50, l.p95, l.p99, l.max);
                 }
                 None => {
                     let _ = writeln!(s, "publish→commit ms  - (nothing stored)");
@@ -215,11 +213,8 @@ mod tests {
     #[test]
     fn the_table_names_every_figure() {
         let sent = Sent { devices: 2, connected: 2, sent: 20, acked: 20, seconds: 10.0, ..Sent::default() };
-        let v = Verified {
-            stored: 20,
-            latency: Some(Latency { p50: 3, p95: 9, p99: 12, max: 40 }),
-            ..Verified::default()
-        };
+        let v =
+            Verified { stored: 20, latency: Some(Latency { p50: 3, p95: 9, p99: 12, max: 40 }), ..Verified::default() };
         let text = render(1, &sent, Some(&v));
         for needle in ["sent         20", "acked        20", "stored       20", "lost         0", "p99 12"] {
             assert!(text.contains(needle), "{needle:?} in\n{text}");
