@@ -340,3 +340,17 @@ fn read_password(path: &Path) -> Result<Secret, String> {
     }
     Ok(Secret(password.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_argument_may_leave_out_the_scheme() {
+        let b = parse_broker_arg("127.0.0.1:1884").expect("host:port");
+        assert_eq!((b.tls, b.host.as_str(), b.port), (false, "127.0.0.1", 1884));
+        let b = parse_broker_arg("mqtts://hub.example").expect("url");
+        assert_eq!((b.tls, b.host.as_str(), b.port), (true, "hub.example", MQTTS_PORT));
+        assert!(parse_broker_arg("mqtt://u:pw@hub.example").is_err(), "no credentials in the url");
+    }
+}
