@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::hub::{Hub, query_i64};
+use common::hub::{Hub, Server, TestDb, query_i64};
 use common::{fieldlink_bin, require_mosquitto, run_with_deadline, serial, unique};
 
 const DEVICES: u64 = 20;
@@ -75,7 +75,26 @@ fn assert_every_message_stored_once(out: &Output, hub: &Hub, prefix: &str) {
 fn twenty_simulated_devices_through_mosquitto_have_every_message_stored_exactly_once() {
     let _serial = serial();
     let Some(broker) = require_mosquitto(false) else { return };
-    let mut hub = Hub::builder(&broker).start();
+    fleet_through_mosquitto(&broker, Hub::builder(&broker).start());
+}
+
+#[test]
+fn the_sim_reads_back_a_mariadb_hub() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let Some(db) = TestDb::create(Server::MariaDb) else { return };
+    fleet_through_mosquitto(&broker, Hub::builder(&broker).database(db.url()).start());
+}
+
+#[test]
+fn the_sim_reads_back_a_postgresql_hub() {
+    let _serial = serial();
+    let Some(broker) = require_mosquitto(false) else { return };
+    let Some(db) = TestDb::create(Server::Postgres) else { return };
+    fleet_through_mosquitto(&broker, Hub::builder(&broker).database(db.url()).start());
+}
+
+fn fleet_through_mosquitto(broker: &common::Mosquitto, mut hub: Hub) {
     let prefix = format!("fleet{}", unique());
     let url = format!("mqtt://127.0.0.1:{}", broker.port());
     let out = fleet_sim(&[
