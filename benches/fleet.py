@@ -454,6 +454,7 @@ def main():
                 sys.exit(f"fleet: unknown backend '{kind}'")
             if r:
                 sys.stderr.write(r["raw"])
+                log("row: " + row(r))
                 results.append(r)
     finally:
         stop(mosq)
@@ -463,12 +464,16 @@ def main():
           "| collector CPU s / peak RSS MB | sim CPU s / peak RSS MB | load avg before -> after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        lat = " / ".join(fmt(r.get(k)) for k in ("p50", "p95", "p99", "max"))
-        extra = f" (backlog drained {r['drained_s']:.0f} s after the sim)" if r.get("drained_s") else ""
-        print(f"| {r['name']}{extra} | {fmt(r.get('sent'))} | {fmt(r.get('acked'))} | {fmt(r.get('stored'))} | "
-              f"{fmt(r.get('lost'))} | {fmt(r.get('duplicates'))} | {fmt(r.get('late'))} | {lat} | "
-              f"{r['hub_cpu']:.1f} / {r['hub_rss'] / 1024:.0f} | {r['sim_cpu']:.1f} / {r['sim_rss'] / 1024:.0f} | "
-              f"{r['load']} |")
+        print(row(r))
+
+
+def row(r):
+    lat = " / ".join(fmt(r.get(k)) for k in ("p50", "p95", "p99", "max"))
+    extra = f" (backlog drained {r['drained_s']:.0f} s after the sim)" if r.get("drained_s") is not None else ""
+    return (f"| {r['name']}{extra} | {fmt(r.get('sent'))} | {fmt(r.get('acked'))} | {fmt(r.get('stored'))} | "
+            f"{fmt(r.get('lost'))} | {fmt(r.get('duplicates'))} | {fmt(r.get('late'))} | {lat} | "
+            f"{r['hub_cpu']:.1f} / {r['hub_rss'] / 1024:.0f} | {r['sim_cpu']:.1f} / {r['sim_rss'] / 1024:.0f} | "
+            f"{r['load']} |")
 
 
 if __name__ == "__main__":
