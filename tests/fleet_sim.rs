@@ -161,3 +161,35 @@ fn a_fleet_without_credentials_on_the_embedded_broker_is_refused_with_a_reason()
     assert!(err.contains("could not connect") || err.contains("devices connected"), "{}", show(&out));
     assert_eq!(hub.sigterm().code(), Some(0), "the hub's exit on SIGTERM");
 }
+
+#[test]
+fn a_fleet_over_tls_to_the_embedded_broker_has_every_message_stored() {
+    let _serial = serial();
+    let mut hub = Hub::builder_embedded().tls().start();
+    let prefix = format!("fleet{}", unique());
+    let tls_port = hub.tls_port().expect("an mqtts listener");
+    let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls/ca.pem");
+    let password_file = hub.dir().join("sim.pass");
+    let out = fleet_sim(&[
+        "--broker",
+        &format!("mqtts://localhost:{tls_port}"),
+        "--ca-file",
+        &ca.display().to_string(),
+        "--devices",
+        &DEVICES.to_string(),
+        "--rate",
+        "2",
+        "--duration",
+        "3s",
+        "--id-prefix",
+        &prefix,
+        "--provision",
+        &hub.config_path().display().to_string(),
+        "--password-file",
+        &password_file.display().to_string(),
+        "--verify-db",
+        hub.database_url(),
+    ]);
+    assert_every_message_stored_once(&out, &hub, &prefix);
+    assert_eq!(hub.sigterm().code(), Some(0), "the hub's exit on SIGTERM");
+}
