@@ -26,6 +26,8 @@
 //! * [`broker`]: the embedded MQTT broker (rmqtt) with its auth and ACL.
 //! * [`passwd`]: MQTT credentials in mosquitto_passwd format.
 //! * [`demo`]: `fieldlink demo`, the whole system on one machine.
+//! * [`fleet_sim`]: `fieldlink fleet-sim`, simulated devices that load a hub
+//!   to size it (sent, stored, lost, publish → commit latency).
 //! * [`cli`]: the small client commands (`status`, `sim`, `check-config`).
 //! * [`mqtt_options`]: the rumqttc options the agent and the hub share;
 //!   [`connect_failure`]: why a connect failed, in words, and its log line.
@@ -34,7 +36,7 @@
 //!
 //! # Features
 //!
-//! `hub` (default) builds [`hub`], [`broker`], [`passwd`], [`demo`] and the
+//! `hub` (default) builds [`hub`], [`broker`], [`passwd`], [`demo`], [`fleet_sim`] and the
 //! hub's config with their dependencies (rmqtt, sqlx, axum, hyper, tower).
 //! Without it (`--no-default-features --features agent`) the crate is the
 //! agent and its client commands only: the lean build for a Pi. Nothing the
@@ -48,6 +50,8 @@ pub mod config;
 pub mod connect_failure;
 #[cfg(feature = "hub")]
 pub mod demo;
+#[cfg(feature = "hub")]
+pub mod fleet_sim;
 pub mod fsutil;
 pub mod gpio;
 #[cfg(feature = "hub")]

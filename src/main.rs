@@ -35,6 +35,11 @@ enum Command {
         #[command(subcommand)]
         action: Option<HubAction>,
     },
+    /// Load a hub with simulated devices to size it: N connections sending
+    /// the agent's messages; prints sent, acked, and with --verify-db stored,
+    /// lost, duplicates and publish→commit latency. Exit 1 if any was lost.
+    #[cfg(feature = "hub")]
+    FleetSim(Box<FleetSimArgs>),
     /// Run the field agent.
     Agent {
         #[arg(short, long, default_value = "config/agent.toml")]
@@ -62,6 +67,111 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+}
+
+#[cfg(feature = "hub")]
+#[derive(clap::Args)]
+struct FleetSimArgs {
+    /// The broker: mqtt://host:port, mqtts://host:port or host:port.
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// Simulated devices, one MQTT connection each.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Messages per second per device (90 % button, 5 % heartbeat, 5 % relay state).
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// How long each device sends (e.g. 30s, 10m).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// Device ids are <prefix>-<n>.
+    #[arg(long, default_value = "sim")]
+    id_prefix: String,
+    /// The hub's topic_prefix.
+    #[arg(long, default_value = "fieldlink")]
+    topic_prefix: String,
+    /// Every device logs in as its id with the password in this file
+    /// (with --provision: created with a random password if missing).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Add the simulated devices to this hub config's broker password file
+    /// (as `hub device add` does) before the run; needs --password-file.
+    #[arg(long, value_name = "HUB_TOML")]
+    provision: Option<PathBuf>,
+    /// With mqtts://: the CA that signed the broker's certificate.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// The hub's database url ([database] url): check what it stored.
+    #[arg(long, value_name = "URL")]
+    verify_db: Option<String>,
+    /// With --verify-db: give up waiting for the hub after this long without progress.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    settle: std::time::Duration,
+    /// Give up if the fleet is not connected within this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    connect_timeout: std::time::Duration,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    keep_alive: std::time::Duration,
+}
+
+#[cfg(feature = "hub")]
+fn fleet_sim(a: FleetSimArgs) -> ExitCode {
+    use fieldlink::fleet_sim::{self, Options, Plan, provision};
+    let usage = |e: String| {
+        eprintln!("fleet-sim: {e}");
+        ExitCode::from(2)
+    };
+    let broker = match fieldlink::config::parse_broker_arg(&a.broker) {
+        Ok(b) => b,
+        Err(e) => return usage(format!("--broker {e}")),
+    };
+    let plan = Plan { id_prefix: a.id_prefix, devices: a.devices, rate: a.rate, duration: a.duration };
+    let password = match (&a.provision, &a.password_file) {
+        (Some(_), None) => return usage("--provision needs --password-file".into()),
+        (Some(hub), Some(file)) => {
+            let provisioned = provision::password_or_create(file)
+                .and_then(|pw| provision::provision(hub, &plan.device_ids(), &pw).map(|line| (pw, line)));
+            match provisioned {
+                Ok((pw, line)) => {
+                    eprintln!("{line}");
+                    Some(pw)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        (None, Some(file)) => match provision::read_password(file) {
+            Ok(pw) => Some(pw),
+            Err(e) => return usage(e.to_string()),
+        },
+        (None, None) => None,
+    };
+    let qos = a.qos;
+    let outcome = fleet_sim::run(Options {
+        broker,
+        plan,
+        qos,
+        topic_prefix: a.topic_prefix,
+        password,
+        ca_file: a.ca_file,
+        keep_alive: a.keep_alive,
+        connect_timeout: a.connect_timeout,
+        verify_db: a.verify_db,
+        settle: a.settle,
+    });
+    match outcome {
+        Ok(o) => {
+            print!("{}", fleet_sim::report::render(qos, &o.sent, o.verified.as_ref()));
+            println!("epoch        {}", o.epoch);
+            if o.clean() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Err(fleet_sim::FleetError::Invalid(e)) => usage(e),
+        Err(e) => finish::<fleet_sim::FleetError>(Err(e)),
+    }
 }
 
 #[cfg(feature = "hub")]
@@ -185,6 +295,12 @@ fn main() -> ExitCode {
         #[cfg(feature = "hub")]
         Command::Hub { config, action: Some(HubAction::Device { action }) } => device(&config, action),
         #[cfg(feature = "hub")]
+        Command::FleetSim(args) => {
+            init_logging("warn,fieldlink=info");
+            install_crypto();
+            fleet_sim(*args)
+        }
+        #[cfg(feature = "hub")]
         Command::Hub { config, action: None } => {
             init_logging("info");
             let cfg = match fieldlink::config::HubConfig::load(&config) {
@@ -257,7 +373,7 @@ mod tests {
     #[cfg(not(feature = "hub"))]
     #[test]
     fn the_agent_only_build_has_no_hub_and_no_demo_command() {
-        for command in ["hub", "demo"] {
+        for command in ["hub", "demo", "fleet-sim"] {
             let err = Cli::try_parse_from(["fieldlink", command]).err().expect("no such subcommand");
             assert_eq!(err.kind(), ErrorKind::InvalidSubcommand, "{command}: {err}");
         }
@@ -266,7 +382,12 @@ mod tests {
     #[cfg(feature = "hub")]
     #[test]
     fn the_full_build_has_the_hub_and_the_demo() {
-        for args in [&["fieldlink", "hub"][..], &["fieldlink", "demo"], &["fieldlink", "hub", "device", "list"]] {
+        for args in [
+            &["fieldlink", "hub"][..],
+            &["fieldlink", "demo"],
+            &["fieldlink", "hub", "device", "list"],
+            &["fieldlink", "fleet-sim", "--devices", "1000", "--rate", "1", "--duration", "10m"],
+        ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
         }
     }

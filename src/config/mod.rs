@@ -33,7 +33,7 @@ use toml::Table;
 #[cfg(feature = "hub")]
 pub use self::hub::HubConfig;
 use self::mqtt::MQTT_PORT;
-pub use self::mqtt::{BrokerUrl, Secret};
+pub use self::mqtt::{BrokerUrl, Secret, parse_broker_arg};
 /// Also used for the hub's token file.
 pub(crate) use self::reader::describe_io;
 use self::reader::{

@@ -250,6 +250,16 @@ fn topic_prefix_problem(prefix: &str) -> Option<String> {
     Some(format!("{} {why} (expected e.g. 'fieldlink' or 'acme/site1')", quote(prefix)))
 }
 
+/// A broker url given on a command line (`fieldlink fleet-sim --broker`):
+/// `mqtt[s]://host[:port]`, or a bare `host:port` taken as `mqtt://`.
+pub fn parse_broker_arg(url: &str) -> Result<BrokerUrl, String> {
+    if url.contains("://") {
+        parse_url(url, "the command line")
+    } else {
+        parse_url(&format!("mqtt://{url}"), "the command line")
+    }
+}
+
 /// `mqtt[s]://host[:port]`. Returns the message tail on failure; `section`
 /// names the keys to use instead of credentials. The url is never quoted
 /// when it holds credentials.
@@ -329,4 +339,18 @@ fn read_password(path: &Path) -> Result<Secret, String> {
         return Err(format!("'{}' is empty (expected the password on its first line)", path.display()));
     }
     Ok(Secret(password.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_argument_may_leave_out_the_scheme() {
+        let b = parse_broker_arg("127.0.0.1:1884").expect("host:port");
+        assert_eq!((b.tls, b.host.as_str(), b.port), (false, "127.0.0.1", 1884));
+        let b = parse_broker_arg("mqtts://hub.example").expect("url");
+        assert_eq!((b.tls, b.host.as_str(), b.port), (true, "hub.example", MQTTS_PORT));
+        assert!(parse_broker_arg("mqtt://u:pw@hub.example").is_err(), "no credentials in the url");
+    }
 }

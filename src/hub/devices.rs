@@ -257,6 +257,33 @@ impl Provisioning {
         Ok((password, reload))
     }
 
+    /// Provisions every id in `ids` with the one `password` (what `fieldlink
+    /// fleet-sim --provision` does for its simulated devices), in one write
+    /// of the files and one reload: ids already provisioned with that
+    /// password are left alone, and an id provisioned with another password
+    /// is refused before anything is written. Returns how many were added
+    /// and what was done about reloading the broker.
+    pub fn ensure(&self, ids: &[String], password: &str) -> Result<(usize, String), DevicesError> {
+        let mut passwd = self.load()?;
+        let mut added = 0;
+        for id in ids {
+            self.check_id(id)?;
+            match passwd.find(id) {
+                Some(i) if verify(&passwd.users[i].1, password.as_bytes()) => {}
+                Some(_) => return Err(DevicesError::Exists(id.clone())),
+                None => {
+                    passwd.users.push((id.clone(), new_hash(password)?));
+                    added += 1;
+                }
+            }
+        }
+        if added == 0 {
+            return Ok((0, String::from("every device was provisioned already")));
+        }
+        let reload = self.save(&passwd)?;
+        Ok((added, reload))
+    }
+
     /// Whether `id` is provisioned with `password`.
     pub fn verifies(&self, id: &str, password: &str) -> Result<bool, DevicesError> {
         let passwd = Passwd::load(&self.passwd_path())?;
@@ -385,6 +412,18 @@ mod tests {
         for f in [p.passwd_path(), p.acl_path()] {
             assert_eq!(fs::metadata(&f).expect("meta").permissions().mode() & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn ensure_adds_missing_devices_once_and_refuses_one_with_another_password() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = prov(dir.path());
+        let ids: Vec<String> = ["sim-1", "sim-2"].map(String::from).to_vec();
+        assert_eq!(p.ensure(&ids, "pw-one").expect("added").0, 2);
+        assert_eq!(p.ensure(&ids, "pw-one").expect("no change").0, 0);
+        assert!(p.verifies("sim-2", "pw-one").expect("readable"));
+        assert!(matches!(p.ensure(&ids, "pw-two"), Err(DevicesError::Exists(id)) if id == "sim-1"));
+        assert_eq!(p.list().expect("list"), ["sim-1", "sim-2"]);
     }
 
     #[test]
