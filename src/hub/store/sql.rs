@@ -193,6 +193,36 @@ impl Statements {
         self.dialect.render(&sql)
     }
 
+    /// `insert_message` for `rows` messages in one statement: the same eight
+    /// binds per row, row after row. Its `rows_affected` is how many of them
+    /// were new.
+    pub fn insert_messages(&self, rows: usize) -> Arc<str> {
+        self.dialect.insert_unless_present(
+            "messages",
+            &format!("(device, epoch, seq, ts, kind, name, payload, received_at) VALUES {}", values(8, rows)),
+            "device, epoch, seq",
+        )
+    }
+
+    /// `insert_device` for `rows` devices in one statement: device, online,
+    /// last_seen per row.
+    pub fn insert_devices(&self, rows: usize) -> Arc<str> {
+        self.dialect.insert_unless_present(
+            "devices",
+            &format!("(device, online, last_seen) VALUES {}", values(3, rows)),
+            "device",
+        )
+    }
+
+    /// `touch_device` for `devices` devices: last_seen, last_seen, then
+    /// each device.
+    pub fn touch_devices(&self, devices: usize) -> Arc<str> {
+        let list = vec!["?"; devices].join(", ");
+        self.dialect.render(&format!(
+            "UPDATE devices SET last_seen = ? WHERE (last_seen IS NULL OR last_seen < ?) AND device IN ({list})"
+        ))
+    }
+
     /// Every statement, for checks.
     #[cfg(test)]
     fn all(&self) -> Vec<&str> {
@@ -235,6 +265,12 @@ impl Statements {
     }
 }
 
+/// `(?, ?, ...), (?, ?, ...)`: `rows` rows of `columns` placeholders.
+fn values(columns: usize, rows: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row.as_str(); rows].join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +285,24 @@ mod tests {
                 assert!(i % 2 == 0 || !literal.contains('?'), "{sql}");
             }
         }
+    }
+
+    #[test]
+    fn a_many_row_statement_numbers_every_placeholder_for_postgres() {
+        let s = Statements::new(Dialect::Postgres);
+        assert_eq!(
+            &*s.insert_devices(2),
+            "INSERT INTO devices (device, online, last_seen) VALUES ($1, $2, $3), ($4, $5, $6) \
+             ON CONFLICT (device) DO NOTHING"
+        );
+        assert_eq!(
+            &*s.touch_devices(2),
+            "UPDATE devices SET last_seen = $1 WHERE (last_seen IS NULL OR last_seen < $2) AND device IN ($3, $4)"
+        );
+        assert!(s.insert_messages(1000).contains("$8000)"));
+        let m = Statements::new(Dialect::MySql).insert_messages(2);
+        assert!(m.starts_with("INSERT IGNORE INTO messages"), "{m}");
+        assert_eq!(m.matches('?').count(), 16);
     }
 
     #[test]
