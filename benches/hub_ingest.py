@@ -344,11 +344,23 @@ class Collector:
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "warn")
         self.proc = subprocess.Popen(cmd, cwd=self.dir, stdout=log, stderr=log, env=env)
+        LOGS[self.proc.pid] = os.path.join(self.dir, "collector.log")
         if self.embedded:
             wait_port(self.port, self.proc, "hub (embedded broker)")
 
     def stop(self):
         stop(self.proc)
+
+
+LOGS = {}
+
+
+def log_of(proc):
+    path = LOGS.get(proc.pid)
+    if path is None:
+        return ""
+    with open(path) as f:
+        return f.read()[-2000:]
 
 
 def wait_count(db, table, n, proc, what):
@@ -359,7 +371,7 @@ def wait_count(db, table, n, proc, what):
         if proc.poll() is not None:
             sys.exit(f"hub_ingest: {what} exited with {proc.returncode}")
         time.sleep(POLL)
-    sys.exit(f"hub_ingest: {what} did not store {n} rows in {table}")
+    sys.exit(f"hub_ingest: {what} did not store {n} rows in {table} (log: {log_of(proc)})")
 
 
 def measure(db, table, base, total, proc, what):
@@ -389,13 +401,24 @@ def run_queued(variant, kind, msgs, tmp, inflight):
     try:
         col = Collector(variant, db, port, tmp)
         col.start()
-        time.sleep(0.3)
-        publish_all(port, messages(1, epoch=0))
-        wait_count(db, "messages", 1, col.proc, variant)
+        # Probes until one is stored: the collector has its session and
+        # subscription (a hub migrates its database first).
+        end = time.monotonic() + 120
+        probe = 0
+        while db.count("messages") == 0:
+            if time.monotonic() > end or col.proc.poll() is not None:
+                sys.exit(f"hub_ingest: {variant} stored no probe (log: {log_of(col.proc)})")
+            probe += 1
+            body = {"device": "probe", "epoch": 0, "seq": probe, "ts": ts_now(), "button": "b", "state": "pressed"}
+            publish_all(port, [(f"{PREFIX}/probe/button/b", json.dumps(body))])
+            t = time.monotonic()
+            while db.count("messages") == 0 and time.monotonic() < t + 1:
+                time.sleep(POLL)
         col.stop()
+        base = db.count("messages")
         publish_all(port, msgs)
         col.start()
-        return measure(db, "messages", 1, len(msgs), col.proc, variant)
+        return measure(db, "messages", base, len(msgs), col.proc, variant)
     finally:
         if col.proc is not None:
             col.stop()

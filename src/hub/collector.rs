@@ -322,6 +322,7 @@ async fn batch(
         // Which item each update came from.
         let from: Vec<usize> = (0..items.len()).filter(|&i| items[i].update.is_some()).collect();
         let updates: Vec<Update> = items.iter().filter_map(|p| p.update.clone()).collect();
+        let started = std::time::Instant::now();
         let (fresh, answered, refused, committed) = if updates.is_empty() {
             (Vec::new(), Vec::new(), Vec::new(), SystemTime::now())
         } else {
@@ -331,6 +332,7 @@ async fn batch(
                 None => break,
             }
         };
+        tracing::debug!("batch of {} ({} stored) written in {:?}", items.len(), updates.len(), started.elapsed());
         // Recorded before the ack (the message is gone after it), each in a
         // transaction of its own; a failure is logged and counted, never
         // waited out.

@@ -155,7 +155,7 @@ async fn write_once(
     // The common case first: every message new. A redelivery (or a key
     // twice in the batch) is written again, one statement per row, which
     // tells which were there.
-    if let Some(answered) = write_all_new(&mut tx, sql, checked, order, received_at).await? {
+    if let Some(answered) = write_all_new(&mut tx, dialect, sql, checked, order, received_at).await? {
         let commands = fetch_commands(&mut tx, sql, answered).await?;
         tx.commit().await.map_err(StoreError::db("commit a batch"))?;
         return Ok(BatchReport { stored: vec![true; checked.len()], commands });
@@ -232,6 +232,21 @@ const MESSAGE_ROWS: usize = 1000;
 /// Devices per many-row statement on `devices` (at most 3 binds each).
 const DEVICE_ROWS: usize = 1000;
 
+/// Whether a many-row statement (its size varies from batch to batch) is
+/// kept in sqlx's per-connection statement cache. SQLite: only a full
+/// chunk, whose size comes back, so the others do not push the hot
+/// statements out of the cache (each prepared statement holds its own VDBE
+/// program). MySQL/MariaDB and PostgreSQL: always. sqlx-mysql 0.9 runs a
+/// statement that is not kept as prepare, execute, `COM_STMT_CLOSE`
+/// (sqlx-mysql-0.9.0 `src/connection/executor.rs:148-171`); measured here
+/// on MariaDB 10.11, three such statements made every batch take 110-140 ms
+/// (one message or 500), and the hub 3x slower than one row at a time. The
+/// cache is LRU (100 per connection), so the hot statements, used every
+/// batch, stay.
+fn keep_prepared(dialect: Dialect, full: bool) -> bool {
+    full || dialect != Dialect::Sqlite
+}
+
 /// The batch written in a few statements, not one per row: its messages in
 /// many-row `INSERT`s, its devices in two statements, and per heartbeat,
 /// relay or sensor only the newest of the batch (the same end state as one
@@ -241,6 +256,7 @@ const DEVICE_ROWS: usize = 1000;
 /// answered, in the order of `order`.
 async fn write_all_new<'a>(
     conn: &mut AnyConnection,
+    dialect: Dialect,
     sql: &Statements,
     checked: &'a [Checked<'a>],
     order: &[usize],
@@ -250,9 +266,8 @@ async fn write_all_new<'a>(
         order.iter().map(|&i| &checked[i]).filter(|c| matches!(c, Checked::Message { .. })).collect();
     let mut inserted = 0;
     for chunk in messages.chunks(MESSAGE_ROWS) {
-        // A statement of a size that comes back is kept prepared; the
-        // others are not, so they do not push the rest out of sqlx's cache.
-        let mut q = sqlx::query(AssertSqlSafe(sql.insert_messages(chunk.len()))).persistent(chunk.len() == MESSAGE_ROWS);
+        let full = chunk.len() == MESSAGE_ROWS;
+        let mut q = sqlx::query(AssertSqlSafe(sql.insert_messages(chunk.len()))).persistent(keep_prepared(dialect, full));
         for m in chunk {
             if let Checked::Message { device, epoch, seq, ts, kind, name, payload, .. } = m {
                 q = q
@@ -269,19 +284,21 @@ async fn write_all_new<'a>(
         inserted += affected(q, conn, "store messages").await?;
     }
     if usize::try_from(inserted).ok() != Some(messages.len()) {
+        tracing::debug!("database: {inserted} of {} messages new: written again one at a time", messages.len());
         return Ok(None);
     }
     // `order` is by device: equal names are neighbours.
     let mut devices: Vec<&str> = messages.iter().map(|m| m.device()).collect();
     devices.dedup();
     for chunk in devices.chunks(DEVICE_ROWS) {
-        let mut q = sqlx::query(AssertSqlSafe(sql.insert_devices(chunk.len()))).persistent(false);
+        let full = chunk.len() == DEVICE_ROWS;
+        let mut q = sqlx::query(AssertSqlSafe(sql.insert_devices(chunk.len()))).persistent(keep_prepared(dialect, full));
         for device in chunk {
             q = q.bind(*device).bind(0_i16).bind(received_at);
         }
         affected(q, conn, "create devices").await?;
         let mut q = sqlx::query(AssertSqlSafe(sql.touch_devices(chunk.len())))
-            .persistent(false)
+            .persistent(keep_prepared(dialect, full))
             .bind(received_at)
             .bind(received_at);
         for device in chunk {
