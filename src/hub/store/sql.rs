@@ -81,6 +81,10 @@ pub struct Statements {
     pub select_range: Arc<str>,
     /// device, limit -> rows of [`COMMAND_COLUMNS`], newest requested first
     pub select_device_commands: Arc<str>,
+    /// SQLite only: () -> one row, the whole `GET /api/devices` body (the
+    /// JSON of [`crate::hub::model::DeviceView`]s by device), built by
+    /// SQLite's JSON functions; `None` for the other dialects.
+    pub select_devices_json: Option<Arc<str>>,
     dialect: Dialect,
 }
 
@@ -174,6 +178,7 @@ impl Statements {
             select_device_commands: d.render(&format!(
                 "SELECT {COMMAND_COLUMNS} FROM commands WHERE device = ? ORDER BY requested_at DESC, command_id LIMIT ?"
             )),
+            select_devices_json: (d == Dialect::Sqlite).then(|| d.render(SQLITE_DEVICES_JSON)),
             dialect: d,
         }
     }
@@ -264,6 +269,26 @@ impl Statements {
         .collect()
     }
 }
+
+/// The device list as one JSON text, in one statement (SQLite 3.44+: an
+/// aggregate's own `ORDER BY`). A JSON value keeps its JSON subtype only as
+/// a direct argument, so what comes out of a subquery is wrapped in
+/// `json()` again. Keys of each object in the order `DeviceView` has them;
+/// relays and sensors by name (a `BTreeMap` there).
+const SQLITE_DEVICES_JSON: &str = "SELECT json_group_array(json(v) ORDER BY device) FROM (\
+    SELECT d.device AS device, json_object(\
+        'device', d.device, \
+        'online', json(CASE WHEN d.online <> 0 THEN 'true' ELSE 'false' END), \
+        'last_seen', d.last_seen, \
+        'heartbeat', json(d.heartbeat), \
+        'relays', json((SELECT json_group_object(r.relay, r.state ORDER BY r.relay) \
+            FROM relays r WHERE r.device = d.device)), \
+        'sensors', json((SELECT json_group_object(s.sensor, \
+            json_object('value', s.value, 'unit', s.unit, 'ts', s.ts) ORDER BY s.sensor) \
+            FROM sensors s WHERE s.device = d.device)), \
+        'set_aside', COALESCE(a.n, 0)) AS v \
+    FROM devices d LEFT JOIN (SELECT device, COUNT(*) AS n FROM set_aside WHERE device IS NOT NULL \
+        GROUP BY device) a ON a.device = d.device)";
 
 /// `(?, ?, ...), (?, ?, ...)`: `rows` rows of `columns` placeholders.
 fn values(columns: usize, rows: usize) -> String {
