@@ -271,22 +271,25 @@ impl Statements {
 }
 
 /// The device list as one JSON text, in one statement (SQLite 3.44+: an
-/// aggregate's own `ORDER BY`). A JSON value keeps its JSON subtype only as
-/// a direct argument, so what comes out of a subquery is wrapped in
-/// `json()` again. Keys of each object in the order `DeviceView` has them;
-/// relays and sensors by name (a `BTreeMap` there).
-const SQLITE_DEVICES_JSON: &str = "SELECT json_group_array(json(v) ORDER BY device) FROM (\
-    SELECT d.device AS device, json_object(\
-        'device', d.device, \
-        'online', json(CASE WHEN d.online <> 0 THEN 'true' ELSE 'false' END), \
-        'last_seen', d.last_seen, \
-        'heartbeat', json(d.heartbeat), \
-        'relays', json((SELECT json_group_object(r.relay, r.state ORDER BY r.relay) \
-            FROM relays r WHERE r.device = d.device)), \
-        'sensors', json((SELECT json_group_object(s.sensor, \
+/// aggregate's own `ORDER BY`), keys in the order `DeviceView` has them,
+/// relays and sensors by name (a `BTreeMap` there). Each device's object
+/// is put together as text, and its newest heartbeat goes in as stored:
+/// only the store writes `devices.heartbeat`, always serde_json's text of a
+/// payload it parsed (`write`), so it is JSON; running it through `json()`
+/// (twice: again inside the device's object) was most of the statement's
+/// time (measured: 4.0 against 1.8 ms for 1,000 devices).
+const SQLITE_DEVICES_JSON: &str = "SELECT '[' || COALESCE(group_concat(v, ',' ORDER BY device), '') || ']' FROM (\
+    SELECT d.device AS device, \
+        '{\"device\":' || json_quote(d.device) \
+        || ',\"online\":' || CASE WHEN d.online <> 0 THEN 'true' ELSE 'false' END \
+        || ',\"last_seen\":' || json_quote(d.last_seen) \
+        || ',\"heartbeat\":' || COALESCE(d.heartbeat, 'null') \
+        || ',\"relays\":' || (SELECT json_group_object(r.relay, r.state ORDER BY r.relay) \
+            FROM relays r WHERE r.device = d.device) \
+        || ',\"sensors\":' || (SELECT json_group_object(s.sensor, \
             json_object('value', s.value, 'unit', s.unit, 'ts', s.ts) ORDER BY s.sensor) \
-            FROM sensors s WHERE s.device = d.device)), \
-        'set_aside', COALESCE(a.n, 0)) AS v \
+            FROM sensors s WHERE s.device = d.device) \
+        || ',\"set_aside\":' || COALESCE(a.n, 0) || '}' AS v \
     FROM devices d LEFT JOIN (SELECT device, COUNT(*) AS n FROM set_aside WHERE device IS NOT NULL \
         GROUP BY device) a ON a.device = d.device)";
 
