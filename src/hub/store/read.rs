@@ -95,13 +95,13 @@ pub async fn devices(pool: &AnyPool, sql: &Statements) -> Result<Vec<DeviceView>
 /// the order of a heartbeat's keys may differ (as stored, or sorted).
 pub async fn devices_json(pool: &AnyPool, sql: &Statements) -> Result<String, StoreError> {
     match &sql.select_devices_json {
-        Some(q) => sqlx::query_scalar(AssertSqlSafe(q.clone()))
-            .fetch_one(pool)
-            .await
-            .map_err(StoreError::db("read devices")),
+        Some(q) => {
+            sqlx::query_scalar(AssertSqlSafe(q.clone())).fetch_one(pool).await.map_err(StoreError::db("read devices"))
+        }
         None => {
             let devices = devices(pool, sql).await?;
-            serde_json::to_string(&devices).map_err(|e| StoreError::Corrupt { what: "device list", value: e.to_string() })
+            serde_json::to_string(&devices)
+                .map_err(|e| StoreError::Corrupt { what: "device list", value: e.to_string() })
         }
     }
 }

@@ -267,7 +267,8 @@ async fn write_all_new<'a>(
     let mut inserted = 0;
     for chunk in messages.chunks(MESSAGE_ROWS) {
         let full = chunk.len() == MESSAGE_ROWS;
-        let mut q = sqlx::query(AssertSqlSafe(sql.insert_messages(chunk.len()))).persistent(keep_prepared(dialect, full));
+        let mut q =
+            sqlx::query(AssertSqlSafe(sql.insert_messages(chunk.len()))).persistent(keep_prepared(dialect, full));
         for m in chunk {
             if let Checked::Message { device, epoch, seq, ts, kind, name, payload, .. } = m {
                 q = q
@@ -292,7 +293,8 @@ async fn write_all_new<'a>(
     devices.dedup();
     for chunk in devices.chunks(DEVICE_ROWS) {
         let full = chunk.len() == DEVICE_ROWS;
-        let mut q = sqlx::query(AssertSqlSafe(sql.insert_devices(chunk.len()))).persistent(keep_prepared(dialect, full));
+        let mut q =
+            sqlx::query(AssertSqlSafe(sql.insert_devices(chunk.len()))).persistent(keep_prepared(dialect, full));
         for device in chunk {
             q = q.bind(*device).bind(0_i16).bind(received_at);
         }
