@@ -40,6 +40,7 @@ Usage (from the repository root, after `cargo build --release`):
     python3 benches/hub_ingest.py --bin target/release/fieldlink \\
         [--baseline-bin /work/fieldlink-main-release] [--messages 50000] \\
         [--rounds 5] [--db sqlite,mariadb,postgres] [--inflight 20] [--embedded]
+    python3 benches/hub_ingest.py --bin ... --baseline-bin ... --db '' --embedded
 
 Needs mosquitto, `pip install paho-mqtt pymysql 'psycopg[binary]'`; a
 database whose server does not answer is skipped with the reason printed.
@@ -496,7 +497,9 @@ def main():
     seed_msgs = messages(a.seed_messages)
     results = {}
     try:
-        for kind in a.db.split(","):
+        for kind in [k for k in a.db.split(",") if k]:
+            if kind not in ("sqlite", "mariadb", "postgres"):
+                sys.exit(f"hub_ingest: --db {kind}: expected sqlite, mariadb or postgres")
             why = available(kind)
             if why:
                 print(f"{kind}: skipped ({why})", flush=True)
