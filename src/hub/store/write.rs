@@ -31,6 +31,16 @@
 //!   database take row locks in the same order and rarely deadlock.
 //! * A deadlock or busy database (several hubs, one database) rolls the
 //!   transaction back and runs it again, at most [`ATTEMPTS`] times.
+//!
+//! # Statements per batch
+//!
+//! A batch is first written as if every message were new (the common case,
+//! issue #8): many-row `INSERT`s, the devices in two statements, and only
+//! the newest heartbeat, relay state and reading of the batch per device,
+//! relay and sensor, which leaves the state one message at a time would.
+//! If the inserts took fewer rows than given, that transaction is rolled
+//! back and the batch written one message at a time, which says which
+//! were new.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
