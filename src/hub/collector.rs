@@ -370,8 +370,11 @@ async fn batch(
                         // A ts in the future (a fast clock) counts as no delay.
                         counters.metrics.latency.observe(committed.duration_since(ts).unwrap_or_default());
                     }
-                    // Nobody listening is fine: the live stream is best effort.
-                    let _ = live.send(LiveEvent::Message(m.clone()));
+                    // Nobody listening is fine: the live stream is best
+                    // effort (and then the message is not copied for it).
+                    if live.receiver_count() > 0 {
+                        let _ = live.send(LiveEvent::Message(m.clone()));
+                    }
                 }
                 Update::Message(_) => {
                     counters.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -573,8 +576,15 @@ async fn write(
         if *shutdown.borrow() {
             return Written::Shutdown;
         }
-        let batch: Vec<Update> = keep.iter().map(|&i| updates[i].clone()).collect();
-        match store.write_batch_report(&batch).await {
+        // The whole list as it is (the common case), or a copy of the part kept.
+        let part: Vec<Update>;
+        let batch = if keep.len() == updates.len() {
+            updates
+        } else {
+            part = keep.iter().map(|&i| updates[i].clone()).collect();
+            &part
+        };
+        match store.write_batch_report(batch).await {
             Ok(report) => {
                 let mut fresh = vec![false; updates.len()];
                 for (&i, stored) in keep.iter().zip(report.stored) {
