@@ -12,7 +12,8 @@
 //!   anything but `poll()` and its own back-off), parses messages
 //!   ([`ingest`]) and hands them to the batcher;
 //! * the batcher groups up to `batch_max` messages (waiting at most
-//!   `batch_wait` after the first, less if the stream goes quiet), writes
+//!   `batch_wait` after the first, less if the stream goes quiet or the
+//!   batch holds what the broker sends before it waits for acks: `Window`), writes
 //!   them in one transaction, retries with back-off while the database is
 //!   down, then acks — only on the connection the messages came in on; after
 //!   a reconnect the broker redelivers them instead.
@@ -290,19 +291,38 @@ async fn batch(
     shutdown: watch::Receiver<bool>,
 ) {
     let batch_max = settings.batch_max.max(1);
+    let mut window = Window::default();
     while let Some(first) = rx.recv().await {
         let mut items = vec![first];
         let deadline = tokio::time::Instant::now() + settings.batch_wait;
+        let mut stalled = false;
         while items.len() < batch_max {
+            match rx.try_recv() {
+                Ok(p) => {
+                    items.push(p);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if window.full(items.len()) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
             let quiet = tokio::time::Instant::now() + QUIET;
             match tokio::time::timeout_at(deadline.min(quiet), rx.recv()).await {
                 Ok(Some(p)) => items.push(p),
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(_) => {
+                    stalled = quiet <= deadline;
+                    break;
+                }
             }
+        }
+        if stalled {
+            window.stalled_at(items.len());
         }
         // Which item each update came from.
         let from: Vec<usize> = (0..items.len()).filter(|&i| items[i].update.is_some()).collect();
         let updates: Vec<Update> = items.iter().filter_map(|p| p.update.clone()).collect();
+        let started = std::time::Instant::now();
         let (fresh, answered, refused, committed) = if updates.is_empty() {
             (Vec::new(), Vec::new(), Vec::new(), SystemTime::now())
         } else {
@@ -312,6 +332,7 @@ async fn batch(
                 None => break,
             }
         };
+        tracing::debug!("batch of {} ({} stored) written in {:?}", items.len(), updates.len(), started.elapsed());
         // Recorded before the ack (the message is gone after it), each in a
         // transaction of its own; a failure is logged and counted, never
         // waited out.
@@ -349,8 +370,11 @@ async fn batch(
                         // A ts in the future (a fast clock) counts as no delay.
                         counters.metrics.latency.observe(committed.duration_since(ts).unwrap_or_default());
                     }
-                    // Nobody listening is fine: the live stream is best effort.
-                    let _ = live.send(LiveEvent::Message(m.clone()));
+                    // Nobody listening is fine: the live stream is best
+                    // effort (and then the message is not copied for it).
+                    if live.receiver_count() > 0 {
+                        let _ = live.send(LiveEvent::Message(m.clone()));
+                    }
                 }
                 Update::Message(_) => {
                     counters.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -361,6 +385,34 @@ async fn batch(
             }
         }
         commander.answered(&answered);
+    }
+}
+
+/// What the batcher learned of the broker's window: how many unacknowledged
+/// messages it sends before it waits for acks (mosquitto's
+/// `max_inflight_messages`, 20 by default). The client cannot ask; it sees
+/// it when a batch stalls: messages stopped coming for [`QUIET`] while the
+/// batch waited (`batch_wait` not over). Then a batch holding that many, with
+/// nothing more in hand, is written at once instead of waiting out
+/// [`QUIET`] again for messages the broker will not send before the acks:
+/// under a backlog that wait was most of the time per batch. A stall in a
+/// trickle of messages (a real lull) only makes the next batches close at
+/// that size when nothing else is waiting, which is never fewer messages
+/// per commit than that lull gave.
+#[derive(Debug, Default)]
+struct Window {
+    stalled_at: Option<usize>,
+}
+
+impl Window {
+    fn stalled_at(&mut self, held: usize) {
+        self.stalled_at = Some(held);
+    }
+
+    /// Whether a batch of `held` messages, with none more in hand, has what
+    /// the broker sends before it waits for acks.
+    fn full(&self, held: usize) -> bool {
+        self.stalled_at.is_some_and(|w| held >= w)
     }
 }
 
@@ -524,8 +576,15 @@ async fn write(
         if *shutdown.borrow() {
             return Written::Shutdown;
         }
-        let batch: Vec<Update> = keep.iter().map(|&i| updates[i].clone()).collect();
-        match store.write_batch_report(&batch).await {
+        // The whole list as it is (the common case), or a copy of the part kept.
+        let part: Vec<Update>;
+        let batch = if keep.len() == updates.len() {
+            updates
+        } else {
+            part = keep.iter().map(|&i| updates[i].clone()).collect();
+            &part
+        };
+        match store.write_batch_report(batch).await {
             Ok(report) => {
                 let mut fresh = vec![false; updates.len()];
                 for (&i, stored) in keep.iter().zip(report.stored) {
@@ -580,6 +639,18 @@ mod tests {
         let publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
         let aside = ingest::set_aside("fl", topic, payload, "refused", "2026-11-21T10:00:00.000Z");
         Pending { update: None, aside: Some(aside), publish, generation: 1 }
+    }
+
+    #[test]
+    fn a_batch_as_large_as_the_last_stalled_one_is_written_without_waiting() {
+        let mut w = Window::default();
+        assert!(!w.full(1000), "nothing learned yet: wait for more");
+        w.stalled_at(20);
+        assert!(!w.full(19));
+        assert!(w.full(20));
+        assert!(w.full(21));
+        w.stalled_at(40);
+        assert!(!w.full(20), "the newest stall counts");
     }
 
     #[test]

@@ -110,6 +110,12 @@ impl Store {
         read::devices(&self.pool, &self.sql).await
     }
 
+    /// [`Store::devices`] as JSON text, for `GET /api/devices` (one
+    /// statement on SQLite).
+    pub async fn devices_json(&self) -> Result<String, StoreError> {
+        read::devices_json(&self.pool, &self.sql).await
+    }
+
     /// How many devices are online now.
     pub async fn devices_online(&self) -> Result<u64, StoreError> {
         read::online(&self.pool, &self.sql).await

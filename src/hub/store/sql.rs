@@ -81,6 +81,10 @@ pub struct Statements {
     pub select_range: Arc<str>,
     /// device, limit -> rows of [`COMMAND_COLUMNS`], newest requested first
     pub select_device_commands: Arc<str>,
+    /// SQLite only: () -> one row, the whole `GET /api/devices` body (the
+    /// JSON of [`crate::hub::model::DeviceView`]s by device), built by
+    /// SQLite's JSON functions; `None` for the other dialects.
+    pub select_devices_json: Option<Arc<str>>,
     dialect: Dialect,
 }
 
@@ -174,6 +178,7 @@ impl Statements {
             select_device_commands: d.render(&format!(
                 "SELECT {COMMAND_COLUMNS} FROM commands WHERE device = ? ORDER BY requested_at DESC, command_id LIMIT ?"
             )),
+            select_devices_json: (d == Dialect::Sqlite).then(|| d.render(SQLITE_DEVICES_JSON)),
             dialect: d,
         }
     }
@@ -191,6 +196,36 @@ impl Statements {
         }
         sql.push_str(" ORDER BY epoch DESC, seq DESC LIMIT ?");
         self.dialect.render(&sql)
+    }
+
+    /// `insert_message` for `rows` messages in one statement: the same eight
+    /// binds per row, row after row. Its `rows_affected` is how many of them
+    /// were new.
+    pub fn insert_messages(&self, rows: usize) -> Arc<str> {
+        self.dialect.insert_unless_present(
+            "messages",
+            &format!("(device, epoch, seq, ts, kind, name, payload, received_at) VALUES {}", values(8, rows)),
+            "device, epoch, seq",
+        )
+    }
+
+    /// `insert_device` for `rows` devices in one statement: device, online,
+    /// last_seen per row.
+    pub fn insert_devices(&self, rows: usize) -> Arc<str> {
+        self.dialect.insert_unless_present(
+            "devices",
+            &format!("(device, online, last_seen) VALUES {}", values(3, rows)),
+            "device",
+        )
+    }
+
+    /// `touch_device` for `devices` devices: last_seen, last_seen, then
+    /// each device.
+    pub fn touch_devices(&self, devices: usize) -> Arc<str> {
+        let list = vec!["?"; devices].join(", ");
+        self.dialect.render(&format!(
+            "UPDATE devices SET last_seen = ? WHERE (last_seen IS NULL OR last_seen < ?) AND device IN ({list})"
+        ))
     }
 
     /// Every statement, for checks.
@@ -235,6 +270,35 @@ impl Statements {
     }
 }
 
+/// The device list as one JSON text, in one statement (SQLite 3.44+: an
+/// aggregate's own `ORDER BY`), keys in the order `DeviceView` has them,
+/// relays and sensors by name (a `BTreeMap` there). Each device's object
+/// is put together as text, and its newest heartbeat goes in as stored:
+/// only the store writes `devices.heartbeat`, always serde_json's text of a
+/// payload it parsed (`write`), so it is JSON; running it through `json()`
+/// (twice: again inside the device's object) was most of the statement's
+/// time (measured: 4.0 against 1.8 ms for 1,000 devices).
+const SQLITE_DEVICES_JSON: &str = "SELECT '[' || COALESCE(group_concat(v, ',' ORDER BY device), '') || ']' FROM (\
+    SELECT d.device AS device, \
+        '{\"device\":' || json_quote(d.device) \
+        || ',\"online\":' || CASE WHEN d.online <> 0 THEN 'true' ELSE 'false' END \
+        || ',\"last_seen\":' || json_quote(d.last_seen) \
+        || ',\"heartbeat\":' || COALESCE(d.heartbeat, 'null') \
+        || ',\"relays\":' || (SELECT json_group_object(r.relay, r.state ORDER BY r.relay) \
+            FROM relays r WHERE r.device = d.device) \
+        || ',\"sensors\":' || (SELECT json_group_object(s.sensor, \
+            json_object('value', s.value, 'unit', s.unit, 'ts', s.ts) ORDER BY s.sensor) \
+            FROM sensors s WHERE s.device = d.device) \
+        || ',\"set_aside\":' || COALESCE(a.n, 0) || '}' AS v \
+    FROM devices d LEFT JOIN (SELECT device, COUNT(*) AS n FROM set_aside WHERE device IS NOT NULL \
+        GROUP BY device) a ON a.device = d.device)";
+
+/// `(?, ?, ...), (?, ?, ...)`: `rows` rows of `columns` placeholders.
+fn values(columns: usize, rows: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row.as_str(); rows].join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +313,24 @@ mod tests {
                 assert!(i % 2 == 0 || !literal.contains('?'), "{sql}");
             }
         }
+    }
+
+    #[test]
+    fn a_many_row_statement_numbers_every_placeholder_for_postgres() {
+        let s = Statements::new(Dialect::Postgres);
+        assert_eq!(
+            &*s.insert_devices(2),
+            "INSERT INTO devices (device, online, last_seen) VALUES ($1, $2, $3), ($4, $5, $6) \
+             ON CONFLICT (device) DO NOTHING"
+        );
+        assert_eq!(
+            &*s.touch_devices(2),
+            "UPDATE devices SET last_seen = $1 WHERE (last_seen IS NULL OR last_seen < $2) AND device IN ($3, $4)"
+        );
+        assert!(s.insert_messages(1000).contains("$8000)"));
+        let m = Statements::new(Dialect::MySql).insert_messages(2);
+        assert!(m.starts_with("INSERT IGNORE INTO messages"), "{m}");
+        assert_eq!(m.matches('?').count(), 16);
     }
 
     #[test]

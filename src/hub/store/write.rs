@@ -31,8 +31,18 @@
 //!   database take row locks in the same order and rarely deadlock.
 //! * A deadlock or busy database (several hubs, one database) rolls the
 //!   transaction back and runs it again, at most [`ATTEMPTS`] times.
+//!
+//! # Statements per batch
+//!
+//! A batch is first written as if every message were new (the common case,
+//! issue #8): many-row `INSERT`s, the devices in two statements, and only
+//! the newest heartbeat, relay state and reading of the batch per device,
+//! relay and sensor, which leaves the state one message at a time would.
+//! If the inserts took fewer rows than given, that transaction is rolled
+//! back and the batch written one message at a time, which says which
+//! were new.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
@@ -152,6 +162,20 @@ async fn write_once(
         Dialect::MySql | Dialect::Postgres => pool.begin().await,
     }
     .map_err(StoreError::db("begin a batch"))?;
+    // The common case first: every message new. A redelivery (or a key
+    // twice in the batch) is written again, one statement per row, which
+    // tells which were there.
+    if let Some(answered) = write_all_new(&mut tx, dialect, sql, checked, order, received_at).await? {
+        let commands = fetch_commands(&mut tx, sql, answered).await?;
+        tx.commit().await.map_err(StoreError::db("commit a batch"))?;
+        return Ok(BatchReport { stored: vec![true; checked.len()], commands });
+    }
+    tx.rollback().await.map_err(StoreError::db("roll back a batch"))?;
+    let mut tx = match dialect {
+        Dialect::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+        Dialect::MySql | Dialect::Postgres => pool.begin().await,
+    }
+    .map_err(StoreError::db("begin a batch"))?;
     let mut stored = vec![false; checked.len()];
     let mut answered: Vec<&str> = Vec::new();
     let mut touched: HashSet<&str> = HashSet::new();
@@ -191,14 +215,164 @@ async fn write_once(
             }
         }
     }
+    let commands = fetch_commands(&mut tx, sql, answered).await?;
+    tx.commit().await.map_err(StoreError::db("commit a batch"))?;
+    Ok(BatchReport { stored, commands })
+}
+
+/// The commands `answered` names, as they now stand.
+async fn fetch_commands(
+    conn: &mut AnyConnection,
+    sql: &Statements,
+    answered: Vec<&str>,
+) -> Result<Vec<CommandRow>, StoreError> {
     let mut commands = Vec::with_capacity(answered.len());
     for id in answered {
-        if let Some(row) = commands::fetch(&mut tx, sql, id).await? {
+        if let Some(row) = commands::fetch(conn, sql, id).await? {
             commands.push(row);
         }
     }
-    tx.commit().await.map_err(StoreError::db("commit a batch"))?;
-    Ok(BatchReport { stored, commands })
+    Ok(commands)
+}
+
+/// Rows per many-row `INSERT` of messages (8 binds each: 8,000 binds, under
+/// SQLite's 32,766 and the 65,535 of MySQL and PostgreSQL).
+const MESSAGE_ROWS: usize = 1000;
+
+/// Devices per many-row statement on `devices` (at most 3 binds each).
+const DEVICE_ROWS: usize = 1000;
+
+/// Whether a many-row statement (its size varies from batch to batch) is
+/// kept in sqlx's per-connection statement cache. SQLite: only a full
+/// chunk, whose size comes back, so the others do not push the hot
+/// statements out of the cache (each prepared statement holds its own VDBE
+/// program). MySQL/MariaDB and PostgreSQL: always. sqlx-mysql 0.9 runs a
+/// statement that is not kept as prepare, execute, `COM_STMT_CLOSE`
+/// (sqlx-mysql-0.9.0 `src/connection/executor.rs:148-171`); measured here
+/// on MariaDB 10.11, three such statements made every batch take 110-140 ms
+/// (one message or 500), and the hub 3x slower than one row at a time. The
+/// cache is LRU (100 per connection), so the hot statements, used every
+/// batch, stay.
+fn keep_prepared(dialect: Dialect, full: bool) -> bool {
+    full || dialect != Dialect::Sqlite
+}
+
+/// The batch written in a few statements, not one per row: its messages in
+/// many-row `INSERT`s, its devices in two statements, and per heartbeat,
+/// relay or sensor only the newest of the batch (the same end state as one
+/// at a time: each update keeps the greater `(epoch, seq)`). Valid only when
+/// every message is new, so `Ok(None)` when the inserts took fewer rows
+/// than they were given; the caller then rolls back. Otherwise the commands
+/// answered, in the order of `order`.
+async fn write_all_new<'a>(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    sql: &Statements,
+    checked: &'a [Checked<'a>],
+    order: &[usize],
+    received_at: &str,
+) -> Result<Option<Vec<&'a str>>, StoreError> {
+    let messages: Vec<&Checked<'_>> =
+        order.iter().map(|&i| &checked[i]).filter(|c| matches!(c, Checked::Message { .. })).collect();
+    let mut inserted = 0;
+    for chunk in messages.chunks(MESSAGE_ROWS) {
+        let full = chunk.len() == MESSAGE_ROWS;
+        let mut q =
+            sqlx::query(AssertSqlSafe(sql.insert_messages(chunk.len()))).persistent(keep_prepared(dialect, full));
+        for m in chunk {
+            if let Checked::Message { device, epoch, seq, ts, kind, name, payload, .. } = m {
+                q = q
+                    .bind(*device)
+                    .bind(*epoch)
+                    .bind(*seq)
+                    .bind(ts.as_str())
+                    .bind(*kind)
+                    .bind(*name)
+                    .bind(payload.as_str())
+                    .bind(received_at);
+            }
+        }
+        inserted += affected(q, conn, "store messages").await?;
+    }
+    if usize::try_from(inserted).ok() != Some(messages.len()) {
+        tracing::debug!("database: {inserted} of {} messages new: written again one at a time", messages.len());
+        return Ok(None);
+    }
+    // `order` is by device: equal names are neighbours.
+    let mut devices: Vec<&str> = messages.iter().map(|m| m.device()).collect();
+    devices.dedup();
+    for chunk in devices.chunks(DEVICE_ROWS) {
+        let full = chunk.len() == DEVICE_ROWS;
+        let mut q =
+            sqlx::query(AssertSqlSafe(sql.insert_devices(chunk.len()))).persistent(keep_prepared(dialect, full));
+        for device in chunk {
+            q = q.bind(*device).bind(0_i16).bind(received_at);
+        }
+        affected(q, conn, "create devices").await?;
+        let mut q = sqlx::query(AssertSqlSafe(sql.touch_devices(chunk.len())))
+            .persistent(keep_prepared(dialect, full))
+            .bind(received_at)
+            .bind(received_at);
+        for device in chunk {
+            q = q.bind(*device);
+        }
+        affected(q, conn, "update devices' last_seen").await?;
+    }
+    // The newest heartbeat per device, relay state per relay, reading per
+    // sensor; the messages that answer a command, each in order.
+    let mut newest: Vec<&Checked<'_>> = Vec::new();
+    let mut slots: HashMap<(&str, u8, &str), usize> = HashMap::new();
+    let mut answers: Vec<&Checked<'_>> = Vec::new();
+    for &m in &messages {
+        let Checked::Message { device, epoch, seq, effect, .. } = m else { continue };
+        let target = match effect {
+            Effect::None => continue,
+            Effect::Rejects { .. } => {
+                answers.push(m);
+                continue;
+            }
+            Effect::Relay { relay, command_id, .. } => {
+                if command_id.is_some() {
+                    answers.push(m);
+                }
+                (*device, 1, *relay)
+            }
+            Effect::Heartbeat => (*device, 0, ""),
+            Effect::Sensor { sensor, .. } => (*device, 2, *sensor),
+        };
+        match slots.get(&target) {
+            None => {
+                slots.insert(target, newest.len());
+                newest.push(m);
+            }
+            Some(&i) => {
+                if let Checked::Message { epoch: e, seq: s, .. } = newest[i]
+                    && (*e, *s) < (*epoch, *seq)
+                {
+                    newest[i] = m;
+                }
+            }
+        }
+    }
+    for m in newest {
+        if let Checked::Message { device, epoch, seq, ts, payload, effect, .. } = m {
+            apply_state(conn, sql, device, (*epoch, *seq), ts, payload, effect).await?;
+        }
+    }
+    let mut answered = Vec::new();
+    for m in answers {
+        if let Checked::Message { device, ts, effect, .. } = m
+            && let Some(id) = answer(conn, sql, device, ts, effect).await?
+        {
+            answered.push(id);
+        }
+    }
+    for &i in order {
+        if let Checked::Status { device, online, at } = &checked[i] {
+            set_online(conn, sql, device, *online, at).await?;
+        }
+    }
+    Ok(Some(answered))
 }
 
 /// Creates the device row or moves its `last_seen` forward.
@@ -244,13 +418,28 @@ async fn apply_effect<'a>(
     conn: &mut AnyConnection,
     sql: &Statements,
     device: &str,
-    (epoch, seq): (i64, i64),
+    at: (i64, i64),
     ts: &str,
     payload: &str,
     effect: &Effect<'a>,
 ) -> Result<Option<&'a str>, StoreError> {
+    apply_state(conn, sql, device, at, ts, payload, effect).await?;
+    answer(conn, sql, device, ts, effect).await
+}
+
+/// The newest-state part of a message's effect: the device's heartbeat, a
+/// relay's state, a sensor's reading, each only if `(epoch, seq)` is newer.
+async fn apply_state(
+    conn: &mut AnyConnection,
+    sql: &Statements,
+    device: &str,
+    (epoch, seq): (i64, i64),
+    ts: &str,
+    payload: &str,
+    effect: &Effect<'_>,
+) -> Result<(), StoreError> {
     match effect {
-        Effect::None => Ok(None),
+        Effect::None | Effect::Rejects { .. } => Ok(()),
         Effect::Heartbeat => {
             let q = sqlx::query(AssertSqlSafe(sql.set_heartbeat.clone()))
                 .bind(epoch)
@@ -261,9 +450,9 @@ async fn apply_effect<'a>(
                 .bind(epoch)
                 .bind(seq);
             affected(q, conn, "keep the newest heartbeat").await?;
-            Ok(None)
+            Ok(())
         }
-        Effect::Relay { relay, state, command_id } => {
+        Effect::Relay { relay, state, .. } => {
             let q = sqlx::query(AssertSqlSafe(sql.insert_relay.clone()))
                 .bind(device)
                 .bind(*relay)
@@ -282,14 +471,7 @@ async fn apply_effect<'a>(
                     .bind(seq);
                 affected(q, conn, "keep the newest relay state").await?;
             }
-            let Some(id) = command_id else { return Ok(None) };
-            let q = sqlx::query(AssertSqlSafe(sql.confirm_command.clone()))
-                .bind(ts)
-                .bind(ts)
-                .bind(*state)
-                .bind(*id)
-                .bind(device);
-            Ok((affected(q, conn, "confirm a command").await? == 1).then_some(*id))
+            Ok(())
         }
         Effect::Sensor { sensor, value, unit } => {
             let q = sqlx::query(AssertSqlSafe(sql.insert_sensor.clone()))
@@ -314,7 +496,30 @@ async fn apply_effect<'a>(
                     .bind(seq);
                 affected(q, conn, "keep the newest sensor reading").await?;
             }
-            Ok(None)
+            Ok(())
+        }
+    }
+}
+
+/// The command part of a message's effect: a relay state with a
+/// `command_id` confirms it, an error with one rejects it. The id of a
+/// command it moved.
+async fn answer<'a>(
+    conn: &mut AnyConnection,
+    sql: &Statements,
+    device: &str,
+    ts: &str,
+    effect: &Effect<'a>,
+) -> Result<Option<&'a str>, StoreError> {
+    match effect {
+        Effect::Relay { state, command_id: Some(id), .. } => {
+            let q = sqlx::query(AssertSqlSafe(sql.confirm_command.clone()))
+                .bind(ts)
+                .bind(ts)
+                .bind(*state)
+                .bind(*id)
+                .bind(device);
+            Ok((affected(q, conn, "confirm a command").await? == 1).then_some(*id))
         }
         Effect::Rejects { command_id, error } => {
             let q = sqlx::query(AssertSqlSafe(sql.reject_command.clone()))
@@ -324,6 +529,7 @@ async fn apply_effect<'a>(
                 .bind(device);
             Ok((affected(q, conn, "reject a command").await? == 1).then_some(*command_id))
         }
+        _ => Ok(None),
     }
 }
 

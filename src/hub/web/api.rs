@@ -27,7 +27,7 @@ use axum::http::HeaderMap;
 use super::{ApiError, AppState, Peer, auth};
 use crate::hub::commands::{Outcome, Requested};
 use crate::hub::history::{self, HistoryView, Range};
-use crate::hub::model::{Before, CommandRow, DeviceView, EventView, Kind, Requester, SetAsideView};
+use crate::hub::model::{Before, CommandRow, EventView, Kind, Requester, SetAsideView};
 
 /// `limit` when the request does not say.
 pub(super) const DEFAULT_LIMIT: u32 = 100;
@@ -162,9 +162,11 @@ pub(super) fn outcome_answer(outcome: &Outcome) -> (StatusCode, Value) {
     (status, body)
 }
 
-/// `GET /api/devices`
-pub(super) async fn devices(State(st): State<AppState>) -> Result<Json<Vec<DeviceView>>, ApiError> {
-    Ok(Json(st.store.devices().await?))
+/// `GET /api/devices`: the `DeviceView`s, as the store writes them
+/// ([`crate::hub::store::Store::devices_json`]).
+pub(super) async fn devices(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let body = st.store.devices_json().await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `GET /api/devices/{d}/events?kind=&limit=&before_seq=&before_epoch=`,

@@ -626,6 +626,67 @@ async fn a_version_4_database_gains_status_history_and_command_origins(url: Stri
     let _ = conn.close().await; // as above
 }
 
+async fn a_batch_larger_than_one_statement_has_the_effects_of_one_message_at_a_time(store: Store, _: String) {
+    store.insert_command(&command("c1", "pi-1", "pump", 30)).await.expect("insert");
+    // 2,400 messages of three devices (more rows than one INSERT takes),
+    // the newest heartbeat, relay state and reading of each somewhere in
+    // the middle, older ones after them.
+    let mut batch = Vec::new();
+    for seq in 1..=800_u64 {
+        for d in ["pi-1", "pi-2", "pi-3"] {
+            batch.push(match seq % 8 {
+                0 => heartbeat(d, seq, seq as f64),
+                1 => relay(d, seq, "pump", if seq == 401 { "on" } else { "off" }, None),
+                2 => sensor(d, seq, "tank", seq as f64),
+                _ => button(d, seq, "pressed"),
+            });
+        }
+    }
+    batch.push(relay("pi-1", 801, "pump", "on", Some("c1")));
+    batch.swap(400 * 3, 2400);
+    let stored = write(&store, &batch).await;
+    assert!(stored.iter().all(|s| *s), "all new");
+    for d in ["pi-1", "pi-2", "pi-3"] {
+        let view = device(&store, d).await;
+        assert_eq!(view.heartbeat.expect("a heartbeat")["seq"], 800, "{d}");
+        assert_eq!(view.sensors["tank"].value, 794.0, "{d}");
+        assert!(view.last_seen.is_some());
+        assert_eq!(seqs(&store, d, None, 1000, None).await.len(), if d == "pi-1" { 801 } else { 800 });
+    }
+    assert_eq!(device(&store, "pi-1").await.relays["pump"], "on", "seq 801 confirms c1 and is the newest");
+    assert_eq!(device(&store, "pi-2").await.relays["pump"], "off", "seq 793, not 401");
+    assert_eq!(cmd(&store, "c1").await.status, CommandStatus::Confirmed);
+    // The same again with one new message: the rest are duplicates.
+    batch.push(button("pi-2", 900, "released"));
+    let stored = write(&store, &batch).await;
+    assert_eq!(stored.iter().filter(|s| **s).count(), 1);
+    assert!(stored[stored.len() - 1]);
+}
+
+async fn the_device_list_as_json_is_the_device_views(store: Store, _: String) {
+    let same = |json: String, views: Vec<crate::hub::model::DeviceView>| {
+        let got: Value = serde_json::from_str(&json).expect("JSON");
+        assert_eq!(got, serde_json::to_value(views).expect("views"));
+    };
+    same(store.devices_json().await.expect("json"), store.devices().await.expect("views"));
+    write(
+        &store,
+        &[
+            heartbeat("pi", 1, 48.5),
+            relay("pi", 2, "pump", "on", None),
+            relay("pi", 3, "fan", "off", None),
+            sensor("pi", 4, "tank", 21.5),
+            sensor("pi", 5, "air", -4.0),
+            button("pk", 1, "pressed"),
+            status("pj", true, 1),
+        ],
+    )
+    .await;
+    let aside = crate::hub::ingest::set_aside("fieldlink", "fieldlink/pi/error", b"x", "not JSON", &ts(1));
+    store.insert_set_aside(&aside).await.expect("recorded");
+    same(store.devices_json().await.expect("json"), store.devices().await.expect("views"));
+}
+
 /// One test per case per backend.
 macro_rules! suite {
     ($($case:ident),* $(,)?) => {
@@ -664,6 +725,8 @@ suite!(
     status_changes_are_kept_as_history_and_repeats_are_not,
     a_devices_commands_list_newest_first_with_who_asked_and_when_each_was_answered,
     a_range_read_returns_the_devices_messages_by_time_with_their_commit_time,
+    a_batch_larger_than_one_statement_has_the_effects_of_one_message_at_a_time,
+    the_device_list_as_json_is_the_device_views,
 );
 
 mod migrations {
