@@ -845,6 +845,16 @@ mod tests {
         Run { relay, outbox, reader }
     }
 
+    /// Answered once the Relay has handled every message before it.
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Settled;
+
+    impl Handler<Settled> for Relay {
+        type Result = ();
+        fn handle(&mut self, _: Settled, _: &mut Context<Self>) {}
+    }
+
     /// Runs `test` inside an actix system, as the agent's actors run.
     fn in_system<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
         System::new().block_on(async move { test().await });
@@ -880,12 +890,19 @@ mod tests {
             self.deliver(PUMP_SET, payload, pkid, dup, false).await
         }
 
+        /// Sends `msg` and returns once the Relay is done with it, including
+        /// what it holds its mailbox for (the reconnect lookups).
         async fn tell<M>(&self, msg: M)
         where
             M: Message<Result = ()> + Send + 'static,
             Relay: Handler<M>,
         {
             self.relay.send(msg).await.expect("the relay is running");
+            self.settled().await;
+        }
+
+        async fn settled(&self) {
+            self.relay.send(Settled).await.expect("the relay is running");
         }
 
         /// Every record in the outbox: (topic, payload), in seq order.
