@@ -60,7 +60,8 @@ impl ConfirmClock {
     /// neither is armed (nothing waits, and no warning can be due), so an
     /// agent whose records are all confirmed has no timer at all.
     pub fn next_wake(&self) -> Option<Instant> {
-        let warn = (!self.warned && !self.confirmed_ever).then_some(self.waiting_since).flatten().map(|w| w + WARN_AFTER);
+        let warn =
+            (!self.warned && !self.confirmed_ever).then_some(self.waiting_since).flatten().map(|w| w + WARN_AFTER);
         match (self.deadline, warn) {
             (Some(d), Some(w)) => Some(d.min(w)),
             (d, w) => d.or(w),

@@ -871,8 +871,8 @@ impl Handler<Durable> for Link {
     }
 }
 
-/// The watchdog's ping: answering it proves this arbiter turns (see
-/// `systemd`).
+/// The watchdog's ping: answering it proves this actor's mailbox is served
+/// (see `systemd`).
 impl Handler<super::systemd::Ping> for Link {
     type Result = ();
 

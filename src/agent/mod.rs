@@ -78,6 +78,12 @@ use crate::proto::Topics;
 use recorder::Recorder;
 use supervisor::Supervision;
 
+/// How long a thread of tokio's blocking pool waits for more work before it
+/// ends (tokio's default is 10 s). The pool runs the heartbeat's sample
+/// every `heartbeat.interval`, status dumps and sensor readings; an idle
+/// agent keeps none of its threads for long.
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `<state_dir>/agent.pid`: how `fieldlink status` finds the agent.
 pub fn pid_file(state_dir: &Path) -> PathBuf {
     state_dir.join("agent.pid")
@@ -160,7 +166,12 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
     // Signal handlers before the sim socket and the pid file exist: a
     // SIGUSR1 (`fieldlink status`) that finds the pid file must never meet
     // the default action, which kills the process. Needs the runtime.
-    let system = System::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .build()
+        .map_err(AgentError::System)?;
+    let system = System::with_tokio_rt(move || runtime);
     let signals = system.block_on(async { lifecycle::register_signals() }).map_err(AgentError::Signals)?;
 
     // Keeps the sim socket served until the agent ends.
