@@ -46,7 +46,7 @@ Usage (from the repository root, after
 
     python3 benches/agent_idle.py --bin target/release/fieldlink \\
         [--baseline-bin /tmp/fieldlink-main] [--seconds 60] [--rounds 3] \\
-        [--variants fieldlink-broker,echo]
+        [--variants echo,fieldlink-broker,fieldlink-hub,baseline-broker,baseline-hub,mqtt-io]
 
 Needs `mosquitto` and `paho-mqtt` (`pip install paho-mqtt`); mqtt-io is
 installed into its own virtualenv by the script (`python3 -m venv`, then
@@ -289,6 +289,7 @@ def observe(pid, seconds):
         "threads_median": statistics.median(counts),
         "threads_max": max(counts),
         "threads_seen": len(seen),
+        "threads_le4_pct": 100.0 * sum(1 for c in counts if c <= 4) / len(counts),
         "cpu_ticks": ticks - start_ticks,
         "cpu_pct_ticks": 100.0 * (ticks - start_ticks) / TICK / elapsed,
         "cpu_pct_sched": 100.0 * run_ns / 1e9 / elapsed,
@@ -341,25 +342,26 @@ def main():
     ap.add_argument("--seconds", type=float, default=60.0, help="how long each variant is sampled")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between connected and the first sample")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", help="comma-separated subset of the variant names (see the table)")
+    ap.add_argument("--variants", help="comma-separated subset of: echo, fieldlink-broker, fieldlink-hub, "
+                    "baseline-broker, baseline-hub, mqtt-io")
     ap.add_argument("--mqtt-io-venv", default=os.path.expanduser("~/.cache/fieldlink-bench/mqtt-io-venv"))
     args = ap.parse_args()
 
-    variants = [("paho echo", "echo", None)]
+    keep = {v.strip() for v in args.variants.split(",")} if args.variants else None
+    wanted = lambda key: keep is None or key in keep  # noqa: E731
+    variants = [("paho echo", "echo", None)] if wanted("echo") else []
     for label, b in [("fieldlink", args.bin), ("baseline", args.baseline_bin)]:
-        if b:
-            for confirm in ("broker", "hub"):
+        for confirm in ("broker", "hub"):
+            if b and wanted(f"{label}-{confirm}"):
                 variants.append((f"{label} confirm={confirm}", "fieldlink", (os.path.abspath(b), confirm)))
-    py, why = mqtt_io_python(args.mqtt_io_venv)
-    if py:
-        variants.append(("mqtt-io (mock gpio)", "mqtt-io", py))
-    else:
-        print(f"agent_idle: mqtt-io skipped: {why}", file=sys.stderr)
-    if args.variants:
-        keep = {v.strip() for v in args.variants.split(",")}
-        variants = [v for v in variants if v[0].replace(" ", "-").replace("=", "-") in keep or v[0] in keep]
-        if not variants:
-            sys.exit("agent_idle: --variants matched none")
+    if wanted("mqtt-io"):
+        py, why = mqtt_io_python(args.mqtt_io_venv)
+        if py:
+            variants.append(("mqtt-io (mock gpio)", "mqtt-io", py))
+        else:
+            print(f"agent_idle: mqtt-io skipped: {why}", file=sys.stderr)
+    if not variants:
+        sys.exit("agent_idle: no variant to run (see --variants)")
 
     tmp = tempfile.mkdtemp(prefix="fieldlink-idle-")
     broker, port = cl.start_mosquitto(tmp)
@@ -386,8 +388,9 @@ def main():
           "median of the rounds (min .. max)")
     print()
     print("| variant | VmRSS MiB | min .. max | Anonymous MiB | threads (median of samples) | threads min .. max "
-          "| CPU % of a core | min .. max | wake-ups / min | most of one thread | RSS / echo | CPU / echo |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| samples with <= 4 threads | CPU % of a core | min .. max | wake-ups / min | one thread's most / min "
+          "| RSS / echo | CPU / echo |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     echo_rss = statistics.median(x["rss_median_kb"] for x in echo) if echo else None
     echo_cpu = statistics.median(x["cpu_pct_sched"] for x in echo) if echo else None
     for name, _, _ in variants:
@@ -401,8 +404,10 @@ def main():
               f"| {mib(statistics.median(x['rollup_anon_kb'] or 0 for x in xs))} "
               f"| {statistics.median(x['threads_median'] for x in xs):g} "
               f"| {min(x['threads_min'] for x in xs)} .. {max(x['threads_max'] for x in xs)} "
+              f"| {statistics.median(x['threads_le4_pct'] for x in xs):.0f} % "
               f"| {pct(cpu)} | {fmt_range([x['cpu_pct_sched'] for x in xs], pct)} "
-              f"| {statistics.median(per_min):.0f} | {statistics.median(x['wakeups_max_thread'] for x in xs)} "
+              f"| {statistics.median(per_min):.0f} "
+              f"| {statistics.median(x['wakeups_max_thread'] * 60.0 / x['seconds'] for x in xs):.0f} "
               f"| {ratio_rss} | {ratio_cpu} |")
     print()
     print("wake-ups per thread over the sampled time (voluntary context switches; last round):")
