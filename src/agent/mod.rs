@@ -20,7 +20,8 @@
 //! ```
 //!
 //! Nothing on the main thread blocks: disk, /proc, /sys and sensor reads go
-//! to the threads below it. One thread for every actor keeps a command's
+//! to the threads below it (start-up aside: the Relay reads its saved state
+//! when it is created). One thread for all the actors keeps a command's
 //! hops (Link -> Relay -> outbox -> Link) free of thread switches but the
 //! writer's, and an idle agent wakes only for its heartbeat and keep-alive.
 //!
