@@ -55,10 +55,17 @@ impl ConfirmClock {
         ConfirmClock { base, current: base, deadline: None, waiting_since: None, confirmed_ever: false, warned: false }
     }
 
-    /// How often the Link should call [`ConfirmClock::tick`]: often enough
-    /// for the time-out to be kept within a quarter of itself.
-    pub fn tick_every(&self) -> Duration {
-        (self.base / 4).clamp(Duration::from_millis(25), Duration::from_secs(1))
+    /// When the Link should next call [`ConfirmClock::tick`]: the time-out's
+    /// deadline or the moment to warn, whichever comes first; `None` while
+    /// neither is armed (nothing waits, and no warning can be due), so an
+    /// agent whose records are all confirmed has no timer at all.
+    pub fn next_wake(&self) -> Option<Instant> {
+        let warn =
+            (!self.warned && !self.confirmed_ever).then_some(self.waiting_since).flatten().map(|w| w + WARN_AFTER);
+        match (self.deadline, warn) {
+            (Some(d), Some(w)) => Some(d.min(w)),
+            (d, w) => d.or(w),
+        }
     }
 
     /// The time-out the next arming uses.
@@ -86,7 +93,8 @@ impl ConfirmClock {
         }
     }
 
-    /// Called every [`ConfirmClock::tick_every`].
+    /// Called at [`ConfirmClock::next_wake`] (calling it at any other time
+    /// is harmless: nothing is due then).
     pub fn tick(&mut self, now: Instant) -> Tick {
         let mut t = Tick::default();
         if self.deadline.is_some_and(|d| d <= now) {
@@ -168,8 +176,34 @@ mod tests {
     }
 
     #[test]
-    fn ticks_are_frequent_enough_for_short_and_long_time_outs() {
-        assert_eq!(ConfirmClock::new(Duration::from_millis(100)).tick_every(), Duration::from_millis(25));
-        assert_eq!(ConfirmClock::new(s(30)).tick_every(), s(1));
+    fn the_clock_asks_to_be_woken_only_when_something_is_due() {
+        let t0 = Instant::now();
+        let mut c = ConfirmClock::new(s(30));
+        assert_eq!(c.next_wake(), None, "nothing waits: no timer");
+        c.update(t0, 1, false);
+        assert_eq!(c.next_wake(), Some(t0 + s(30)), "the time-out first");
+        let mut now = t0;
+        while let Some(at) = c.next_wake() {
+            now = at;
+            let t = c.tick(now);
+            assert!(t.resend || t.warn, "every wake finds something due at {:?}", now - t0);
+            if t.warn {
+                break;
+            }
+        }
+        assert_eq!(now, t0 + s(120), "the warning is due 2 min after records began to wait");
+        c.update(now, 0, true);
+        assert_eq!(c.next_wake(), None, "all confirmed: no timer, and no warning can be due");
+    }
+
+    #[test]
+    fn with_nothing_waiting_the_warning_alone_still_wakes_the_clock() {
+        let t0 = Instant::now();
+        let mut c = ConfirmClock::new(s(30));
+        c.update(t0, 1, false);
+        c.update(t0 + s(1), 0, false);
+        assert_eq!(c.next_wake(), Some(t0 + WARN_AFTER));
+        assert!(c.tick(t0 + WARN_AFTER).warn);
+        assert_eq!(c.next_wake(), None);
     }
 }

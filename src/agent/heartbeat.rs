@@ -1,16 +1,18 @@
 //! The Heartbeat actor: every `heartbeat.interval` it samples the board's
-//! health (sysinfo) and records a `heartbeat` message with the outbox and
-//! link counters. It runs on its own arbiter because a sysinfo refresh reads
-//! /proc and /sys and must not stall the MQTT keep-alive or the relays. With
-//! `[metrics] textfile` set it also rewrites the node_exporter textfile on
-//! each beat (`metrics_textfile`). It never publishes directly.
+//! health (sysinfo, `statvfs`) and records a `heartbeat` message with the
+//! outbox and link counters. The sample reads /proc and /sys, and with
+//! `[metrics] textfile` set the node_exporter textfile is rewritten on each
+//! beat (`metrics_textfile`: a write and an fsync): both run on tokio's
+//! blocking pool, never on the actors' thread, so they cannot stall the
+//! MQTT keep-alive or a relay command. Only what the heartbeat publishes is
+//! read. It never publishes directly.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
-use sysinfo::{Components, Disks, System};
+use sysinfo::{Components, MemoryRefreshKind, System};
 
 use super::metrics_textfile;
 use super::recorder::Recorder;
@@ -24,7 +26,6 @@ use crate::proto::{Body, HeartbeatBody, LinkCounters, OutboxCounters, Topics};
 /// meaningless (crates.md §6).
 struct Sampler {
     sys: System,
-    disks: Disks,
     components: Components,
     state_dir: PathBuf,
 }
@@ -33,26 +34,23 @@ impl Sampler {
     fn new(state_dir: &Path) -> Result<Sampler, String> {
         let mut sys = System::new().map_err(|e| format!("system info: {e}"))?;
         sys.refresh_cpu_usage();
-        let disks = Disks::new_with_refreshed_list().map_err(|e| format!("disk info: {e}"))?;
         let components = Components::new_with_refreshed_list().map_err(|e| format!("sensor info: {e}"))?;
         let state_dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-        Ok(Sampler { sys, disks, components, state_dir })
+        Ok(Sampler { sys, components, state_dir })
     }
 
     /// The board's health; the caller fills in the outbox and link counters.
+    /// Reads `/proc/stat`, `/proc/meminfo`, the listed sensors' temperature
+    /// files and `statvfs` of state_dir: nothing the heartbeat does not
+    /// publish (no mount table, no sensor directory scan).
     fn sample(&mut self) -> HeartbeatBody {
         self.sys.refresh_cpu_usage();
-        self.sys.refresh_memory();
-        self.disks.refresh(true);
-        self.components.refresh(true);
-        // The disk that holds state_dir: the outbox lives there.
-        let disk = self
-            .disks
-            .iter()
-            .filter(|d| self.state_dir.starts_with(d.mount_point()))
-            .max_by_key(|d| d.mount_point().as_os_str().len());
-        let (disk_free_bytes, disk_total_bytes) =
-            disk.map(|d| (d.available_space(), d.total_space())).unwrap_or((0, 0));
+        self.sys.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+        for c in self.components.iter_mut() {
+            c.refresh();
+        }
+        // The filesystem that holds state_dir: the outbox lives there.
+        let (disk_free_bytes, disk_total_bytes) = disk_space(&self.state_dir).unwrap_or((0, 0));
         HeartbeatBody {
             uptime_s: System::uptime().unwrap_or(0),
             cpu_percent: self.sys.global_cpu_usage(),
@@ -67,6 +65,16 @@ impl Sampler {
             version: crate::VERSION.to_string(),
         }
     }
+}
+
+/// Free (for unprivileged users) and total bytes of the filesystem holding
+/// `path`, as `df` and sysinfo's `Disk` compute them (`f_frsize` units).
+// The casts are no-ops on 64-bit Linux, not on a 32-bit Pi OS (u32 there).
+#[allow(clippy::unnecessary_cast)]
+fn disk_space(path: &Path) -> Option<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    let frsize = st.fragment_size() as u64;
+    Some(((st.blocks_available() as u64).saturating_mul(frsize), (st.blocks() as u64).saturating_mul(frsize)))
 }
 
 /// The SoC temperature: a sensor labelled like the CPU (`cpu_thermal` on a
@@ -108,9 +116,9 @@ impl Heartbeat {
         Heartbeat { cfg, state_dir, recorder, topics, board, sup, sampler: None, textfile }
     }
 
-    /// Rewrites the metrics textfile; a failure is logged, never fatal.
-    fn write_textfile(&self, outbox: crate::outbox::Stats) {
-        let Some(path) = &self.textfile else { return };
+    /// What the metrics textfile shows now, if one is configured.
+    fn textfile_snapshot(&self, outbox: crate::outbox::Stats) -> Option<(PathBuf, metrics_textfile::Snapshot)> {
+        let path = self.textfile.clone()?;
         let snapshot = metrics_textfile::Snapshot {
             device: self.board.device().to_string(),
             outbox,
@@ -119,41 +127,56 @@ impl Heartbeat {
             last_connect: self.board.last_connect(),
             restarts: self.board.actor_restarts(),
         };
-        if let Err(e) = metrics_textfile::write(path, &metrics_textfile::render(&snapshot)) {
-            tracing::warn!("metrics textfile '{}' not written: {e}", path.display());
-        }
+        Some((path, snapshot))
     }
 
+    /// Samples (and rewrites the textfile) on the blocking pool, then
+    /// records the heartbeat. A beat that finds the previous sample still
+    /// running is skipped.
     fn beat(&mut self, ctx: &mut Context<Self>) {
-        if self.sampler.is_none() {
+        let Some(mut sampler) = self.sampler.take() else {
             return;
-        }
+        };
         let stats = self.recorder.outbox().stats();
-        self.write_textfile(stats);
-        let Some(sampler) = self.sampler.as_mut() else {
-            return;
+        let textfile = self.textfile_snapshot(stats);
+        let outbox = OutboxCounters {
+            depth: stats.depth,
+            bytes: stats.bytes,
+            dropped: stats.dropped,
+            unconfirmed: u64::try_from(self.board.unconfirmed()).unwrap_or(u64::MAX),
         };
-        let body = HeartbeatBody {
-            outbox: OutboxCounters {
-                depth: stats.depth,
-                bytes: stats.bytes,
-                dropped: stats.dropped,
-                unconfirmed: u64::try_from(self.board.unconfirmed()).unwrap_or(u64::MAX),
-            },
-            link: self.board.link_counters(),
-            ..sampler.sample()
-        };
-        let fut = self.recorder.record(
-            self.topics.heartbeat(),
-            self.cfg.qos,
-            false,
-            SystemTime::now(),
-            Body::Heartbeat(body),
-        );
-        ctx.spawn(fut.into_actor(self).map(|res, _, _| {
-            if let Err(e) = res {
-                tracing::warn!("heartbeat not recorded: {e}");
+        let link = self.board.link_counters();
+        let work = tokio::task::spawn_blocking(move || {
+            if let Some((path, snapshot)) = textfile {
+                // A failure is logged, never fatal.
+                if let Err(e) = metrics_textfile::write(&path, &metrics_textfile::render(&snapshot)) {
+                    tracing::warn!("metrics textfile '{}' not written: {e}", path.display());
+                }
             }
+            let body = sampler.sample();
+            (sampler, body)
+        });
+        ctx.spawn(work.into_actor(self).map(move |res, act, ctx| {
+            let (sampler, sample) = match res {
+                Ok(done) => done,
+                // Only a panic (which ends the process) or a runtime
+                // shutting down gets here; a restart makes a new sampler.
+                Err(e) => return supervisor::fail(act, ctx, format!("heartbeat sample: {e}")),
+            };
+            act.sampler = Some(sampler);
+            let body = HeartbeatBody { outbox, link, ..sample };
+            let fut = act.recorder.record(
+                act.topics.heartbeat(),
+                act.cfg.qos,
+                false,
+                SystemTime::now(),
+                Body::Heartbeat(body),
+            );
+            ctx.spawn(fut.into_actor(act).map(|res, _, _| {
+                if let Err(e) = res {
+                    tracing::warn!("heartbeat not recorded: {e}");
+                }
+            }));
         }));
     }
 }
@@ -172,6 +195,8 @@ impl SupervisedActor for Heartbeat {
     }
 
     fn init(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
+        // Once per start: one read of /proc/stat and one listing of the
+        // temperature sensors, on this thread (the beats sample elsewhere).
         self.sampler = Some(Sampler::new(&self.state_dir)?);
         // The first CPU figure needs two samples at least 200 ms apart; the
         // first beat comes one interval (>= 1 s) after this one.

@@ -77,11 +77,12 @@
 //! With `outbox.confirm = "hub"` a `P/D/ack` is decoded
 //! ([`StoredAck`]) and handed to [`Delivery::confirmed`], whose removals
 //! are the only ones; a payload that does not decode is logged at warn and
-//! acknowledged. Every tick of [`ConfirmClock::tick_every`] asks the clock
-//! whether the confirmation time-out ran out (then
+//! acknowledged. A timer armed for [`ConfirmClock::next_wake`] asks the
+//! clock whether the confirmation time-out ran out (then
 //! [`Delivery::resend_unconfirmed`]) and whether to warn, once, that no
 //! hub has ever confirmed anything. The clock is updated after every
-//! action batch with the unconfirmed count.
+//! action batch with the unconfirmed count, and the timer moved to its new
+//! wake-up (none while nothing waits: no periodic tick).
 //!
 //! Commands that arrive on a resumed session before the nonce carry
 //! `backlog = true`. Every incoming QoS 1 message is acknowledged in arrival
@@ -248,6 +249,8 @@ pub struct Link {
     /// Home Assistant discovery, when configured or when configs published
     /// before must be removed.
     discovery: Option<Discovery>,
+    /// `confirm = "hub"`: the timer armed for the clock's next wake-up.
+    confirm_timer: Option<(Instant, SpawnHandle)>,
 }
 
 /// The discovery round and how far the current connection got with it.
@@ -292,6 +295,7 @@ impl Link {
             closing: false,
             closing_reply: None,
             discovery: None,
+            confirm_timer: None,
         }
     }
 
@@ -342,10 +346,33 @@ impl Link {
         });
     }
 
-    fn report(&mut self) {
+    fn report(&mut self, ctx: &mut Context<Self>) {
         let unconfirmed = self.delivery.unconfirmed();
         self.clock.update(Instant::now(), unconfirmed, false);
+        self.arm_confirm_timer(ctx);
         self.sup.board().link_delivery(self.delivery.in_flight(), unconfirmed, self.generation);
+    }
+
+    /// `confirm = "hub"`: (re)arms the timer for the clock's next wake-up,
+    /// or disarms it when nothing is due.
+    fn arm_confirm_timer(&mut self, ctx: &mut Context<Self>) {
+        if self.confirm.mode != Confirm::Hub {
+            return;
+        }
+        let want = self.clock.next_wake();
+        if self.confirm_timer.as_ref().map(|(at, _)| *at) == want {
+            return;
+        }
+        if let Some((_, handle)) = self.confirm_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        let Some(at) = want else { return };
+        let handle = ctx.run_later(at.saturating_duration_since(Instant::now()), |act, ctx| {
+            act.confirm_timer = None;
+            act.confirm_tick(ctx);
+            act.arm_confirm_timer(ctx);
+        });
+        self.confirm_timer = Some((at, handle));
     }
 
     /// The topics subscribed to on every ConnAck.
@@ -378,10 +405,11 @@ impl Link {
         if removed > 0 {
             self.clock.update(Instant::now(), self.delivery.unconfirmed(), true);
         }
+        // Re-arms the confirmation timer (through `report`).
         self.perform(actions, ctx);
     }
 
-    /// Every [`ConfirmClock::tick_every`] with `confirm = "hub"`.
+    /// At [`ConfirmClock::next_wake`] with `confirm = "hub"`.
     fn confirm_tick(&mut self, ctx: &mut Context<Self>) {
         let waited = self.clock.current();
         let tick = self.clock.tick(Instant::now());
@@ -433,7 +461,7 @@ impl Link {
         tracing::debug!(generation, resends = eventloop.pending.len(), "connecting");
         let stream = ctx.add_stream(connection_events(generation, eventloop));
         self.conn = Some(Conn { generation, client, stream, up: false, healthy: false, backlog: 0, sync_timer: None });
-        self.report();
+        self.report(ctx);
     }
 
     fn on_connack(&mut self, session_present: bool, ctx: &mut Context<Self>) {
@@ -632,7 +660,7 @@ impl Link {
             }
         }
         self.flush_removed(&mut removed);
-        self.report();
+        self.report(ctx);
     }
 
     fn flush_removed(&self, removed: &mut Vec<u64>) {
@@ -694,7 +722,7 @@ impl Link {
                 u64::from(self.failures),
             );
         }
-        self.report();
+        self.report(ctx);
         if self.closing {
             self.finish_closing(false, ctx);
             return;
@@ -775,6 +803,7 @@ impl Supervised for Link {
             self.relay.do_send(LinkDown);
         }
         self.wait = None;
+        self.confirm_timer = None;
         self.delivery.disconnected();
         self.inbox.disconnected();
         self.sup.restarting();
@@ -788,9 +817,6 @@ impl SupervisedActor for Link {
 
     fn init(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
         self.options = Some(mqtt_options(&self.cfg, &self.topics)?);
-        if self.confirm.mode == Confirm::Hub {
-            ctx.run_interval(self.clock.tick_every(), |act, ctx| act.confirm_tick(ctx));
-        }
         // Not connected yet: this only records the mark.
         let actions = self.delivery.durable(self.outbox.stats().durable_seq);
         self.perform(actions, ctx);
@@ -845,8 +871,8 @@ impl Handler<Durable> for Link {
     }
 }
 
-/// The watchdog's ping: answering it proves this arbiter turns (see
-/// `systemd`).
+/// The watchdog's ping: answering it proves this actor's mailbox is served
+/// (see `systemd`).
 impl Handler<super::systemd::Ping> for Link {
     type Result = ();
 

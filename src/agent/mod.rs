@@ -8,14 +8,22 @@
 //! # Actors and threads
 //!
 //! ```text
-//!  main arbiter      Button (edges from the gpio thread), Lifecycle (signals)
-//!  relay arbiter     Relay      (reads its saved state from sled)
-//!  link arbiter      Link       (polls the rumqttc event loop without pause)
-//!  heartbeat arbiter Heartbeat  (sysinfo reads /proc and /sys; the metrics textfile)
-//!  sensor arbiter    Sensor     (readings run on tokio's blocking pool)
-//!  outbox threads    the outbox writer (inserts, group commit, fdatasync) and reader
-//!  status-socket     answers `fieldlink status` with a dump (status_socket)
+//!  main thread       every actor: Button (edges from the gpio thread), Relay,
+//!  (actix system,    Link (polls the rumqttc event loop), Heartbeat, Sensor,
+//!  current-thread    Lifecycle (signals); the systemd task; the status
+//!  tokio runtime)    socket's accept task
+//!  outbox-writer     inserts, group commit, fdatasync (the outbox's only writer)
+//!  gpio backend      the sim socket's accept and timer threads, or rppal's/cdev's
+//!  on demand only    tokio's blocking pool (heartbeat samples, the metrics
+//!                    textfile, status dumps, sensor readings), the outbox's
+//!                    replay reader, sled's log writers; each ends when idle
 //! ```
+//!
+//! Nothing on the main thread blocks: disk, /proc, /sys and sensor reads go
+//! to the threads below it (start-up aside: the Relay reads its saved state
+//! when it is created). One thread for all the actors keeps a command's
+//! hops (Link -> Relay -> outbox -> Link) free of thread switches but the
+//! writer's, and an idle agent wakes only for its heartbeat and keep-alive.
 //!
 //! Button, Relay, Heartbeat, Sensor --record--> outbox --Durable(seq)--> Link --> broker
 //! broker --command--> Link --RelayCommand{done}--> Relay; done fires --> Link acks
@@ -70,6 +78,12 @@ use crate::outbox;
 use crate::proto::Topics;
 use recorder::Recorder;
 use supervisor::Supervision;
+
+/// How long a thread of tokio's blocking pool waits for more work before it
+/// ends (tokio's default is 10 s). The pool runs the heartbeat's sample
+/// every `heartbeat.interval`, status dumps and sensor readings; an idle
+/// agent keeps none of its threads for long.
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `<state_dir>/agent.pid`: how `fieldlink status` finds the agent.
 pub fn pid_file(state_dir: &Path) -> PathBuf {
@@ -153,7 +167,12 @@ pub fn run(cfg: AgentConfig) -> Result<i32, AgentError> {
     // Signal handlers before the sim socket and the pid file exist: a
     // SIGUSR1 (`fieldlink status`) that finds the pid file must never meet
     // the default action, which kills the process. Needs the runtime.
-    let system = System::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .build()
+        .map_err(AgentError::System)?;
+    let system = System::with_tokio_rt(move || runtime);
     let signals = system.block_on(async { lifecycle::register_signals() }).map_err(AgentError::Signals)?;
 
     // Keeps the sim socket served until the agent ends.
@@ -224,7 +243,6 @@ fn start(
     }
     let sup = |name| Supervision::new(name, board.clone(), &cfg.supervisor);
 
-    let relay_arbiter = Arbiter::new();
     let relay = {
         let (relays, state_dir, gpio, recorder, reader, topics, sup) = (
             cfg.relays.clone(),
@@ -235,17 +253,14 @@ fn start(
             topics.clone(),
             sup("relay"),
         );
-        Supervisor::start_in_arbiter(&relay_arbiter.handle(), move |_| {
-            relay::Relay::new(relays, &state_dir, gpio, recorder, reader, topics, sup)
-        })
+        Supervisor::start(move |_| relay::Relay::new(relays, &state_dir, gpio, recorder, reader, topics, sup))
     };
 
-    let link_arbiter = Arbiter::new();
     let link = {
         let (mqtt, confirm, topics, outbox, reader, relay, sup) =
             (cfg.mqtt.clone(), cfg.confirm, topics.clone(), outbox.clone(), reader.clone(), relay.clone(), sup("link"));
         let discovery = discovery_round(cfg, &topics);
-        Supervisor::start_in_arbiter(&link_arbiter.handle(), move |_| {
+        Supervisor::start(move |_| {
             link::Link::new(mqtt, confirm, topics, outbox, reader, relay, sup).with_discovery(discovery.clone())
         })
     };
@@ -262,15 +277,11 @@ fn start(
     let mut supervised: Vec<Box<dyn std::any::Any>> = vec![Box::new(button), Box::new(relay)];
     if !cfg.sensors.is_empty() {
         board.add_actor("sensor");
-        let sensor_arbiter = Arbiter::new();
         let (sensors, recorder, topics, sup) = (cfg.sensors.clone(), recorder.clone(), topics.clone(), sup("sensor"));
-        let sensor = Supervisor::start_in_arbiter(&sensor_arbiter.handle(), move |_| {
-            sensor::Sensor::new(sensors, recorder, topics, sup)
-        });
+        let sensor = Supervisor::start(move |_| sensor::Sensor::new(sensors, recorder, topics, sup));
         supervised.push(Box::new(sensor));
     }
 
-    let heartbeat_arbiter = Arbiter::new();
     let heartbeat = {
         let (hb, state_dir, recorder, topics, sup, textfile) = (
             cfg.heartbeat.clone(),
@@ -280,9 +291,7 @@ fn start(
             sup("heartbeat"),
             cfg.metrics.textfile.clone(),
         );
-        Supervisor::start_in_arbiter(&heartbeat_arbiter.handle(), move |_| {
-            heartbeat::Heartbeat::new(hb, state_dir, recorder, topics, sup, textfile)
-        })
+        Supervisor::start(move |_| heartbeat::Heartbeat::new(hb, state_dir, recorder, topics, sup, textfile))
     };
 
     let notifier = crate::sd_notify::Notifier::from_env();

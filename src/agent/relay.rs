@@ -64,7 +64,7 @@
 //! ours; its retained states may be gone too) each relay records its current
 //! state with cause `reconnect`, unless its previous `reconnect` record is
 //! still waiting (not yet durable, or still in the outbox: looked up with
-//! [`OutboxReader::read`] on this actor's thread). A reconnect storm adds at
+//! [`OutboxReader::read_async`] while this actor's mailbox waits). A reconnect storm adds at
 //! most one such record per relay. A [`LinkUp`] that resumes the session
 //! records nothing: the broker still holds the retained states.
 //!
@@ -86,8 +86,9 @@
 //! records that follow, and durable with the next commit (at once for a lost
 //! session, as before #8).
 //!
-//! It runs on its own arbiter: the saved state is read from sled when the
-//! actor is created, and the outbox lookup above reads sled.
+//! It runs on the agent's one actor thread with the Link: the saved state is
+//! read from sled once, when the actor is created (at start-up); every other
+//! outbox read goes through the outbox's reader.
 
 use std::future::Future;
 use std::path::Path;
@@ -95,6 +96,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use actix::prelude::*;
+use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use super::command_gate::{self, Arrival, CommandGate, Verdict};
@@ -401,22 +403,51 @@ impl Relay {
         }
     }
 
-    /// Whether unit `i`'s previous `reconnect` record is still waiting to be
-    /// delivered.
-    fn reconnect_waiting(&self, i: usize) -> bool {
-        let r = &self.units[i].reconnect;
-        if r.in_flight > 0 {
-            return true;
+    /// Records each relay's state with cause `reconnect`, unless its
+    /// previous `reconnect` record is still waiting to be delivered (not yet
+    /// durable, or still in the outbox). The outbox lookups run on the
+    /// outbox's reader (a sled read may touch the disk), and this actor's
+    /// mailbox waits for them, so no command slips in between.
+    fn record_reconnects(&mut self, ctx: &mut Context<Self>) {
+        let mut lookups = Vec::new();
+        for (i, u) in self.units.iter().enumerate() {
+            if u.reconnect.in_flight == 0
+                && let Some(seq) = u.reconnect.seq
+            {
+                lookups.push(self.reader.read_async(seq, seq, 1).map(move |res| (i, seq, res)));
+            }
         }
-        let Some(seq) = r.seq else { return false };
-        match self.reader.read(seq, seq, 1) {
-            Ok(records) => !records.is_empty(),
-            Err(e) => {
-                tracing::warn!(
-                    relay = %self.units[i].cfg.name,
-                    "cannot tell whether the previous reconnect state (seq {seq}) is still in the outbox ({e}); recording a new one"
-                );
-                false
+        if lookups.is_empty() {
+            let stored = vec![false; self.units.len()];
+            return self.record_reconnects_unless(&stored, ctx);
+        }
+        let found = futures_util::future::join_all(lookups);
+        ctx.wait(found.into_actor(self).map(|found, act, ctx| {
+            let mut stored = vec![false; act.units.len()];
+            for (i, seq, res) in found {
+                stored[i] = match res {
+                    Ok(records) => !records.is_empty(),
+                    Err(e) => {
+                        tracing::warn!(
+                            relay = %act.units[i].cfg.name,
+                            "cannot tell whether the previous reconnect state (seq {seq}) is still in the outbox ({e}); recording a new one"
+                        );
+                        false
+                    }
+                };
+            }
+            act.record_reconnects_unless(&stored, ctx);
+        }));
+    }
+
+    /// [`Relay::record_reconnects`] once it knows which previous records
+    /// are still `stored`.
+    fn record_reconnects_unless(&mut self, stored: &[bool], ctx: &mut Context<Self>) {
+        for (i, &stored) in stored.iter().enumerate() {
+            if self.units[i].reconnect.in_flight > 0 || stored {
+                tracing::debug!(relay = %self.units[i].cfg.name, "previous reconnect state still waiting in the outbox; none added");
+            } else {
+                self.record_reconnect(i, ctx);
             }
         }
     }
@@ -550,13 +581,7 @@ impl Handler<LinkUp> for Relay {
             self.save_in_background(ctx, true);
         }
         self.apply_held(ctx, "the broker kept no session, so nothing more is queued");
-        for i in 0..self.units.len() {
-            if self.reconnect_waiting(i) {
-                tracing::debug!(relay = %self.units[i].cfg.name, "previous reconnect state still waiting in the outbox; none added");
-            } else {
-                self.record_reconnect(i, ctx);
-            }
-        }
+        self.record_reconnects(ctx);
     }
 }
 
@@ -820,6 +845,16 @@ mod tests {
         Run { relay, outbox, reader }
     }
 
+    /// Answered once the Relay has handled every message before it.
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Settled;
+
+    impl Handler<Settled> for Relay {
+        type Result = ();
+        fn handle(&mut self, _: Settled, _: &mut Context<Self>) {}
+    }
+
     /// Runs `test` inside an actix system, as the agent's actors run.
     fn in_system<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
         System::new().block_on(async move { test().await });
@@ -855,12 +890,19 @@ mod tests {
             self.deliver(PUMP_SET, payload, pkid, dup, false).await
         }
 
+        /// Sends `msg` and returns once the Relay is done with it, including
+        /// what it holds its mailbox for (the reconnect lookups).
         async fn tell<M>(&self, msg: M)
         where
             M: Message<Result = ()> + Send + 'static,
             Relay: Handler<M>,
         {
             self.relay.send(msg).await.expect("the relay is running");
+            self.settled().await;
+        }
+
+        async fn settled(&self) {
+            self.relay.send(Settled).await.expect("the relay is running");
         }
 
         /// Every record in the outbox: (topic, payload), in seq order.

@@ -25,18 +25,22 @@
 //!
 //! # Threads
 //!
-//! `status-socket` accepts one connection at a time and takes its dump on
-//! that thread, so dumps never run on an actor's thread and a client that
-//! floods the socket gets one dump at a time. Dropping [`StatusSocket`]
-//! stops it and removes the socket file.
+//! One tokio task on the agent's runtime accepts one connection at a time;
+//! each dump is taken and answered on tokio's blocking pool (it reads the
+//! outbox and fsyncs), and the task waits for it before it accepts the next
+//! connection. So dumps never run on the actors' thread, a client that
+//! floods the socket gets one dump at a time, and no thread exists for the
+//! socket while nobody asks. Dropping [`StatusSocket`] stops the task and
+//! removes the socket file.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use tokio::task::AbortHandle;
 
 use super::status_dump::{DumpError, Dumped};
 
@@ -47,8 +51,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum SocketError {
     #[error("cannot bind the status socket '{}': {source}", path.display())]
     Bind { path: PathBuf, source: io::Error },
-    #[error("cannot start the status socket thread: {0}")]
-    Spawn(io::Error),
+    #[error("cannot serve the status socket: {0}")]
+    Serve(io::Error),
     #[error("{0}")]
     Io(#[from] io::Error),
     #[error("the agent answered on the status socket with '{0}', not a dump")]
@@ -69,7 +73,7 @@ pub struct Answer {
 pub struct StatusSocket {
     path: PathBuf,
     listener: Option<UnixListener>,
-    stop: Arc<AtomicBool>,
+    task: Option<AbortHandle>,
 }
 
 impl StatusSocket {
@@ -83,55 +87,64 @@ impl StatusSocket {
         }
         let listener = UnixListener::bind(path).map_err(bind_error)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
-        Ok(StatusSocket { path: path.to_path_buf(), listener: Some(listener), stop: Arc::new(AtomicBool::new(false)) })
+        Ok(StatusSocket { path: path.to_path_buf(), listener: Some(listener), task: None })
     }
 
-    /// Starts answering each connection with `dump()`.
+    /// Starts answering each connection with `dump()`, on the tokio runtime
+    /// this is called in (it must be called inside one).
     pub fn serve<F>(&mut self, dump: F) -> Result<(), SocketError>
     where
-        F: Fn() -> Result<Dumped, DumpError> + Send + 'static,
+        F: Fn() -> Result<Dumped, DumpError> + Send + Sync + 'static,
     {
         let Some(listener) = self.listener.take() else { return Ok(()) };
-        let stop = self.stop.clone();
-        std::thread::Builder::new()
-            .name("status-socket".into())
-            .spawn(move || accept(&listener, &stop, &dump))
-            .map_err(SocketError::Spawn)?;
+        listener.set_nonblocking(true).map_err(SocketError::Serve)?;
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(SocketError::Serve)?;
+        self.task = Some(tokio::spawn(accept(listener, Arc::new(dump))).abort_handle());
         Ok(())
     }
 }
 
 impl Drop for StatusSocket {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wakes the thread from accept(); it sees the flag and ends. Fails
-        // only if nothing listens any more, which is the goal anyway.
-        let _woken = UnixStream::connect(&self.path);
+        // The listener closes with the task, the next time the runtime
+        // turns or when it is dropped; nobody finds the path meanwhile.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::debug!(error = %e, "status socket: cannot remove '{}'", self.path.display());
         }
     }
 }
 
-fn accept<F>(listener: &UnixListener, stop: &AtomicBool, dump: &F)
+async fn accept<F>(listener: tokio::net::UnixListener, dump: Arc<F>)
 where
-    F: Fn() -> Result<Dumped, DumpError>,
+    F: Fn() -> Result<Dumped, DumpError> + Send + Sync + 'static,
 {
-    for conn in listener.incoming() {
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
-        let stream = match conn {
-            Ok(s) => s,
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!("status socket: accept failed: {e}");
                 // accept() fails at once on e.g. EMFILE: do not spin.
-                std::thread::sleep(Duration::from_millis(100));
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        if let Err(e) = answer(stream, dump()) {
-            tracing::debug!("status socket: the client did not take its answer: {e}");
+        let dump = dump.clone();
+        // The dump and the (blocking, bounded) write of the answer.
+        let answered = tokio::task::spawn_blocking(move || {
+            let stream = stream.into_std()?;
+            stream.set_nonblocking(false)?;
+            answer(stream, dump())
+        })
+        .await;
+        match answered {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("status socket: the client did not take its answer: {e}"),
+            // A panic ends the process (the agent's hook); a runtime
+            // shutting down ends this task too.
+            Err(e) => tracing::debug!("status socket: the dump did not finish: {e}"),
         }
     }
 }
@@ -178,6 +191,12 @@ fn parse(text: &str) -> Result<Answer, SocketError> {
 mod tests {
     use super::*;
 
+    /// A runtime whose worker serves the socket while the test's thread
+    /// plays the (blocking) client.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime")
+    }
+
     fn dumped(unwritten: Option<DumpError>) -> Result<Dumped, DumpError> {
         Ok(Dumped { json: b"{\n  \"device\": \"pi\"\n}".to_vec(), unwritten })
     }
@@ -186,6 +205,8 @@ mod tests {
     fn a_client_gets_the_dump_and_hears_when_status_json_could_not_be_written() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("status.sock");
+        let rt = runtime();
+        let _in_rt = rt.enter();
         let mut sock = StatusSocket::bind(&path).expect("bind");
         let full = || io::Error::from_raw_os_error(28);
         sock.serve(move || dumped(Some(DumpError::Write { path: "state/status.json".into(), source: full() })))
@@ -202,6 +223,8 @@ mod tests {
     fn a_written_dump_is_answered_without_a_warning() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("status.sock");
+        let rt = runtime();
+        let _in_rt = rt.enter();
         let mut sock = StatusSocket::bind(&path).expect("bind");
         sock.serve(|| dumped(None)).expect("serve");
         assert_eq!(request(&path, Duration::from_secs(30)).expect("an answer").unwritten, None);
@@ -212,6 +235,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("status.sock");
         drop(UnixListener::bind(&path).expect("a stale socket"));
+        let rt = runtime();
+        let _in_rt = rt.enter();
         let mut sock = StatusSocket::bind(&path).expect("bind over a stale socket file");
         sock.serve(|| dumped(None)).expect("serve");
         let mode = std::fs::metadata(&path).expect("socket file").permissions().mode();

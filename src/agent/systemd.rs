@@ -1,9 +1,9 @@
-//! The agent's side of `Type=notify` (DESIGN: systemd): one task on the main
-//! arbiter that tells systemd `READY=1`, `STATUS=` and `WATCHDOG=1` through
+//! The agent's side of `Type=notify` (DESIGN: systemd): one task on the
+//! actors' (main) thread that tells systemd `READY=1`, `STATUS=` and `WATCHDOG=1` through
 //! [`Notifier`]. It owns *when* each is sent; the verdict for the watchdog
 //! is the sans-IO `watchdog` module's, the socket is `sd_notify`'s, and
 //! `STOPPING=1` is sent by the Lifecycle actor at SIGTERM. It must never
-//! block its arbiter and never fail the agent: a notification that cannot be
+//! block that thread and never fail the agent: a notification that cannot be
 //! sent is logged.
 //!
 //! * `READY=1` (with the first `STATUS=`) once every supervised actor has
@@ -14,9 +14,10 @@
 //!   once per [`STATUS_GAP`] so a busy outbox does not flood the journal.
 //!   Nothing is sent while nothing changes.
 //! * `WATCHDOG=1` every `WATCHDOG_USEC / 2`, only when the verdict is healthy:
-//!   each round pings the Link (an actix message answered on the Link's own
-//!   arbiter, so a wedged event loop leaves it unanswered within the
-//!   round's half period). Without `WATCHDOG_USEC` there is no timer at all.
+//!   each round pings the Link (an actix message: a Link whose mailbox is
+//!   stuck leaves it unanswered within the round's half period). The Link
+//!   and this task share the actors' thread, so a wedged thread sends no
+//!   `WATCHDOG=1` at all. Without `WATCHDOG_USEC` there is no timer at all.
 //!   A withheld watchdog is logged once per change and shown in `STATUS=`.
 
 use std::sync::Arc;
@@ -33,7 +34,7 @@ use crate::sd_notify::{Notifier, status_line};
 /// The least time between two `STATUS=` notifications.
 pub const STATUS_GAP: Duration = Duration::from_secs(1);
 
-/// Asks an actor whether its arbiter is turning; the answer is the reply.
+/// Asks an actor whether its mailbox is served; the answer is the reply.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct Ping;

@@ -32,7 +32,7 @@ pub struct ActorView {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkPing {
     Answered,
-    /// No answer within the time allowed: its arbiter is wedged.
+    /// No answer within the time allowed: its mailbox (or thread) is wedged.
     Unanswered,
     /// Not asked: the Link is not running (restart back-off).
     NotAsked,

@@ -234,7 +234,8 @@
 //! # Read path
 //!
 //! [`OutboxReader::read_async`] queues the read to the outbox reader thread
-//! (`fieldlink-outbox-read`, one per open, reads in call order) and returns
+//! (`fieldlink-outbox-read`, one per open, reads in call order; it runs
+//! only while there are reads and ends after 2 s without one) and returns
 //! a future; [`OutboxReader::read`] does the same read on the caller's
 //! thread (tests, benches). A read takes the database's read lock, reads both
 //! trees, merges by seq, decodes. A record that does not decode is skipped
@@ -483,7 +484,7 @@ pub enum OutboxError {
     Open { dir: PathBuf, source: StoreError },
     #[error("the outbox in '{}' is corrupt: {reason}", dir.display())]
     Corrupt { dir: PathBuf, reason: String },
-    #[error("cannot start the outbox writer thread: {0}")]
+    #[error("cannot start an outbox thread (the writer, or the reader for replay reads): {0}")]
     Spawn(#[source] io::Error),
     #[error("the outbox is shut down; it accepts no more records")]
     Closed,

@@ -19,10 +19,12 @@
 //! can block on the disk and can write, but never fsyncs; the Link's thread
 //! must do neither, hence [`OutboxReader::read_async`].
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError, Weak, mpsc};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::thread;
+use std::time::Duration;
 
 use super::record;
 use super::store::{Store, StoreSlot};
@@ -32,31 +34,83 @@ use super::{Class, HandleInner, OutboxError, Record, Shared};
 /// A read queued for the reader thread.
 type Job = Box<dyn FnOnce() + Send>;
 
+/// How long the reader thread waits for another read before it ends.
+const IDLE_EXIT: Duration = Duration::from_secs(2);
+
 /// The outbox reader thread, shared by every clone of one [`OutboxReader`].
-/// It stops when the last clone is dropped (its channel closes); it holds
-/// nothing between jobs, so it never keeps the database open on its own.
+/// It runs only while there are reads: started by the first read queued
+/// when it is not running, it runs the queue in order and ends after
+/// [`IDLE_EXIT`] without one (issue #8: an idle agent keeps no thread that
+/// nothing needs). It holds nothing between jobs, so it never keeps the
+/// database open on its own.
 pub(crate) struct ReadThread {
-    tx: Mutex<mpsc::Sender<Job>>,
+    queue: Mutex<ReadQueue>,
+    wake: Condvar,
+    /// The subscriber the thread logs to: the one current at open.
+    dispatch: tracing::Dispatch,
+}
+
+struct ReadQueue {
+    jobs: VecDeque<Job>,
+    /// The thread exists (it runs the queue, or waits for it to grow).
+    running: bool,
 }
 
 impl ReadThread {
-    /// Starts the thread (named `fieldlink-outbox-read`).
+    /// Prepares the thread (named `fieldlink-outbox-read`); it starts with
+    /// the first read.
     pub(crate) fn start() -> std::io::Result<Arc<ReadThread>> {
-        let (tx, rx) = mpsc::channel::<Job>();
         let dispatch = tracing::dispatcher::get_default(|d| d.clone());
-        thread::Builder::new().name("fieldlink-outbox-read".to_string()).spawn(move || {
-            tracing::dispatcher::with_default(&dispatch, || {
-                while let Ok(job) = rx.recv() {
-                    job();
-                }
-            })
-        })?;
-        Ok(Arc::new(ReadThread { tx: Mutex::new(tx) }))
+        Ok(Arc::new(ReadThread {
+            queue: Mutex::new(ReadQueue { jobs: VecDeque::new(), running: false }),
+            wake: Condvar::new(),
+            dispatch,
+        }))
     }
 
-    fn run(&self, job: Job) -> Result<(), OutboxError> {
-        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
-        tx.send(job).map_err(|_| OutboxError::Closed)
+    fn run(self: &Arc<Self>, job: Job) -> Result<(), OutboxError> {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        q.jobs.push_back(job);
+        if q.running {
+            // Busy (it takes the job next) or waiting (this wakes it).
+            self.wake.notify_one();
+            return Ok(());
+        }
+        let this = Arc::clone(self);
+        let spawned = thread::Builder::new()
+            .name("fieldlink-outbox-read".to_string())
+            .spawn(move || tracing::dispatcher::with_default(&this.dispatch.clone(), || this.work()));
+        match spawned {
+            Ok(_) => {
+                q.running = true;
+                Ok(())
+            }
+            Err(e) => {
+                // Nobody else takes jobs while none runs: this one is ours.
+                q.jobs.pop_back();
+                Err(OutboxError::Spawn(e))
+            }
+        }
+    }
+
+    /// The thread: runs queued reads in order until none came for
+    /// [`IDLE_EXIT`].
+    fn work(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(job) = q.jobs.pop_front() {
+                drop(q);
+                job();
+                q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let (guard, waited) = self.wake.wait_timeout(q, IDLE_EXIT).unwrap_or_else(PoisonError::into_inner);
+            q = guard;
+            if waited.timed_out() && q.jobs.is_empty() {
+                q.running = false;
+                return;
+            }
+        }
     }
 }
 
