@@ -738,6 +738,8 @@ pub(crate) fn start(
         saves: Default::default(),
         held_replies: Vec::new(),
         on_durable: None,
+        fresh: Default::default(),
+        removed_since_empty: 0,
     };
     // The writer logs to whatever subscriber its opener logs to (the
     // global one in the agent; a test's own one in tests).

@@ -22,6 +22,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::fault::{self, Admit, Fault};
+use super::fresh::{Fresh, FreshBuf};
 use super::ledger::Ledger;
 use super::record::{self, Floor};
 use super::salvage::Salvage;
@@ -44,11 +45,19 @@ const READS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 type AppendReply = oneshot::Sender<Result<u64, OutboxError>>;
 type FlushReply = oneshot::Sender<Result<(), OutboxError>>;
 
+/// Who hears about commits: the new `durable_seq`, with the fresh records
+/// (see `fresh.rs`) if it takes them.
+pub(crate) enum OnDurable {
+    Seq(Box<dyn Fn(u64) + Send>),
+    WithRecords(Box<dyn Fn(u64, Option<Fresh>) + Send>),
+}
+
 /// What the handles and readers ask of the writer.
 pub(crate) enum Msg {
     Append {
         draft: Draft,
-        reply: AppendReply,
+        /// `None`: nobody waits; a failure is logged here.
+        reply: Option<AppendReply>,
         /// Commit at the end of this group, even in `batch` mode.
         urgent: bool,
         /// Written just before the record, so it is durable in the same commit.
@@ -67,7 +76,7 @@ pub(crate) enum Msg {
         reason: String,
     },
     Flush(FlushReply),
-    OnDurable(Box<dyn Fn(u64) + Send>),
+    OnDurable(OnDurable),
     Shutdown,
 }
 
@@ -152,7 +161,13 @@ pub(crate) struct Writer {
     /// fault), by meta key: written again after a reopen.
     pub saves: BTreeMap<String, Vec<u8>>,
     pub held_replies: Vec<(AppendReply, OutboxError)>,
-    pub on_durable: Option<Box<dyn Fn(u64) + Send>>,
+    pub on_durable: Option<OnDurable>,
+    /// Records stored since the last commit, for `on_durable`.
+    pub fresh: FreshBuf,
+    /// Records removed since the database was last found empty; when it
+    /// empties after many, the allocator gives memory back (see
+    /// `Writer::give_back_memory`).
+    pub removed_since_empty: u64,
 }
 
 impl Writer {
@@ -217,7 +232,10 @@ impl Writer {
                 }
             }
             Msg::Flush(reply) => self.flush_waiters.push(reply),
-            Msg::OnDurable(f) => self.on_durable = Some(f),
+            Msg::OnDurable(f) => {
+                self.fresh.wanted = matches!(f, OnDurable::WithRecords(_));
+                self.on_durable = Some(f);
+            }
             Msg::Shutdown => return true,
         }
         false
@@ -269,10 +287,23 @@ impl Writer {
         self.saves.insert(key, value);
     }
 
-    fn append(&mut self, draft: Draft, reply: AppendReply) {
+    fn append(&mut self, draft: Draft, reply: Option<AppendReply>) {
         let outcome = self.try_append(draft);
         // Every seq assigned so far is now stored, kept or dropped: readers may see it.
         self.shared.written_seq.store(self.next_seq - 1, Ordering::Release);
+        let Some(reply) = reply else {
+            // Nobody waits (`OutboxHandle::record`): a stored record needs
+            // no answer, a failure is said here.
+            match outcome {
+                Outcome::Stored(_) => {}
+                Outcome::Held(e) => tracing::warn!("outbox: {e}"),
+                Outcome::Dropped(e) => {
+                    self.count_dropped();
+                    tracing::error!("outbox: {e}");
+                }
+            }
+            return;
+        };
         match outcome {
             Outcome::Stored(seq) => self.append_waiters.push((seq, reply)),
             Outcome::Held(e) => self.held_replies.push((reply, e)),
@@ -323,6 +354,7 @@ impl Writer {
         match self.store().and_then(|s| s.insert(class, seq, &value)) {
             Ok(()) => {
                 self.track_unsaved(seq, class, value);
+                self.fresh.stored(record);
                 self.shared.depth.fetch_add(1, Ordering::Relaxed);
                 self.shared.bytes.fetch_add(size, Ordering::Relaxed);
                 self.enforce_bound();
@@ -462,7 +494,11 @@ impl Writer {
             Ok(Some((_class, size))) => {
                 self.shared.depth.fetch_sub(1, Ordering::Relaxed);
                 self.shared.bytes.fetch_sub(size, Ordering::Relaxed);
-                let _committed_or_not = self.untrack_unsaved(seq);
+                if self.untrack_unsaved(seq).is_some() {
+                    // Not committed yet (the bound): no batch may carry it.
+                    self.fresh.removed(seq);
+                }
+                self.removed_since_empty += 1;
                 self.removed.push(seq);
                 self.mark_dirty();
                 Removal::Removed
@@ -584,15 +620,42 @@ impl Writer {
     fn committed(&mut self) {
         let durable = self.next_seq - 1;
         let before = self.shared.durable_seq.swap(durable, Ordering::AcqRel);
+        let fresh = self.fresh.take(self.next_seq);
         // Before the waiters: whoever sees an append resolve can rely on
         // on_durable having seen its seq.
         if durable > before
             && let Some(f) = &self.on_durable
-            && catch_unwind(AssertUnwindSafe(|| f(durable))).is_err()
+            && catch_unwind(AssertUnwindSafe(|| match f {
+                OnDurable::Seq(f) => f(durable),
+                OnDurable::WithRecords(f) => f(durable, fresh),
+            }))
+            .is_err()
         {
             tracing::error!(durable, "outbox: the on_durable callback panicked");
         }
         self.resolve(Ok(()));
+        self.give_back_memory();
+    }
+
+    /// Once the database is empty again after many removals (a backlog
+    /// drained), asks glibc's allocator to return its free memory to the
+    /// system. glibc keeps freed heap memory for reuse: the top of each
+    /// arena is only trimmed past `M_TRIM_THRESHOLD` and never below a
+    /// chunk still in use, and the arenas of other threads (sled's, the
+    /// reader's) are not trimmed by a `free` here at all; `malloc_trim`
+    /// walks every arena and also releases whole free pages inside them
+    /// (glibc `malloc/malloc.c`, `mtrim`, `madvise(MADV_DONTNEED)`). Without
+    /// it the agent kept the peak of a backlog for good (issue #8: 72 MB
+    /// after the drain). Not for every drain: it walks the heaps.
+    fn give_back_memory(&mut self) {
+        const AFTER_REMOVALS: u64 = 10_000;
+        if self.shared.depth.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        if self.removed_since_empty >= AFTER_REMOVALS {
+            crate::memtrim::trim();
+        }
+        self.removed_since_empty = 0;
     }
 
     /// Answers every waiter. On failure the appended records are kept (in
@@ -632,6 +695,9 @@ impl Writer {
                 );
                 self.fault = Some(Fault::new(now, e.to_string(), self.cfg.flush_interval));
                 self.shared.fault.store(true, Ordering::Release);
+                // What the next commit covers is decided by the reopen: the
+                // Link reads it from the database.
+                self.fresh.forget();
                 self.ledger_dirty = true;
             }
         }
