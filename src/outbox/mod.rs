@@ -198,9 +198,10 @@
 //! and at the first commit after open, there is no batch (what the commit
 //! covers is then decided by a reopen or by the database): the Link reads.
 //!
-//! After a commit that finds the database empty following at least 10,000
-//! removals (a backlog drained), the writer calls glibc's `malloc_trim` so
-//! the agent's memory goes back near idle (`memtrim.rs`).
+//! When its channel is empty after at least 20,000 records were stored or
+//! removed since the last time (a backlog recorded or drained), the writer
+//! calls glibc's `malloc_trim`, so the agent's memory does not stay at the
+//! burst's peak (`memtrim.rs`).
 //!
 //! # Saved values
 //!

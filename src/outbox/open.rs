@@ -739,7 +739,7 @@ pub(crate) fn start(
         held_replies: Vec::new(),
         on_durable: None,
         fresh: Default::default(),
-        removed_since_empty: 0,
+        churn: 0,
     };
     // The writer logs to whatever subscriber its opener logs to (the
     // global one in the agent; a test's own one in tests).
