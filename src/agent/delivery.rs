@@ -129,9 +129,14 @@
 //!
 //! Records are read from the outbox at the cursor, in seq order, up to the
 //! durable mark, and submitted in that order with at most `window` records in
-//! flight. Reads go through the Link ([`Action::Read`]), one at a time; a
-//! result is used only if its token is still current (a lost session
-//! invalidates it). Two rules keep first deliveries in seq order whatever
+//! flight. Reads go through the Link ([`Action::Read`]), one at a time, and
+//! queue up to [`READ_AHEAD`] records ahead of the window; a result is used
+//! only if its token is still current (a lost session invalidates it). The
+//! records a commit made durable may come with the durable mark instead
+//! ([`Delivery::durable_with`], a [`Fresh`] batch complete for its seq
+//! range): they are queued exactly as a read of that range would queue them,
+//! only when the cursor is at its start and no read is in flight, and the
+//! cursor moves past them; anything else is read. Two rules keep first deliveries in seq order whatever
 //! the mix of QoS, the order of acks and the cuts:
 //!
 //! * No record is submitted while a QoS 2 record waits for its PUBREC:

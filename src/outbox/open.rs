@@ -740,6 +740,7 @@ pub(crate) fn start(
         on_durable: None,
         fresh: Default::default(),
         churn: 0,
+        unwaited: false,
     };
     // The writer logs to whatever subscriber its opener logs to (the
     // global one in the agent; a test's own one in tests).

@@ -171,6 +171,10 @@ pub(crate) struct Writer {
     /// Records stored or removed since the allocator last gave memory back
     /// (see `Writer::give_back_memory`).
     pub churn: u64,
+    /// A record nobody waits on ([`super::OutboxHandle::record`]) was
+    /// stored since the last commit: in `always` mode the group still
+    /// ends with a commit.
+    pub unwaited: bool,
 }
 
 impl Writer {
@@ -305,7 +309,7 @@ impl Writer {
             // Nobody waits (`OutboxHandle::record`): a stored record needs
             // no answer, a failure is said here.
             match outcome {
-                Outcome::Stored(_) => {}
+                Outcome::Stored(_) => self.unwaited = true,
                 Outcome::Held(e) => tracing::warn!("outbox: {e}"),
                 Outcome::Dropped(e) => {
                     self.count_dropped();
@@ -555,7 +559,7 @@ impl Writer {
         !self.flush_waiters.is_empty()
             || self.urgent
             || (self.cfg.durability == Durability::Always
-                && (!self.append_waiters.is_empty() || !self.save_waiters.is_empty()))
+                && (self.unwaited || !self.append_waiters.is_empty() || !self.save_waiters.is_empty()))
             || self.deadline().is_some_and(|at| at <= Instant::now())
     }
 
@@ -608,6 +612,7 @@ impl Writer {
         self.removed.clear();
         self.dirty_since = None;
         self.ledger_dirty = false;
+        self.unwaited = false;
         Ok(())
     }
 
