@@ -1,8 +1,9 @@
 //! Small durable-file helpers shared by every state file (status dump, the
 //! outbox's side files, the API token; the sim board's latched outputs,
 //! overwritten in place without fsync). Owns "write to a temp file, fsync,
-//! rename, fsync the directory" and the unsynced in-place overwrite; it
-//! knows nothing about what the bytes mean.
+//! rename, fsync the directory", the same without the fsyncs (the status
+//! dump) and the unsynced in-place overwrite; it knows nothing about what
+//! the bytes mean.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -23,13 +24,22 @@ pub fn sync_parent(path: &Path) -> std::io::Result<()> {
 /// `<path>.tmp`; a failed write removes it again, so that on a full disk it
 /// does not keep the few blocks it got.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_atomic_mode(path, bytes, 0o666)
+    write_atomic_mode(path, bytes, 0o666, true)
+}
+
+/// [`write_atomic`] without its two fsyncs: a reader sees the old content
+/// or the new, never a torn file, but a power cut may leave the old one (or,
+/// on a filesystem without ext4's `auto_da_alloc`, an empty one). For
+/// snapshots nothing rests on (the status dump), so that whoever waits for
+/// them does not wait for the disk (issue #8: `fieldlink status`).
+pub fn replace_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o666, false)
 }
 
 /// [`write_atomic`] for a secret: the file is mode 0600 from its first byte
 /// (also when it replaces a file with looser permissions).
 pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_atomic_mode(path, bytes, 0o600)
+    write_atomic_mode(path, bytes, 0o600, true)
 }
 
 /// Overwrites `path` in place with `bytes`, without any fsync, creating it
@@ -65,7 +75,7 @@ pub fn overwrite_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.write_all_at(&padded, 0)
 }
 
-fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -78,7 +88,7 @@ fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()
                 f.set_permissions(fs::Permissions::from_mode(mode))?;
             }
             f.write_all(bytes)?;
-            f.sync_all()
+            if sync { f.sync_all() } else { Ok(()) }
         });
     if let Err(e) = written {
         // Best effort: it may not even exist, and the write's error is the one to report.
@@ -87,7 +97,7 @@ fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()
     }
     fs::rename(&tmp, path)?;
     // The rename is durable only once the directory entry is.
-    sync_parent(path)
+    if sync { sync_parent(path) } else { Ok(()) }
 }
 
 #[cfg(test)]

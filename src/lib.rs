@@ -32,6 +32,7 @@
 //! * [`mqtt_options`]: the rumqttc options the agent and the hub share;
 //!   [`connect_failure`]: why a connect failed, in words, and its log line.
 //! * [`fsutil`], [`timefmt`]: atomic file writes; RFC 3339 timestamps.
+//! * [`memtrim`]: giving freed heap memory back after a drained backlog.
 //! * [`sd_notify`]: systemd's notification socket (`READY=1`, `WATCHDOG=1`).
 //!
 //! # Features
@@ -56,6 +57,7 @@ pub mod fsutil;
 pub mod gpio;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod memtrim;
 pub mod mqtt_options;
 pub mod outbox;
 #[cfg(feature = "hub")]

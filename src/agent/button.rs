@@ -58,7 +58,7 @@ impl Button {
         Button { buttons, gpio, recorder, topics, sup, pins: Vec::new(), states: HashMap::new(), generation: 0 }
     }
 
-    fn on_edge(&mut self, index: usize, edge: Edge, ctx: &mut Context<Self>) {
+    fn on_edge(&mut self, index: usize, edge: Edge) {
         let Some(cfg) = self.buttons.get(index) else {
             return;
         };
@@ -68,18 +68,20 @@ impl Button {
         }
         self.sup.board().button(&cfg.name, state);
         tracing::info!(button = %cfg.name, ?state, "edge");
-        let fut = self.recorder.record(
+        // Not awaited: a future per edge, polled by this actor's context
+        // (actix polls every spawned future on each wake-up), cost more
+        // than the edge itself under a burst (#8). The outbox logs a
+        // record it could not store.
+        let recorded = self.recorder.record_now(
             self.topics.button(&cfg.name),
             cfg.qos,
             false,
             edge.at,
             Body::Button(ButtonBody { button: cfg.name.clone(), state }),
         );
-        ctx.spawn(fut.into_actor(self).map(|res, _, _| {
-            if let Err(e) = res {
-                tracing::error!("button event not recorded: {e}");
-            }
-        }));
+        if let Err(e) = recorded {
+            tracing::error!("button event not recorded: {e}");
+        }
     }
 }
 
@@ -134,7 +136,7 @@ impl Handler<PinEvent> for Button {
             return;
         }
         match msg.event {
-            Ok(edge) => self.on_edge(msg.index, edge, ctx),
+            Ok(edge) => self.on_edge(msg.index, edge),
             Err(e) => supervisor::fail(self, ctx, e),
         }
     }

@@ -129,9 +129,14 @@
 //!
 //! Records are read from the outbox at the cursor, in seq order, up to the
 //! durable mark, and submitted in that order with at most `window` records in
-//! flight. Reads go through the Link ([`Action::Read`]), one at a time; a
-//! result is used only if its token is still current (a lost session
-//! invalidates it). Two rules keep first deliveries in seq order whatever
+//! flight. Reads go through the Link ([`Action::Read`]), one at a time, and
+//! queue up to [`READ_AHEAD`] records ahead of the window; a result is used
+//! only if its token is still current (a lost session invalidates it). The
+//! records a commit made durable may come with the durable mark instead
+//! ([`Delivery::durable_with`], a [`Fresh`] batch complete for its seq
+//! range): they are queued exactly as a read of that range would queue them,
+//! only when the cursor is at its start and no read is in flight, and the
+//! cursor moves past them; anything else is read. Two rules keep first deliveries in seq order whatever
 //! the mix of QoS, the order of acks and the cuts:
 //!
 //! * No record is submitted while a QoS 2 record waits for its PUBREC:
@@ -152,8 +157,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use rumqttc::{Event, Outgoing, Packet, Publish, QoS, Request, Subscribe, SubscribeFilter};
 
 use crate::config::Confirm;
-use crate::outbox::Record;
+use crate::outbox::{Fresh, Record};
 use crate::proto::{self, Qos, StoredAck};
+
+/// The most records waiting to be submitted that a [`Fresh`] batch may
+/// bring the queue to (what would go beyond is left to reads).
+pub const READY_MAX: usize = 4096;
+
+/// How many records a read may queue at most (or the window, if larger).
+pub const READ_AHEAD: usize = 256;
 
 /// A message's identity in its payload, `(epoch, seq)` (the device is ours).
 pub type Id = (u64, u64);
@@ -576,6 +588,39 @@ impl Delivery {
         actions
     }
 
+    /// The outbox has everything up to `seq` durable, and hands over the
+    /// records that commit made durable ([`Fresh`]: complete for its seq
+    /// range). They are taken as the result of a read of that range would
+    /// be, when the cursor is at its start and no read is in flight, as far
+    /// as the queue stays within [`READY_MAX`] (the rest, or all of them
+    /// otherwise, is read later from the outbox as usual).
+    pub fn durable_with(&mut self, seq: u64, fresh: Option<Fresh>) -> Vec<Action> {
+        self.durable = self.durable.max(seq);
+        if let Some(f) = fresh
+            && self.up
+            && !self.closing
+            && self.reading.is_none()
+            && f.from == self.cursor
+            && f.upto <= self.durable
+        {
+            let room = READY_MAX.saturating_sub(self.ready.len());
+            let mut records = f.records;
+            if records.len() <= room {
+                self.cursor = f.upto + 1;
+            } else {
+                // A prefix of a complete run is complete up to its last record.
+                records.truncate(room);
+                if let Some(last) = records.last() {
+                    self.cursor = last.seq + 1;
+                }
+            }
+            self.ready.extend(records);
+        }
+        let mut actions = Vec::new();
+        self.pump(&mut actions);
+        actions
+    }
+
     /// The result of [`Action::Read`] with this token.
     pub fn records(&mut self, token: u64, records: Vec<Record>) -> Vec<Action> {
         let mut actions = Vec::new();
@@ -731,8 +776,8 @@ impl Delivery {
             return;
         }
         loop {
-            let queued = if let Some(c) = self.control.front() {
-                Queued::Control(c.clone())
+            let control = if !self.control.is_empty() {
+                true
             } else {
                 let Some(r) = self.ready.front() else { break };
                 // After a QoS 2 record nothing goes until its PUBREC, and
@@ -741,20 +786,24 @@ impl Delivery {
                 if self.closing || self.records_out >= self.window || barred {
                     break;
                 }
-                Queued::Record(r.clone())
+                false
             };
             if self.slots.contains_key(&self.next_pkid()) {
                 // rumqttc would park it as a collision: wait for that ack.
                 break;
             }
-            match &queued {
-                Queued::Control(_) => {
-                    self.control.pop_front();
+            // Taken, not cloned: the slot keeps the record for resends.
+            let queued = if control {
+                match self.control.pop_front() {
+                    Some(c) => Queued::Control(c),
+                    None => break,
                 }
-                Queued::Record(_) => {
-                    self.ready.pop_front();
+            } else {
+                match self.ready.pop_front() {
+                    Some(r) => Queued::Record(r),
+                    None => break,
                 }
-            }
+            };
             let pkid = self.advance();
             let mut id = None;
             let (what, qos, submit) = match queued {
@@ -797,10 +846,13 @@ impl Delivery {
         if !self.up || self.closing || self.reading.is_some() {
             return;
         }
-        let room = self.window.saturating_sub(self.records_out + self.ready.len());
-        if room == 0 {
+        // Reads go ahead of the window (up to READ_AHEAD records queued), so
+        // a replay reads in batches instead of one read per freed slot; a
+        // read is made once the queue could no longer refill the window.
+        if self.ready.len() >= self.window {
             return;
         }
+        let room = self.window.max(READ_AHEAD) - self.ready.len();
         // Resends first, as after a resumed session.
         if let (Some(&from), Some(&upto)) = (self.resend.first(), self.resend.last()) {
             self.reading = Some(Reading { token: self.token, upto, limit: room, resend: true });
@@ -1015,16 +1067,15 @@ mod tests {
         d.connecting();
         d.connected(false, vec![]);
         let read = d.durable(3);
-        assert_eq!(reads(&read), vec![(1, 0, 3, 2)], "reads only what fits the window");
-        let actions = d.records(1, recs[..2].to_vec());
-        assert_eq!(submitted_payloads(&actions).len(), 2);
-        assert!(reads(&actions).is_empty(), "no room: no read");
+        assert_eq!(reads(&read), vec![(1, 0, 3, READ_AHEAD)], "reads ahead of the window");
+        let actions = d.records(1, recs.clone());
+        assert_eq!(submitted_payloads(&actions).len(), 2, "the window bounds what goes out");
+        assert!(reads(&actions).is_empty(), "the cursor is past the durable mark: no read");
         d.event(&wrote(1));
         d.event(&wrote(2));
         let actions = d.event(&puback(1));
-        assert_eq!(reads(&actions), vec![(1, 3, 3, 1)], "the cursor moved past the records read");
-        let actions = d.records(1, recs[2..].to_vec());
-        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":3}"]);
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":3}"], "an ack lets the next one go");
+        assert!(reads(&actions).is_empty());
     }
 
     fn shape(pending: &[Request]) -> Vec<String> {
@@ -1130,7 +1181,7 @@ mod tests {
         assert_eq!(d.connecting().len(), 2);
         let c = d.connected(false, vec![]);
         assert_eq!(c.forgotten, 2);
-        assert_eq!(reads(&c.actions), vec![(2, 0, 2, 8)]);
+        assert_eq!(reads(&c.actions), vec![(2, 0, 2, READ_AHEAD)]);
         assert!(d.records(stale_token, recs.clone()).is_empty(), "a stale read result is dropped");
         assert_eq!(d.event(&puback(1)), vec![Action::Reconnect(Desync::UnexpectedAck { kind: "PUBACK", pkid: 1 })]);
     }
@@ -1219,7 +1270,60 @@ mod tests {
         let read = d.durable(5);
         let (token, ..) = reads(&read)[0];
         assert!(d.records(token, vec![]).is_empty(), "nothing left up to 5: no read until more is durable");
-        assert_eq!(reads(&d.durable(6)), vec![(token, 6, 6, 4)]);
+        assert_eq!(reads(&d.durable(6)), vec![(token, 6, 6, READ_AHEAD)]);
+    }
+
+    fn fresh(from: u64, upto: u64, records: &[Record]) -> Option<Fresh> {
+        Some(Fresh { from, upto, records: records.to_vec() })
+    }
+
+    #[test]
+    fn records_handed_over_with_the_durable_mark_go_out_without_a_read() {
+        let mut d = Delivery::new(8, Confirm::Broker);
+        d.connecting();
+        d.connected(false, vec![]);
+        let (token, ..) = reads(&d.durable(2))[0];
+        d.records(token, vec![rec(1, Qos::AtLeastOnce), rec(2, Qos::AtLeastOnce)]);
+        // Seq 4 was dropped before it was stored: the batch still covers it.
+        let actions = d.durable_with(5, fresh(3, 5, &[rec(3, Qos::AtLeastOnce), rec(5, Qos::AtLeastOnce)]));
+        assert!(reads(&actions).is_empty(), "no read: {actions:?}");
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":3}", "{\"seq\":5}"]);
+        let actions = d.durable_with(6, None);
+        assert_eq!(reads(&actions), vec![(token, 6, 6, READ_AHEAD)], "without a batch, the outbox is read");
+    }
+
+    #[test]
+    fn a_batch_that_does_not_start_at_the_cursor_is_left_to_reads() {
+        let mut d = Delivery::new(8, Confirm::Broker);
+        d.connecting();
+        d.connected(false, vec![]);
+        // The read of 1..=2 is still in flight when 3 becomes durable.
+        let (token, ..) = reads(&d.durable(2))[0];
+        let actions = d.durable_with(3, fresh(3, 3, &[rec(3, Qos::AtLeastOnce)]));
+        assert!(submitted_payloads(&actions).is_empty());
+        let actions = d.records(token, vec![rec(1, Qos::AtLeastOnce), rec(2, Qos::AtLeastOnce)]);
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}", "{\"seq\":2}"]);
+        assert_eq!(reads(&actions), vec![(token, 3, 3, READ_AHEAD)], "3 is read, not lost");
+        // Not connected: a batch changes nothing but the mark.
+        let mut down = Delivery::new(8, Confirm::Broker);
+        assert!(down.durable_with(1, fresh(1, 1, &[rec(1, Qos::AtLeastOnce)])).is_empty());
+        down.connecting();
+        let c = down.connected(false, vec![]);
+        assert_eq!(reads(&c.actions), vec![(down.token, 0, 1, READ_AHEAD)]);
+    }
+
+    #[test]
+    fn a_batch_beyond_the_queue_bound_is_taken_in_part_and_the_rest_read() {
+        let mut d = Delivery::new(1, Confirm::Broker);
+        d.connecting();
+        d.connected(false, vec![]);
+        let n = READY_MAX as u64 + 2;
+        let recs: Vec<_> = (1..=n).map(|s| rec(s, Qos::AtLeastOnce)).collect();
+        let actions = d.durable_with(n, fresh(0, n, &recs));
+        assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}"], "the window is 1");
+        assert!(reads(&actions).is_empty(), "the queue is full: no read yet");
+        assert_eq!(d.ready.len() + d.records_out, READY_MAX);
+        assert_eq!(d.cursor, READY_MAX as u64 + 1, "what was not taken is read later");
     }
 
     #[test]
@@ -1284,7 +1388,7 @@ mod tests {
         d.disconnected();
         assert_eq!(shape(&d.connecting()), vec!["publish 3 dup=true AtLeastOnce"], "record 3 was in flight");
         let c = d.connected(true, vec![]);
-        assert_eq!(reads(&c.actions), vec![(1, 1, 2, 7)], "the unconfirmed ones are read back");
+        assert_eq!(reads(&c.actions), vec![(1, 1, 2, READ_AHEAD)], "the unconfirmed ones are read back");
         let actions = d.records(1, recs[..2].to_vec());
         assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}", "{\"seq\":2}"], "in seq order, as new publishes");
         assert_eq!(d.in_flight(), 3);
@@ -1301,7 +1405,7 @@ mod tests {
         d.disconnected();
         d.connecting();
         let c = d.connected(false, vec![]);
-        assert_eq!(reads(&c.actions), vec![(2, 0, 2, 8)], "from the oldest record, as in broker mode");
+        assert_eq!(reads(&c.actions), vec![(2, 0, 2, READ_AHEAD)], "from the oldest record, as in broker mode");
         assert_eq!(d.unconfirmed(), 0);
         assert!(removed(&d.confirmed(&ack(0, &[(1, 2)]))).is_empty(), "not sent on this session yet");
     }
@@ -1316,7 +1420,7 @@ mod tests {
         d.event(&puback(2));
         let (n, actions) = d.resend_unconfirmed();
         assert_eq!(n, 1, "record 1 waited a whole round, record 2 did not");
-        assert_eq!(reads(&actions), vec![(1, 1, 1, 8)]);
+        assert_eq!(reads(&actions), vec![(1, 1, 1, READ_AHEAD)]);
         let actions = d.records(1, recs[..1].to_vec());
         assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}"]);
         assert_eq!((d.in_flight(), d.unconfirmed()), (1, 1));
@@ -1330,7 +1434,7 @@ mod tests {
         }
         d.resend_unconfirmed();
         let (_, actions) = d.resend_unconfirmed();
-        assert_eq!(reads(&actions), vec![(1, 1, 3, 8)]);
+        assert_eq!(reads(&actions), vec![(1, 1, 3, READ_AHEAD)]);
         // The outbox's bound dropped record 2 meanwhile.
         let actions = d.records(1, vec![recs[0].clone(), recs[2].clone()]);
         assert_eq!(submitted_payloads(&actions), vec!["{\"seq\":1}", "{\"seq\":3}"]);
@@ -1345,11 +1449,11 @@ mod tests {
         d.event(&wrote(2));
         d.resend_unconfirmed();
         let (_, actions) = d.resend_unconfirmed();
-        assert!(reads(&actions).is_empty(), "the window is full: no read yet");
-        let actions = d.event(&puback(2));
         let (token, from, upto, _) = reads(&actions)[0];
-        assert_eq!((from, upto), (1, 1));
-        assert_eq!(submitted_payloads(&d.records(token, recs[..1].to_vec())), vec!["{\"seq\":1}"], "sent again");
+        assert_eq!((from, upto), (1, 1), "read ahead while the window is full");
+        let actions = d.records(token, recs[..1].to_vec());
+        assert!(submitted_payloads(&actions).is_empty(), "the window is full: not sent yet");
+        assert_eq!(submitted_payloads(&d.event(&puback(2))), vec!["{\"seq\":1}"], "sent again");
         d.event(&wrote(3));
         assert_eq!(removed(&d.confirmed(&ack(0, &[(1, 2)]))), vec![1, 2]);
         let actions = d.event(&puback(3));

@@ -107,7 +107,7 @@ use super::relay::{CaughtUp, LinkDown, LinkUp, Relay, RelayCommand};
 use super::supervisor::{self, SupervisedActor, Supervision};
 use crate::config::{Confirm, ConfirmConfig, MqttConfig};
 use crate::mqtt_options;
-use crate::outbox::{OutboxError, OutboxHandle, OutboxReader, Record};
+use crate::outbox::{Fresh, OutboxError, OutboxHandle, OutboxReader, Record};
 use crate::proto::{self, StoredAck, Topics};
 
 /// How long SIGTERM waits for the broker to acknowledge `offline`.
@@ -124,10 +124,12 @@ const READ_RETRY: Duration = Duration::from_secs(1);
 /// full.
 const CHANNEL_SLACK: usize = 1024;
 
-/// The outbox has records up to this seq durable.
+/// The outbox has records up to this seq durable, and these are the records
+/// that commit made durable, when the outbox still had them (published
+/// without a read, see `Delivery::durable_with`).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Durable(pub u64);
+pub struct Durable(pub u64, pub Option<Fresh>);
 
 /// Publish `offline`, wait for its ack (bounded), and disconnect cleanly.
 #[derive(Message)]
@@ -199,12 +201,11 @@ async fn wait_for_next_attempt(wait: Wait, host: String, port: u16) -> bool {
     }
 }
 
-fn submit(client: &AsyncClient, s: &Submit) -> Result<(), ClientError> {
+fn submit(client: &AsyncClient, s: Submit) -> Result<(), ClientError> {
     match s {
-        Submit::Publish { topic, qos, retain, payload } => {
-            client.try_publish(topic.as_str(), *qos, *retain, payload.clone())
-        }
-        Submit::Subscribe(filters) => client.try_subscribe_many(subscribe_filters(filters)),
+        // Moved: the payload becomes rumqttc's `Bytes` without a copy.
+        Submit::Publish { topic, qos, retain, payload } => client.try_publish(topic, qos, retain, payload),
+        Submit::Subscribe(filters) => client.try_subscribe_many(subscribe_filters(&filters)),
     }
 }
 
@@ -635,7 +636,7 @@ impl Link {
             match action {
                 Action::Submit(s) => {
                     let sent = match self.conn.as_ref() {
-                        Some(conn) => submit(&conn.client, &s).map_err(|e| e.to_string()),
+                        Some(conn) => submit(&conn.client, s).map_err(|e| e.to_string()),
                         None => Err("no connection".to_string()),
                     };
                     if let Err(e) = sent {
@@ -866,7 +867,7 @@ impl Handler<Durable> for Link {
     type Result = ();
 
     fn handle(&mut self, msg: Durable, ctx: &mut Context<Self>) {
-        let actions = self.delivery.durable(msg.0);
+        let actions = self.delivery.durable_with(msg.0, msg.1);
         self.perform(actions, ctx);
     }
 }

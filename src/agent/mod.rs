@@ -266,7 +266,7 @@ fn start(
     };
     {
         let link = link.clone();
-        outbox.set_on_durable(Box::new(move |seq| link.do_send(link::Durable(seq))));
+        outbox.set_on_durable_with_records(Box::new(move |seq, fresh| link.do_send(link::Durable(seq, fresh))));
     }
 
     let button = {

@@ -42,6 +42,21 @@ impl Recorder {
         self.outbox.append(self.draft(topic, qos, retain, ts, body))
     }
 
+    /// Appends the message now, in call order, without waiting for it to
+    /// be durable ([`crate::outbox::OutboxHandle::record`]): for a message
+    /// whose outcome would only be logged (a button edge); the outbox logs
+    /// a failure itself. Fails at once only when the outbox is shut down.
+    pub fn record_now(
+        &self,
+        topic: String,
+        qos: Qos,
+        retain: bool,
+        ts: SystemTime,
+        body: Body,
+    ) -> Result<(), OutboxError> {
+        self.outbox.record(self.draft(topic, qos, retain, ts, body))
+    }
+
     /// [`Recorder::record`] for a message someone waits on (a command's
     /// confirmation or refusal): committed at once in `batch` mode too, with
     /// `saved` (the Relay's saved state) written before it in the same

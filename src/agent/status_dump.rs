@@ -1,11 +1,12 @@
 //! Taking a status dump (DESIGN: Status dump): gathers the outbox numbers,
 //! renders the board ([`StatusBoard::dump`]), writes `<state_dir>/status.json`
-//! atomically and logs the one-line summary: at info when the file was
+//! atomically (without fsync: a dump is a snapshot, and `fieldlink status`
+//! should not wait for the disk) and logs the one-line summary: at info when the file was
 //! written, at warn with the reason when it was not (a full or read-only
 //! disk), so a dump is never lost with its file. SIGUSR1 (`lifecycle`) and
 //! the status socket (`status_socket`) both take dumps here, one at a time.
 //!
-//! It blocks (a sled read for `oldest_ts`, the fsyncs of the write), so it
+//! It blocks (a sled read for `oldest_ts`, the file write), so it
 //! must never run on an actor's thread. It decides nothing about what a dump
 //! holds (that is `status`'s business) or how it reaches a client.
 
@@ -66,7 +67,7 @@ impl StatusDump {
         let summary = dump.summary();
         let json =
             serde_json::to_vec_pretty(&dump).inspect_err(|e| tracing::error!("status dump not rendered: {e}"))?;
-        let unwritten = match fsutil::write_atomic(&self.path, &json) {
+        let unwritten = match fsutil::replace_unsynced(&self.path, &json) {
             Ok(()) => {
                 tracing::info!("{summary}; written to {}", self.path.display());
                 None

@@ -176,9 +176,32 @@
 //! mode too; whatever else is in the group rides along, and the
 //! `flush_interval` timer goes on for groups without one.
 //!
-//! //! [`OutboxHandle::flush`] and [`OutboxHandle::shutdown`] force a commit.
+//! [`OutboxHandle::flush`] and [`OutboxHandle::shutdown`] force a commit.
 //! After each successful commit that moves `durable_seq`, the `on_durable`
 //! callback runs on the writer thread, before the waiters are resolved.
+//!
+//! [`OutboxHandle::record`] appends without a reply (a button edge): the
+//! writer logs a failure itself, and nothing per record waits on a oneshot.
+//!
+//! # Fresh records
+//!
+//! The writer keeps the [`Record`]s it stored since the last commit (moved,
+//! not copied: they are the records it encoded), up to
+//! [`FRESH_MAX_RECORDS`] and [`FRESH_MAX_BYTES`]. A callback installed with
+//! [`OutboxHandle::set_on_durable_with_records`] gets them with the new
+//! `durable_seq`, as a [`Fresh`] batch that is *complete* for its range:
+//! every record stored with `from <= seq <= upto`, the ones the bound
+//! removed before the commit left out, exactly what a read of that range
+//! would return. So the Link publishes new records without reading them back
+//! (no reader-thread round trip, no decoding); a batch that hit the bound
+//! ends at its last record, and the Link reads the rest. After a disk fault,
+//! and at the first commit after open, there is no batch (what the commit
+//! covers is then decided by a reopen or by the database): the Link reads.
+//!
+//! When its channel is empty after at least 20,000 records were stored or
+//! removed since the last time (a backlog recorded or drained), the writer
+//! calls glibc's `malloc_trim`, so the agent's memory does not stay at the
+//! burst's peak (`memtrim.rs`).
 //!
 //! # Saved values
 //!
@@ -321,6 +344,7 @@
 //! [`OpenReport::epoch`] expose it.
 
 mod fault;
+mod fresh;
 mod ledger;
 mod lock;
 mod open;
@@ -345,6 +369,7 @@ use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
+pub use fresh::{FRESH_MAX_BYTES, FRESH_MAX_RECORDS, Fresh};
 pub use ledger::LedgerError;
 pub use open::{open, open_in_memory};
 pub use panics::is_caught_here as panic_is_caught;
@@ -354,7 +379,7 @@ pub use store::{MemStore, StoreError};
 pub use writer::FLOOR_STEP;
 
 use crate::proto::Qos;
-use writer::Msg;
+use writer::{Msg, OnDurable};
 
 /// Which tree a record lives in; the bound drops heartbeats first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -582,11 +607,21 @@ impl OutboxHandle {
         saved: Option<Saved>,
     ) -> impl Future<Output = Result<u64, OutboxError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
-        let sent = self.inner.send(Msg::Append { draft, reply, urgent, saved });
+        let sent = self.inner.send(Msg::Append { draft, reply: Some(reply), urgent, saved });
         async move {
             sent?;
             rx.await.map_err(|_| OutboxError::Closed)?
         }
+    }
+
+    /// Records `draft` without waiting for it: nothing resolves when it is
+    /// durable, and a failure (the record dropped, or kept in memory during
+    /// a disk fault) is logged by the writer. For producers that would only
+    /// log the outcome anyway (a button edge): no oneshot, no future to poll
+    /// per record. Seqs follow call order as with [`OutboxHandle::append`];
+    /// fails at once only when the outbox is shut down.
+    pub fn record(&self, draft: Draft) -> Result<(), OutboxError> {
+        self.inner.send(Msg::Append { draft, reply: None, urgent: false, saved: None })
     }
 
     /// Keeps `saved` in the outbox's database (replacing the value of that
@@ -654,7 +689,17 @@ impl OutboxHandle {
     /// short) with the new `durable_seq` after each fsync that moved it,
     /// before the appends it covers resolve.
     pub fn set_on_durable(&self, f: Box<dyn Fn(u64) + Send>) {
-        if let Err(e) = self.inner.send(Msg::OnDurable(f)) {
+        if let Err(e) = self.inner.send(Msg::OnDurable(OnDurable::Seq(f))) {
+            tracing::debug!(error = %e, "outbox: on_durable set after shutdown ignored");
+        }
+    }
+
+    /// Like [`OutboxHandle::set_on_durable`], and the callback also gets the
+    /// records the commit made durable, when the writer still has them
+    /// (see the module doc: Fresh records): whoever publishes them needs no
+    /// read of the database for them. Replaces a callback set before.
+    pub fn set_on_durable_with_records(&self, f: Box<dyn Fn(u64, Option<Fresh>) + Send>) {
+        if let Err(e) = self.inner.send(Msg::OnDurable(OnDurable::WithRecords(f))) {
             tracing::debug!(error = %e, "outbox: on_durable set after shutdown ignored");
         }
     }

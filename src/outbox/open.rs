@@ -738,6 +738,9 @@ pub(crate) fn start(
         saves: Default::default(),
         held_replies: Vec::new(),
         on_durable: None,
+        fresh: Default::default(),
+        churn: 0,
+        unwaited: false,
     };
     // The writer logs to whatever subscriber its opener logs to (the
     // global one in the agent; a test's own one in tests).

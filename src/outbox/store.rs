@@ -38,8 +38,11 @@ use super::record::{self, CloseSummary, Floor, RecordError};
 use crate::fsutil;
 
 /// sled's page cache. The default (1 GiB) is far too much for a Pi; the queue
-/// is written once and read roughly once, so a small cache costs little.
-const SLED_CACHE_BYTES: u64 = 8 << 20;
+/// is written once and read roughly once, so a small cache costs little:
+/// replaying 10,000 and 200,000 queued records cost about the same CPU per
+/// record with 256 KiB as with 8 MiB (BENCHMARKS.md, issue #8), and every
+/// MiB not cached is a MiB the agent does not hold with a backlog.
+const SLED_CACHE_BYTES: u64 = 1 << 20;
 
 /// Meta keys (values are [`record::encode_u64`]).
 pub(crate) const META_NEXT_SEQ: &str = "next_seq";

@@ -361,6 +361,46 @@ fn on_durable_gets_the_new_watermark_after_each_flush() {
 }
 
 #[test]
+fn a_record_nobody_waits_on_is_committed_at_the_end_of_its_group_in_always_mode() {
+    let store = MemStore::new();
+    // The commit deadline is far away: only the end of the group commits.
+    let always = OutboxConfig { flush_interval: Duration::from_secs(3600), ..cfg(Durability::Always) };
+    let (h, _r, _) = open_in_memory(&store, &always).expect("open");
+    let (tx, rx) = std::sync::mpsc::channel();
+    h.set_on_durable(Box::new(move |seq| tx.send(seq).expect("send")));
+    h.record(draft(Class::Event)).expect("recorded");
+    // No flush, no waiter: `always` still commits the group.
+    let durable = rx.recv_timeout(Duration::from_secs(30)).expect("a commit");
+    assert_eq!(durable, 1);
+    assert_eq!(h.stats().durable_seq, 1);
+    h.shutdown();
+}
+
+#[test]
+fn a_commit_hands_over_its_records_complete_for_their_range() {
+    let store = MemStore::new();
+    let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    h.set_on_durable_with_records(Box::new(move |seq, fresh| {
+        let f = fresh.map(|f| (f.from, f.upto, seqs(&f.records)));
+        sink.lock().expect("lock").push((seq, f));
+    }));
+    // The first commit after open hands over nothing (what it covers was
+    // decided by the database); later ones hand over what they made durable.
+    append(&h, Class::Event);
+    append(&h, Class::Heartbeat);
+    let (a, b) = (h.append(draft(Class::Event)), h.append(draft(Class::Event)));
+    assert_eq!((wait(a).expect("durable"), wait(b).expect("durable")), (3, 4));
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen[0], (1, None));
+    assert_eq!(seen[1], (2, Some((2, 2, vec![2]))));
+    let rest: Vec<u64> = seen[2..].iter().flat_map(|(_, f)| f.clone().expect("a batch").2).collect();
+    assert_eq!(rest, vec![3, 4], "every record once, in seq order");
+    h.shutdown();
+}
+
+#[test]
 fn read_merges_classes_in_seq_order_and_honours_from_upto_and_limit() {
     let store = MemStore::new();
     let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
