@@ -581,6 +581,8 @@ struct MemInner {
     flushes: u64,
     reopens: u64,
     fail_writes: bool,
+    /// The ledger cannot be written (an I/O error on its in-place write).
+    fail_ledger: bool,
     /// A write failed: every write fails until [`MemStore::reopen`].
     sticky: bool,
 }
@@ -639,6 +641,13 @@ impl MemStore {
     /// outbox has reopened it, as sled does).
     pub fn set_fail_writes(&self, fail: bool) {
         self.lock().fail_writes = fail;
+    }
+
+    /// Makes every later ledger write fail, as an I/O error would (the
+    /// ledger is rewritten in place, so a full disk alone does not fail it),
+    /// until called again with `false`.
+    pub fn set_fail_ledger(&self, fail: bool) {
+        self.lock().fail_ledger = fail;
     }
 
     /// Whether the simulated disk has room (no injected failure).
@@ -771,6 +780,9 @@ impl Side for MemStore {
 
     fn set_ledger(&self, ledger: &Ledger) -> Result<(), StoreError> {
         let mut inner = self.lock();
+        if inner.fail_ledger {
+            return Err(StoreError::Injected("input/output error writing the ledger (injected)"));
+        }
         inner.written.ledger = Some(*ledger);
         inner.durable.ledger = Some(*ledger);
         Ok(())

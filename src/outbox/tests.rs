@@ -1318,6 +1318,34 @@ fn acks_during_a_disk_fault_are_applied_after_the_reopen() {
 }
 
 #[test]
+fn records_are_announced_once_sled_has_them_and_a_ledger_that_then_fails_loses_and_revives_nothing() {
+    let store = MemStore::new();
+    let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
+    let announced = Arc::new(Mutex::new(Vec::new()));
+    let sink = announced.clone();
+    h.set_on_durable(Box::new(move |seq| sink.lock().expect("lock").push(seq)));
+    let stored: Vec<u64> = (0..2).map(|_| append(&h, Class::Event)).collect();
+    store.set_fail_ledger(true);
+    // sled has it on disk, the ledger does not: the Link may publish it
+    // already, its appender hears "kept in memory" (the fault).
+    let third = wait(h.append(draft(Class::Event)));
+    assert!(matches!(third, Err(OutboxError::KeptInMemory { .. })), "{third:?}");
+    let third = seq_of(&third).expect("a seq");
+    assert_eq!(*announced.lock().expect("lock"), vec![stored[0], stored[1], third]);
+    assert_eq!(store.crashed().scan_len(), 3, "a power cut now keeps all three");
+    // The broker acknowledged the third before the disk recovered.
+    h.ack(vec![third]);
+    assert!(wait(h.flush()).is_err(), "still in the fault");
+    store.set_fail_ledger(false);
+    wait(h.flush()).expect("recovered");
+    assert_eq!(seqs(&all(&r)), stored, "the acked record is not written back");
+    assert_eq!(store.crashed().scan_len(), 2);
+    let stats = h.stats();
+    assert_eq!((stats.depth, stats.dropped), (2, 0));
+    h.shutdown();
+}
+
+#[test]
 fn a_crash_during_a_disk_fault_counts_the_events_kept_in_memory_as_dropped() {
     let store = MemStore::new();
     let (h, _r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
