@@ -68,6 +68,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import command_latency as cl  # noqa: E402  (mosquitto, the echo agent, free ports)
+import mqttio  # noqa: E402  (benches/mqttio.py: the mqtt-io venv)
 
 mqtt = cl.mqtt
 PREFIX = cl.PREFIX
@@ -175,24 +176,6 @@ def start_fieldlink(bin_path, confirm, port, tmp, device):
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "warn")
     return subprocess.Popen([bin_path, "agent", "-c", cfg], cwd=d, stdout=log, stderr=log, env=env)
-
-
-def mqtt_io_python(venv):
-    """The virtualenv's python with mqtt-io importable, or (None, why)."""
-    py = os.path.join(venv, "bin", "python")
-    check = [py, "-c", "import mqtt_io"]
-    if os.path.exists(py) and subprocess.run(check, capture_output=True).returncode == 0:
-        return py, None
-    try:
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True, capture_output=True)
-        r = subprocess.run([py, "-m", "pip", "install", "-q", "mqtt-io"], capture_output=True, text=True)
-        if r.returncode != 0:
-            return None, f"pip install mqtt-io failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
-    except (OSError, subprocess.CalledProcessError) as e:
-        return None, f"cannot create the virtualenv '{venv}': {e}"
-    if subprocess.run(check, capture_output=True).returncode != 0:
-        return None, "mqtt-io installed but does not import"
-    return py, None
 
 
 def start_mqtt_io(py, port, tmp, device):
@@ -344,7 +327,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", help="comma-separated subset of: echo, fieldlink-broker, fieldlink-hub, "
                     "baseline-broker, baseline-hub, mqtt-io")
-    ap.add_argument("--mqtt-io-venv", default=os.path.expanduser("~/.cache/fieldlink-bench/mqtt-io-venv"))
+    ap.add_argument("--mqtt-io-venv", default=mqttio.DEFAULT_VENV)
     args = ap.parse_args()
 
     keep = {v.strip() for v in args.variants.split(",")} if args.variants else None
@@ -355,7 +338,7 @@ def main():
             if b and wanted(f"{label}-{confirm}"):
                 variants.append((f"{label} confirm={confirm}", "fieldlink", (os.path.abspath(b), confirm)))
     if wanted("mqtt-io"):
-        py, why = mqtt_io_python(args.mqtt_io_venv)
+        py, why = mqttio.python(args.mqtt_io_venv)
         if py:
             variants.append(("mqtt-io (mock gpio)", "mqtt-io", py))
         else:

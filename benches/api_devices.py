@@ -42,8 +42,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -51,37 +49,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, stop, wait_port  # noqa: E402  (benches/benchlib.py)
+
 DEADLINE = 60.0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, what):
-    end = time.monotonic() + DEADLINE
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            sys.exit(f"api_devices: {what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"api_devices: {what} did not listen on {port}")
-
-
-def stop(proc):
-    """SIGTERM, then SIGKILL after a generous wait; by pid, ours only."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 HUB_TOML = """state_dir = "{state}"
@@ -109,7 +80,7 @@ def start_hub(binary, db, tmp):
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "warn")
     proc = subprocess.Popen([binary, "hub", "-c", cfg], cwd=d, stdout=log, stderr=log, env=env)
-    wait_port(web, proc, "hub")
+    wait_port(web, proc, "hub", deadline=DEADLINE)
     with open(os.path.join(d, "state", "hub.token")) as f:
         token = f.read().strip()
     return proc, web, token

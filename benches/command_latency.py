@@ -57,6 +57,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, stop, wait_port  # noqa: E402  (benches/benchlib.py)
 import mqttio  # noqa: E402  (benches/mqttio.py: the mqtt-io anchor)
 
 try:
@@ -67,36 +68,6 @@ except ImportError:
 PREFIX = "fieldlink"
 WARMUP = 20
 DEADLINE = 30.0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, what):
-    end = time.monotonic() + DEADLINE
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            sys.exit(f"command_latency: {what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"command_latency: {what} did not listen on {port}")
-
-
-def stop(proc):
-    """SIGTERM, then SIGKILL after a generous wait; by pid, ours only."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def start_mosquitto(tmp):
@@ -112,7 +83,7 @@ def start_mosquitto(tmp):
         if os.geteuid() == 0:
             f.write("user root\n")
     proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, proc, "mosquitto")
+    wait_port(port, proc, "mosquitto", deadline=DEADLINE)
     return proc, port
 
 
@@ -359,13 +330,15 @@ def main():
     args = ap.parse_args()
 
     variants = [("paho echo", None, None)]
-    why_not = None if args.no_mqtt_io else mqttio.available()
+    mqttio_py = None
     if args.no_mqtt_io:
         print("mqtt-io: skipped (--no-mqtt-io)", file=sys.stderr)
-    elif why_not:
-        print(f"mqtt-io: skipped: {why_not}", file=sys.stderr)
     else:
-        variants.append((f"mqtt-io {mqttio.version()} (mock GPIO)", "mqtt-io", None))
+        mqttio_py, why_not = mqttio.python()
+        if why_not:
+            print(f"mqtt-io: skipped: {why_not}", file=sys.stderr)
+        else:
+            variants.append((f"mqtt-io {mqttio.version(mqttio_py)} (mock GPIO)", "mqtt-io", None))
     for label, b in [("fieldlink", args.bin), ("baseline", args.baseline_bin)]:
         if b:
             for d in ("always", "batch"):
@@ -391,7 +364,7 @@ def main():
                     proc = start_echo(port, tmp, device)
                 elif b == "mqtt-io":
                     prefix = f"mqttio-{r}-{uuid.uuid4().hex[:8]}"
-                    proc = mqttio.start(port, tmp, prefix)
+                    proc = mqttio.start(mqttio_py, port, tmp, prefix)
                 else:
                     proc = start_fieldlink(b, d, port, tmp, device)
                 try:

@@ -49,13 +49,14 @@ import os
 import re
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, stop, wait_port  # noqa: E402  (benches/benchlib.py)
 
 PREFIX = "fieldlink"
 DEADLINE = 60.0
@@ -63,36 +64,6 @@ DEADLINE = 60.0
 
 def log(msg):
     print(f"fleet: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, what):
-    end = time.monotonic() + DEADLINE
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            sys.exit(f"fleet: {what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"fleet: {what} did not listen on {port}")
-
-
-def stop(proc):
-    """SIGTERM, then SIGKILL after a generous wait; by pid, ours only."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def raise_nofile():
@@ -127,7 +98,7 @@ def start_mosquitto(tmp):
             f.write("user root\n")
     proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=raise_nofile)
-    wait_port(port, proc, "mosquitto")
+    wait_port(port, proc, "mosquitto", deadline=DEADLINE)
     return proc, port
 
 
@@ -278,7 +249,7 @@ def run_hub(args, tmp, port, kind):
         load_after = loadavg()
         hub_cpu, hub_rss = stats.stop()
     finally:
-        stop(hub)
+        stop(hub, timeout=60)
         hub_log.close()
         drop()
     r = report_fields(out)
@@ -388,7 +359,7 @@ def run_seed(args, tmp, port):
             rows = c.fetchall()
         db.close()
     finally:
-        stop(col)
+        stop(col, timeout=60)
         col_log.close()
         mysql(f"DROP DATABASE IF EXISTS {name}")
     seen, dups = set(), 0

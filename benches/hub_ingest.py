@@ -52,7 +52,6 @@ import datetime
 import json
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import statistics
@@ -62,6 +61,9 @@ import tempfile
 import threading
 import time
 import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, stop, wait_port  # noqa: E402  (benches/benchlib.py)
 
 try:
     import paho.mqtt.client as mqtt
@@ -73,36 +75,6 @@ DEVICES = 50
 DEADLINE = 30.0
 POLL = 0.02
 STALL = 30
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, what):
-    end = time.monotonic() + DEADLINE
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            sys.exit(f"hub_ingest: {what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    sys.exit(f"hub_ingest: {what} did not listen on {port}")
-
-
-def stop(proc):
-    """SIGTERM, then SIGKILL after a generous wait; by pid, ours only."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def start_mosquitto(tmp, inflight):
@@ -118,7 +90,7 @@ def start_mosquitto(tmp, inflight):
         if os.geteuid() == 0:
             f.write("user root\n")
     proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, proc, "mosquitto")
+    wait_port(port, proc, "mosquitto", deadline=DEADLINE)
     return proc, port
 
 

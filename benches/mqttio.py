@@ -13,11 +13,8 @@ written right after the PUBACK of the command, waits for the broker's
 delayed ACK (about 40 ms on Linux). The paho echo agent in the same benches
 sets TCP_NODELAY, as fieldlink does.
 
-Which Python runs it: `$FIELDLINK_MQTTIO_PYTHON`, else this interpreter. It
-must be able to `import mqtt_io` (`pip install mqtt-io`; it pins its own
-paho-mqtt and aiomqtt, so a venv keeps it apart:
-`python3 -m venv /tmp/mqttio && /tmp/mqttio/bin/pip install mqtt-io`).
-`available()` says why not when it cannot.
+Which Python runs it: `python()` says (a virtualenv of its own, made on
+first use, or `$FIELDLINK_MQTTIO_PYTHON`), or why none can.
 """
 
 import os
@@ -42,25 +39,36 @@ digital_outputs:
 """
 
 
-def python():
-    return os.environ.get("FIELDLINK_MQTTIO_PYTHON") or sys.executable
+DEFAULT_VENV = os.path.expanduser("~/.cache/fieldlink-bench/mqtt-io-venv")
 
 
-def available():
-    """None when mqtt-io can run, else the reason it cannot."""
+def python(venv=DEFAULT_VENV):
+    """(the python that runs mqtt-io, None), or (None, why not).
+
+    `$FIELDLINK_MQTTIO_PYTHON` if set; else a virtualenv of its own at
+    `venv`, created and filled with `pip install mqtt-io` the first time
+    (mqtt-io pins its own paho-mqtt and aiomqtt, which must not replace the
+    benches' paho-mqtt)."""
+    py = os.environ.get("FIELDLINK_MQTTIO_PYTHON") or os.path.join(venv, "bin", "python")
+    check = [py, "-c", "import mqtt_io"]
+    if os.path.exists(py) and subprocess.run(check, capture_output=True).returncode == 0:
+        return py, None
+    if os.environ.get("FIELDLINK_MQTTIO_PYTHON"):
+        return None, f"$FIELDLINK_MQTTIO_PYTHON ({py}) cannot import mqtt_io"
     try:
-        out = subprocess.run([python(), "-c", "import mqtt_io, importlib.metadata as m; print(m.version('mqtt-io'))"],
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"{python()}: {e}"
-    if out.returncode != 0:
-        return (f"{python()} cannot import mqtt_io (pip install mqtt-io, or set FIELDLINK_MQTTIO_PYTHON "
-                f"to a venv's python that can)")
-    return None
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, capture_output=True)
+        r = subprocess.run([py, "-m", "pip", "install", "-q", "mqtt-io"], capture_output=True, text=True)
+        if r.returncode != 0:
+            return None, f"pip install mqtt-io failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+    except (OSError, subprocess.CalledProcessError) as e:
+        return None, f"cannot create the virtualenv '{venv}': {e}"
+    if subprocess.run(check, capture_output=True).returncode != 0:
+        return None, "mqtt-io installed but does not import"
+    return py, None
 
 
-def version():
-    out = subprocess.run([python(), "-c", "import importlib.metadata as m; print(m.version('mqtt-io'))"],
+def version(py):
+    out = subprocess.run([py, "-c", "import importlib.metadata as m; print(m.version('mqtt-io'))"],
                          capture_output=True, text=True)
     return out.stdout.strip() or "?"
 
@@ -70,11 +78,11 @@ def topics(prefix):
     return f"{prefix}/output/pump/set", f"{prefix}/output/pump"
 
 
-def start(port, tmp, prefix):
+def start(py, port, tmp, prefix):
     d = os.path.join(tmp, f"mqttio-{prefix}")
     os.makedirs(d, exist_ok=True)
     cfg = os.path.join(d, "config.yml")
     with open(cfg, "w") as f:
         f.write(CONFIG.format(port=port, prefix=prefix))
     log = open(os.path.join(d, "mqttio.log"), "w")
-    return subprocess.Popen([python(), "-m", "mqtt_io", cfg], cwd=d, stdout=log, stderr=log)
+    return subprocess.Popen([py, "-m", "mqtt_io", cfg], cwd=d, stdout=log, stderr=log)

@@ -61,6 +61,9 @@ import threading
 import time
 import uuid
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, stop, wait_port  # noqa: E402  (benches/benchlib.py)
+
 try:
     import paho.mqtt.client as mqtt
 except ImportError:
@@ -69,36 +72,6 @@ except ImportError:
 PREFIX = "fieldlink"
 DEADLINE = 60.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, what):
-    end = time.monotonic() + DEADLINE
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            sys.exit(f"publish_throughput: {what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"publish_throughput: {what} did not listen on {port}")
-
-
-def stop(proc):
-    """SIGTERM, then SIGKILL after a generous wait; by pid, ours only."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def start_mosquitto(tmp, port=None, password_file=None):
@@ -117,7 +90,7 @@ def start_mosquitto(tmp, port=None, password_file=None):
         if os.geteuid() == 0:
             f.write("user root\n")
     proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, proc, "mosquitto")
+    wait_port(port, proc, "mosquitto", deadline=DEADLINE)
     return proc, port
 
 
