@@ -23,6 +23,28 @@ fn fleet_sim(args: &[&str]) -> Output {
     run_with_deadline(cmd, Duration::from_secs(180))
 }
 
+/// A short fleet (`DEVICES` devices, 2 msg/s each for 3 s) against `broker`,
+/// checked against the hub's database, with `extra` arguments.
+fn short_fleet(broker: &str, prefix: &str, hub: &Hub, extra: &[&str]) -> Output {
+    let devices = DEVICES.to_string();
+    let mut args = vec![
+        "--broker",
+        broker,
+        "--devices",
+        &devices,
+        "--rate",
+        "2",
+        "--duration",
+        "3s",
+        "--id-prefix",
+        prefix,
+        "--verify-db",
+        hub.database_url(),
+    ];
+    args.extend_from_slice(extra);
+    fleet_sim(&args)
+}
+
 /// The `name  value` lines of the sim's report.
 fn report(out: &Output) -> HashMap<String, String> {
     String::from_utf8_lossy(&out.stdout)
@@ -97,20 +119,7 @@ fn the_sim_reads_back_a_postgresql_hub() {
 fn fleet_through_mosquitto(broker: &common::Mosquitto, mut hub: Hub) {
     let prefix = format!("fleet{}", unique());
     let url = format!("mqtt://127.0.0.1:{}", broker.port());
-    let out = fleet_sim(&[
-        "--broker",
-        &url,
-        "--devices",
-        &DEVICES.to_string(),
-        "--rate",
-        "2",
-        "--duration",
-        "3s",
-        "--id-prefix",
-        &prefix,
-        "--verify-db",
-        hub.database_url(),
-    ]);
+    let out = short_fleet(&url, &prefix, &hub, &[]);
     assert_every_message_stored_once(&out, &hub, &prefix);
     assert_eq!(hub.sigterm().code(), Some(0), "the hub's exit on SIGTERM");
 }
@@ -123,24 +132,8 @@ fn provisioned_simulated_devices_log_in_to_the_embedded_broker_and_are_all_store
     let password_file = hub.dir().join("sim.pass");
     let url = format!("mqtt://127.0.0.1:{}", hub.broker_port());
     let hub_toml = hub.config_path().display().to_string();
-    let out = fleet_sim(&[
-        "--broker",
-        &url,
-        "--devices",
-        &DEVICES.to_string(),
-        "--rate",
-        "2",
-        "--duration",
-        "3s",
-        "--id-prefix",
-        &prefix,
-        "--provision",
-        &hub_toml,
-        "--password-file",
-        &password_file.display().to_string(),
-        "--verify-db",
-        hub.database_url(),
-    ]);
+    let password_file = password_file.display().to_string();
+    let out = short_fleet(&url, &prefix, &hub, &["--provision", &hub_toml, "--password-file", &password_file]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(&format!("{DEVICES} simulated device(s) added")),
         "{}",
@@ -170,26 +163,14 @@ fn a_fleet_over_tls_to_the_embedded_broker_has_every_message_stored() {
     let tls_port = hub.tls_port().expect("an mqtts listener");
     let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls/ca.pem");
     let password_file = hub.dir().join("sim.pass");
-    let out = fleet_sim(&[
-        "--broker",
-        &format!("mqtts://localhost:{tls_port}"),
-        "--ca-file",
-        &ca.display().to_string(),
-        "--devices",
-        &DEVICES.to_string(),
-        "--rate",
-        "2",
-        "--duration",
-        "3s",
-        "--id-prefix",
+    let (url, ca) = (format!("mqtts://localhost:{tls_port}"), ca.display().to_string());
+    let (hub_toml, password_file) = (hub.config_path().display().to_string(), password_file.display().to_string());
+    let out = short_fleet(
+        &url,
         &prefix,
-        "--provision",
-        &hub.config_path().display().to_string(),
-        "--password-file",
-        &password_file.display().to_string(),
-        "--verify-db",
-        hub.database_url(),
-    ]);
+        &hub,
+        &["--ca-file", &ca, "--provision", &hub_toml, "--password-file", &password_file],
+    );
     assert_every_message_stored_once(&out, &hub, &prefix);
     assert_eq!(hub.sigterm().code(), Some(0), "the hub's exit on SIGTERM");
 }
