@@ -57,7 +57,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, stop, wait_port  # noqa: E402  (benches/benchlib.py)
+from benchlib import start_mosquitto, stop  # noqa: E402  (benches/benchlib.py)
 import mqttio  # noqa: E402  (benches/mqttio.py: the mqtt-io anchor)
 
 try:
@@ -70,21 +70,6 @@ WARMUP = 20
 DEADLINE = 30.0
 
 
-def start_mosquitto(tmp):
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(exe):
-        sys.exit("command_latency: mosquitto not found")
-    port = free_port()
-    conf = os.path.join(tmp, "mosquitto.conf")
-    with open(conf, "w") as f:
-        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                f"log_dest file {tmp}/mosquitto.log\nlog_type error\nmax_queued_messages 100000\n"
-                "set_tcp_nodelay true\n")
-        if os.geteuid() == 0:
-            f.write("user root\n")
-    proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, proc, "mosquitto", deadline=DEADLINE)
-    return proc, port
 
 
 AGENT_TOML = """device_id = "{device}"
@@ -345,7 +330,7 @@ def main():
                 variants.append((f"{label} {d}", os.path.abspath(b), d))
 
     tmp = tempfile.mkdtemp(prefix="fieldlink-cmdlat-")
-    broker, port = start_mosquitto(tmp)
+    broker, port = start_mosquitto(tmp, deadline=DEADLINE)
     if args.syscalls:
         try:
             count_syscalls(variants, port, tmp, args.syscalls)

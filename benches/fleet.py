@@ -48,7 +48,6 @@ import math
 import os
 import re
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, stop, wait_port  # noqa: E402  (benches/benchlib.py)
+from benchlib import free_port, mosquitto_log, start_mosquitto, stop  # noqa: E402  (benches/benchlib.py)
 
 PREFIX = "fieldlink"
 DEADLINE = 60.0
@@ -84,22 +83,6 @@ def parse_duration(text):
     return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
 
 
-def start_mosquitto(tmp):
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(exe):
-        sys.exit("fleet: mosquitto not found")
-    port = free_port()
-    conf = os.path.join(tmp, "mosquitto.conf")
-    with open(conf, "w") as f:
-        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                f"max_connections -1\nlog_dest file {tmp}/mosquitto.log\nlog_type error\n"
-                "log_type warning\nlog_type subscribe\nmax_queued_messages 100000\nset_tcp_nodelay true\n")
-        if os.geteuid() == 0:
-            f.write("user root\n")
-    proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=raise_nofile)
-    wait_port(port, proc, "mosquitto", deadline=DEADLINE)
-    return proc, port
 
 
 class ProcStats:
@@ -182,13 +165,13 @@ def make_db(kind, tmp, name):
     return f"postgres://postgres@127.0.0.1:5432/{name}", lambda: psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def wait_subscribed(tmp, client_id, hub):
+def wait_subscribed(tmp, port, client_id, hub):
     end = time.monotonic() + DEADLINE
     while time.monotonic() < end:
         if hub.poll() is not None:
             sys.exit(f"fleet: the hub exited with {hub.returncode} (see {tmp}/hub.log)")
         try:
-            with open(f"{tmp}/mosquitto.log") as f:
+            with open(mosquitto_log(tmp, port)) as f:
                 if any(client_id in line and PREFIX in line for line in f):
                     return
         except OSError:
@@ -242,7 +225,7 @@ def run_hub(args, tmp, port, kind):
     hub = subprocess.Popen([args.bin, "hub", "-c", cfg], stdout=hub_log, stderr=hub_log,
                            env={**os.environ, "RUST_LOG": "warn"})
     try:
-        wait_subscribed(tmp, client_id, hub)
+        wait_subscribed(tmp, port, client_id, hub)
         stats = ProcStats(hub.pid)
         load_before = loadavg()
         out, sim_cpu, sim_rss = run_sim(args, port, args.duration, f"fleet-{kind}", verify_db=url)
@@ -410,7 +393,9 @@ def main():
     parse_duration(args.duration)
     raise_nofile()
     tmp = tempfile.mkdtemp(prefix="fieldlink-fleet-")
-    mosq, port = start_mosquitto(tmp)
+    # max_connections: a fleet's worth; subscribe lines: wait_subscribed reads them.
+    mosq, port = start_mosquitto(tmp, "max_connections -1\nlog_type warning\nlog_type subscribe\n",
+                                 preexec_fn=raise_nofile, deadline=DEADLINE)
     results = []
     try:
         for kind in [b.strip() for b in args.backends.split(",") if b.strip()]:

@@ -63,7 +63,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, stop, wait_port  # noqa: E402  (benches/benchlib.py)
+from benchlib import free_port, start_mosquitto, stop, wait_port  # noqa: E402  (benches/benchlib.py)
 
 try:
     import paho.mqtt.client as mqtt
@@ -77,21 +77,6 @@ POLL = 0.02
 STALL = 30
 
 
-def start_mosquitto(tmp, inflight):
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(exe):
-        sys.exit("hub_ingest: mosquitto not found")
-    port = free_port()
-    conf = os.path.join(tmp, "mosquitto.conf")
-    with open(conf, "w") as f:
-        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                f"log_dest file {tmp}/mosquitto.log\nlog_type error\nmax_queued_messages 100000\n"
-                f"max_inflight_messages {inflight}\nset_tcp_nodelay true\n")
-        if os.geteuid() == 0:
-            f.write("user root\n")
-    proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, proc, "mosquitto", deadline=DEADLINE)
-    return proc, port
 
 
 # ---------------------------------------------------------------- messages
@@ -376,7 +361,7 @@ def measure(db, table, base, total, proc, what):
 
 def run_queued(variant, kind, msgs, tmp, inflight):
     """One measurement through mosquitto: rows/s."""
-    mosq, port = start_mosquitto(tmp, inflight)
+    mosq, port = start_mosquitto(tmp, f"max_inflight_messages {inflight}\n", deadline=DEADLINE)
     db = Db(kind, tmp)
     try:
         col = Collector(variant, db, port, tmp)

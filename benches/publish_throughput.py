@@ -62,7 +62,8 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, stop, wait_port  # noqa: E402  (benches/benchlib.py)
+from benchlib import start_mosquitto as _start_mosquitto  # noqa: E402  (benches/benchlib.py)
+from benchlib import stop  # noqa: E402
 
 try:
     import paho.mqtt.client as mqtt
@@ -74,24 +75,13 @@ DEADLINE = 60.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+
+
 def start_mosquitto(tmp, port=None, password_file=None):
-    """A private mosquitto; with `password_file`, anonymous clients are
-    refused and the file is read again on SIGHUP (see `Gate`)."""
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(exe):
-        sys.exit("publish_throughput: mosquitto not found")
-    port = port or free_port()
-    conf = os.path.join(tmp, f"mosquitto-{port}.conf")
-    auth = f"allow_anonymous false\npassword_file {password_file}\n" if password_file else "allow_anonymous true\n"
-    with open(conf, "w") as f:
-        f.write(f"listener {port} 127.0.0.1\n{auth}persistence false\n"
-                f"log_dest file {tmp}/mosquitto-{port}.log\nlog_type error\n"
-                "max_queued_messages 1000000\nmax_inflight_messages 0\nset_tcp_nodelay true\n")
-        if os.geteuid() == 0:
-            f.write("user root\n")
-    proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, proc, "mosquitto", deadline=DEADLINE)
-    return proc, port
+    """The broker of the publishing benches (this one, replay.py,
+    status_roundtrip.py): a queue that holds any backlog, no in-flight cap."""
+    return _start_mosquitto(tmp, "max_inflight_messages 0\n", port=port, password_file=password_file,
+                            max_queued=1000000, deadline=DEADLINE)
 
 
 AGENT_TOML = """device_id = "{device}"

@@ -64,6 +64,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import publish_throughput as pt  # noqa: E402  (the shared helpers)
+from benchlib import free_port  # noqa: E402  (benches/benchlib.py)
 
 try:
     import paho.mqtt.client as mqtt
@@ -119,7 +120,7 @@ def record(cfg, bin_path, d, n, base_depth=0):
 
 def run_fieldlink(bin_path, n, tmp):
     d = tempfile.mkdtemp(prefix="agent-", dir=tmp)
-    port = pt.free_port()
+    port = free_port()
     gate = pt.Gate(tmp)
     device, cfg, proc = queue_offline(bin_path, d, port, gate=gate)
     broker = None
@@ -178,7 +179,7 @@ c.disconnect()
 
 
 def run_paho(n, tmp):
-    port = pt.free_port()
+    port = free_port()
     path = os.path.join(tmp, "paho_queue.py")
     with open(path, "w") as f:
         f.write(PAHO)
@@ -263,7 +264,7 @@ def memory(args, variants, tmp):
         if b is None:
             continue
         d = tempfile.mkdtemp(prefix="agent-", dir=tmp)
-        port = pt.free_port()
+        port = free_port()
         broker, _ = pt.start_mosquitto(tmp, port)
         device, cfg, proc = queue_offline(b, d, port)
         row = []
