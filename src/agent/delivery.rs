@@ -580,12 +580,10 @@ impl Delivery {
         actions
     }
 
-    /// The outbox has everything up to `seq` durable.
+    /// The outbox has everything up to `seq` durable (no records handed
+    /// over: they are read from the outbox).
     pub fn durable(&mut self, seq: u64) -> Vec<Action> {
-        self.durable = self.durable.max(seq);
-        let mut actions = Vec::new();
-        self.pump(&mut actions);
-        actions
+        self.durable_with(seq, None)
     }
 
     /// The outbox has everything up to `seq` durable, and hands over the
