@@ -147,6 +147,17 @@ pub async fn write_batch(
     }
 }
 
+/// A batch's transaction. On SQLite it takes the write lock up front: a
+/// deferred transaction that reads first cannot wait for it and fails with
+/// SQLITE_BUSY instead.
+async fn begin_batch(pool: &AnyPool, dialect: Dialect) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+    match dialect {
+        Dialect::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+        Dialect::MySql | Dialect::Postgres => pool.begin().await,
+    }
+    .map_err(StoreError::db("begin a batch"))
+}
+
 async fn write_once(
     pool: &AnyPool,
     dialect: Dialect,
@@ -155,13 +166,7 @@ async fn write_once(
     order: &[usize],
     received_at: &str,
 ) -> Result<BatchReport, StoreError> {
-    let mut tx = match dialect {
-        // Take the write lock up front: a deferred transaction that reads
-        // first cannot wait for it and fails with SQLITE_BUSY instead.
-        Dialect::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
-        Dialect::MySql | Dialect::Postgres => pool.begin().await,
-    }
-    .map_err(StoreError::db("begin a batch"))?;
+    let mut tx = begin_batch(pool, dialect).await?;
     // The common case first: every message new. A redelivery (or a key
     // twice in the batch) is written again, one statement per row, which
     // tells which were there.
@@ -171,11 +176,7 @@ async fn write_once(
         return Ok(BatchReport { stored: vec![true; checked.len()], commands });
     }
     tx.rollback().await.map_err(StoreError::db("roll back a batch"))?;
-    let mut tx = match dialect {
-        Dialect::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
-        Dialect::MySql | Dialect::Postgres => pool.begin().await,
-    }
-    .map_err(StoreError::db("begin a batch"))?;
+    let mut tx = begin_batch(pool, dialect).await?;
     let mut stored = vec![false; checked.len()];
     let mut answered: Vec<&str> = Vec::new();
     let mut touched: HashSet<&str> = HashSet::new();
