@@ -6,13 +6,11 @@
 //! one reload of the broker. It never touches the database or the broker
 //! itself.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::config::{HubConfig, Secret};
 use crate::hub::devices::{DevicesError, Provisioning};
-use crate::passwd::new_password;
+use crate::hub::token::{self, TokenError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -27,8 +25,8 @@ pub enum ProvisionError {
          device remove`)"
     )]
     Devices(#[from] DevicesError),
-    #[error("cannot make a password: {0}")]
-    Random(String),
+    #[error("cannot create the password file: {0}")]
+    Create(#[from] TokenError),
 }
 
 /// Reads the password from `path` (its first line).
@@ -45,18 +43,14 @@ pub fn read_password(path: &Path) -> Result<Secret, ProvisionError> {
     Ok(Secret(line.to_string()))
 }
 
-/// The password in `path`, or a new random one written there (0600) when
-/// the file does not exist.
+/// The password in `path`, or a new random one written there when the file
+/// does not exist: created as the hub creates its own secrets (0600, synced,
+/// linked into place; [`token::load_or_create`]).
 pub fn password_or_create(path: &Path) -> Result<Secret, ProvisionError> {
     if path.exists() {
         return read_password(path);
     }
-    let password = new_password().map_err(|e| ProvisionError::Random(e.to_string()))?;
-    let io = |what| move |source| ProvisionError::PasswordFile { what, path: path.to_path_buf(), source };
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io("create"))?;
-    f.write_all(format!("{password}\n").as_bytes()).map_err(io("write"))?;
-    f.sync_all().map_err(io("sync"))?;
+    let (password, _created) = token::load_or_create(path)?;
     Ok(Secret(password))
 }
 
