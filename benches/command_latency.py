@@ -15,7 +15,10 @@ What it does:
   `"batch"` (`flush_interval` 100 ms), for `--bin` and, if given, for
   `--baseline-bin` (e.g. a build of `main`), and the paho echo agent (a
   separate Python process that subscribes to the set topic at QoS 1 and
-  publishes the state JSON with the same id, QoS 1, retained), and mqtt-io
+  publishes the state JSON with the same id, QoS 1, retained), the same
+  echo made durable (it appends the state to a file in the temp dir and
+  `fdatasync`s it before publishing: the least a confirmation that
+  survives a power cut costs on this disk), and mqtt-io
   with its mock GPIO module when it can be run (`benches/mqttio.py` says
   how; skipped with the reason otherwise, or with `--no-mqtt-io`);
 * a paho client publishes `{"state": "on"|"off", "id": ...}` at QoS 1 to the
@@ -113,6 +116,9 @@ ECHO = r"""
 import json, sys
 import paho.mqtt.client as mqtt
 port, device, prefix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+# With a 4th argument: the durable echo appends each state to that file and
+# fdatasyncs it before publishing (the least a durable confirmation costs).
+log = open(sys.argv[4], "ab", buffering=0) if len(sys.argv) > 4 else None
 set_topic = f"{prefix}/{device}/relay/pump/set"
 state_topic = f"{prefix}/{device}/relay/pump/state"
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"echo-{device}", clean_session=False)
@@ -124,7 +130,12 @@ def on_message(client, userdata, msg):
     except ValueError:
         return
     state = {"relay": "pump", "state": cmd.get("state"), "cause": "command", "command_id": cmd.get("id")}
-    client.publish(state_topic, json.dumps(state), qos=1, retain=True)
+    body = json.dumps(state)
+    if log is not None:
+        import os
+        log.write(body.encode() + b"\n")
+        os.fdatasync(log.fileno())
+    client.publish(state_topic, body, qos=1, retain=True)
 c.on_connect = on_connect
 c.on_message = on_message
 c.connect("127.0.0.1", port)
@@ -134,11 +145,12 @@ c.loop_forever()
 """
 
 
-def start_echo(port, tmp, device):
+def start_echo(port, tmp, device, durable=False):
     path = os.path.join(tmp, "echo.py")
     with open(path, "w") as f:
         f.write(ECHO)
-    return subprocess.Popen([sys.executable, path, str(port), device, PREFIX])
+    extra = [os.path.join(tmp, f"echo-{device}.log")] if durable else []
+    return subprocess.Popen([sys.executable, path, str(port), device, PREFIX] + extra)
 
 
 class Client:
@@ -314,7 +326,7 @@ def main():
     ap.add_argument("--syscalls", type=int, metavar="N", help="count fsyncs per command over N commands instead")
     args = ap.parse_args()
 
-    variants = [("paho echo", None, None)]
+    variants = [("paho echo", None, None), ("paho echo + fdatasync", None, "durable")]
     mqttio_py = None
     if args.no_mqtt_io:
         print("mqtt-io: skipped (--no-mqtt-io)", file=sys.stderr)
@@ -346,7 +358,7 @@ def main():
                 device = f"bench-{r}-{uuid.uuid4().hex[:8]}"
                 prefix = None
                 if b is None:
-                    proc = start_echo(port, tmp, device)
+                    proc = start_echo(port, tmp, device, durable=d == "durable")
                 elif b == "mqtt-io":
                     prefix = f"mqttio-{r}-{uuid.uuid4().hex[:8]}"
                     proc = mqttio.start(mqttio_py, port, tmp, prefix)

@@ -159,17 +159,16 @@
 //!   with that deadline), then waiters resolve.
 //!
 //! A commit writes the meta values (`next_seq`, `dropped`, `commit` + 1,
-//! `clean`), calls sled's `Db::flush`, then `fdatasync`s the `db` file and
-//! `fsync`s blob files sled wrote since the last commit, then writes and
-//! `fdatasync`s the ledger. sled 0.34.7 alone is not durable: its flush ends
-//! in `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)`
-//! (`pagecache/iobuf.rs:733-752`), which flushes neither the file's metadata
-//! nor the device's write cache, and blob files are never synced at all
-//! (`pagecache/blob_io.rs:65-95`). The test
+//! `clean`), calls sled's `Db::flush` (each log write of our vendored sled
+//! ends in `fdatasync`; upstream's ends in `sync_file_range`, which flushes
+//! neither the file's metadata nor the device's write cache:
+//! `vendor/sled/PATCHED.md`, patch 4), `fsync`s blob files sled wrote
+//! since the last commit (upstream never syncs them,
+//! `pagecache/blob_io.rs:65-95`), announces the group, then writes and
+//! `fdatasync`s the ledger. The test
 //! `always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group`
 //! runs 10 awaited `always` appends under `strace -f -y` and finds 10
-//! `fdatasync`s of `outbox/db` and 10 of `outbox.ledger` (and sled's 10
-//! `sync_file_range`s).
+//! `fdatasync`s of `outbox/db` and 10 of `outbox.ledger`.
 //!
 //! *Urgent appends.* [`OutboxHandle::append_urgent`] (a record a command
 //! waits on) makes the writer commit at the end of its group in `batch`

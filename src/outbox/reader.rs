@@ -14,7 +14,7 @@
 //! reserves log space (`pagecache/logger.rs:120`) and may write a blob file
 //! synchronously (`pagecache/iobuf.rs:545`) or spin until a sealed log
 //! buffer is written (`pagecache/logger.rs:241`). Sealed buffers are written
-//! and `sync_file_range`d on sled's own thread pool (`iobuf.rs:1180-1190`),
+//! and `fdatasync`ed on sled's own thread pool (`iobuf.rs:1180-1190`),
 //! and only `flush` waits for an fsync, which readers never call. So a read
 //! can block on the disk and can write, but never fsyncs; the Link's thread
 //! must do neither, hence [`OutboxReader::read_async`].

@@ -14,13 +14,17 @@
 //!
 //! # What `flush` makes durable
 //!
-//! sled 0.34.7 writes its log with `pwrite` and then `sync_file_range(WAIT_BEFORE
-//! | WRITE | WAIT_AFTER)` (`pagecache/iobuf.rs:733-752`, `write_to_log`): that
+//! Upstream sled 0.34.7 writes its log with `pwrite` and then
+//! `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)` (`write_to_log`): that
 //! pushes the pages to the device but flushes neither the file's metadata (its
 //! size, for a log that grew) nor the device's write cache, so a power cut can
-//! still lose what `Db::flush` reported as durable. Large pages go to
-//! `blobs/<lsn>` files, written with no sync at all (`pagecache/blob_io.rs:65-95`).
-//! So [`SledStore::flush`] is `Db::flush`, then `fdatasync` of the `db` file,
+//! still lose what `Db::flush` reported as durable. Our vendored copy calls
+//! `fdatasync` there instead (`vendor/sled/PATCHED.md`, patch 4), so a log
+//! write is durable when sled marks it stable, and `Db::flush` returns only
+//! once everything written before it is stable: one wait on the disk per
+//! commit, where upstream's sync plus our own fdatasync of `db` were two.
+//! Large pages go to `blobs/<lsn>` files, written with no sync at all
+//! (`pagecache/blob_io.rs:65-95`). So [`SledStore::flush`] is `Db::flush`,
 //! then `fsync` of every blob file not synced before (and of `blobs/`). Only
 //! then does a record count as durable.
 
@@ -102,17 +106,13 @@ impl StoreError {
     /// and returns it from every later write and flush
     /// (`pagecache/iobuf.rs:1184-1195`, `config.rs:730-765`); only a new
     /// `Db` clears it (`pagecache/mod.rs:583`). A failed `fdatasync` of the
-    /// `db` file counts too: after it, the kernel may have dropped the dirty
-    /// pages, so what sled believes is on disk is not.
+    /// log (patch 4 in `vendor/sled/PATCHED.md`) is such an error, rightly:
+    /// after it, the kernel may have dropped the dirty pages, so what sled
+    /// believes is on disk is not.
     pub(crate) fn needs_reopen(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Sled(_) | StoreError::Injected(_) | StoreError::NotOpen | StoreError::Io { what: SYNC_DB, .. }
-        )
+        matches!(self, StoreError::Sled(_) | StoreError::Injected(_) | StoreError::NotOpen)
     }
 }
-
-const SYNC_DB: &str = "cannot fdatasync the outbox database file";
 
 /// Counts found by [`Store::scan`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -254,15 +254,14 @@ pub(crate) struct SledStore {
     blobs_dir: PathBuf,
     /// Blob files already fsynced (by name).
     synced_blobs: Mutex<HashSet<std::ffi::OsString>>,
-    /// sled's log file: fdatasync'ed by `flush`, and waited on when dropped.
+    /// sled's log file, waited on when dropped.
     /// After every sled handle above.
     db_file: DbFile,
     /// The `outbox.lock` flock; held as long as the database is open. Last.
     _lock: Arc<StateDirLock>,
 }
 
-/// sled's log file, `<dir>/db`, through a descriptor of our own: for
-/// `fdatasync` (sled's flush is not one, see the module doc), and to wait,
+/// sled's log file, `<dir>/db`, through a descriptor of our own: to wait,
 /// when the store is dropped, until sled has let go of the file.
 ///
 /// sled holds a flock on `db` while anything of it still has the file open,
@@ -474,10 +473,11 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        // Flushing the Db flushes the shared log, so every tree; it ends
-        // with sync_file_range only (see the module doc), hence the rest.
+        // Flushing the Db flushes the shared log, so every tree, and each
+        // log write ends with fdatasync (patched sled, see the module doc).
+        // A failed fdatasync there is sled's global error: this and every
+        // later write fail until the writer reopens the database.
         let _bytes_written = self.db.flush()?;
-        self.db_file.file.sync_data().map_err(io_err(SYNC_DB, &self.db_file.path))?;
         self.sync_new_blobs()
     }
 }

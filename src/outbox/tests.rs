@@ -1731,6 +1731,7 @@ fn always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group() {
     );
     assert!(db >= STRACE_APPENDS, "one fdatasync of the sled db file per group: {db}\n{window}");
     assert!(ledger >= STRACE_APPENDS, "one fdatasync of the ledger per group: {ledger}\n{window}");
+    assert_eq!(sfr, 0, "sled's log writes end in fdatasync, not sync_file_range (vendor/sled/PATCHED.md, patch 4)");
 }
 
 // ---------------------------------------------------------------------------
