@@ -32,6 +32,14 @@ With `--embedded` it also measures the hub through its embedded broker
 their messages at QoS 1 while the hub runs (the embedded broker keeps no
 session across a restart), rows/s over the same polling window.
 
+Unless `--no-ceiling`, every round also measures mosquitto's own ceiling
+on the same setup and backlog with no database at all: a persistent
+`mosquitto_sub -q 1` session (C, output to /dev/null) is created, the same
+messages are queued for it, and it drains them; msg/s = (N - 1) / (last -
+first arrival), from the arrival timestamps it prints (`-F %U`). No
+collector behind this broker can store faster than that, so it bounds
+what "50 x the seed design" can mean here.
+
 Medians of the rounds with min..max, and ratios against the seed design
 measured in the same run (and against the baseline build if given).
 
@@ -391,6 +399,26 @@ def run_queued(variant, kind, msgs, tmp, inflight):
         db.drop()
 
 
+def run_ceiling(msgs, tmp, inflight):
+    """mosquitto's own delivery rate of a queued QoS 1 backlog to a C
+    subscriber that stores nothing: msg/s."""
+    mosq, port = start_mosquitto(tmp, f"max_inflight_messages {inflight}\n", deadline=DEADLINE)
+    sub = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-i", "ceiling", "-c", "-q", "1",
+           "-t", f"{PREFIX}/#"]
+    try:
+        # Creates the persistent session, then leaves (-W: exit after 1 s).
+        subprocess.run(sub + ["-W", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        publish_all(port, msgs)
+        out = subprocess.run(sub + ["-C", str(len(msgs)), "-F", "%U"], capture_output=True, text=True,
+                             timeout=300, check=True)
+        stamps = [float(x) for x in out.stdout.split()]
+        if len(stamps) != len(msgs):
+            sys.exit(f"hub_ingest: the ceiling subscriber got {len(stamps)} of {len(msgs)}")
+        return (len(stamps) - 1) / (max(stamps) - min(stamps))
+    finally:
+        stop(mosq)
+
+
 def run_embedded(variant, msgs, tmp):
     """One measurement through the hub's embedded broker (SQLite): rows/s."""
     port = free_port()
@@ -443,12 +471,14 @@ def main():
     ap.add_argument("--inflight", type=int, default=20, help="mosquitto max_inflight_messages")
     ap.add_argument("--embedded", action="store_true")
     ap.add_argument("--no-seed", action="store_true")
+    ap.add_argument("--no-ceiling", action="store_true", help="leave out mosquitto's own delivery ceiling")
     a = ap.parse_args()
     bins = [os.path.abspath(a.bin)] + ([os.path.abspath(a.baseline_bin)] if a.baseline_bin else [])
     names = {bins[0]: "fieldlink (this build)"}
     if a.baseline_bin:
         names[bins[1]] = "fieldlink (baseline)"
     names["seed"] = "seed design (paho, INSERT+commit each)"
+    names["ceiling"] = "mosquitto -> mosquitto_sub, no database"
     tmp = tempfile.mkdtemp(prefix="hub-ingest-")
     msgs = messages(a.messages)
     seed_msgs = messages(a.seed_messages)
@@ -461,11 +491,14 @@ def main():
             if why:
                 print(f"{kind}: skipped ({why})", flush=True)
                 continue
-            variants = bins + ([] if a.no_seed else ["seed"])
+            variants = bins + ([] if a.no_seed else ["seed"]) + ([] if a.no_ceiling else ["ceiling"])
             for r in range(a.rounds):
                 order = variants[r % len(variants):] + variants[:r % len(variants)]
                 for v in order:
-                    rate = run_queued(v, kind, seed_msgs if v == "seed" else msgs, tmp, a.inflight)
+                    if v == "ceiling":
+                        rate = run_ceiling(msgs, tmp, a.inflight)
+                    else:
+                        rate = run_queued(v, kind, seed_msgs if v == "seed" else msgs, tmp, a.inflight)
                     results.setdefault((kind, v), []).append(rate)
                     print(f"  round {r + 1} {kind:8} {names[v]:42} {rate:10,.0f} rows/s", flush=True)
         if a.embedded:
@@ -488,6 +521,16 @@ def main():
         rs = f"{med / statistics.median(seed):8.1f}" if seed and v != "seed" else ""
         rb = f"{med / statistics.median(base):10.2f}" if base and v == bins[0] else ""
         print(f"{kind:9} {names[v]:42} {fmt(xs):>30} {rs:>8} {rb:>10}")
+    # The issue's anchor is the seed design into MySQL (MariaDB here).
+    seed = results.get(("mariadb", "seed"))
+    if seed:
+        target = 50 * statistics.median(seed)
+        print(f"\n50 x the seed design on MariaDB (the issue's anchor) = {target:,.0f} rows/s")
+        for (kind, v), xs in results.items():
+            if v == "ceiling":
+                med = statistics.median(xs)
+                verdict = "below" if med < target else "above"
+                print(f"mosquitto's own ceiling ({kind} run): {med:,.0f} msg/s, {verdict} that")
 
 
 if __name__ == "__main__":
