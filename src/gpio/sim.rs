@@ -74,7 +74,12 @@
 //!   thread, which only holds the board lock to apply one request.
 //! * `sim-gpio-timer` expires debounce deadlines and is the only thread that
 //!   calls sinks, in the order events happened and never with the board lock
-//!   held, so a sink may read the pin.
+//!   held, so a sink may read the pin, and may block (the Button's sink
+//!   waits for a credit while the outbox writer is behind).
+//! * Backpressure: at most 256 events wait for the timer thread; a request
+//!   that finds them waiting waits too (its connection reads no further), so
+//!   a client streaming `set` lines faster than the agent records them is
+//!   held back by its socket, and no edge is dropped.
 //!
 //! Dropping the [`SimGpio`] stops all three and removes the socket file. Pins
 //! already handed out keep working on the board, but report no more edges.
@@ -106,6 +111,11 @@ const POLL: Duration = Duration::from_millis(200);
 /// The longest request line accepted.
 const MAX_LINE: usize = 1024;
 const REQUESTS: &str = "expected set, get, fault, changes";
+/// The most events waiting for the timer thread: a connection whose
+/// request would add to a full queue waits until the timer thread has taken
+/// them (so a client streaming `set` lines faster than the agent records
+/// them waits in its socket, not in the agent's memory; #8).
+const MAX_QUEUED: usize = 256;
 
 /// Where the simulated board of an agent with this `state_dir` listens.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -146,6 +156,7 @@ impl SimGpio {
         let shared = Arc::new(Shared {
             board: Mutex::new(Board::new(state_file, saved)),
             wake: Condvar::new(),
+            room: Condvar::new(),
             stop: AtomicBool::new(false),
         });
         // From here on, dropping `sim` on an error stops what was started and
@@ -168,6 +179,7 @@ impl Drop for SimGpio {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.board().stopping = true;
         self.shared.wake.notify_all();
+        self.shared.room.notify_all();
         if let Some(accept) = self.accept.take() {
             // `accept()` blocks: a connection wakes it up to see the flag.
             match UnixStream::connect(&self.socket) {
@@ -259,6 +271,8 @@ struct Shared {
     board: Mutex<Board>,
     /// Wakes the timer thread: a deadline, a delivery or the stop flag.
     wake: Condvar,
+    /// Wakes connections waiting for room in the board's queue.
+    room: Condvar,
     /// Tells the accept and connection threads to stop.
     stop: AtomicBool,
 }
@@ -728,6 +742,10 @@ fn run_timer(shared: &Shared) {
         if !board.queue.is_empty() {
             let batch: Vec<Delivery> = board.queue.drain(..).collect();
             drop(board);
+            if batch.len() >= MAX_QUEUED {
+                // A connection may be waiting for room.
+                shared.room.notify_all();
+            }
             for delivery in batch {
                 (delivery.sink)(delivery.event);
             }
@@ -821,7 +839,12 @@ fn converse(stream: UnixStream, shared: &Shared) -> io::Result<()> {
 
 fn reply(writer: &mut impl Write, shared: &Shared, line: &[u8]) -> io::Result<()> {
     let text = String::from_utf8_lossy(line);
-    let answer = shared.board().answer(text.trim_end_matches(['\r', '\n']), Instant::now());
+    let mut board = shared
+        .room
+        .wait_while(shared.board(), |b| b.queue.len() >= MAX_QUEUED && !b.stopping)
+        .unwrap_or_else(PoisonError::into_inner);
+    let answer = board.answer(text.trim_end_matches(['\r', '\n']), Instant::now());
+    drop(board);
     shared.wake.notify_all();
     writer.write_all(format!("{answer}\n").as_bytes())
 }
