@@ -200,7 +200,85 @@ impl Handler<PinEvent> for Button {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
     use super::*;
+    use crate::agent::status::StatusBoard;
+    use crate::agent::supervisor::Supervision;
+    use crate::config::{Durability, OutboxConfig, Pull, SupervisorConfig};
+    use crate::gpio::sim::SimGpio;
+    use crate::outbox::MemStore;
+    use crate::proto::Qos;
+
+    /// Answered once the Button has handled every message before it (its
+    /// pins are claimed once it answers the first one).
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Settled;
+
+    impl Handler<Settled> for Button {
+        type Result = ();
+        fn handle(&mut self, _: Settled, _: &mut Context<Self>) {}
+    }
+
+    #[test]
+    fn a_burst_of_edges_far_beyond_the_credits_is_recorded_whole_and_in_order() {
+        const N: usize = 3000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sim: Arc<dyn Gpio> = Arc::new(SimGpio::start(dir.path()).expect("the simulated board"));
+        let cfg = OutboxConfig { max_bytes: 64 << 20, durability: Durability::Batch, flush_interval: Duration::from_millis(5) };
+        let (outbox, reader, _) = crate::outbox::open_in_memory(&MemStore::new(), &cfg).expect("in-memory outbox");
+        // Two credits: the sim socket's client is held back almost at once.
+        let credits = Credits::new(2);
+        let door = ButtonConfig {
+            name: "door".into(),
+            chip: None,
+            pin: 17,
+            pull: Pull::Down,
+            active_low: false,
+            debounce: Duration::ZERO,
+            qos: Qos::AtLeastOnce,
+        };
+        let sup_cfg =
+            SupervisorConfig { max_restarts: 100, window: Duration::from_secs(60), backoff_max: Duration::from_millis(10) };
+        let sup = Supervision::new("button", Arc::new(StatusBoard::new("pi")), &sup_cfg);
+        let socket = crate::gpio::sim::socket_path(dir.path());
+        System::new().block_on({
+            let (outbox, credits) = (outbox.clone(), Arc::clone(&credits));
+            async move {
+                let recorder = Recorder::new("pi", 7, outbox.clone());
+                let button = Supervisor::start(move |_| {
+                    Button::with_credits(vec![door], sim, recorder, Topics::new("fl", "pi"), sup, credits)
+                });
+                button.send(Settled).await.expect("the Button runs");
+                // The client streams every line at once, on its own thread
+                // (the actors' thread must keep running), and reads the answers.
+                let client = std::thread::spawn(move || {
+                    let mut stream = UnixStream::connect(&socket).expect("connect to the sim socket");
+                    let lines: String =
+                        (0..N).map(|i| if i % 2 == 0 { "set 17 1\n" } else { "set 17 0\n" }).collect();
+                    stream.write_all(lines.as_bytes()).expect("write the lines");
+                    BufReader::new(stream).lines().take(N).filter(|l| l.as_deref().is_ok_and(|a| a == "ok")).count()
+                });
+                while outbox.stats().depth < N as u64 || outbox.stats().durable_seq < N as u64 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                assert_eq!(client.join().expect("the client finished"), N, "every line answered ok");
+            }
+        });
+        let records = reader.read(1, u64::MAX, N + 10).expect("read the outbox");
+        assert_eq!(records.len(), N, "one record per edge, none lost");
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r.seq, i as u64 + 1, "in edge order");
+            let state = if i % 2 == 0 { r#""state":"pressed""# } else { r#""state":"released""# };
+            let payload = String::from_utf8_lossy(&r.payload);
+            assert!(payload.contains(state), "record {i}: {payload}");
+        }
+        assert_eq!(credits.out(), 0, "every credit came back");
+        outbox.shutdown();
+    }
 
     #[test]
     fn an_active_low_button_is_pressed_when_its_pin_is_low() {
