@@ -84,7 +84,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for _ in 0..records {
             tree.insert(next.to_be_bytes(), value.as_slice())?;
             next += 1;
-            if next % group == 0 {
+            if next.is_multiple_of(group) {
                 db.flush()?;
             }
         }
@@ -93,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         report(&format!("cycle {cycle}: {records} queued"));
         for seq in first..next {
             tree.remove(seq.to_be_bytes())?;
-            if seq % group == 0 {
+            if seq.is_multiple_of(group) {
                 db.flush()?;
             }
         }

@@ -169,7 +169,9 @@ impl SupervisedActor for Button {
                 .input(
                     &spec,
                     // On the backend's thread: may wait for a credit.
-                    Box::new(move |event| addr.do_send(PinEvent { generation, index, event, credit: credits.take(generation) })),
+                    Box::new(move |event| {
+                        addr.do_send(PinEvent { generation, index, event, credit: credits.take(generation) })
+                    }),
                 )
                 .map_err(|e| format!("button '{}': {e}", cfg.name))?;
             let level = pin.level().map_err(|e| format!("button '{}': {e}", cfg.name))?;
@@ -228,7 +230,11 @@ mod tests {
         const N: usize = 3000;
         let dir = tempfile::tempdir().expect("tempdir");
         let sim: Arc<dyn Gpio> = Arc::new(SimGpio::start(dir.path()).expect("the simulated board"));
-        let cfg = OutboxConfig { max_bytes: 64 << 20, durability: Durability::Batch, flush_interval: Duration::from_millis(5) };
+        let cfg = OutboxConfig {
+            max_bytes: 64 << 20,
+            durability: Durability::Batch,
+            flush_interval: Duration::from_millis(5),
+        };
         let (outbox, reader, _) = crate::outbox::open_in_memory(&MemStore::new(), &cfg).expect("in-memory outbox");
         // Two credits: the sim socket's client is held back almost at once.
         let credits = Credits::new(2);
@@ -241,8 +247,11 @@ mod tests {
             debounce: Duration::ZERO,
             qos: Qos::AtLeastOnce,
         };
-        let sup_cfg =
-            SupervisorConfig { max_restarts: 100, window: Duration::from_secs(60), backoff_max: Duration::from_millis(10) };
+        let sup_cfg = SupervisorConfig {
+            max_restarts: 100,
+            window: Duration::from_secs(60),
+            backoff_max: Duration::from_millis(10),
+        };
         let sup = Supervision::new("button", Arc::new(StatusBoard::new("pi")), &sup_cfg);
         let socket = crate::gpio::sim::socket_path(dir.path());
         System::new().block_on({
@@ -257,8 +266,7 @@ mod tests {
                 // (the actors' thread must keep running), and reads the answers.
                 let client = std::thread::spawn(move || {
                     let mut stream = UnixStream::connect(&socket).expect("connect to the sim socket");
-                    let lines: String =
-                        (0..N).map(|i| if i % 2 == 0 { "set 17 1\n" } else { "set 17 0\n" }).collect();
+                    let lines: String = (0..N).map(|i| if i % 2 == 0 { "set 17 1\n" } else { "set 17 0\n" }).collect();
                     stream.write_all(lines.as_bytes()).expect("write the lines");
                     BufReader::new(stream).lines().take(N).filter(|l| l.as_deref().is_ok_and(|a| a == "ok")).count()
                 });

@@ -184,6 +184,12 @@
 //!
 //! [`OutboxHandle::record`] appends without a reply (a button edge): the
 //! writer logs a failure itself, and nothing per record waits on a oneshot.
+//! The writer's channel has no bound; a producer that can outrun it (the
+//! GPIO backends' edges) takes a [`Credit`] from its [`Credits`] on its own
+//! thread first and sends it with the draft ([`Draft::credit`]): the writer
+//! gives it back once the record is stored, kept or dropped, so at most
+//! [`CREDITS`] of that producer's records wait in memory and the rest wait
+//! at their source.
 //!
 //! # Fresh records
 //!
