@@ -251,6 +251,7 @@ fn draft() -> Draft {
         class: Class::Event,
         ts: UNIX_EPOCH + Duration::from_millis(1_795_255_200_000),
         payload: Box::new(button_payload),
+        credit: None,
     }
 }
 

@@ -36,6 +36,7 @@ fn fill(state_dir: &Path) {
                 class: if i % 5 == 0 { Class::Heartbeat } else { Class::Event },
                 ts: SystemTime::now(),
                 payload: Box::new(|seq| format!("{{\"seq\":{seq},\"pad\":\"{}\"}}", "x".repeat(150)).into_bytes()),
+                credit: None,
             })
         })
         .collect();

@@ -3,7 +3,11 @@
 //! (DESIGN: Topics and payloads). Owns the input pins while it runs; a read
 //! failure is an actor failure (restart with back-off). It never publishes
 //! directly and never blocks: edges arrive from the GPIO backend's thread as
-//! messages.
+//! messages. That thread takes a credit for each edge before sending it
+//! (`outbox::Credits`, shared by the Button's pins): with all of them on
+//! their way to the outbox writer, the backend's thread waits, so a burst of
+//! edges waits at its source (the sim socket, the kernel's edge queue)
+//! instead of in memory, and no edge is dropped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use super::recorder::Recorder;
 use super::supervisor::{self, SupervisedActor, Supervision};
 use crate::config::ButtonConfig;
 use crate::gpio::{Edge, Gpio, GpioError, InputPin, InputSpec, Level};
+use crate::outbox::{CREDITS, Credit, Credits};
 use crate::proto::{Body, ButtonBody, ButtonState, Topics};
 
 /// A debounced edge, or a failure, from the backend.
@@ -27,6 +32,9 @@ struct PinEvent {
     /// share a number.
     index: usize,
     event: Result<Edge, GpioError>,
+    /// Goes with the edge's record to the writer; dropped with a stale or
+    /// repeated edge.
+    credit: Credit,
 }
 
 /// What a level means for a button.
@@ -45,6 +53,8 @@ pub struct Button {
     /// Last recorded state, by button index.
     states: HashMap<usize, ButtonState>,
     generation: u64,
+    /// Bounds the edges between the backend's thread and the writer.
+    credits: Arc<Credits>,
 }
 
 impl Button {
@@ -55,10 +65,42 @@ impl Button {
         topics: Topics,
         sup: Supervision,
     ) -> Button {
-        Button { buttons, gpio, recorder, topics, sup, pins: Vec::new(), states: HashMap::new(), generation: 0 }
+        Button::with_credits(buttons, gpio, recorder, topics, sup, Credits::new(CREDITS))
     }
 
-    fn on_edge(&mut self, index: usize, edge: Edge) {
+    /// [`Button::new`] with its own pool of credits (tests use a small one).
+    pub fn with_credits(
+        buttons: Vec<ButtonConfig>,
+        gpio: Arc<dyn Gpio>,
+        recorder: Recorder,
+        topics: Topics,
+        sup: Supervision,
+        credits: Arc<Credits>,
+    ) -> Button {
+        Button {
+            buttons,
+            gpio,
+            recorder,
+            topics,
+            sup,
+            pins: Vec::new(),
+            states: HashMap::new(),
+            generation: 0,
+            credits,
+        }
+    }
+
+    /// Lets go of the pins; their events are stale from now on. Their
+    /// threads stop waiting for credits first: dropping a pin may join its
+    /// thread (rppal's interrupt thread), and the credits it waits for come
+    /// back only when this thread handles the queued edges.
+    fn drop_pins(&mut self) {
+        self.generation += 1;
+        self.credits.serve_only(self.generation);
+        self.pins.clear();
+    }
+
+    fn on_edge(&mut self, index: usize, edge: Edge, credit: Credit) {
         let Some(cfg) = self.buttons.get(index) else {
             return;
         };
@@ -78,6 +120,7 @@ impl Button {
             false,
             edge.at,
             Body::Button(ButtonBody { button: cfg.name.clone(), state }),
+            Some(credit),
         );
         if let Err(e) = recorded {
             tracing::error!("button event not recorded: {e}");
@@ -87,9 +130,18 @@ impl Button {
 
 supervisor::supervised_actor!(Button);
 
+impl Drop for Button {
+    /// No backend thread waits for a credit once the Button is gone (at
+    /// shutdown the last `Arc` of the GPIO backend, which joins its threads,
+    /// may be this actor's; the pins dropped with it may join theirs).
+    fn drop(&mut self) {
+        self.credits.serve_only(u64::MAX);
+    }
+}
+
 impl Supervised for Button {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.pins.clear();
+        self.drop_pins();
         self.sup.restarting();
     }
 }
@@ -100,11 +152,11 @@ impl SupervisedActor for Button {
     }
 
     fn init(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
-        self.pins.clear();
-        self.generation += 1;
+        self.drop_pins();
         let generation = self.generation;
         for (index, cfg) in self.buttons.iter().enumerate() {
             let addr = ctx.address();
+            let credits = Arc::clone(&self.credits);
             let spec = InputSpec {
                 chip: cfg.chip.clone(),
                 pin: cfg.pin,
@@ -114,7 +166,13 @@ impl SupervisedActor for Button {
             };
             let pin = self
                 .gpio
-                .input(&spec, Box::new(move |event| addr.do_send(PinEvent { generation, index, event })))
+                .input(
+                    &spec,
+                    // On the backend's thread: may wait for a credit.
+                    Box::new(move |event| {
+                        addr.do_send(PinEvent { generation, index, event, credit: credits.take(generation) })
+                    }),
+                )
                 .map_err(|e| format!("button '{}': {e}", cfg.name))?;
             let level = pin.level().map_err(|e| format!("button '{}': {e}", cfg.name))?;
             let state = button_state(level, cfg.active_low);
@@ -136,7 +194,7 @@ impl Handler<PinEvent> for Button {
             return;
         }
         match msg.event {
-            Ok(edge) => self.on_edge(msg.index, edge),
+            Ok(edge) => self.on_edge(msg.index, edge, msg.credit),
             Err(e) => supervisor::fail(self, ctx, e),
         }
     }
@@ -144,7 +202,91 @@ impl Handler<PinEvent> for Button {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
     use super::*;
+    use crate::agent::status::StatusBoard;
+    use crate::agent::supervisor::Supervision;
+    use crate::config::{Durability, OutboxConfig, Pull, SupervisorConfig};
+    use crate::gpio::sim::SimGpio;
+    use crate::outbox::MemStore;
+    use crate::proto::Qos;
+
+    /// Answered once the Button has handled every message before it (its
+    /// pins are claimed once it answers the first one).
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Settled;
+
+    impl Handler<Settled> for Button {
+        type Result = ();
+        fn handle(&mut self, _: Settled, _: &mut Context<Self>) {}
+    }
+
+    #[test]
+    fn a_burst_of_edges_far_beyond_the_credits_is_recorded_whole_and_in_order() {
+        const N: usize = 3000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sim: Arc<dyn Gpio> = Arc::new(SimGpio::start(dir.path()).expect("the simulated board"));
+        let cfg = OutboxConfig {
+            max_bytes: 64 << 20,
+            durability: Durability::Batch,
+            flush_interval: Duration::from_millis(5),
+        };
+        let (outbox, reader, _) = crate::outbox::open_in_memory(&MemStore::new(), &cfg).expect("in-memory outbox");
+        // Two credits: the sim socket's client is held back almost at once.
+        let credits = Credits::new(2);
+        let door = ButtonConfig {
+            name: "door".into(),
+            chip: None,
+            pin: 17,
+            pull: Pull::Down,
+            active_low: false,
+            debounce: Duration::ZERO,
+            qos: Qos::AtLeastOnce,
+        };
+        let sup_cfg = SupervisorConfig {
+            max_restarts: 100,
+            window: Duration::from_secs(60),
+            backoff_max: Duration::from_millis(10),
+        };
+        let sup = Supervision::new("button", Arc::new(StatusBoard::new("pi")), &sup_cfg);
+        let socket = crate::gpio::sim::socket_path(dir.path());
+        System::new().block_on({
+            let (outbox, credits) = (outbox.clone(), Arc::clone(&credits));
+            async move {
+                let recorder = Recorder::new("pi", 7, outbox.clone());
+                let button = Supervisor::start(move |_| {
+                    Button::with_credits(vec![door], sim, recorder, Topics::new("fl", "pi"), sup, credits)
+                });
+                button.send(Settled).await.expect("the Button runs");
+                // The client streams every line at once, on its own thread
+                // (the actors' thread must keep running), and reads the answers.
+                let client = std::thread::spawn(move || {
+                    let mut stream = UnixStream::connect(&socket).expect("connect to the sim socket");
+                    let lines: String = (0..N).map(|i| if i % 2 == 0 { "set 17 1\n" } else { "set 17 0\n" }).collect();
+                    stream.write_all(lines.as_bytes()).expect("write the lines");
+                    BufReader::new(stream).lines().take(N).filter(|l| l.as_deref().is_ok_and(|a| a == "ok")).count()
+                });
+                while outbox.stats().depth < N as u64 || outbox.stats().durable_seq < N as u64 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                assert_eq!(client.join().expect("the client finished"), N, "every line answered ok");
+            }
+        });
+        let records = reader.read(1, u64::MAX, N + 10).expect("read the outbox");
+        assert_eq!(records.len(), N, "one record per edge, none lost");
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r.seq, i as u64 + 1, "in edge order");
+            let state = if i % 2 == 0 { r#""state":"pressed""# } else { r#""state":"released""# };
+            let payload = String::from_utf8_lossy(&r.payload);
+            assert!(payload.contains(state), "record {i}: {payload}");
+        }
+        assert_eq!(credits.out(), 0, "every credit came back");
+        outbox.shutdown();
+    }
 
     #[test]
     fn an_active_low_button_is_pressed_when_its_pin_is_low() {

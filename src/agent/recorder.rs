@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::time::SystemTime;
 
-use crate::outbox::{Class, Draft, OutboxError, OutboxHandle, Saved};
+use crate::outbox::{Class, Credit, Draft, OutboxError, OutboxHandle, Saved};
 use crate::proto::{self, Body, Qos};
 
 #[derive(Clone)]
@@ -46,6 +46,8 @@ impl Recorder {
     /// be durable ([`crate::outbox::OutboxHandle::record`]): for a message
     /// whose outcome would only be logged (a button edge); the outbox logs
     /// a failure itself. Fails at once only when the outbox is shut down.
+    /// `credit`, if the producer took one, goes with the record and is given
+    /// back once the writer has stored it ([`crate::outbox::Credits`]).
     pub fn record_now(
         &self,
         topic: String,
@@ -53,8 +55,11 @@ impl Recorder {
         retain: bool,
         ts: SystemTime,
         body: Body,
+        credit: Option<Credit>,
     ) -> Result<(), OutboxError> {
-        self.outbox.record(self.draft(topic, qos, retain, ts, body))
+        let mut draft = self.draft(topic, qos, retain, ts, body);
+        draft.credit = credit;
+        self.outbox.record(draft)
     }
 
     /// [`Recorder::record`] for a message someone waits on (a command's
@@ -80,6 +85,6 @@ impl Recorder {
         };
         let (device, epoch) = (self.device.clone(), self.epoch);
         let payload = Box::new(move |seq| proto::render(&device, epoch, seq, ts, &body));
-        Draft { topic, qos, retain, class, ts, payload }
+        Draft { topic, qos, retain, class, ts, payload, credit: None }
     }
 }

@@ -86,8 +86,12 @@ pub struct Edge {
     pub at: SystemTime,
 }
 
-/// Receives edges (or a read failure) from the backend's own thread. It must
-/// not block: forward to an actor with `do_send`.
+/// Receives edges (or a read failure) from the backend's own thread, in the
+/// order they happened: forward to an actor with `do_send`. It may block
+/// that thread while the consumer is behind (the Button's sink waits for an
+/// outbox credit): backends call it where waiting holds their source back
+/// (the sim socket, the kernel's edge queue) and never with a lock the
+/// agent's actors need.
 pub type EdgeSink = Box<dyn Fn(Result<Edge, GpioError>) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]

@@ -74,7 +74,12 @@
 //!   thread, which only holds the board lock to apply one request.
 //! * `sim-gpio-timer` expires debounce deadlines and is the only thread that
 //!   calls sinks, in the order events happened and never with the board lock
-//!   held, so a sink may read the pin.
+//!   held, so a sink may read the pin, and may block (the Button's sink
+//!   waits for a credit while the outbox writer is behind).
+//! * Backpressure: at most 256 events wait for the timer thread; a request
+//!   that finds them waiting waits too (its connection reads no further), so
+//!   a client streaming `set` lines faster than the agent records them is
+//!   held back by its socket, and no edge is dropped.
 //!
 //! Dropping the [`SimGpio`] stops all three and removes the socket file. Pins
 //! already handed out keep working on the board, but report no more edges.
@@ -106,6 +111,11 @@ const POLL: Duration = Duration::from_millis(200);
 /// The longest request line accepted.
 const MAX_LINE: usize = 1024;
 const REQUESTS: &str = "expected set, get, fault, changes";
+/// The most events waiting for the timer thread: a connection whose
+/// request would add to a full queue waits until the timer thread has taken
+/// them (so a client streaming `set` lines faster than the agent records
+/// them waits in its socket, not in the agent's memory; #8).
+const MAX_QUEUED: usize = 256;
 
 /// Where the simulated board of an agent with this `state_dir` listens.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -146,6 +156,7 @@ impl SimGpio {
         let shared = Arc::new(Shared {
             board: Mutex::new(Board::new(state_file, saved)),
             wake: Condvar::new(),
+            room: Condvar::new(),
             stop: AtomicBool::new(false),
         });
         // From here on, dropping `sim` on an error stops what was started and
@@ -168,6 +179,7 @@ impl Drop for SimGpio {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.board().stopping = true;
         self.shared.wake.notify_all();
+        self.shared.room.notify_all();
         if let Some(accept) = self.accept.take() {
             // `accept()` blocks: a connection wakes it up to see the flag.
             match UnixStream::connect(&self.socket) {
@@ -259,6 +271,8 @@ struct Shared {
     board: Mutex<Board>,
     /// Wakes the timer thread: a deadline, a delivery or the stop flag.
     wake: Condvar,
+    /// Wakes connections waiting for room in the board's queue.
+    room: Condvar,
     /// Tells the accept and connection threads to stop.
     stop: AtomicBool,
 }
@@ -342,6 +356,8 @@ struct Board {
     next_token: u64,
     /// Events in the order they happened, for the timer thread.
     queue: VecDeque<Delivery>,
+    /// Connections waiting for room in `queue` now.
+    held_back: usize,
     stopping: bool,
 }
 
@@ -355,7 +371,7 @@ impl Board {
                 p.changes = out.changes;
             }
         }
-        Board { pins, state_file, next_token: 0, queue: VecDeque::new(), stopping: false }
+        Board { pins, state_file, next_token: 0, queue: VecDeque::new(), held_back: 0, stopping: false }
     }
 
     fn pin_mut(&mut self, pin: u8) -> Result<&mut PinState, GpioError> {
@@ -728,6 +744,10 @@ fn run_timer(shared: &Shared) {
         if !board.queue.is_empty() {
             let batch: Vec<Delivery> = board.queue.drain(..).collect();
             drop(board);
+            if batch.len() >= MAX_QUEUED {
+                // A connection may be waiting for room.
+                shared.room.notify_all();
+            }
             for delivery in batch {
                 (delivery.sink)(delivery.event);
             }
@@ -821,7 +841,17 @@ fn converse(stream: UnixStream, shared: &Shared) -> io::Result<()> {
 
 fn reply(writer: &mut impl Write, shared: &Shared, line: &[u8]) -> io::Result<()> {
     let text = String::from_utf8_lossy(line);
-    let answer = shared.board().answer(text.trim_end_matches(['\r', '\n']), Instant::now());
+    let mut board = shared.board();
+    if board.queue.len() >= MAX_QUEUED && !board.stopping {
+        board.held_back += 1;
+        board = shared
+            .room
+            .wait_while(board, |b| b.queue.len() >= MAX_QUEUED && !b.stopping)
+            .unwrap_or_else(PoisonError::into_inner);
+        board.held_back -= 1;
+    }
+    let answer = board.answer(text.trim_end_matches(['\r', '\n']), Instant::now());
+    drop(board);
     shared.wake.notify_all();
     writer.write_all(format!("{answer}\n").as_bytes())
 }
@@ -903,6 +933,60 @@ mod tests {
 
     fn edge(events: &Events) -> Edge {
         events.recv_timeout(WAIT).expect("an event arrives").expect("the event is an edge")
+    }
+
+    #[test]
+    fn a_client_streaming_edges_faster_than_the_sink_takes_them_is_held_back_and_loses_none() {
+        const N: usize = 1000;
+        let (_dir, sim) = board();
+        // The sink blocks on its first edge until the gate opens, as the
+        // Button's does while the outbox writer is behind.
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink: EdgeSink = {
+            let gate = Arc::clone(&gate);
+            Box::new(move |event| {
+                let (open, cv) = &*gate;
+                let open = open.lock().unwrap_or_else(PoisonError::into_inner);
+                drop(cv.wait_while(open, |o| !*o).unwrap_or_else(PoisonError::into_inner));
+                let _ = tx.send(event);
+            })
+        };
+        let spec = InputSpec { chip: None, pin: 17, pull: Pull::Down, debounce: Duration::ZERO, active_low: false };
+        let _pin = sim.input(&spec, sink).expect("claim the input");
+
+        let client = {
+            let socket = sim.socket().to_path_buf();
+            thread::spawn(move || {
+                let mut stream = UnixStream::connect(&socket).expect("connect");
+                let lines: String = (0..N).map(|i| if i % 2 == 0 { "set 17 1\n" } else { "set 17 0\n" }).collect();
+                stream.write_all(lines.as_bytes()).expect("write the lines");
+                let mut answers = String::new();
+                BufReader::new(stream).take((N * 3) as u64).read_to_string(&mut answers).expect("read the answers");
+                answers.lines().filter(|a| *a == "ok").count()
+            })
+        };
+        // While the sink is stuck, the connection ends up waiting for room
+        // (or, were there no bound, queues past it).
+        let queued = loop {
+            let board = sim.shared.board();
+            if board.held_back > 0 || board.queue.len() > MAX_QUEUED {
+                break board.queue.len();
+            }
+            drop(board);
+            thread::sleep(Duration::from_millis(5));
+        };
+        // Open the gate before asserting: dropping the board joins the timer
+        // thread, stuck in the sink until then.
+        let (open, cv) = &*gate;
+        *open.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        cv.notify_all();
+        assert_eq!(queued, MAX_QUEUED, "the queue stops at its bound");
+        assert_eq!(client.join().expect("the client finished"), N, "every line answered ok");
+        let levels: Vec<Level> =
+            (0..N).map(|_| rx.recv_timeout(WAIT).expect("an event").expect("an edge").level).collect();
+        let expected: Vec<Level> = (0..N).map(|i| Level::from_bit(i % 2 == 0)).collect();
+        assert_eq!(levels, expected, "every edge, in order");
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //!   where seqs resume, the epoch, reopening after a disk fault.
 //! * `writer.rs`: the writer thread: seqs, group commit, the bound,
 //!   removals, riding out a disk fault.
+//! * `credit.rs`: [`Credits`], the bound on records a producer has on the
+//!   way to the writer (backpressure onto the producer's thread).
 //! * `fault.rs`: the disk fault's rules (shed, keep, back-off), sans-IO.
 //! * `reader.rs`: [`OutboxReader`]: merged, seq-ordered replay reads, and
 //!   the reader thread.
@@ -181,6 +183,12 @@
 //!
 //! [`OutboxHandle::record`] appends without a reply (a button edge): the
 //! writer logs a failure itself, and nothing per record waits on a oneshot.
+//! The writer's channel has no bound; a producer that can outrun it (the
+//! GPIO backends' edges) takes a [`Credit`] from its [`Credits`] on its own
+//! thread first and sends it with the draft ([`Draft::credit`]): the writer
+//! gives it back once the record is stored, kept or dropped, so at most
+//! [`CREDITS`] of that producer's records wait in memory and the rest wait
+//! at their source.
 //!
 //! # Fresh records
 //!
@@ -342,6 +350,7 @@
 //! so existing deployments keep their identity. [`OutboxHandle::epoch`] and
 //! [`OpenReport::epoch`] expose it.
 
+mod credit;
 mod fault;
 mod fresh;
 mod ledger;
@@ -368,6 +377,7 @@ use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
+pub use credit::{CREDITS, Credit, Credits};
 pub use fresh::{FRESH_MAX_BYTES, FRESH_MAX_RECORDS, Fresh};
 pub use ledger::LedgerError;
 pub use open::{open, open_in_memory};
@@ -399,6 +409,10 @@ pub struct Draft {
     /// When it happened (not when it is sent).
     pub ts: SystemTime,
     pub payload: PayloadFn,
+    /// The producer's place on the way to the writer, if it took one
+    /// ([`Credits`]): given back once the writer has stored, kept or
+    /// dropped the record.
+    pub credit: Option<Credit>,
 }
 
 impl fmt::Debug for Draft {

@@ -47,6 +47,7 @@ fn draft_padded(class: Class, pad: usize) -> Draft {
         class,
         ts: UNIX_EPOCH + Duration::from_millis(1_763_719_200_000),
         payload: Box::new(move |seq| payload_for(seq, pad)),
+        credit: None,
     }
 }
 

@@ -345,7 +345,9 @@ impl Writer {
         self.mark_dirty();
         // From here on `seq` is spent: every outcome below stores it, keeps it or counts a drop.
 
-        let Draft { topic, qos, retain, class, ts, payload } = draft;
+        // `_credit` is given back when this returns: the record is stored,
+        // kept or dropped by then.
+        let Draft { topic, qos, retain, class, ts, payload, credit: _credit } = draft;
         let payload = match catch_unwind(AssertUnwindSafe(move || payload(seq))) {
             Ok(p) => p,
             Err(_) => {
