@@ -989,3 +989,65 @@ mod tests {
         assert_eq!(failure_of(&ConnectionError::Tls(TlsError::Io(untrusted))), Failure::Refused);
     }
 }
+
+#[cfg(test)]
+mod batch_tests {
+    //! The write and read batching of a connection, against a scripted
+    //! broker on 127.0.0.1 (a listener that answers with fixed bytes).
+    use super::*;
+    use futures_util::StreamExt;
+    use rumqttc::{Outgoing, PubAck};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const N: u16 = 8;
+    const PAYLOAD: usize = 20;
+    /// PUBLISH QoS 1 to `t/x`: fixed header (2), topic (2 + 3), packet id (2), payload.
+    const PUBLISH_LEN: usize = 2 + 2 + 3 + 2 + PAYLOAD;
+
+    #[tokio::test]
+    async fn publishes_queued_together_go_out_in_one_flush_and_their_acks_come_back_as_one_batch() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let broker = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut connect = [0u8; 256];
+            let n = s.read(&mut connect).await.expect("read CONNECT");
+            assert_eq!(connect[0], 0x10, "CONNECT first ({n} bytes)");
+            s.write_all(&[0x20, 0x02, 0x00, 0x00]).await.expect("CONNACK");
+            let mut publishes = vec![0u8; PUBLISH_LEN * usize::from(N)];
+            s.read_exact(&mut publishes).await.expect("read the publishes");
+            let ids: Vec<u16> =
+                publishes.chunks(PUBLISH_LEN).map(|p| u16::from_be_bytes([p[7], p[8]])).collect();
+            // Every PUBACK in one write.
+            let acks: Vec<u8> = ids.iter().flat_map(|id| [0x40, 0x02, (id >> 8) as u8, *id as u8]).collect();
+            s.write_all(&acks).await.expect("PUBACKs");
+            // The socket goes back to the test, open: an EOF behind the
+            // acks would end the client's read with an error.
+            (ids, s)
+        });
+
+        let mut options = MqttOptions::new("batch-test", "127.0.0.1", port);
+        options.set_inflight(100);
+        let (client, eventloop) = AsyncClient::new(options, 100);
+        for _ in 0..N {
+            client.try_publish("t/x", QoS::AtLeastOnce, false, vec![b'x'; PAYLOAD]).expect("queued");
+        }
+        let events = connection_events(1, eventloop);
+        futures_util::pin_mut!(events);
+        let mut next = async || match events.next().await {
+            Some((1, Ok(batch))) => batch,
+            other => panic!("expected a batch of events, got {other:?}"),
+        };
+
+        assert!(matches!(next().await.as_slice(), [Event::Incoming(Packet::ConnAck(_))]));
+        let written = next().await;
+        let expected: Vec<Event> = (1..=N).map(|id| Event::Outgoing(Outgoing::Publish(id))).collect();
+        assert_eq!(written, expected, "all {N} queued publishes written by one poll, in order");
+        let acked = next().await;
+        let expected: Vec<Event> = (1..=N).map(|id| Event::Incoming(Packet::PubAck(PubAck::new(id)))).collect();
+        assert_eq!(acked, expected, "the PUBACKs read together reach the Link as one batch");
+
+        let (ids, _open) = broker.await.expect("broker");
+        assert_eq!(ids, (1..=N).collect::<Vec<_>>(), "the broker got every publish once, in order");
+    }
+}
