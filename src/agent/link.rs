@@ -1016,8 +1016,7 @@ mod batch_tests {
             s.write_all(&[0x20, 0x02, 0x00, 0x00]).await.expect("CONNACK");
             let mut publishes = vec![0u8; PUBLISH_LEN * usize::from(N)];
             s.read_exact(&mut publishes).await.expect("read the publishes");
-            let ids: Vec<u16> =
-                publishes.chunks(PUBLISH_LEN).map(|p| u16::from_be_bytes([p[7], p[8]])).collect();
+            let ids: Vec<u16> = publishes.chunks(PUBLISH_LEN).map(|p| u16::from_be_bytes([p[7], p[8]])).collect();
             // Every PUBACK in one write.
             let acks: Vec<u8> = ids.iter().flat_map(|id| [0x40, 0x02, (id >> 8) as u8, *id as u8]).collect();
             s.write_all(&acks).await.expect("PUBACKs");
