@@ -50,10 +50,12 @@
 //!   `AwaitPingResp`), within 2 × `keep_alive` of the first lost byte.
 //!   Nothing in the write path waits longer: every branch of rumqttc's
 //!   `select` writes at most a few packets into an empty `Framed` buffer
-//!   (`framed.rs` `write` only buffers below the 8 KiB back-pressure mark)
-//!   and then flushes under a 5 s time-out (`eventloop.rs`:
-//!   `FlushTimeout`); connecting (TCP, TLS, CONNECT/CONNACK) has the same
-//!   time-out (`NetworkTimeout`).
+//!   (`framed.rs` `write` only buffers below the 8 KiB back-pressure mark;
+//!   the request branch adds the requests queued behind the first only
+//!   while the buffer holds less than 4 KiB, our patch in
+//!   `vendor/rumqttc/PATCHED.md`) and then flushes under a 5 s time-out
+//!   (`eventloop.rs`: `FlushTimeout`); connecting (TCP, TLS,
+//!   CONNECT/CONNACK) has the same time-out (`NetworkTimeout`).
 //!
 //! # On every ConnAck, in this order
 //!
@@ -166,16 +168,34 @@ pub fn failure_of(e: &ConnectionError) -> Failure {
     if crate::connect_failure::is_refusal(e) { Failure::Refused } else { Failure::Network }
 }
 
-/// One connection attempt's events, tagged with its generation; the stream
-/// ends after the first error (the EventLoop is dropped with it).
-type Item = (u64, Result<Event, ConnectionError>);
+/// One connection attempt's events, tagged with its generation, in batches
+/// (see [`connection_events`]); the stream ends after the first error (the
+/// EventLoop is dropped with it).
+type Item = (u64, Result<Vec<Event>, ConnectionError>);
 
+/// The most events handed to the Link in one batch.
+const MAX_BATCH: usize = 256;
+
+/// The attempt's events: each `poll` and the events rumqttc already queued
+/// behind it (`MqttState::events`, a public field in 0.25.1,
+/// `state.rs:72`), which its next `poll`s would return one by one without
+/// any I/O (`eventloop.rs` `select` pops them first). A read of up to ten
+/// packets (`framed.rs` `readb`) or a flush of several publishes then
+/// reaches the Link as one batch: one actix item, one removal message to
+/// the outbox writer and one status update per batch instead of per packet.
 fn connection_events(generation: u64, el: EventLoop) -> impl Stream<Item = Item> {
     futures_util::stream::unfold(Some(el), move |el| async move {
         let mut el = el?;
-        let r = el.poll().await;
-        let next = r.is_ok().then_some(el);
-        Some(((generation, r), next))
+        match el.poll().await {
+            Ok(first) => {
+                let queued = el.state.events.len().min(MAX_BATCH - 1);
+                let mut batch = Vec::with_capacity(1 + queued);
+                batch.push(first);
+                batch.extend(el.state.events.drain(..queued));
+                Some(((generation, Ok(batch)), Some(el)))
+            }
+            Err(e) => Some(((generation, Err(e)), None)),
+        }
     })
 }
 
@@ -252,6 +272,13 @@ pub struct Link {
     discovery: Option<Discovery>,
     /// `confirm = "hub"`: the timer armed for the clock's next wake-up.
     confirm_timer: Option<(Instant, SpawnHandle)>,
+    /// Removals not yet sent to the outbox writer: held while a batch of
+    /// events is handled, sent once at its end (one message, one wake-up of
+    /// the writer, for the whole batch).
+    removed: Vec<u64>,
+    /// A batch of events is being handled: `perform` leaves the removals
+    /// and the status report to its end.
+    in_batch: bool,
 }
 
 /// The discovery round and how far the current connection got with it.
@@ -297,6 +324,8 @@ impl Link {
             closing_reply: None,
             discovery: None,
             confirm_timer: None,
+            removed: Vec::new(),
+            in_batch: false,
         }
     }
 
@@ -631,7 +660,6 @@ impl Link {
     }
 
     fn perform(&mut self, actions: Vec<Action>, ctx: &mut Context<Self>) {
-        let mut removed = Vec::new();
         for action in actions {
             match action {
                 Action::Submit(s) => {
@@ -642,7 +670,6 @@ impl Link {
                     if let Err(e) = sent {
                         tracing::debug!("submission refused: {e}");
                         let more = self.delivery.submit_failed();
-                        self.flush_removed(&mut removed);
                         return self.perform(more, ctx);
                     }
                 }
@@ -650,24 +677,27 @@ impl Link {
                     let read = self.reader.read_async(from, upto, limit);
                     ctx.spawn(read.into_actor(self).map(move |res, act, ctx| act.on_records(token, res, ctx)));
                 }
-                Action::Remove(seq) => removed.push(seq),
+                Action::Remove(seq) => self.removed.push(seq),
                 Action::Done(Tag::Offline) => self.finish_closing(true, ctx),
                 Action::Done(Tag::Online | Tag::Sync) => {}
                 Action::Done(Tag::Discovery) => self.discovery_done(),
                 Action::Reconnect(desync) => {
-                    self.flush_removed(&mut removed);
+                    self.flush_removed();
                     return self.desync(desync, ctx);
                 }
             }
         }
-        self.flush_removed(&mut removed);
-        self.report(ctx);
+        if !self.in_batch {
+            self.flush_removed();
+            self.report(ctx);
+        }
     }
 
-    fn flush_removed(&self, removed: &mut Vec<u64>) {
+    /// Sends the removals held so far to the outbox writer, in one message.
+    fn flush_removed(&mut self) {
         // Hub mode: `Remove` only ever follows the hub's confirmation.
-        if !removed.is_empty() {
-            self.outbox.ack(std::mem::take(removed));
+        if !self.removed.is_empty() {
+            self.outbox.ack(std::mem::take(&mut self.removed));
         }
     }
 
@@ -805,6 +835,7 @@ impl Supervised for Link {
         }
         self.wait = None;
         self.confirm_timer = None;
+        self.in_batch = false;
         self.delivery.disconnected();
         self.inbox.disconnected();
         self.sup.restarting();
@@ -826,15 +857,13 @@ impl SupervisedActor for Link {
     }
 }
 
-impl StreamHandler<Item> for Link {
-    fn handle(&mut self, (generation, item): Item, ctx: &mut Context<Self>) {
-        if self.conn.as_ref().map(|c| c.generation) != Some(generation) {
-            return;
-        }
-        match item {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => self.on_connack(ack.session_present, ctx),
-            Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(p, ctx),
-            Ok(event) => {
+impl Link {
+    /// One of rumqttc's events on the current connection.
+    fn on_event(&mut self, event: Event, ctx: &mut Context<Self>) {
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) => self.on_connack(ack.session_present, ctx),
+            Event::Incoming(Packet::Publish(p)) => self.on_publish(p, ctx),
+            event => {
                 if let Event::Incoming(Packet::SubAck(s)) = &event
                     && s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure))
                 {
@@ -849,6 +878,34 @@ impl StreamHandler<Item> for Link {
                 }
                 let actions = self.delivery.event(&event);
                 self.perform(actions, ctx);
+            }
+        }
+    }
+}
+
+impl StreamHandler<Item> for Link {
+    fn handle(&mut self, (generation, item): Item, ctx: &mut Context<Self>) {
+        let current = |link: &Link| link.conn.as_ref().map(|c| c.generation) == Some(generation);
+        if !current(self) {
+            return;
+        }
+        match item {
+            Ok(events) => {
+                // In order, as rumqttc produced them; the removals and the
+                // status report wait for the end of the batch. An event
+                // that ends the connection (a desync) makes the rest of
+                // the batch stale: dropped, like any later event of that
+                // generation.
+                self.in_batch = true;
+                for event in events {
+                    if !current(self) {
+                        break;
+                    }
+                    self.on_event(event, ctx);
+                }
+                self.in_batch = false;
+                self.flush_removed();
+                self.report(ctx);
             }
             Err(e) => {
                 let why = crate::connect_failure::explain(&e, &self.peer());
@@ -930,5 +987,66 @@ mod tests {
         let untrusted = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
         let untrusted = std::io::Error::new(std::io::ErrorKind::InvalidData, untrusted);
         assert_eq!(failure_of(&ConnectionError::Tls(TlsError::Io(untrusted))), Failure::Refused);
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    //! The write and read batching of a connection, against a scripted
+    //! broker on 127.0.0.1 (a listener that answers with fixed bytes).
+    use super::*;
+    use futures_util::StreamExt;
+    use rumqttc::{Outgoing, PubAck};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const N: u16 = 8;
+    const PAYLOAD: usize = 20;
+    /// PUBLISH QoS 1 to `t/x`: fixed header (2), topic (2 + 3), packet id (2), payload.
+    const PUBLISH_LEN: usize = 2 + 2 + 3 + 2 + PAYLOAD;
+
+    #[tokio::test]
+    async fn publishes_queued_together_go_out_in_one_flush_and_their_acks_come_back_as_one_batch() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let broker = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut connect = [0u8; 256];
+            let n = s.read(&mut connect).await.expect("read CONNECT");
+            assert_eq!(connect[0], 0x10, "CONNECT first ({n} bytes)");
+            s.write_all(&[0x20, 0x02, 0x00, 0x00]).await.expect("CONNACK");
+            let mut publishes = vec![0u8; PUBLISH_LEN * usize::from(N)];
+            s.read_exact(&mut publishes).await.expect("read the publishes");
+            let ids: Vec<u16> = publishes.chunks(PUBLISH_LEN).map(|p| u16::from_be_bytes([p[7], p[8]])).collect();
+            // Every PUBACK in one write.
+            let acks: Vec<u8> = ids.iter().flat_map(|id| [0x40, 0x02, (id >> 8) as u8, *id as u8]).collect();
+            s.write_all(&acks).await.expect("PUBACKs");
+            // The socket goes back to the test, open: an EOF behind the
+            // acks would end the client's read with an error.
+            (ids, s)
+        });
+
+        let mut options = MqttOptions::new("batch-test", "127.0.0.1", port);
+        options.set_inflight(100);
+        let (client, eventloop) = AsyncClient::new(options, 100);
+        for _ in 0..N {
+            client.try_publish("t/x", QoS::AtLeastOnce, false, vec![b'x'; PAYLOAD]).expect("queued");
+        }
+        let events = connection_events(1, eventloop);
+        futures_util::pin_mut!(events);
+        let mut next = async || match events.next().await {
+            Some((1, Ok(batch))) => batch,
+            other => panic!("expected a batch of events, got {other:?}"),
+        };
+
+        assert!(matches!(next().await.as_slice(), [Event::Incoming(Packet::ConnAck(_))]));
+        let written = next().await;
+        let expected: Vec<Event> = (1..=N).map(|id| Event::Outgoing(Outgoing::Publish(id))).collect();
+        assert_eq!(written, expected, "all {N} queued publishes written by one poll, in order");
+        let acked = next().await;
+        let expected: Vec<Event> = (1..=N).map(|id| Event::Incoming(Packet::PubAck(PubAck::new(id)))).collect();
+        assert_eq!(acked, expected, "the PUBACKs read together reach the Link as one batch");
+
+        let (ids, _open) = broker.await.expect("broker");
+        assert_eq!(ids, (1..=N).collect::<Vec<_>>(), "the broker got every publish once, in order");
     }
 }
