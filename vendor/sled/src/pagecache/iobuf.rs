@@ -1179,37 +1179,13 @@ fn seal_and_write(
             lsn
         );
         if inline {
-            if let Err(e) = iobufs.write_to_log(iobuf) {
-                error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
-                // as below: store the error before notifying waiters
-                iobufs.config.set_global_error(e);
-                let intervals = iobufs.intervals.lock();
-                drop(intervals);
-                let _notified = iobufs.interval_updated.notify_all();
-            }
+            write_or_set_global_error(iobufs, iobuf, lsn);
             return Ok(());
         }
         let iobufs = iobufs.clone();
         let iobuf = iobuf.clone();
         let _result = threadpool::spawn(move || {
-            if let Err(e) = iobufs.write_to_log(&iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-
-                // store error before notifying so that waiting threads will see
-                // it
-                iobufs.config.set_global_error(e);
-
-                let intervals = iobufs.intervals.lock();
-
-                // having held the mutex makes this linearized
-                // with the notify below.
-                drop(intervals);
-
-                let _notified = iobufs.interval_updated.notify_all();
-            }
+            write_or_set_global_error(&iobufs, &iobuf, lsn)
         })?;
 
         #[cfg(feature = "event_log")]
@@ -1218,6 +1194,26 @@ fn seal_and_write(
         Ok(())
     } else {
         Ok(())
+    }
+}
+
+// fieldlink patch: upstream's error handling of the pool's write, moved
+// out of its closure so that the inline write (patch 5) shares it.
+fn write_or_set_global_error(iobufs: &IoBufs, iobuf: &IoBuf, lsn: Lsn) {
+    if let Err(e) = iobufs.write_to_log(iobuf) {
+        error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
+
+        // store error before notifying so that waiting threads will see
+        // it
+        iobufs.config.set_global_error(e);
+
+        let intervals = iobufs.intervals.lock();
+
+        // having held the mutex makes this linearized
+        // with the notify below.
+        drop(intervals);
+
+        let _notified = iobufs.interval_updated.notify_all();
     }
 }
 
