@@ -90,7 +90,7 @@ impl Credits {
         self.returned.notify_all();
     }
 
-    /// How many credits are out now (for tests and the status dump).
+    /// How many credits are out now (tests check that all came back).
     pub fn out(&self) -> usize {
         self.count().out
     }
