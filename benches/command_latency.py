@@ -113,7 +113,7 @@ def start_fieldlink(bin_path, durability, port, tmp, device):
 
 
 ECHO = r"""
-import json, sys
+import json, os, sys
 import paho.mqtt.client as mqtt
 port, device, prefix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 # With a 4th argument: the durable echo appends each state to that file and
@@ -132,7 +132,6 @@ def on_message(client, userdata, msg):
     state = {"relay": "pump", "state": cmd.get("state"), "cause": "command", "command_id": cmd.get("id")}
     body = json.dumps(state)
     if log is not None:
-        import os
         log.write(body.encode() + b"\n")
         os.fdatasync(log.fileno())
     client.publish(state_topic, body, qos=1, retain=True)
