@@ -354,6 +354,7 @@ mod credit;
 mod fault;
 mod fresh;
 mod ledger;
+mod ledger_sync;
 mod lock;
 mod open;
 mod panics;

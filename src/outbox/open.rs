@@ -18,6 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::ledger::{Ledger, LedgerError};
+use super::ledger_sync::LedgerSync;
 use super::lock::StateDirLock;
 use super::reader::ReadThread;
 use super::record::{self, CloseSummary, Floor};
@@ -716,6 +717,7 @@ pub(crate) fn start(
     let writer = Writer {
         store: Some(store),
         slot: slot.clone(),
+        ledger_sync: LedgerSync::new(side.clone()),
         side,
         reopen,
         shared: shared.clone(),

@@ -1319,7 +1319,7 @@ fn acks_during_a_disk_fault_are_applied_after_the_reopen() {
 }
 
 #[test]
-fn records_are_announced_once_sled_has_them_and_a_ledger_that_then_fails_loses_and_revives_nothing() {
+fn records_are_confirmed_once_sled_has_them_and_a_failed_ledger_write_behind_them_loses_and_revives_nothing() {
     let store = MemStore::new();
     let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
     let announced = Arc::new(Mutex::new(Vec::new()));
@@ -1327,11 +1327,10 @@ fn records_are_announced_once_sled_has_them_and_a_ledger_that_then_fails_loses_a
     h.set_on_durable(Box::new(move |seq| sink.lock().expect("lock").push(seq)));
     let stored: Vec<u64> = (0..2).map(|_| append(&h, Class::Event)).collect();
     store.set_fail_ledger(true);
-    // sled has it on disk, the ledger does not: the Link may publish it
-    // already, its appender hears "kept in memory" (the fault).
+    // sled has it on disk: the Link may publish it and its appender hears
+    // "durable"; the ledger entry behind it fails on the ledger's thread.
     let third = wait(h.append(draft(Class::Event)));
-    assert!(matches!(third, Err(OutboxError::KeptInMemory { .. })), "{third:?}");
-    let third = seq_of(&third).expect("a seq");
+    let third = third.expect("durable in the database");
     assert_eq!(*announced.lock().expect("lock"), vec![stored[0], stored[1], third]);
     assert_eq!(store.crashed().scan_len(), 3, "a power cut now keeps all three");
     // The broker acknowledged the third before the disk recovered.
@@ -1679,7 +1678,7 @@ const STRACE_APPENDS: usize = 10;
 /// The workload the strace test traces: 10 `always` appends, each awaited
 /// (so each is its own group commit). Does nothing unless run by that test.
 #[test]
-#[ignore = "run by always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group under strace"]
+#[ignore = "run by always_mode_fdatasyncs_the_database_for_every_group_and_the_ledger_behind_it under strace"]
 fn strace_child_appends_in_always_mode() {
     let Some(dir) = std::env::var_os(STRACE_CHILD_DIR) else { return };
     let (h, r, _) = open(Path::new(&dir), &cfg(Durability::Always)).expect("open");
@@ -1693,9 +1692,9 @@ fn strace_child_appends_in_always_mode() {
 }
 
 #[test]
-fn always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group() {
+fn always_mode_fdatasyncs_the_database_for_every_group_and_the_ledger_behind_it() {
     let Some(strace) = ["/usr/bin/strace", "/bin/strace"].into_iter().map(Path::new).find(|p| p.exists()) else {
-        println!("SKIPPED always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group: strace is not installed");
+        println!("SKIPPED always_mode_fdatasyncs_the_database_for_every_group_and_the_ledger_behind_it: strace is not installed");
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1712,7 +1711,7 @@ fn always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group() {
         .expect("run strace");
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && (stderr.contains("ptrace") || stderr.contains("Operation not permitted")) {
-        println!("SKIPPED always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group: {}", stderr.trim());
+        println!("SKIPPED always_mode_fdatasyncs_the_database_for_every_group_and_the_ledger_behind_it: {}", stderr.trim());
         return;
     }
     assert!(out.status.success(), "the traced workload failed: {stderr}");
@@ -1722,7 +1721,16 @@ fn always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group() {
     let end = text.find("STRACE-MARK-END").expect("end mark in the trace");
     let window = &text[begin..end];
     let count = |call: &str, file: &str| {
-        window.lines().filter(|l| l.contains(&format!("{call}(")) && l.contains(file) && l.contains("= 0")).count()
+        // A call another thread interrupts is printed `<unfinished ...>`,
+        // its result on a later line without the file: count the call.
+        window
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("{call}("))
+                    && l.contains(file)
+                    && (l.contains("= 0") || l.contains("<unfinished ...>"))
+            })
+            .count()
     };
     let db = count("fdatasync", "/outbox/db>");
     let ledger = count("fdatasync", "/outbox.ledger>");
@@ -1731,7 +1739,10 @@ fn always_mode_fdatasyncs_the_database_and_the_ledger_for_every_group() {
         "{STRACE_APPENDS} always appends: {db} fdatasync of outbox/db, {ledger} of outbox.ledger, {sfr} sync_file_range"
     );
     assert!(db >= STRACE_APPENDS, "one fdatasync of the sled db file per group: {db}\n{window}");
-    assert!(ledger >= STRACE_APPENDS, "one fdatasync of the ledger per group: {ledger}\n{window}");
+    // The ledger is written behind the commits on its own thread
+    // (`ledger_sync.rs`): entries that wait while one is written are
+    // coalesced, so there may be fewer, never none.
+    assert!((1..=db).contains(&ledger), "the ledger keeps up with the groups: {ledger} for {db}\n{window}");
     assert_eq!(sfr, 0, "sled's log writes end in fdatasync, not sync_file_range (vendor/sled/PATCHED.md, patch 4)");
 }
 
