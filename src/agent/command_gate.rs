@@ -34,6 +34,15 @@
 //!    for it (the applied one is newer).
 //! 5. Otherwise [`Verdict::Apply`]; once the pin switched, the caller calls
 //!    [`CommandGate::applied`] and persists before acknowledging.
+//!
+//! # What is persisted
+//!
+//! Every change to what the gate remembers is also journaled as a
+//! [`GateChange`]; the Relay takes them with [`CommandGate::take_changes`]
+//! and `saved_relays` writes each as a small value of its own, so a command
+//! costs the same few bytes on disk whether the gate remembers 2 ids or 256
+//! and 5 packet ids or 60,000 (issue #8: the whole memory, written as one
+//! JSON value per command, grew with every command of a session).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -56,6 +65,18 @@ pub fn fingerprint(topic: &str, payload: &[u8]) -> u64 {
         h = h.wrapping_mul(PRIME);
     }
     h
+}
+
+/// One change to what the gate remembers, in the order it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateChange {
+    /// A command id was applied (and is remembered from now on).
+    Applied(String),
+    /// What was handled on a packet id of this session: its fingerprint,
+    /// or `None` when a new command on it (DUP = 0) made the gate forget.
+    Session { pkid: u16, fingerprint: Option<u64> },
+    /// The broker reported no session: every packet id is forgotten.
+    SessionLost,
 }
 
 /// The command handled on one packet id of the current session.
@@ -106,6 +127,8 @@ pub struct CommandGate {
     /// Relay -> its held plain backlog command. Not persisted: it is
     /// acknowledged already, and a crash loses it (DESIGN: Command rules).
     held: BTreeMap<String, Held>,
+    /// Changes not yet taken by [`CommandGate::take_changes`].
+    changes: Vec<GateChange>,
 }
 
 impl CommandGate {
@@ -116,6 +139,7 @@ impl CommandGate {
             ids: ids.iter().skip(skip).cloned().collect(),
             session: session.iter().map(|e| (e.pkid, e.fingerprint)).collect(),
             held: BTreeMap::new(),
+            changes: Vec::new(),
         }
     }
 
@@ -126,7 +150,9 @@ impl CommandGate {
         if a.dup {
             return self.session.get(&a.pkid) == Some(&a.fingerprint);
         }
-        self.session.remove(&a.pkid);
+        if self.session.remove(&a.pkid).is_some() {
+            self.changes.push(GateChange::Session { pkid: a.pkid, fingerprint: None });
+        }
         false
     }
 
@@ -150,7 +176,9 @@ impl CommandGate {
     /// A command on `pkid` was handled (its `error` is durable, or it was
     /// judged a duplicate): a redelivery of it is acknowledged and ignored.
     pub fn handled(&mut self, pkid: u16, fingerprint: u64) {
-        self.session.insert(pkid, fingerprint);
+        if self.session.insert(pkid, fingerprint) != Some(fingerprint) {
+            self.changes.push(GateChange::Session { pkid, fingerprint: Some(fingerprint) });
+        }
     }
 
     /// The command switched its relay: remember its id and packet id, and
@@ -160,6 +188,7 @@ impl CommandGate {
             && !self.ids.contains(id)
         {
             self.ids.push_back(id.clone());
+            self.changes.push(GateChange::Applied(id.clone()));
             while self.ids.len() > REMEMBERED_IDS {
                 self.ids.pop_front();
             }
@@ -173,6 +202,9 @@ impl CommandGate {
     pub fn session_lost(&mut self) -> bool {
         let had = !self.session.is_empty();
         self.session.clear();
+        if had {
+            self.changes.push(GateChange::SessionLost);
+        }
         had
     }
 
@@ -181,8 +213,15 @@ impl CommandGate {
         std::mem::take(&mut self.held).into_values().collect()
     }
 
-    /// What must be persisted: the applied ids (oldest first) and the
+    /// The changes since the last call, oldest first, for the caller to
+    /// persist (see the module doc: What is persisted).
+    pub fn take_changes(&mut self) -> Vec<GateChange> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Everything remembered: the applied ids (oldest first) and the
     /// session's packet ids.
+    #[cfg(test)]
     pub fn remembered(&self) -> (Vec<String>, Vec<SessionEntry>) {
         let session = self.session.iter().map(|(&pkid, &fingerprint)| SessionEntry { pkid, fingerprint }).collect();
         (self.ids.iter().cloned().collect(), session)

@@ -73,7 +73,7 @@ impl Recorder {
         retain: bool,
         ts: SystemTime,
         body: Body,
-        saved: Option<Saved>,
+        saved: Vec<Saved>,
     ) -> impl Future<Output = Result<u64, OutboxError>> + Send + 'static {
         self.outbox.append_urgent(self.draft(topic, qos, retain, ts, body), saved)
     }

@@ -258,11 +258,11 @@ impl Relay {
         Ok(())
     }
 
-    /// The relay states and what the command gate remembers, as the value
-    /// to save in the outbox; `None` if nothing changed since the last one.
-    fn snapshot(&mut self) -> Option<Saved> {
-        let (ids, session) = self.gate.remembered();
-        self.saved.set_gate(ids, session);
+    /// The relay states and what changed in the command gate's memory, as
+    /// the values to save in the outbox; empty if nothing changed since the
+    /// last snapshot.
+    fn snapshot(&mut self) -> Vec<Saved> {
+        self.saved.record(self.gate.take_changes());
         self.saved.snapshot()
     }
 
@@ -270,7 +270,10 @@ impl Relay {
     /// module doc: Saved state). A failure is logged, not fatal: the pin is
     /// the truth, and the gate still remembers in memory.
     fn save_in_background(&mut self, ctx: &mut Context<Self>, urgent: bool) {
-        let Some(saved) = self.snapshot() else { return };
+        let saved = self.snapshot();
+        if saved.is_empty() {
+            return;
+        }
         let save = self.recorder.outbox().save(saved, urgent);
         ctx.spawn(save.into_actor(self).map(|res, act, _| match res {
             Ok(()) => act.saved.migrated(),
@@ -292,7 +295,7 @@ impl Relay {
     fn record_command_state(
         &self,
         i: usize,
-        saved: Option<Saved>,
+        saved: Vec<Saved>,
     ) -> impl Future<Output = Result<u64, OutboxError>> + 'static {
         let (topic, qos, body) = self.state_message(i);
         self.recorder.record_urgent(topic, qos, true, SystemTime::now(), body, saved)
@@ -318,7 +321,7 @@ impl Relay {
             false,
             SystemTime::now(),
             Body::Error(refusal.into_body(topic)),
-            None,
+            Vec::new(),
         )
     }
 

@@ -434,14 +434,14 @@ impl fmt::Debug for Draft {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Saved {
     /// Which value: one per name, a later save replaces it.
-    pub name: &'static str,
+    pub name: String,
     pub bytes: Vec<u8>,
 }
 
 impl Saved {
     /// Its key in the meta tree.
     pub(crate) fn meta_key(&self) -> String {
-        saved_key(self.name)
+        saved_key(&self.name)
     }
 
     /// Its value in the meta tree: the version byte, then the owner's bytes.
@@ -597,19 +597,19 @@ impl OutboxHandle {
     /// The draft is handed to the writer when this is called, so seqs follow
     /// call order; the future needs no runtime to be created.
     pub fn append(&self, draft: Draft) -> impl Future<Output = Result<u64, OutboxError>> + Send + 'static {
-        self.send_append(draft, false, None)
+        self.send_append(draft, false, Vec::new())
     }
 
     /// Like [`OutboxHandle::append`], for a record someone is waiting on (a
     /// command's confirmation): the writer commits at the end of its group
     /// even in `batch` mode, instead of waiting for `flush_interval`; what
-    /// else is in the group (telemetry) rides along. `saved`, if any, is
-    /// written just before the record, in the same group, so one commit
-    /// makes both durable (see the module doc: Saved values).
+    /// else is in the group (telemetry) rides along. `saved` (often none)
+    /// is written just before the record, in the same group, so one commit
+    /// makes them all durable (see the module doc: Saved values).
     pub fn append_urgent(
         &self,
         draft: Draft,
-        saved: Option<Saved>,
+        saved: Vec<Saved>,
     ) -> impl Future<Output = Result<u64, OutboxError>> + Send + 'static {
         self.send_append(draft, true, saved)
     }
@@ -618,7 +618,7 @@ impl OutboxHandle {
         &self,
         draft: Draft,
         urgent: bool,
-        saved: Option<Saved>,
+        saved: Vec<Saved>,
     ) -> impl Future<Output = Result<u64, OutboxError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         let sent = self.inner.send(Msg::Append { draft, reply: Some(reply), urgent, saved });
@@ -635,15 +635,15 @@ impl OutboxHandle {
     /// per record. Seqs follow call order as with [`OutboxHandle::append`];
     /// fails at once only when the outbox is shut down.
     pub fn record(&self, draft: Draft) -> Result<(), OutboxError> {
-        self.inner.send(Msg::Append { draft, reply: None, urgent: false, saved: None })
+        self.inner.send(Msg::Append { draft, reply: None, urgent: false, saved: Vec::new() })
     }
 
-    /// Keeps `saved` in the outbox's database (replacing the value of that
-    /// name); resolves once it is durable: at the end of the writer's group
+    /// Keeps `saved` in the outbox's database (each replacing the value of
+    /// its name, all in the same commit); resolves once it is durable: at the end of the writer's group
     /// in `always` mode or when `urgent`, else with the next commit (at most
     /// `flush_interval` later). Ordered with appends: a save sent after an
     /// append is never durable without it.
-    pub fn save(&self, saved: Saved, urgent: bool) -> impl Future<Output = Result<(), OutboxError>> + Send + 'static {
+    pub fn save(&self, saved: Vec<Saved>, urgent: bool) -> impl Future<Output = Result<(), OutboxError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         let sent = self.inner.send(Msg::Save { saved, urgent, reply });
         async move {

@@ -1124,7 +1124,7 @@ fn a_database_moved_aside_is_salvaged_and_its_records_replayed_with_their_origin
     let (h, r, _) = open(dir.path(), &cfg(Durability::Always)).expect("open");
     let stored: Vec<u64> = (0..6).map(|i| append(&h, if i == 2 { Class::Heartbeat } else { Class::Event })).collect();
     h.ack(vec![stored[0]]);
-    wait(h.save(relays(b"pump=on"), true)).expect("save");
+    wait(h.save(vec![relays(b"pump=on")], true)).expect("save");
     wait(h.flush()).expect("flush");
     close(h, r);
     {
@@ -1758,7 +1758,7 @@ fn within_30s<F: Future>(f: F) -> F::Output {
 }
 
 fn relays(bytes: &[u8]) -> Saved {
-    Saved { name: "relays", bytes: bytes.to_vec() }
+    Saved { name: "relays".into(), bytes: bytes.to_vec() }
 }
 
 #[test]
@@ -1771,7 +1771,7 @@ fn an_urgent_append_in_batch_mode_is_committed_at_once_with_the_telemetry_before
     let telemetry = h.append(draft(Class::Heartbeat));
     // ... until a command's record needs the commit: a deadline of 30 s is
     // generous for a commit and far short of the hour.
-    let seq = within_30s(h.append_urgent(draft(Class::Event), None)).expect("durable");
+    let seq = within_30s(h.append_urgent(draft(Class::Event), Vec::new())).expect("durable");
     assert_eq!(wait(telemetry).expect("rode along"), seq - 1);
     assert_eq!(store.flush_count() - flushes, 1, "one commit for both");
     assert_eq!(store.crashed().scan_len(), 2, "both durable");
@@ -1786,7 +1786,7 @@ fn a_saved_value_is_durable_in_the_same_commit_as_the_record_it_rides_on() {
         let (h, r, _) = open_in_memory(&store, &config).expect("open");
         wait(h.flush()).expect("flush the open");
         let flushes = store.flush_count();
-        wait(h.append_urgent(draft(Class::Event), Some(relays(b"v1")))).expect("durable");
+        wait(h.append_urgent(draft(Class::Event), vec![relays(b"v1")])).expect("durable");
         assert_eq!(store.flush_count() - flushes, 1, "{:?}: one commit", config.durability);
         assert_eq!(r.saved("relays").expect("read"), Some(b"v1".to_vec()));
         // A power cut now keeps both.
@@ -1806,11 +1806,11 @@ fn in_batch_mode_a_save_is_durable_with_the_next_commit_or_at_once_when_urgent()
     let store = MemStore::new();
     let (h, r, _) = open_in_memory(&store, &batch_never()).expect("open");
     wait(h.flush()).expect("flush the open");
-    let lazy = h.save(relays(b"lazy"), false);
+    let lazy = h.save(vec![relays(b"lazy")], false);
     wait(h.flush()).expect("a flush commits it");
     wait(lazy).expect("durable with that commit");
     assert_eq!(store.crashed().meta_saved("relays"), Some(b"lazy".to_vec()));
-    within_30s(h.save(relays(b"now"), true)).expect("durable");
+    within_30s(h.save(vec![relays(b"now")], true)).expect("durable");
     assert_eq!(store.crashed().meta_saved("relays"), Some(b"now".to_vec()));
     drop(r);
     h.shutdown();
@@ -1820,9 +1820,9 @@ fn in_batch_mode_a_save_is_durable_with_the_next_commit_or_at_once_when_urgent()
 fn a_saved_value_written_during_a_disk_fault_is_written_after_the_reopen() {
     let store = MemStore::new();
     let (h, r, _) = open_in_memory(&store, &cfg(Durability::Always)).expect("open");
-    wait(h.append_urgent(draft(Class::Event), Some(relays(b"before")))).expect("durable");
+    wait(h.append_urgent(draft(Class::Event), vec![relays(b"before")])).expect("durable");
     store.set_fail_writes(true);
-    let kept = wait(h.append_urgent(draft(Class::Event), Some(relays(b"during"))));
+    let kept = wait(h.append_urgent(draft(Class::Event), vec![relays(b"during")]));
     assert!(matches!(kept, Err(OutboxError::KeptInMemory { .. })), "{kept:?}");
     assert_eq!(store.crashed().meta_saved("relays"), Some(b"before".to_vec()), "not durable yet");
     store.set_fail_writes(false);

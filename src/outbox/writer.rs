@@ -66,11 +66,11 @@ pub(crate) enum Msg {
         /// Commit at the end of this group, even in `batch` mode.
         urgent: bool,
         /// Written just before the record, so it is durable in the same commit.
-        saved: Option<Saved>,
+        saved: Vec<Saved>,
     },
     /// An owner's value on its own; the reply comes once it is durable.
     Save {
-        saved: Saved,
+        saved: Vec<Saved>,
         urgent: bool,
         reply: FlushReply,
     },
@@ -227,14 +227,16 @@ impl Writer {
         match msg {
             Msg::Append { draft, reply, urgent, saved } => {
                 self.urgent |= urgent;
-                if let Some(saved) = saved {
+                for saved in saved {
                     self.save(saved);
                 }
                 self.append(draft, reply);
             }
             Msg::Save { saved, urgent, reply } => {
                 self.urgent |= urgent;
-                self.save(saved);
+                for saved in saved {
+                    self.save(saved);
+                }
                 self.save_waiters.push(reply);
             }
             Msg::Ack(seqs) => {
