@@ -250,7 +250,8 @@ impl SavedRelays {
         };
         if l.migrate_gate {
             let ids = s.ids.iter().cloned().map(GateChange::Applied);
-            let session = s.session.iter().map(|e| GateChange::Session { pkid: e.pkid, fingerprint: Some(e.fingerprint) });
+            let session =
+                s.session.iter().map(|e| GateChange::Session { pkid: e.pkid, fingerprint: Some(e.fingerprint) });
             let changes: Vec<GateChange> = ids.chain(session).collect();
             s.record(changes);
         }

@@ -77,8 +77,7 @@ impl Inner {
                     self.changed.notify_all();
                 }
                 None => {
-                    let (next, timeout) =
-                        self.changed.wait_timeout(st, IDLE).unwrap_or_else(PoisonError::into_inner);
+                    let (next, timeout) = self.changed.wait_timeout(st, IDLE).unwrap_or_else(PoisonError::into_inner);
                     st = next;
                     if timeout.timed_out() && st.waiting.is_none() {
                         st.running = false;

@@ -643,7 +643,11 @@ impl OutboxHandle {
     /// in `always` mode or when `urgent`, else with the next commit (at most
     /// `flush_interval` later). Ordered with appends: a save sent after an
     /// append is never durable without it.
-    pub fn save(&self, saved: Vec<Saved>, urgent: bool) -> impl Future<Output = Result<(), OutboxError>> + Send + 'static {
+    pub fn save(
+        &self,
+        saved: Vec<Saved>,
+        urgent: bool,
+    ) -> impl Future<Output = Result<(), OutboxError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         let sent = self.inner.send(Msg::Save { saved, urgent, reply });
         async move {

@@ -1694,7 +1694,9 @@ fn strace_child_appends_in_always_mode() {
 #[test]
 fn always_mode_fdatasyncs_the_database_for_every_group_and_the_ledger_behind_it() {
     let Some(strace) = ["/usr/bin/strace", "/bin/strace"].into_iter().map(Path::new).find(|p| p.exists()) else {
-        println!("SKIPPED always_mode_fdatasyncs_the_database_for_every_group_and_the_ledger_behind_it: strace is not installed");
+        println!(
+            "SKIPPED always_mode_fdatasyncs_the_database_for_every_group_and_the_ledger_behind_it: strace is not installed"
+        );
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1711,7 +1713,10 @@ fn always_mode_fdatasyncs_the_database_for_every_group_and_the_ledger_behind_it(
         .expect("run strace");
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && (stderr.contains("ptrace") || stderr.contains("Operation not permitted")) {
-        println!("SKIPPED always_mode_fdatasyncs_the_database_for_every_group_and_the_ledger_behind_it: {}", stderr.trim());
+        println!(
+            "SKIPPED always_mode_fdatasyncs_the_database_for_every_group_and_the_ledger_behind_it: {}",
+            stderr.trim()
+        );
         return;
     }
     assert!(out.status.success(), "the traced workload failed: {stderr}");
