@@ -29,7 +29,8 @@ use super::store::{Side, StoreError};
 
 /// How long the thread waits for the next entry before it ends: long
 /// enough for commands back to back, short enough that an idle agent has
-/// no extra thread (a heartbeat every 30 s starts one and lets it go).
+/// no extra thread (a lone heartbeat's commit writes its ledger entry on
+/// the writer's thread and starts none: `Writer::commit_and_resolve`).
 pub(crate) const IDLE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
@@ -124,6 +125,11 @@ impl LedgerSync {
                 }
             }
         }
+    }
+
+    /// Whether the thread is up (an entry came less than [`IDLE`] ago).
+    pub(crate) fn running(&self) -> bool {
+        self.inner.lock().running
     }
 
     /// The first failure since the last call, if any.

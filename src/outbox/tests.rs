@@ -1328,8 +1328,9 @@ fn records_are_confirmed_once_sled_has_them_and_a_failed_ledger_write_behind_the
     let stored: Vec<u64> = (0..2).map(|_| append(&h, Class::Event)).collect();
     store.set_fail_ledger(true);
     // sled has it on disk: the Link may publish it and its appender hears
-    // "durable"; the ledger entry behind it fails on the ledger's thread.
-    let third = wait(h.append(draft(Class::Event)));
+    // "durable"; the ledger entry behind it (urgent: written on the
+    // ledger's thread) fails, and the next group finds out.
+    let third = wait(h.append_urgent(draft(Class::Event), Vec::new()));
     let third = third.expect("durable in the database");
     assert_eq!(*announced.lock().expect("lock"), vec![stored[0], stored[1], third]);
     assert_eq!(store.crashed().scan_len(), 3, "a power cut now keeps all three");

@@ -132,6 +132,8 @@ pub(crate) struct Writer {
     pub side: Arc<dyn Side>,
     /// Writes the ledger behind each commit (the same `side`).
     pub ledger_sync: LedgerSync,
+    /// Messages in the group being ended (0: woken by a deadline).
+    pub group_size: usize,
     pub reopen: Box<dyn Reopen>,
     pub shared: Arc<Shared>,
     pub cfg: OutboxConfig,
@@ -195,10 +197,12 @@ impl Writer {
                 Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
             };
             let mut idle = false;
+            let first_ok = first.is_ok();
+            let mut taken = 0;
             match first {
                 Ok(msg) => {
                     stop = self.handle(msg);
-                    let mut taken = 1;
+                    taken = 1;
                     while !stop && taken < MAX_GROUP {
                         match rx.try_recv() {
                             Ok(msg) => stop = self.handle(msg),
@@ -213,6 +217,7 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => idle = true,
                 Err(RecvTimeoutError::Disconnected) => stop = true,
             }
+            self.group_size = if first_ok { taken } else { 0 };
             self.end_group(stop);
             if idle && !stop {
                 self.give_back_memory();
@@ -597,8 +602,13 @@ impl Writer {
             self.resolve_durable(&Ok(()));
             self.ledger_entry(&*store, dropped, false)
         });
+        // Behind the commit when someone waits for the next one: a command
+        // (urgent), or commits coming back to back (the group held more
+        // than one message, or the ledger thread is still up). A lone
+        // heartbeat's commit writes it here and starts no thread.
+        let behind = self.urgent || self.group_size > 1 || self.ledger_sync.running();
         let written = committed.and_then(|entry| {
-            if self.flush_waiters.is_empty() {
+            if self.flush_waiters.is_empty() && behind {
                 self.ledger_sync.submit(entry);
             } else {
                 self.write_ledger_now(&entry)?;
