@@ -350,9 +350,11 @@
 //! so existing deployments keep their identity. [`OutboxHandle::epoch`] and
 //! [`OpenReport::epoch`] expose it.
 
+mod chunk;
 mod credit;
 mod fault;
 mod fresh;
+mod index;
 mod ledger;
 mod lock;
 mod open;
