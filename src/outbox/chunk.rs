@@ -1,5 +1,5 @@
-//! The byte layouts of a *chunk* (up to [`CHUNK_MAX_RECORDS`] records of one
-//! class, stored as one sled value) and of a chunk's *removed* value (which
+//! The byte layouts of a *chunk* (up to [`CHUNK_MAX_RECORDS`] records or
+//! [`CHUNK_MAX_BYTES`] of values of one class, stored as one sled value) and of a chunk's *removed* value (which
 //! of its records were removed since it was written). Owns encoding,
 //! decoding and checking them; nothing else.
 //!
@@ -32,11 +32,15 @@ pub(crate) const CHUNK_VERSION: u8 = 0xC1;
 pub(crate) const REMOVED_VERSION: u8 = 0xD1;
 /// A chunk takes no more records than this...
 pub(crate) const CHUNK_MAX_RECORDS: usize = 256;
-/// ... and no more once its values reach this many bytes: a replay's read
-/// decodes little, and a chunk stays well under sled's blob threshold
-/// (segment size / 4 = 128 KiB, `pagecache/logger.rs:168-173`) unless one
-/// record alone is larger.
-pub(crate) const CHUNK_MAX_BYTES: usize = 64 << 10;
+/// ... and no more once its values reach this many bytes. A sled leaf holds
+/// up to 17 keys before it splits (`node.rs`, `should_split`), and a leaf
+/// whose serialized size is over a quarter of a segment (128 KiB,
+/// `pagecache/logger.rs:168-173`) is written as a blob file, which sled's
+/// cache counts by the size of its pointer, not of the page (`log_size`,
+/// `pagecache/mod.rs:488`), so never evicts: 64 KiB chunks kept a whole
+/// 100,000-record backlog in memory (`benches/sled_floor.rs`). 17 chunks
+/// of 6 KiB (plus the record that crossed the mark) stay under that.
+pub(crate) const CHUNK_MAX_BYTES: usize = 6 << 10;
 
 const CHUNK_HEADER: usize = 5;
 const ENTRY_HEADER: usize = 12;
