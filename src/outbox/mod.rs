@@ -218,9 +218,10 @@
 //! covers is then decided by a reopen or by the database): the Link reads.
 //!
 //! When its channel is empty after at least 20,000 records were stored or
-//! removed since the last time (a backlog recorded or drained), the writer
-//! calls glibc's `malloc_trim`, so the agent's memory does not stay at the
-//! burst's peak (`memtrim.rs`).
+//! removed since the last time (a backlog recorded or drained), and they
+//! are committed (the commit is where their chunks are encoded and handed
+//! to sled), the writer calls glibc's `malloc_trim`, so the agent's memory
+//! does not stay at the burst's peak (`memtrim.rs`).
 //!
 //! # Saved values
 //!
