@@ -16,7 +16,16 @@
 //! database (the floor every agent pays), and at the end after closing the
 //! drained database and after opening it again.
 //!
-//! Run: `cargo bench --no-default-features --features agent --bench sled_floor -- [--records 100000] [--cycles 3]`.
+//! `--layout chunks` stores the records the way the outbox does since
+//! records are chunked (`src/outbox/store.rs`): `--per-chunk` records (seq,
+//! length, value; default 32, as 180-byte records fill the outbox's 6 KiB
+//! chunks) per sled value under the first record's key; a chunk is deleted
+//! once all its records are removed, and every flush that leaves a chunk
+//! partly removed writes a small removed-bitmap value for it in a second
+//! tree. `--layout records` (the default) is one key per record, as every
+//! build before chunks stored them.
+//!
+//! Run: `cargo bench --no-default-features --features agent --bench sled_floor -- [--records 100000] [--cycles 3] [--layout chunks]`.
 
 use std::time::Duration;
 
@@ -60,13 +69,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let value_len = arg(&args, "--value", 180) as usize;
     let group = arg(&args, "--group", 1000).max(1);
     let cache = arg(&args, "--cache", 1 << 20);
+    let chunked = args.windows(2).any(|w| w[0] == "--layout" && w[1] == "chunks");
+    let per_chunk = if chunked { arg(&args, "--per-chunk", 32).max(1) } else { 1 };
 
     let base = std::env::var_os("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, Into::into);
     std::fs::create_dir_all(&base)?;
     let dir = tempfile::tempdir_in(&base)?;
     println!(
-        "sled 0.34 (vendored) alone: {records} records of {value_len} bytes, flush every {group}, cache {cache} bytes; \
-         load average {}",
+        "sled 0.34 (vendored) alone: {records} records of {value_len} bytes, {per_chunk} per sled value, flush every \
+         {group}, cache {cache} bytes; load average {}",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().next().unwrap_or("?")
     );
     println!();
@@ -74,15 +85,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("|---|---:|---:|---:|");
     report("process started, no database");
     let db = sled::Config::new().path(dir.path()).cache_capacity(cache).flush_every_ms(None).open()?;
-    let tree = db.open_tree("events")?;
+    let tree = db.open_tree(if chunked { "chunks.events" } else { "events" })?;
+    let removed = db.open_tree("chunks.removed")?;
     db.flush()?;
     report("empty database open");
     let value = vec![b'x'; value_len];
+    // One chunk's value: per record seq, length, value (the CRC is left out).
+    let chunk_value: Vec<u8> =
+        (0..per_chunk).flat_map(|_| [0u8; 12].into_iter().chain(value.iter().copied())).collect();
     let mut next = 1u64;
     for cycle in 1..=cycles {
         let first = next;
         for _ in 0..records {
-            tree.insert(next.to_be_bytes(), value.as_slice())?;
+            if !chunked {
+                tree.insert(next.to_be_bytes(), value.as_slice())?;
+            } else if (next - first).is_multiple_of(per_chunk) {
+                tree.insert(next.to_be_bytes(), chunk_value.as_slice())?;
+            }
             next += 1;
             if next.is_multiple_of(group) {
                 db.flush()?;
@@ -92,8 +111,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fieldlink::memtrim::trim();
         report(&format!("cycle {cycle}: {records} queued"));
         for seq in first..next {
-            tree.remove(seq.to_be_bytes())?;
+            let chunk_key = first + (seq - first) / per_chunk * per_chunk;
+            if !chunked {
+                tree.remove(seq.to_be_bytes())?;
+            } else if (seq - first + 1).is_multiple_of(per_chunk) || seq + 1 == next {
+                tree.remove(chunk_key.to_be_bytes())?;
+                removed.remove(chunk_key.to_be_bytes())?;
+            }
             if seq.is_multiple_of(group) {
+                if chunked && !(seq - first + 1).is_multiple_of(per_chunk) {
+                    removed.insert(chunk_key.to_be_bytes(), [0u8; 45].as_slice())?;
+                }
                 db.flush()?;
             }
         }
@@ -104,11 +132,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Whether closing the drained database gives its memory back, and what
     // opening it again (recovery reads the log) costs.
     drop(tree);
+    drop(removed);
     drop(db);
     fieldlink::memtrim::trim();
     report("drained database closed");
     let db = sled::Config::new().path(dir.path()).cache_capacity(cache).flush_every_ms(None).open()?;
-    let tree = db.open_tree("events")?;
+    let tree = db.open_tree(if chunked { "chunks.events" } else { "events" })?;
     fieldlink::memtrim::trim();
     report(&format!("drained database open again ({} records)", tree.len()));
     Ok(())

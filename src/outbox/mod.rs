@@ -27,7 +27,10 @@
 //! * `record.rs`: the byte layouts (record, meta value, floor file, legacy
 //!   close summary).
 //! * `store.rs`: the storage traits (the database, the files beside it),
-//!   the sled implementation and [`MemStore`] (tests and benches).
+//!   the sled implementation (records in chunks) and [`MemStore`] (tests
+//!   and benches).
+//! * `chunk.rs`: the byte layouts of a chunk and of its removed bitmap.
+//! * `index.rs`: the in-memory index of the chunks, and what a flush writes.
 //!
 //! # Invariants
 //!
@@ -119,8 +122,15 @@
 //!                            next_seq, depth, bytes, dropped at a clean close. Checked
 //!                            like a ledger at the first open, then removed.
 //!   outbox/                  sled 0.34 database (conf, db, blobs/, snap.*)
-//!     tree "heartbeats"      key: seq, u64 big-endian (8 bytes)   value: record
-//!     tree "events"          key: seq, u64 big-endian (8 bytes)   value: record
+//!     tree "chunks.heartbeats"  key: chunk key, u64 big-endian (8 bytes)   value: chunk:
+//!     tree "chunks.events"         up to 256 records of the class (~6 KiB of values),
+//!                                  each (seq, length, record value), CRC-32 (chunk.rs);
+//!                                  the key is the seq of its first record when created
+//!     tree "chunks.removed"  key: class byte, chunk key   value: which of the chunk's
+//!                            records were removed since it was written, and the
+//!                            chunk's CRC (chunk.rs); see store.rs for the rules
+//!     tree "heartbeats"      builds before chunks: key seq (8 bytes), value record;
+//!     tree "events"          moved into chunks at the first open, then empty
 //!     tree "meta"            key: "next_seq"  value: 0x01, u64 BE: the seq the next append gets
 //!                            key: "dropped"   value: 0x01, u64 BE: records dropped, ever
 //!                            key: "clean"     value: 0x01, u64 BE: 1 = last run closed cleanly
@@ -138,12 +148,14 @@
 //!   |      |   | qos u8 (1, 2) | retain bool | topic str | payload [u8]       |
 //!   +------+----------------------------------------------------------------+
 //!   decoding checks: version byte, size limit, no trailing bytes, body seq ==
-//!   key, body class == tree, qos is 1 or 2.
+//!   the seq it is stored under, body class == tree, qos is 1 or 2.
 //! ```
 //!
 //! Heartbeats and events live in separate trees so the bound can find the
 //! oldest heartbeat without scanning; keys are big-endian so tree order is
-//! seq order; reads merge the two trees by seq.
+//! seq order; reads merge the two classes by seq. Records are grouped into
+//! chunks so that a commit costs sled one op per chunk, not per record; the
+//! store keeps a compact index of them in memory (`store.rs`, `index.rs`).
 //!
 //! # Write path
 //!
@@ -152,7 +164,7 @@
 //! returns a future on a oneshot. The writer takes one message, then drains
 //! everything queued (up to 4096) into a *group*. For each append it raises
 //! `R` if needed, assigns the seq, calls `draft.payload(seq)`, encodes,
-//! inserts into the class tree and applies the bound. Then it *commits*:
+//! inserts it (into the store's chunk of its class) and applies the bound. Then it *commits*:
 //!
 //! * `durability = "always"`: one commit for the whole group, then every
 //!   waiter is resolved;
@@ -206,9 +218,10 @@
 //! covers is then decided by a reopen or by the database): the Link reads.
 //!
 //! When its channel is empty after at least 20,000 records were stored or
-//! removed since the last time (a backlog recorded or drained), the writer
-//! calls glibc's `malloc_trim`, so the agent's memory does not stay at the
-//! burst's peak (`memtrim.rs`).
+//! removed since the last time (a backlog recorded or drained), and they
+//! are committed (the commit is where their chunks are encoded and handed
+//! to sled), the writer calls glibc's `malloc_trim`, so the agent's memory
+//! does not stay at the burst's peak (`memtrim.rs`).
 //!
 //! # Saved values
 //!
@@ -268,7 +281,8 @@
 //! only while there are reads and ends after 2 s without one) and returns
 //! a future; [`OutboxReader::read`] does the same read on the caller's
 //! thread (tests, benches). A read takes the database's read lock, reads both
-//! trees, merges by seq, decodes. A record that does not decode is skipped
+//! classes (the chunks it needs, or records not yet flushed, from the
+//! store's memory), merges by seq, decodes. A record that does not decode is skipped
 //! and logged, and its seq is sent to the writer, which removes it and counts
 //! it as dropped.
 //!
@@ -284,16 +298,20 @@
 //! [`open`] creates the state_dir, takes `outbox.lock` (held: "is another
 //! fieldlink agent running ...?", nothing is moved), opens sled with
 //! `flush_every_ms(None)` (we own every fsync) and an 8 MiB cache, reads the
-//! meta values, the floor and the ledger, scans both trees for depth and
-//! bytes, and decodes the head record of each tree. sled
-//! `Corruption`/`Unsupported`/`ReportableBug` or a panic (while opening or
-//! scanning), an undecodable meta value or head record, or a database that
+//! meta values, the floor and the ledger, reads every chunk into the index
+//! (moving an earlier build's per-record trees into chunks), counts both
+//! classes for depth and bytes, and decodes the head record of each class.
+//! sled `Corruption`/`Unsupported`/`ReportableBug` or a panic (while opening
+//! or scanning), a chunk that does not check out (`store.rs`), an
+//! undecodable meta value or head record, or a database that
 //! has lost its meta values although `seq.floor` or the ledger shows it was
 //! used: the directory is renamed to `outbox.corrupt-<secs>`, an ERROR line
 //! (`OUTBOX CORRUPT`) is logged, and a fresh database is opened.
 //!
 //! *Salvage.* sled then opens the database moved aside once more (its panic
-//! caught) and reads both record trees up to the first error. Records that
+//! caught) and reads the chunks of both classes (and the per-record trees of
+//! an earlier build) up to the first error; a chunk that does not check
+//! out counts its records as undecodable. Records that
 //! decode and were not acked (seq >= the ledger's `live_from`) are replayed
 //! into the fresh database, in their original order, under new outbox seqs
 //! from `next_seq` on (so after every seq of the old database: the outbox
@@ -350,9 +368,11 @@
 //! so existing deployments keep their identity. [`OutboxHandle::epoch`] and
 //! [`OpenReport::epoch`] expose it.
 
+mod chunk;
 mod credit;
 mod fault;
 mod fresh;
+mod index;
 mod ledger;
 mod ledger_sync;
 mod lock;

@@ -1,9 +1,14 @@
 //! Salvage: reading what is still readable from a database that was moved
 //! aside as corrupt, so that its records can be replayed into the fresh
 //! outbox instead of being silently left behind. Owns opening the aside
-//! directory with sled (once, under [`panics::catch`]), walking both record
-//! trees and the saved values until the first error, and decoding what it
-//! finds.
+//! directory with sled (once, under [`panics::catch`]), walking the chunks
+//! of both classes (and the one-record-per-key trees of builds before
+//! chunks) and the saved values until the first error, and decoding what it
+//! finds. A chunk that does not check out counts its records (as its header
+//! claims them, at most [`CHUNK_MAX_RECORDS`]) as undecodable; records a
+//! removed value that checks out says were removed are not salvaged (one
+//! that does not check out is ignored: its records come back, at least
+//! once).
 //!
 //! It must not write to the fresh outbox or assign seqs (open and the writer
 //! replay what it returns), and it must never fail: an unreadable database
@@ -12,10 +17,13 @@
 //! sled may write to the aside directory while opening it (log recovery,
 //! a snapshot); it is kept for inspection only, so that is acceptable.
 
+use std::collections::HashMap;
 use std::path::Path;
 
+use super::chunk::{CHUNK_MAX_RECORDS, Chunk, Removed};
 use super::panics;
 use super::record;
+use super::store::removed_key_parts;
 use super::{Class, Record};
 
 /// What could be read from a database moved aside.
@@ -53,8 +61,15 @@ pub(crate) fn salvage(dir: &Path) -> Salvage {
     };
     let mut out = Salvage::default();
     let walked = panics::catch(|| {
+        let has = |name: &str| db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes());
+        let removed = if has("chunks.removed") { removed_values(&db, &mut out) } else { HashMap::new() };
+        for (name, class) in [("chunks.heartbeats", Class::Heartbeat), ("chunks.events", Class::Event)] {
+            if has(name) {
+                walk_chunks(&db, name, class, &removed, &mut out);
+            }
+        }
         for (name, class) in [("heartbeats", Class::Heartbeat), ("events", Class::Event)] {
-            match db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes()) {
+            match has(name) {
                 true => walk(&db, name, class, &mut out),
                 false => continue,
             }
@@ -99,7 +114,73 @@ fn saved_values(db: &sled::Db, out: &mut Salvage) {
     }
 }
 
-/// Reads one tree until its end or its first error.
+/// The removed values that can be read, by (class, chunk key).
+fn removed_values(db: &sled::Db, out: &mut Salvage) -> HashMap<(Class, u64), Vec<u8>> {
+    let mut found = HashMap::new();
+    let tree = match db.open_tree("chunks.removed") {
+        Ok(t) => t,
+        Err(e) => {
+            out.unreadable = Some(format!("tree 'chunks.removed': {e}"));
+            return found;
+        }
+    };
+    for entry in tree.iter() {
+        let Ok((k, v)) = entry else { break };
+        if let Some(id) = removed_key_parts(&k) {
+            let _dup = found.insert(id, v.to_vec());
+        }
+    }
+    found
+}
+
+/// Reads the chunks of one class until the tree's end or its first error.
+fn walk_chunks(db: &sled::Db, name: &str, class: Class, removed: &HashMap<(Class, u64), Vec<u8>>, out: &mut Salvage) {
+    let tree = match db.open_tree(name) {
+        Ok(t) => t,
+        Err(e) => {
+            out.unreadable = Some(format!("tree '{name}': {e}"));
+            return;
+        }
+    };
+    for entry in tree.iter() {
+        let (k, v) = match entry {
+            Ok(kv) => kv,
+            Err(e) => {
+                out.unreadable = Some(format!("tree '{name}' after {} records: {e}", out.records.len()));
+                return;
+            }
+        };
+        let chunk = match (record::seq_of_key(&k), Chunk::decode(&v)) {
+            (Some(key), Ok(chunk)) => (key, chunk),
+            (_, Err(_)) => {
+                let claimed = Chunk::claimed_len(&v).map_or(1, |n| (n as usize).clamp(1, CHUNK_MAX_RECORDS));
+                out.undecodable += claimed as u64;
+                continue;
+            }
+            (None, Ok(_)) => {
+                out.undecodable += 1;
+                continue;
+            }
+        };
+        let (key, chunk) = chunk;
+        let gone = removed
+            .get(&(class, key))
+            .and_then(|v| Removed::decode(v).ok())
+            .filter(|r| r.chunk_crc == chunk.crc() && r.n as usize == chunk.len());
+        for (i, (seq, value)) in chunk.iter().enumerate() {
+            if gone.is_some_and(|r| r.is_removed(i)) {
+                continue;
+            }
+            match record::decode(seq, class, value) {
+                Ok(r) => out.records.push(r),
+                Err(_) => out.undecodable += 1,
+            }
+        }
+    }
+}
+
+/// Reads one tree of a build before chunks (one record per key) until its
+/// end or its first error.
 fn walk(db: &sled::Db, name: &str, class: Class, out: &mut Salvage) {
     let tree = match db.open_tree(name) {
         Ok(t) => t,

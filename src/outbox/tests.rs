@@ -509,16 +509,55 @@ fn an_undecodable_head_record_moves_the_dir_aside() {
     append(&h, Class::Event);
     append(&h, Class::Event);
     close(h, r);
-    {
-        let db = sled::open(dir.path().join("outbox")).expect("raw open");
-        let events = db.open_tree("events").expect("tree");
-        let _old = events.insert(1u64.to_be_bytes(), b"\x02from a future version".as_slice()).expect("insert");
-        let _bytes = db.flush().expect("flush");
-    }
+    super::store::tests::overwrite_record(&dir.path().join("outbox"), Class::Event, 1, b"\x02from a future version");
     let (h, r, report) = open(dir.path(), &cfg(Durability::Always)).expect("open");
     assert!(report.moved_aside.is_some());
     assert_eq!((report.depth, report.replayed, report.lost), (1, 1, 1), "seq 2 is replayed, seq 1 is counted");
     assert!(report.next_seq > 2);
+    close(h, r);
+}
+
+#[test]
+fn a_database_written_before_chunks_opens_and_drains() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_dir = dir.path().join("outbox");
+    let records: Vec<Record> = (1..=300u64)
+        .map(|seq| {
+            let class = if seq % 4 == 0 { Class::Heartbeat } else { Class::Event };
+            Record {
+                seq,
+                ts_ms: 1_763_719_200_000 + seq,
+                class,
+                qos: Qos::AtLeastOnce,
+                retain: false,
+                topic: draft(class).topic,
+                payload: payload_for(seq, 10),
+            }
+        })
+        .collect();
+    let raw: Vec<(Class, u64, Vec<u8>)> =
+        records.iter().map(|r| (r.class, r.seq, record::encode(r).expect("encode"))).collect();
+    // One key per record, as every build before chunks wrote them.
+    super::store::tests::write_like_an_earlier_build(&db_dir, &raw);
+    {
+        let db = sled::open(&db_dir).expect("raw open");
+        let meta = db.open_tree("meta").expect("tree");
+        let _old = meta.insert(super::store::META_NEXT_SEQ, record::encode_u64(301).as_slice()).expect("insert");
+        let _bytes = db.flush().expect("flush");
+    }
+    let (h, r, report) = open(dir.path(), &cfg(Durability::Always)).expect("open");
+    assert!(report.moved_aside.is_none());
+    assert_eq!((report.depth, report.lost), (300, 0));
+    let got = all(&r);
+    assert_eq!(seqs(&got), (1..=300).collect::<Vec<_>>());
+    assert!(got.iter().zip(&records).all(|(a, b)| a.payload == b.payload && a.class == b.class));
+    h.ack(seqs(&got));
+    wait(h.flush()).expect("flush");
+    close(h, r);
+    let (h, r, report) = open(dir.path(), &cfg(Durability::Always)).expect("open again");
+    assert_eq!((report.depth, report.lost, report.moved_aside.is_none()), (0, 0, true), "drained");
+    assert!(all(&r).is_empty());
+    assert!(append(&h, Class::Event) > 300);
     close(h, r);
 }
 
@@ -1127,13 +1166,13 @@ fn a_database_moved_aside_is_salvaged_and_its_records_replayed_with_their_origin
     wait(h.save(vec![relays(b"pump=on")], true)).expect("save");
     wait(h.flush()).expect("flush");
     close(h, r);
-    {
-        // The oldest live event no longer decodes: the database is moved aside.
-        let db = sled::open(dir.path().join("outbox")).expect("raw open");
-        let events = db.open_tree("events").expect("tree");
-        let _old = events.insert(stored[1].to_be_bytes(), b"\x02from a future version".as_slice()).expect("insert");
-        let _bytes = db.flush().expect("flush");
-    }
+    // The oldest live event no longer decodes: the database is moved aside.
+    super::store::tests::overwrite_record(
+        &dir.path().join("outbox"),
+        Class::Event,
+        stored[1],
+        b"\x02from a future version",
+    );
 
     let ((h, r, report), logs) = with_logs(|| open(dir.path(), &cfg(Durability::Always)).expect("open"));
     assert!(report.moved_aside.is_some(), "{logs}");
