@@ -249,7 +249,19 @@ pub struct Reply {
 }
 
 fn http_agent(timeout: Option<Duration>) -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).max_redirects(0).timeout_global(timeout).build().into()
+    // No pooled connections: after a 401 to a POST whose body it did not
+    // read, actix-web closes the connection (it cannot be reused with the
+    // body unread), and a pooled one could be handed to the next request
+    // before the close is seen ("io: Peer disconnected", CI run of
+    // 2026-11-30 14:50 in `hub_api`). A test request costs one loopback
+    // connect more.
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_idle_connections_per_host(0)
+        .timeout_global(timeout)
+        .build()
+        .into()
 }
 
 /// One `fieldlink hub` child process and its files.
