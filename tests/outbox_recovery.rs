@@ -49,13 +49,37 @@ fn fill(state_dir: &Path) {
     drop(r);
 }
 
-/// Three seeded 32-byte overwrites of `db`.
+/// Seeded damage to `db`, of one of three kinds by seed: ten single-bit
+/// flips, three 16-byte overwrites near the start of a 512 KiB segment
+/// (sled's segment headers), or a zeroed 4 KiB block. (Random 32-byte
+/// overwrites anywhere made sled panic on none of 300 seeds once records
+/// are stored in chunks: most of the file is then chunk values, whose CRC
+/// turns damage into a clean corruption error. Measured 2026-11-30 on one
+/// filled outbox: bit flips 88 of 150 seeds, segment starts 39 of 150,
+/// zeroed blocks 22 of 150; how many depends on how the fill's commits
+/// fell, so the search below tries all three.)
 fn damage(db: &[u8], seed: u64) -> Vec<u8> {
+    const SEGMENT: usize = 512 * 1024;
     let mut bytes = db.to_vec();
     let mut rng = fastrand::Rng::with_seed(seed);
-    for _ in 0..3 {
-        let at = rng.usize(0..bytes.len() - 32);
-        rng.fill(&mut bytes[at..at + 32]);
+    match seed % 3 {
+        0 => {
+            for _ in 0..10 {
+                let at = rng.usize(0..bytes.len());
+                bytes[at] ^= 1 << rng.u8(0..8);
+            }
+        }
+        1 => {
+            let segments = bytes.len() / SEGMENT + 1;
+            for _ in 0..3 {
+                let at = (rng.usize(0..segments) * SEGMENT + rng.usize(0..256)).min(bytes.len() - 16);
+                rng.fill(&mut bytes[at..at + 16]);
+            }
+        }
+        _ => {
+            let block = rng.usize(0..bytes.len() / 4096);
+            bytes[block * 4096..(block + 1) * 4096].fill(0);
+        }
     }
     bytes
 }
@@ -78,9 +102,7 @@ fn a_sled_panic_on_a_damaged_outbox_moves_it_aside_and_the_next_heartbeat_counts
 
     // The damage that makes sled panic: try seeds on a scratch copy.
     let scratch = tempfile::tempdir().expect("tempdir");
-    // (Records in chunks leave fewer of sled's own structures in the file
-    // than one key per record did, so fewer seeds hit one.)
-    let panicking = (0..2000u64).find(|&seed| {
+    let panicking = (0..600u64).find(|&seed| {
         let copy = scratch.path().join(format!("try-{seed}"));
         fs::create_dir_all(&copy).expect("mkdir");
         fs::copy(state.join("outbox").join("conf"), copy.join("conf")).expect("copy conf");
@@ -88,7 +110,7 @@ fn a_sled_panic_on_a_damaged_outbox_moves_it_aside_and_the_next_heartbeat_counts
         sled_panics_on(&copy)
     });
     let Some(seed) = panicking else {
-        panic!("none of 2000 seeded damages made sled panic; the premise of this test is gone (sled changed?)")
+        panic!("none of 600 seeded damages made sled panic; the premise of this test is gone (sled changed?)")
     };
     fs::write(&db_path, damage(&db, seed)).expect("damage the db file");
 
