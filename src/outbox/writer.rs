@@ -44,6 +44,10 @@ const MAX_GROUP: usize = 4096;
 /// `Writer::give_back_memory`).
 const TRIM_AFTER: u64 = 20_000;
 
+/// The capacity `removed` may keep once it is cleared (see
+/// [`clear_keeping_little`]).
+const REMOVED_KEEP: usize = 1024;
+
 /// How long a reopen waits for reads of the old database to finish.
 const READS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -684,7 +688,7 @@ impl Writer {
         self.unsaved.clear();
         self.unsaved_bytes = 0;
         self.saves.clear();
-        self.removed.clear();
+        clear_keeping_little(&mut self.removed, REMOVED_KEEP);
         self.dirty_since = None;
         self.ledger_dirty = false;
         self.unwaited = false;
@@ -1032,5 +1036,39 @@ impl Writer {
             Ok(()) => tracing::debug!(next_seq = self.next_seq, "outbox: closed cleanly"),
             Err(e) => tracing::warn!(error = %e, "outbox: cannot mark the shutdown clean"),
         }
+    }
+}
+
+/// Empties `v` and, if a burst grew it past `keep`, gives the rest of its
+/// capacity back: `Vec::clear` keeps it for good. `removed` holds every seq
+/// acked between two commits; a 100,000-record replay (`benches/replay.py
+/// --memory`) grew it to 32,768 seqs, and heaptrack found its 256 KiB still
+/// allocated in the writer's heap after the drain.
+fn clear_keeping_little<T>(v: &mut Vec<T>, keep: usize) {
+    v.clear();
+    if v.capacity() > keep {
+        v.shrink_to(keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cleared_list_gives_back_what_a_burst_grew() {
+        let mut removed: Vec<u64> = (0..100_000).collect();
+        clear_keeping_little(&mut removed, REMOVED_KEEP);
+        assert!(removed.is_empty());
+        assert!(removed.capacity() <= REMOVED_KEEP, "kept {} seqs of capacity", removed.capacity());
+    }
+
+    #[test]
+    fn a_cleared_small_list_keeps_its_capacity() {
+        let mut removed: Vec<u64> = Vec::with_capacity(64);
+        removed.extend(0..64);
+        clear_keeping_little(&mut removed, REMOVED_KEEP);
+        assert!(removed.is_empty());
+        assert!(removed.capacity() >= 64);
     }
 }
