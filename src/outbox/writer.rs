@@ -44,6 +44,15 @@ const MAX_GROUP: usize = 4096;
 /// `Writer::give_back_memory`).
 const TRIM_AFTER: u64 = 20_000;
 
+/// Records stored or removed since the last `malloc_trim` that are enough
+/// for one more once the outbox is empty (see `Writer::give_back_memory`):
+/// at most one trim per this many records when records trickle in and out.
+const TRIM_TAIL: u64 = 1_000;
+
+/// The capacity `removed` may keep once it is cleared (see
+/// [`clear_keeping_little`]).
+const REMOVED_KEEP: usize = 1024;
+
 /// How long a reopen waits for reads of the old database to finish.
 const READS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -684,7 +693,7 @@ impl Writer {
         self.unsaved.clear();
         self.unsaved_bytes = 0;
         self.saves.clear();
-        self.removed.clear();
+        clear_keeping_little(&mut self.removed, REMOVED_KEEP);
         self.dirty_since = None;
         self.ledger_dirty = false;
         self.unwaited = false;
@@ -751,7 +760,12 @@ impl Writer {
     /// 20.3 (BENCHMARKS.md, "records in chunks").
     fn give_back_memory(&mut self) {
         let committed = self.dirty_since.is_none() || self.fault.is_some();
-        if self.churn >= TRIM_AFTER && committed {
+        // The end of a drain: the last removals are rarely a whole
+        // TRIM_AFTER, and without this their garbage stayed (gdb calling
+        // `malloc_trim(0)` in the agent after a 100,000-record replay,
+        // `benches/replay.py --memory`, gave back 0.5 to 2.7 MiB more).
+        let drained = self.shared.depth.load(Ordering::Relaxed) == 0 && self.churn >= TRIM_TAIL;
+        if (self.churn >= TRIM_AFTER || drained) && committed {
             crate::memtrim::trim();
             self.churn = 0;
         }
@@ -1032,5 +1046,39 @@ impl Writer {
             Ok(()) => tracing::debug!(next_seq = self.next_seq, "outbox: closed cleanly"),
             Err(e) => tracing::warn!(error = %e, "outbox: cannot mark the shutdown clean"),
         }
+    }
+}
+
+/// Empties `v` and, if a burst grew it past `keep`, gives the rest of its
+/// capacity back: `Vec::clear` keeps it for good. `removed` holds every seq
+/// acked between two commits; a 100,000-record replay (`benches/replay.py
+/// --memory`) grew it to 32,768 seqs, and heaptrack found its 256 KiB still
+/// allocated in the writer's heap after the drain.
+fn clear_keeping_little<T>(v: &mut Vec<T>, keep: usize) {
+    v.clear();
+    if v.capacity() > keep {
+        v.shrink_to(keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cleared_list_gives_back_what_a_burst_grew() {
+        let mut removed: Vec<u64> = (0..100_000).collect();
+        clear_keeping_little(&mut removed, REMOVED_KEEP);
+        assert!(removed.is_empty());
+        assert!(removed.capacity() <= REMOVED_KEEP, "kept {} seqs of capacity", removed.capacity());
+    }
+
+    #[test]
+    fn a_cleared_small_list_keeps_its_capacity() {
+        let mut removed: Vec<u64> = Vec::with_capacity(64);
+        removed.extend(0..64);
+        clear_keeping_little(&mut removed, REMOVED_KEEP);
+        assert!(removed.is_empty());
+        assert!(removed.capacity() >= 64);
     }
 }
