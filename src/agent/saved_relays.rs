@@ -150,15 +150,19 @@ fn session_slot_name(n: u64) -> String {
     format!("{SAVED_NAME}.session.{}", n % SESSION_SLOTS)
 }
 
-/// What was loaded, before it becomes a [`SavedRelays`].
+/// The saved state as loaded, then as kept up to date by a [`SavedRelays`].
+#[derive(Debug)]
 struct Loaded {
     relays: BTreeMap<String, SavedRelay>,
     session_epoch: u64,
+    /// What the gate remembered at load (for `CommandGate::restore`).
     ids: Vec<String>,
     session: Vec<SessionEntry>,
+    /// The number the next ring write of each kind gets.
     next_id: u64,
     next_session: u64,
-    /// The bytes read, if they are the current version as is.
+    /// The `relays` bytes last handed out, or read if they are the current
+    /// version as is.
     written: Vec<u8>,
     /// The gate memory came from version 2: write it into the rings.
     migrate_gate: bool,
@@ -181,18 +185,10 @@ impl Loaded {
 
 #[derive(Debug)]
 pub struct SavedRelays {
-    relays: BTreeMap<String, SavedRelay>,
-    session_epoch: u64,
-    /// What the gate remembered at load (for `CommandGate::restore`).
-    ids: Vec<String>,
-    session: Vec<SessionEntry>,
-    /// The number the next ring write of each kind gets.
-    next_id: u64,
-    next_session: u64,
+    /// What is saved (or will be with the next snapshot).
+    m: Loaded,
     /// Ring slots to hand out with the next snapshot, in order.
     pending: Vec<Saved>,
-    /// The `relays` bytes last handed out or read.
-    written: Vec<u8>,
     /// A `relays.json` this was loaded from, to rename once saved.
     legacy: Option<PathBuf>,
 }
@@ -236,22 +232,13 @@ impl SavedRelays {
         }
     }
 
-    fn from_loaded(l: Loaded, legacy: Option<PathBuf>) -> SavedRelays {
-        let mut s = SavedRelays {
-            relays: l.relays,
-            session_epoch: l.session_epoch,
-            ids: l.ids,
-            session: l.session,
-            next_id: l.next_id,
-            next_session: l.next_session,
-            pending: Vec::new(),
-            written: l.written,
-            legacy,
-        };
-        if l.migrate_gate {
-            let ids = s.ids.iter().cloned().map(GateChange::Applied);
+    fn from_loaded(m: Loaded, legacy: Option<PathBuf>) -> SavedRelays {
+        let migrate = m.migrate_gate;
+        let mut s = SavedRelays { m, pending: Vec::new(), legacy };
+        if migrate {
+            let ids = s.m.ids.iter().cloned().map(GateChange::Applied);
             let session =
-                s.session.iter().map(|e| GateChange::Session { pkid: e.pkid, fingerprint: Some(e.fingerprint) });
+                s.m.session.iter().map(|e| GateChange::Session { pkid: e.pkid, fingerprint: Some(e.fingerprint) });
             let changes: Vec<GateChange> = ids.chain(session).collect();
             s.record(changes);
         }
@@ -259,22 +246,22 @@ impl SavedRelays {
     }
 
     pub fn get(&self, name: &str) -> Option<&SavedRelay> {
-        self.relays.get(name)
+        self.m.relays.get(name)
     }
 
     /// The applied command ids at load, oldest first.
     pub fn command_ids(&self) -> &[String] {
-        &self.ids
+        &self.m.ids
     }
 
     /// The packet ids of the current MQTT session at load.
     pub fn session(&self) -> &[SessionEntry] {
-        &self.session
+        &self.m.session
     }
 
     /// Sets a relay's state (in memory until [`SavedRelays::snapshot`]).
     pub fn set(&mut self, name: &str, relay: SavedRelay) {
-        self.relays.insert(name.to_string(), relay);
+        self.m.relays.insert(name.to_string(), relay);
     }
 
     /// Takes the gate's changes (in memory until [`SavedRelays::snapshot`]).
@@ -282,17 +269,17 @@ impl SavedRelays {
         for change in changes {
             match change {
                 GateChange::Applied(id) => {
-                    let n = self.next_id;
-                    self.next_id += 1;
+                    let n = self.m.next_id;
+                    self.m.next_id += 1;
                     self.pending.extend(slot(id_slot_name(n), &IdSlot { n, id }));
                 }
                 GateChange::Session { pkid, fingerprint } => {
-                    let n = self.next_session;
-                    self.next_session += 1;
-                    let entry = SessionSlot { n, epoch: self.session_epoch, pkid, fingerprint };
+                    let n = self.m.next_session;
+                    self.m.next_session += 1;
+                    let entry = SessionSlot { n, epoch: self.m.session_epoch, pkid, fingerprint };
                     self.pending.extend(slot(session_slot_name(n), &entry));
                 }
-                GateChange::SessionLost => self.session_epoch += 1,
+                GateChange::SessionLost => self.m.session_epoch += 1,
             }
         }
     }
@@ -302,11 +289,11 @@ impl SavedRelays {
     /// append; they count as written from here on (the outbox keeps them
     /// through a disk fault and writes them again after the reopen).
     pub fn snapshot(&mut self) -> Vec<Saved> {
-        let file = FileV3 { version: VERSION, relays: self.relays.clone(), session_epoch: self.session_epoch };
+        let file = FileV3 { version: VERSION, relays: self.m.relays.clone(), session_epoch: self.m.session_epoch };
         let mut out = Vec::with_capacity(1 + self.pending.len());
         match serde_json::to_vec(&file) {
-            Ok(bytes) if bytes != self.written => {
-                self.written = bytes.clone();
+            Ok(bytes) if bytes != self.m.written => {
+                self.m.written = bytes.clone();
                 out.push(Saved { name: SAVED_NAME.to_string(), bytes });
             }
             Ok(_unchanged) => {}

@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 
 use super::chunk::{self, CHUNK_MAX_BYTES, CHUNK_MAX_RECORDS, Chunk, Removed};
+use super::store::Scan;
 
 /// The last chunk of a class keeps its values in memory after a flush while
 /// they are under this size, so that the next commit extends it (rewriting
@@ -220,17 +221,6 @@ pub enum IndexError {
     Overlap { key: u64, prev_last: u64 },
 }
 
-/// Counts of a class, as [`super::store::Scan`] reports them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Counts {
-    pub records: u64,
-    pub bytes: u64,
-    pub first_seq: Option<u64>,
-    pub last_seq: Option<u64>,
-    pub live: u64,
-    pub after: u64,
-}
-
 /// The chunks of one class.
 #[derive(Debug, Default)]
 pub(crate) struct ClassIndex {
@@ -358,9 +348,11 @@ impl ClassIndex {
         self.chunks.get(&key)
     }
 
-    /// Counts the stored records (`live`: seq >= `live_from`; `after`: seq >= `after_from`).
-    pub(crate) fn counts(&self, live_from: u64, after_from: u64) -> Counts {
-        let mut n = Counts::default();
+    /// Counts the stored records, as [`Scan`] reports them (`live`: seq at
+    /// or above `live_from`; `after`: at or above `after_from`; `bad_keys`
+    /// is the store's).
+    pub(crate) fn counts(&self, live_from: u64, after_from: u64) -> Scan {
+        let mut n = Scan::default();
         for (&key, c) in &self.chunks {
             for i in (0..c.len()).filter(|&i| !c.is_removed(i)) {
                 let seq = c.seq(key, i);

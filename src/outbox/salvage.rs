@@ -133,8 +133,9 @@ fn removed_values(db: &sled::Db, out: &mut Salvage) -> HashMap<(Class, u64), Vec
     found
 }
 
-/// Reads the chunks of one class until the tree's end or its first error.
-fn walk_chunks(db: &sled::Db, name: &str, class: Class, removed: &HashMap<(Class, u64), Vec<u8>>, out: &mut Salvage) {
+/// Calls `each` with every key and value of tree `name`, in order, until
+/// the tree's end or its first error (recorded in `out.unreadable`).
+fn each_entry(db: &sled::Db, name: &str, out: &mut Salvage, mut each: impl FnMut(&mut Salvage, &[u8], &[u8])) {
     let tree = match db.open_tree(name) {
         Ok(t) => t,
         Err(e) => {
@@ -143,26 +144,31 @@ fn walk_chunks(db: &sled::Db, name: &str, class: Class, removed: &HashMap<(Class
         }
     };
     for entry in tree.iter() {
-        let (k, v) = match entry {
-            Ok(kv) => kv,
+        match entry {
+            Ok((k, v)) => each(out, &k, &v),
             Err(e) => {
                 out.unreadable = Some(format!("tree '{name}' after {} records: {e}", out.records.len()));
                 return;
             }
-        };
-        let chunk = match (record::seq_of_key(&k), Chunk::decode(&v)) {
+        }
+    }
+}
+
+/// Reads the chunks of one class until the tree's end or its first error.
+fn walk_chunks(db: &sled::Db, name: &str, class: Class, removed: &HashMap<(Class, u64), Vec<u8>>, out: &mut Salvage) {
+    each_entry(db, name, out, |out, k, v| {
+        let (key, chunk) = match (record::seq_of_key(k), Chunk::decode(v)) {
             (Some(key), Ok(chunk)) => (key, chunk),
             (_, Err(_)) => {
-                let claimed = Chunk::claimed_len(&v).map_or(1, |n| (n as usize).clamp(1, CHUNK_MAX_RECORDS));
+                let claimed = Chunk::claimed_len(v).map_or(1, |n| (n as usize).clamp(1, CHUNK_MAX_RECORDS));
                 out.undecodable += claimed as u64;
-                continue;
+                return;
             }
             (None, Ok(_)) => {
                 out.undecodable += 1;
-                continue;
+                return;
             }
         };
-        let (key, chunk) = chunk;
         let gone = removed
             .get(&(class, key))
             .and_then(|v| Removed::decode(v).ok())
@@ -176,30 +182,14 @@ fn walk_chunks(db: &sled::Db, name: &str, class: Class, removed: &HashMap<(Class
                 Err(_) => out.undecodable += 1,
             }
         }
-    }
+    });
 }
 
 /// Reads one tree of a build before chunks (one record per key) until its
 /// end or its first error.
 fn walk(db: &sled::Db, name: &str, class: Class, out: &mut Salvage) {
-    let tree = match db.open_tree(name) {
-        Ok(t) => t,
-        Err(e) => {
-            out.unreadable = Some(format!("tree '{name}': {e}"));
-            return;
-        }
-    };
-    for entry in tree.iter() {
-        let (k, v) = match entry {
-            Ok(kv) => kv,
-            Err(e) => {
-                out.unreadable = Some(format!("tree '{name}' after {} records: {e}", out.records.len()));
-                return;
-            }
-        };
-        match record::seq_of_key(&k).map(|seq| record::decode(seq, class, &v)) {
-            Some(Ok(r)) => out.records.push(r),
-            _ => out.undecodable += 1,
-        }
-    }
+    each_entry(db, name, out, |out, k, v| match record::seq_of_key(k).map(|seq| record::decode(seq, class, v)) {
+        Some(Ok(r)) => out.records.push(r),
+        _ => out.undecodable += 1,
+    });
 }

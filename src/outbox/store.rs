@@ -729,17 +729,9 @@ impl Store for SledStore {
     fn scan(&self, class: Class, live_from: u64, after_from: u64) -> Result<Scan, StoreError> {
         let mut ix = self.lock_index();
         let c = class_idx(class);
-        let n = ix.classes[c].counts(live_from, after_from);
-        Ok(Scan {
-            records: n.records,
-            bytes: n.bytes,
-            first_seq: n.first_seq,
-            last_seq: n.last_seq,
-            live: n.live,
-            after: n.after,
-            // Removed when the index was built; reported once.
-            bad_keys: std::mem::take(&mut ix.bad_keys[c]),
-        })
+        // Malformed keys were removed when the index was built; reported once.
+        let bad_keys = std::mem::take(&mut ix.bad_keys[c]);
+        Ok(Scan { bad_keys, ..ix.classes[c].counts(live_from, after_from) })
     }
 
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
