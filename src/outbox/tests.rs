@@ -1365,6 +1365,9 @@ fn records_are_confirmed_once_sled_has_them_and_a_failed_ledger_write_behind_the
     let sink = announced.clone();
     h.set_on_durable(Box::new(move |seq| sink.lock().expect("lock").push(seq)));
     let stored: Vec<u64> = (0..2).map(|_| append(&h, Class::Event)).collect();
+    // Their ledger entries may still be on the ledger's thread (a group
+    // that held two messages sends them there): `flush` waits for them.
+    wait(h.flush()).expect("flushed");
     store.set_fail_ledger(true);
     // sled has it on disk: the Link may publish it and its appender hears
     // "durable"; the ledger entry behind it (urgent: written on the
