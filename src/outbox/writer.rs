@@ -206,7 +206,7 @@ impl Writer {
                 Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
             };
             let mut idle = false;
-            let first_ok = first.is_ok();
+            // Messages in this group (0 when woken by a deadline).
             let mut taken = 0;
             match first {
                 Ok(msg) => {
@@ -226,7 +226,7 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => idle = true,
                 Err(RecvTimeoutError::Disconnected) => stop = true,
             }
-            self.group_size = if first_ok { taken } else { 0 };
+            self.group_size = taken;
             self.end_group(stop);
             if idle && !stop {
                 self.give_back_memory();
