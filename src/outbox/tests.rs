@@ -1726,10 +1726,15 @@ fn strace_child_appends_in_always_mode() {
     let Some(dir) = std::env::var_os(STRACE_CHILD_DIR) else { return };
     let (h, r, _) = open(Path::new(&dir), &cfg(Durability::Always)).expect("open");
     append(&h, Class::Event); // writes the floor: not counted
+    // An append is answered once sled has it; its ledger entry is written
+    // after that. Flushing waits for it, so the floor's entry is not
+    // counted in the window (CI stop 14 counted 11 for 10 without this).
+    wait(h.flush()).expect("flush");
     println!("STRACE-MARK-BEGIN");
     for _ in 0..STRACE_APPENDS {
         append(&h, Class::Event);
     }
+    wait(h.flush()).expect("flush");
     println!("STRACE-MARK-END");
     close(h, r);
 }
