@@ -315,7 +315,13 @@ fn main() -> ExitCode {
             finish(fieldlink::hub::run(cfg))
         }
         Command::Agent { config } => {
+            // Before any thread starts; returns only if there is nothing to
+            // do or the restart failed (then the agent runs as it is).
+            let restart = fieldlink::memtrim::restart_without_thread_cache();
             init_logging("info");
+            if let Err(e) = restart {
+                tracing::warn!("{e}");
+            }
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,

@@ -1,7 +1,86 @@
-//! Giving freed heap memory back to the system after a burst (a drained
-//! outbox backlog). Owns the one call into glibc's `malloc_trim`; it must not
-//! be called often (it walks every arena) and does nothing where the C
-//! library is not glibc.
+//! The agent's heap after a burst (a backlog recorded or drained): owns the
+//! two things fieldlink does about glibc's allocator, the agent's start
+//! under `glibc.malloc.tcache_count=0` and the `malloc_trim` the outbox
+//! writer calls after a burst. It must not be called often (a trim walks
+//! every arena), and it does nothing where the C library is not glibc.
+//!
+//! Why the thread cache goes (issue #8, BENCHMARKS.md "session 6"): after a
+//! 100,000-record backlog drained, the agent's live heap was 0.7 MB above
+//! idle (heaptrack) but its RSS 7–8 MiB above, even right after a
+//! `malloc_trim(0)`. glibc's per-thread cache (tcache, up to 7 free chunks
+//! of each of 64 sizes per thread) keeps its chunks marked in use, so the
+//! free memory around them neither coalesces nor goes back to the system:
+//! each one pins a page in the middle of a mostly free arena (gdb
+//! `malloc_info`: one arena of 19 MB held 0.8 MB live in 774 pieces). With
+//! the cache off, the RSS after a drain fell from 13.0–14.6 MiB to 9.0–10.7
+//! (`benches/replay.py --memory`, lean agent build, idle 5.9). glibc reads
+//! tunables only when a process starts, so the agent re-executes itself
+//! once with the tunable set (`execve` keeps the pid, which systemd and the
+//! pid file rely on); a `GLIBC_TUNABLES` that already sets the cache's size
+//! is the user's choice and is left alone.
+
+use std::ffi::{OsStr, OsString};
+
+/// The environment variable glibc reads its tunables from at start.
+pub const TUNABLES: &str = "GLIBC_TUNABLES";
+
+/// The tunable that turns glibc's per-thread cache off.
+pub const NO_THREAD_CACHE: &str = "glibc.malloc.tcache_count=0";
+
+/// The tunable's name: present in `GLIBC_TUNABLES`, it is left as it is.
+const THREAD_CACHE_TUNABLE: &str = "glibc.malloc.tcache_count=";
+
+/// Why the agent runs with glibc's thread cache on after all.
+#[derive(Debug, thiserror::Error)]
+pub enum MemtrimError {
+    /// `execve` of the agent's own binary failed; it goes on as started.
+    #[error("cannot restart {exe} with {NO_THREAD_CACHE} (it runs with glibc's thread cache on): {source}")]
+    Reexec {
+        exe: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The `GLIBC_TUNABLES` value to restart with, given the current one;
+/// `None` when it already names the thread cache's size (set by the user,
+/// or by this restart), so there is nothing to do.
+pub fn tunables_without_thread_cache(current: Option<&OsStr>) -> Option<OsString> {
+    match current {
+        None => Some(OsString::from(NO_THREAD_CACHE)),
+        Some(v) if v.is_empty() => Some(OsString::from(NO_THREAD_CACHE)),
+        Some(v) if v.to_string_lossy().split(':').any(|t| t.starts_with(THREAD_CACHE_TUNABLE)) => None,
+        Some(v) => {
+            let mut out = v.to_os_string();
+            out.push(":");
+            out.push(NO_THREAD_CACHE);
+            Some(out)
+        }
+    }
+}
+
+/// Replaces this process with itself, same arguments, under
+/// [`NO_THREAD_CACHE`], unless `GLIBC_TUNABLES` already sets the thread
+/// cache. Returns only when there was nothing to do (`Ok`) or the `execve`
+/// failed (the process goes on as it is). Call it first thing, before any
+/// thread starts: `execve` ends every other thread.
+pub fn restart_without_thread_cache() -> Result<(), MemtrimError> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+
+        const EXE: &str = "/proc/self/exe";
+        let Some(tunables) = tunables_without_thread_cache(std::env::var_os(TUNABLES).as_deref()) else {
+            return Ok(());
+        };
+        let mut args = std::env::args_os();
+        let argv0 = args.next().unwrap_or_else(|| OsString::from("fieldlink"));
+        let source = std::process::Command::new(EXE).arg0(argv0).args(args).env(TUNABLES, tunables).exec();
+        Err(MemtrimError::Reexec { exe: EXE, source })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    Ok(())
+}
 
 /// Returns free memory of every malloc arena to the system (glibc's
 /// `malloc_trim(0)`: trims each arena's top and `madvise`s away whole free
@@ -13,6 +92,36 @@ pub fn trim() {
         // allocator's own state, under its own locks; it is safe to call
         // from any thread at any time.
         let released = unsafe { libc::malloc_trim(0) };
-        tracing::debug!(released, "malloc_trim after a drained backlog");
+        tracing::debug!(released, "malloc_trim after a burst");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_tunables_the_agent_restarts_with_the_thread_cache_off() {
+        assert_eq!(tunables_without_thread_cache(None), Some(OsString::from(NO_THREAD_CACHE)));
+        assert_eq!(tunables_without_thread_cache(Some(OsStr::new(""))), Some(OsString::from(NO_THREAD_CACHE)));
+    }
+
+    #[test]
+    fn other_tunables_the_user_set_are_kept_beside_it() {
+        assert_eq!(
+            tunables_without_thread_cache(Some(OsStr::new("glibc.malloc.arena_max=2"))),
+            Some(OsString::from("glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0"))
+        );
+    }
+
+    #[test]
+    fn a_thread_cache_size_already_set_by_the_user_or_the_restart_is_left_alone() {
+        assert_eq!(tunables_without_thread_cache(Some(OsStr::new("glibc.malloc.tcache_count=7"))), None);
+        assert_eq!(
+            tunables_without_thread_cache(Some(OsStr::new("glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0"))),
+            None
+        );
+        // A name that only ends like it is another tunable.
+        assert!(tunables_without_thread_cache(Some(OsStr::new("x.glibc.malloc.tcache_count=3"))).is_some());
     }
 }

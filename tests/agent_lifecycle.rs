@@ -122,6 +122,44 @@ fn the_status_dump_reports_link_outbox_relays_buttons_and_actors_and_never_the_p
     assert!(!log.contains(secret), "the password appears in the agent's log");
 }
 
+/// DESIGN: Command line (`src/memtrim.rs`): glibc's
+/// per-thread cache kept the free memory of a drained backlog from going
+/// back to the system, so the agent restarts itself once with it off.
+#[test]
+fn the_agent_runs_with_glibcs_thread_cache_off_under_the_pid_it_was_started_with() {
+    if !cfg!(target_env = "gnu") {
+        println!("SKIPPED the_agent_runs_with_glibcs_thread_cache_off…: not a glibc build");
+        return;
+    }
+    // With tunables of its own, what /proc shows of the agent's variable is
+    // what glibc's parser left of it in place (glibc 2.36 kept only the
+    // first one here, though `ld.so --list-tunables` showed both in
+    // effect); the merge itself is unit-tested in `memtrim.rs`.
+    if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        println!("SKIPPED the_agent_runs_with_glibcs_thread_cache_off…: GLIBC_TUNABLES is set for the tests");
+        return;
+    }
+    let Some(mut rig) = Rig::new("life-malloc", false, |b| b) else { return };
+    rig.start_online();
+    let pid = rig.agent.pid().expect("running");
+    let s = rig.agent.wait_status(|s| s["pid"] == pid, "a status dump");
+    assert_eq!(s["pid"], pid, "the restart keeps the pid systemd and the pid file know");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("read the agent's environment");
+    let tunables: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| kv.strip_prefix(b"GLIBC_TUNABLES="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert!(
+        tunables.len() == 1 && tunables[0].split(':').any(|t| t == "glibc.malloc.tcache_count=0"),
+        "the agent's GLIBC_TUNABLES: {tunables:?}"
+    );
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("read the agent's command line");
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+    assert_eq!(args.get(1).copied(), Some(&b"agent"[..]), "the same arguments after the restart: {args:?}");
+    assert!(args.len() >= 3, "the config path is still there: {args:?}");
+}
+
 #[test]
 fn sigterm_publishes_a_retained_offline_status_and_exits_zero() {
     let Some(mut rig) = Rig::new("life-term", false, |b| b) else { return };

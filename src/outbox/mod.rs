@@ -382,6 +382,7 @@ mod reader;
 mod record;
 mod salvage;
 mod store;
+mod trim;
 mod writer;
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use super::reader::ReadThread;
 use super::record::{self, CloseSummary, Floor};
 use super::salvage::{self, Salvage};
 use super::store::{self, MemStore, Side, SidePaths, SledSide, SledStore, Store, StoreError, StoreSlot};
+use super::trim::TrimRule;
 use super::writer::{FLOOR_STEP, Reopen, Reopened, Writer};
 use super::{Class, HandleInner, OpenReport, OutboxError, OutboxHandle, OutboxReader, Shared, panics};
 use crate::config::OutboxConfig;
@@ -742,7 +743,7 @@ pub(crate) fn start(
         held_replies: Vec::new(),
         on_durable: None,
         fresh: Default::default(),
-        churn: 0,
+        trim: TrimRule::default(),
         unwaited: false,
     };
     // The writer logs to whatever subscriber its opener logs to (the

@@ -28,6 +28,7 @@ use super::ledger_sync::LedgerSync;
 use super::record::{self, Floor};
 use super::salvage::Salvage;
 use super::store::{self, Side, Store, StoreError, StoreSlot};
+use super::trim::TrimRule;
 use super::{Class, Draft, OutboxError, Record, Saved, Shared};
 use crate::config::{Durability, OutboxConfig};
 use crate::timefmt;
@@ -39,15 +40,6 @@ pub const FLOOR_STEP: u64 = 1_000_000;
 /// The most messages taken into one group, so that a flood of appends cannot
 /// hold the first waiter of a group back for long.
 const MAX_GROUP: usize = 4096;
-
-/// Records stored or removed between two `malloc_trim`s at most (see
-/// `Writer::give_back_memory`).
-const TRIM_AFTER: u64 = 20_000;
-
-/// Records stored or removed since the last `malloc_trim` that are enough
-/// for one more once the outbox is empty (see `Writer::give_back_memory`):
-/// at most one trim per this many records when records trickle in and out.
-const TRIM_TAIL: u64 = 1_000;
 
 /// The capacity `removed` may keep once it is cleared (see
 /// [`clear_keeping_little`]).
@@ -182,9 +174,9 @@ pub(crate) struct Writer {
     pub on_durable: Option<OnDurable>,
     /// Records stored since the last commit, for `on_durable`.
     pub fresh: FreshBuf,
-    /// Records stored or removed since the allocator last gave memory back
-    /// (see `Writer::give_back_memory`).
-    pub churn: u64,
+    /// Records stored or removed since the allocator last gave memory
+    /// back, and when it does next (see `Writer::give_back_memory`).
+    pub trim: TrimRule,
     /// A record nobody waits on ([`super::OutboxHandle::record`]) was
     /// stored since the last commit: in `always` mode the group still
     /// ends with a commit.
@@ -201,7 +193,7 @@ impl Writer {
         self.enforce_bound();
         let mut stop = false;
         while !stop {
-            let first = match self.deadline() {
+            let first = match self.wake_at() {
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
                 Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
             };
@@ -210,6 +202,7 @@ impl Writer {
             let mut taken = 0;
             match first {
                 Ok(msg) => {
+                    self.trim.message();
                     stop = self.handle(msg);
                     taken = 1;
                     while !stop && taken < MAX_GROUP {
@@ -390,7 +383,7 @@ impl Writer {
             Ok(()) => {
                 self.track_unsaved(seq, class, value);
                 self.fresh.stored(record);
-                self.churn += 1;
+                self.trim.touched();
                 self.shared.depth.fetch_add(1, Ordering::Relaxed);
                 self.shared.bytes.fetch_add(size, Ordering::Relaxed);
                 self.enforce_bound();
@@ -534,7 +527,7 @@ impl Writer {
                     // Not committed yet (the bound): no batch may carry it.
                     self.fresh.removed(seq);
                 }
-                self.churn += 1;
+                self.trim.touched();
                 self.removed.push(seq);
                 self.mark_dirty();
                 Removal::Removed
@@ -573,6 +566,15 @@ impl Writer {
         match &self.fault {
             Some(f) => Some(f.next_try),
             None => self.dirty_since.map(|t| t + self.cfg.flush_interval),
+        }
+    }
+
+    /// When the writer wakes without a message: the commit or reopen
+    /// deadline, or a trim once quiet.
+    fn wake_at(&self) -> Option<Instant> {
+        match (self.deadline(), self.trim.wake_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -749,9 +751,9 @@ impl Writer {
         }
     }
 
-    /// When the writer has nothing queued after storing or removing at least
-    /// [`TRIM_AFTER`] records since the last time, asks glibc's allocator to
-    /// return its free memory to the system. A burst (a backlog recorded,
+    /// When the writer has nothing queued and `trim.rs`'s rule says a burst
+    /// is over (or has run long), asks glibc's allocator to return its free
+    /// memory to the system. A burst (a backlog recorded,
     /// or replayed and removed) leaves most of its peak free inside the
     /// heap: glibc trims an arena's top only past `M_TRIM_THRESHOLD` and
     /// never below a chunk still in use, and sled's node copies interleave
@@ -768,14 +770,8 @@ impl Writer {
     /// 20.3 (BENCHMARKS.md, "records in chunks").
     fn give_back_memory(&mut self) {
         let committed = self.dirty_since.is_none() || self.fault.is_some();
-        // The end of a drain: the last removals are rarely a whole
-        // TRIM_AFTER, and without this their garbage stayed (gdb calling
-        // `malloc_trim(0)` in the agent after a 100,000-record replay,
-        // `benches/replay.py --memory`, gave back 0.5 to 2.7 MiB more).
-        let drained = self.shared.depth.load(Ordering::Relaxed) == 0 && self.churn >= TRIM_TAIL;
-        if (self.churn >= TRIM_AFTER || drained) && committed {
+        if self.trim.idle(Instant::now(), committed) {
             crate::memtrim::trim();
-            self.churn = 0;
         }
     }
 
