@@ -34,9 +34,9 @@ const THREAD_CACHE_TUNABLE: &str = "glibc.malloc.tcache_count=";
 #[derive(Debug, thiserror::Error)]
 pub enum MemtrimError {
     /// `execve` of the agent's own binary failed; it goes on as started.
-    #[error("cannot restart {exe} with {NO_THREAD_CACHE} (it runs with glibc's thread cache on): {source}")]
+    #[error("cannot restart {} with {NO_THREAD_CACHE} (it runs with glibc's thread cache on): {source}", exe.display())]
     Reexec {
-        exe: &'static str,
+        exe: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -69,14 +69,17 @@ pub fn restart_without_thread_cache() -> Result<(), MemtrimError> {
     {
         use std::os::unix::process::CommandExt;
 
-        const EXE: &str = "/proc/self/exe";
         let Some(tunables) = tunables_without_thread_cache(std::env::var_os(TUNABLES).as_deref()) else {
             return Ok(());
         };
+        // The binary's own path, not `/proc/self/exe`: the kernel names the
+        // process after the file it executes, and `ps`, `top` and `pgrep
+        // fieldlink` would show "exe".
+        let exe = std::env::current_exe().unwrap_or_else(|_| std::path::PathBuf::from("/proc/self/exe"));
         let mut args = std::env::args_os();
         let argv0 = args.next().unwrap_or_else(|| OsString::from("fieldlink"));
-        let source = std::process::Command::new(EXE).arg0(argv0).args(args).env(TUNABLES, tunables).exec();
-        Err(MemtrimError::Reexec { exe: EXE, source })
+        let source = std::process::Command::new(&exe).arg0(argv0).args(args).env(TUNABLES, tunables).exec();
+        Err(MemtrimError::Reexec { exe, source })
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     Ok(())

@@ -158,6 +158,8 @@ fn the_agent_runs_with_glibcs_thread_cache_off_under_the_pid_it_was_started_with
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
     assert_eq!(args.get(1).copied(), Some(&b"agent"[..]), "the same arguments after the restart: {args:?}");
     assert!(args.len() >= 3, "the config path is still there: {args:?}");
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("read the agent's name");
+    assert_eq!(comm.trim_end(), "fieldlink", "ps, top and pgrep still see the binary's name");
 }
 
 #[test]
