@@ -317,7 +317,7 @@ fn main() -> ExitCode {
         Command::Agent { config } => {
             // Before any thread starts; returns only if there is nothing to
             // do or the restart failed (then the agent runs as it is).
-            let restart = fieldlink::memtrim::restart_without_thread_cache();
+            let restart = fieldlink::memtrim::restart_with_small_thread_cache();
             init_logging("info");
             if let Err(e) = restart {
                 tracing::warn!("{e}");
