@@ -151,7 +151,7 @@ fn session_slot_name(n: u64) -> String {
 }
 
 /// The saved state as loaded, then as kept up to date by a [`SavedRelays`].
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Loaded {
     relays: BTreeMap<String, SavedRelay>,
     session_epoch: u64,
@@ -166,21 +166,6 @@ struct Loaded {
     written: Vec<u8>,
     /// The gate memory came from version 2: write it into the rings.
     migrate_gate: bool,
-}
-
-impl Loaded {
-    fn empty() -> Loaded {
-        Loaded {
-            relays: BTreeMap::new(),
-            session_epoch: 0,
-            ids: Vec::new(),
-            session: Vec::new(),
-            next_id: 0,
-            next_session: 0,
-            written: Vec::new(),
-            migrate_gate: false,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -208,7 +193,7 @@ impl SavedRelays {
                 tracing::error!(
                     "cannot read the relays' saved state from the outbox ({e}); relay states start from power_on_state"
                 );
-                Self::from_loaded(Loaded::empty(), None)
+                Self::from_loaded(Loaded::default(), None)
             }
         }
     }
@@ -224,10 +209,10 @@ impl SavedRelays {
                 loaded.written.clear();
                 Self::from_loaded(loaded, Some(path))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::from_loaded(Loaded::empty(), None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::from_loaded(Loaded::default(), None),
             Err(e) => {
                 tracing::error!("{}: {e}; relay states start from power_on_state", path.display());
-                Self::from_loaded(Loaded::empty(), None)
+                Self::from_loaded(Loaded::default(), None)
             }
         }
     }
@@ -342,7 +327,7 @@ fn slot(name: String, value: &impl Serialize) -> Option<Saved> {
 fn parse(bytes: &[u8], what: &str, reader: Option<&OutboxReader>) -> Loaded {
     match serde_json::from_slice::<OnDisk>(bytes) {
         Ok(OnDisk::V3(file)) if file.version == VERSION => {
-            let mut l = Loaded { relays: file.relays, session_epoch: file.session_epoch, ..Loaded::empty() };
+            let mut l = Loaded { relays: file.relays, session_epoch: file.session_epoch, ..Loaded::default() };
             if let Some(reader) = reader {
                 read_rings(reader, &mut l);
             }
@@ -354,19 +339,19 @@ fn parse(bytes: &[u8], what: &str, reader: Option<&OutboxReader>) -> Loaded {
             ids: file.command_ids,
             session: file.session,
             migrate_gate: true,
-            ..Loaded::empty()
+            ..Loaded::default()
         },
         Ok(OnDisk::V3(FileV3 { version, .. }) | OnDisk::V2(FileV2 { version, .. })) => {
             tracing::error!(
                 "{what}: version {version} is not one this fieldlink reads ({VERSION}); relay states start from \
                  power_on_state"
             );
-            Loaded::empty()
+            Loaded::default()
         }
-        Ok(OnDisk::V1(relays)) => Loaded { relays, ..Loaded::empty() },
+        Ok(OnDisk::V1(relays)) => Loaded { relays, ..Loaded::default() },
         Err(e) => {
             tracing::error!("{what}: unreadable ({e}); relay states start from power_on_state");
-            Loaded::empty()
+            Loaded::default()
         }
     }
 }

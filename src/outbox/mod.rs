@@ -217,11 +217,12 @@
 //! and at the first commit after open, there is no batch (what the commit
 //! covers is then decided by a reopen or by the database): the Link reads.
 //!
-//! When its channel is empty after at least 20,000 records were stored or
-//! removed since the last time (a backlog recorded or drained), and they
-//! are committed (the commit is where their chunks are encoded and handed
-//! to sled), the writer calls glibc's `malloc_trim`, so the agent's memory
-//! does not stay at the burst's peak (`memtrim.rs`).
+//! When its channel is empty, what it stored or removed is committed (the
+//! commit is where chunks are encoded and handed to sled) and a burst is
+//! over or has run long (`trim.rs`: every 20,000 records, or 500 ms
+//! without a message after at least 1,000), the writer calls glibc's
+//! `malloc_trim`, so the agent's memory does not stay at the burst's peak
+//! (`memtrim.rs`).
 //!
 //! # Saved values
 //!
@@ -660,9 +661,9 @@ impl OutboxHandle {
     }
 
     /// Keeps `saved` in the outbox's database (each replacing the value of
-    /// its name, all in the same commit); resolves once it is durable: at the end of the writer's group
-    /// in `always` mode or when `urgent`, else with the next commit (at most
-    /// `flush_interval` later). Ordered with appends: a save sent after an
+    /// its name, all in the same commit); resolves once it is durable: at
+    /// the end of the writer's group in `always` mode or when `urgent`, else
+    /// with the next commit (at most `flush_interval` later). Ordered with appends: a save sent after an
     /// append is never durable without it.
     pub fn save(
         &self,

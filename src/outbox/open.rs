@@ -719,7 +719,6 @@ pub(crate) fn start(
         store: Some(store),
         slot: slot.clone(),
         ledger_sync: LedgerSync::new(side.clone()),
-        group_size: 0,
         side,
         reopen,
         shared: shared.clone(),

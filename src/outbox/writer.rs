@@ -133,8 +133,6 @@ pub(crate) struct Writer {
     pub side: Arc<dyn Side>,
     /// Writes the ledger behind each commit (the same `side`).
     pub ledger_sync: LedgerSync,
-    /// Messages in the group being ended (0: woken by a deadline).
-    pub group_size: usize,
     pub reopen: Box<dyn Reopen>,
     pub shared: Arc<Shared>,
     pub cfg: OutboxConfig,
@@ -219,8 +217,7 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => idle = true,
                 Err(RecvTimeoutError::Disconnected) => stop = true,
             }
-            self.group_size = taken;
-            self.end_group(stop);
+            self.end_group(stop, taken);
             if idle && !stop {
                 self.give_back_memory();
             }
@@ -269,10 +266,11 @@ impl Writer {
 
     /// After a group: commit if due, or during a fault try to recover if
     /// due (at once when someone waits on a flush); then answer whoever
-    /// cannot be answered with "durable".
-    fn end_group(&mut self, stop: bool) {
+    /// cannot be answered with "durable". `taken`: the messages in the
+    /// group (0 when woken by a deadline).
+    fn end_group(&mut self, stop: bool, taken: usize) {
         if self.fault.is_none() && (stop || self.flush_due()) {
-            self.commit_and_resolve();
+            self.commit_and_resolve(taken);
         }
         if let Some(f) = &self.fault
             && (stop || !self.flush_waiters.is_empty() || self.urgent || f.due(Instant::now()))
@@ -588,7 +586,8 @@ impl Writer {
 
     /// Commits if anything is pending, then resolves every waiter; a failed
     /// commit, or a failed ledger write of an earlier one, starts a fault.
-    fn commit_and_resolve(&mut self) {
+    /// `taken`: the messages in the group that led to it.
+    fn commit_and_resolve(&mut self, taken: usize) {
         if let Some(e) = self.ledger_sync.take_failure() {
             self.enter_fault(&e);
             return;
@@ -625,7 +624,7 @@ impl Writer {
         // (urgent), or commits coming back to back (the group held more
         // than one message, or the ledger thread is still up). A lone
         // heartbeat's commit writes it here and starts no thread.
-        let behind = self.urgent || self.group_size > 1 || self.ledger_sync.running();
+        let behind = self.urgent || taken > 1 || self.ledger_sync.running();
         let written = committed.and_then(|entry| {
             if self.flush_waiters.is_empty() && behind {
                 self.ledger_sync.submit(entry);
