@@ -19,6 +19,9 @@ use fieldlink::proto::Qos;
 const RECORDS: u64 = 3000;
 const ACKED: u64 = 1000;
 
+/// Filled outboxes the damage search tries at most (see the test).
+const FILLS: usize = 5;
+
 fn cfg() -> OutboxConfig {
     OutboxConfig { max_bytes: 64 << 20, durability: Durability::Batch, flush_interval: Duration::from_millis(100) }
 }
@@ -84,6 +87,15 @@ fn damage(db: &[u8], seed: u64) -> Vec<u8> {
     bytes
 }
 
+/// The names in `dir`; none if it does not exist.
+fn entries(dir: &Path) -> Vec<std::ffi::OsString> {
+    match fs::read_dir(dir) {
+        Ok(it) => it.map(|e| e.expect("a state dir entry").file_name()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("list {}: {e}", dir.display()),
+    }
+}
+
 /// Whether sled 0.34.7 panics opening `dir` (the issue's
 /// `serialization.rs:662 tried to serialize Uninitialized`).
 fn sled_panics_on(dir: &Path) -> bool {
@@ -96,21 +108,43 @@ fn sled_panics_on(dir: &Path) -> bool {
 fn a_sled_panic_on_a_damaged_outbox_moves_it_aside_and_the_next_heartbeat_counts_the_lost_records() {
     let Some(mut rig) = Rig::new("obx-panic", false, |b| b.heartbeat_interval("1s")) else { return };
     let state = rig.agent.state_dir().to_path_buf();
-    fill(&state);
     let db_path = state.join("outbox").join("db");
-    let db = fs::read(&db_path).expect("read the db file");
+    // What the rig put there (the state dir may not exist yet).
+    let rig_files = entries(&state);
 
-    // The damage that makes sled panic: try seeds on a scratch copy.
+    // The damage that makes sled panic: try seeds on a scratch copy. About
+    // one fill in eight here gives a database on which none of them does
+    // (sled opened all 180 bit-flip, segment-header and zeroed-block
+    // damages of one such file cleanly; its last two segment headers
+    // differ from a panicking fill's), so the search takes another fill
+    // then, from the state dir as the rig made it.
     let scratch = tempfile::tempdir().expect("tempdir");
-    let panicking = (0..600u64).find(|&seed| {
-        let copy = scratch.path().join(format!("try-{seed}"));
-        fs::create_dir_all(&copy).expect("mkdir");
-        fs::copy(state.join("outbox").join("conf"), copy.join("conf")).expect("copy conf");
-        fs::write(copy.join("db"), damage(&db, seed)).expect("write db");
-        sled_panics_on(&copy)
-    });
-    let Some(seed) = panicking else {
-        panic!("none of 600 seeded damages made sled panic; the premise of this test is gone (sled changed?)")
+    let mut found = None;
+    for fill_no in 0..FILLS {
+        for name in entries(&state).into_iter().filter(|n| !rig_files.contains(n)) {
+            let path = state.join(name);
+            let _gone = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        }
+        fill(&state);
+        let db = fs::read(&db_path).expect("read the db file");
+        let panicking = (0..600u64).find(|&seed| {
+            let copy = scratch.path().join(format!("try-{fill_no}-{seed}"));
+            fs::create_dir_all(&copy).expect("mkdir");
+            fs::copy(state.join("outbox").join("conf"), copy.join("conf")).expect("copy conf");
+            fs::write(copy.join("db"), damage(&db, seed)).expect("write db");
+            sled_panics_on(&copy)
+        });
+        if let Some(seed) = panicking {
+            println!("sled panics on fill {fill_no} with damage seed {seed}");
+            found = Some((db, seed));
+            break;
+        }
+    }
+    let Some((db, seed)) = found else {
+        panic!(
+            "none of 600 seeded damages made sled panic on any of {FILLS} filled outboxes; the premise of this test \
+             is gone (sled changed?)"
+        )
     };
     fs::write(&db_path, damage(&db, seed)).expect("damage the db file");
 
